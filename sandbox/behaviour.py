@@ -1,0 +1,32 @@
+"""Misbehaviour switches that tests flip at run time (``POST /_sandbox/behaviour``).
+
+Validated strictly: a typo in a test's switch name must fail loudly, not silently test nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Behaviour(BaseModel):
+    """How the sandbox (mis)behaves; all defaults mean "a well-behaved upstream"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    omit_usage: bool = False
+    usage_with_choices: bool = False
+    stop_after_chunks: int | None = Field(default=None, ge=0)
+    delay_ms: int = Field(default=0, ge=0)
+    chunk_delay_ms: int = Field(default=0, ge=0)
+    status: int | None = Field(default=None, ge=100, le=599)
+    flags: dict[str, bool] = Field(default_factory=dict)
+    remove_models: list[str] = Field(default_factory=list)
+    cached_tokens: int = Field(default=0, ge=0)
+    malformed_rows: bool = False
+    models_status: int | None = Field(default=None, ge=100, le=599)
+
+    def merged(self, patch: dict[str, Any]) -> Behaviour:
+        """A new behaviour with ``patch`` applied on top (validated as a whole)."""
+        return Behaviour.model_validate({**self.model_dump(), **patch})

@@ -1,0 +1,108 @@
+"""``POST /v1/chat/completions``: validate, record, then answer plainly or as a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sandbox.answers import Answer, BadRequest, count_prompt_tokens, plan_answer, validate_messages
+from sandbox.errors import error_response
+from sandbox.state import SandboxState
+from sandbox.streaming import ChunkStream
+
+
+def _usage(prompt_tokens: int, answer: Answer, cached: int) -> dict[str, Any]:
+    completion = len(answer.pieces)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _message(answer: Answer, tool_call_id: str) -> dict[str, Any]:
+    if answer.tool_name is None:
+        return {"role": "assistant", "content": answer.text}
+    call = {
+        "id": tool_call_id,
+        "type": "function",
+        "function": {"name": answer.tool_name, "arguments": answer.text},
+    }
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+class ChatCompletions:
+    """The chat handler; ``chunks`` is the number of pieces of a full plain answer."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state: SandboxState = request.app["state"]
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        state.chat_log.append(
+            {"headers": {k.lower(): v for k, v in request.headers.items()}, "body": body}
+        )
+        behaviour = state.behaviour
+        if behaviour.delay_ms:
+            await asyncio.sleep(behaviour.delay_ms / 1000)
+        if behaviour.status is not None:
+            return error_response(
+                behaviour.status, "sandbox: forced error status", "sandbox_forced"
+            )
+        try:
+            return await self._answer(request, state, body)
+        except BadRequest as e:
+            return error_response(400, e.message, "invalid_request", e.param)
+
+    async def _answer(
+        self, request: web.Request, state: SandboxState, body: Any
+    ) -> web.StreamResponse:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required", "model")
+        messages = validate_messages(body)
+        if model not in state.all_rows:
+            return error_response(
+                404, f"The model '{model}' does not exist", "model_not_found", "model"
+            )
+        answer = plan_answer(body, model, self.chunks)
+        completion_id = state.next_completion_id()
+        tool_call_id = f"call_sbx_{state.completion_counter}"
+        behaviour = state.behaviour
+        usage = (
+            None
+            if behaviour.omit_usage
+            else _usage(count_prompt_tokens(messages), answer, behaviour.cached_tokens)
+        )
+        head = {"created": int(time.time()), "model": model}
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+            head = {"id": completion_id, "object": "chat.completion.chunk", **head}
+            stream = ChunkStream(
+                request, head, answer, usage if wants_usage else None, behaviour, tool_call_id
+            )
+            return await stream.send()
+        choice = {
+            "index": 0,
+            "message": _message(answer, tool_call_id),
+            "logprobs": None,
+            "finish_reason": answer.finish_reason,
+        }
+        payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion", **head}
+        payload["choices"] = [choice]
+        if usage is not None:
+            payload["usage"] = usage
+        return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
