@@ -1,0 +1,1 @@
+"""Helpers shared by tests and tools (processes to start, clients to build)."""
