@@ -1,0 +1,59 @@
+"""Request ids and one access-log line per request.
+
+The line carries metadata only (id, method, path, model, status, timings,
+sizes): never a prompt, a completion or a key.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import structlog
+from mitmproxy import http
+
+log = structlog.get_logger("teegate.access")
+
+REQUEST_ID = "teegate.request_id"
+
+
+class AccessLog:
+    def request(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[REQUEST_ID] = "req_" + secrets.token_hex(12)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)
+        self._log(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._log(flow)
+
+    def _stamp(self, flow: http.HTTPFlow) -> None:
+        rid = flow.metadata.get(REQUEST_ID)
+        if rid and flow.response is not None:
+            flow.response.headers["x-request-id"] = rid
+
+    def _log(self, flow: http.HTTPFlow) -> None:
+        req, resp = flow.request, flow.response
+        chat = flow.metadata.get("teegate.chat")
+        upstream_ms = None
+        if resp is not None and flow.server_conn.timestamp_start and resp.timestamp_start:
+            upstream_ms = round((resp.timestamp_start - req.timestamp_end) * 1000, 1) if req.timestamp_end else None
+        log.info(
+            "request",
+            request_id=flow.metadata.get(REQUEST_ID),
+            mode=flow.client_conn.proxy_mode.type_name,
+            method=req.method,
+            path=req.path.split("?", 1)[0][:200],
+            model=getattr(chat, "model", None),
+            status=resp.status_code if resp is not None else None,
+            error_code=flow.metadata.get("teegate.error_code"),
+            error=(flow.error.msg if flow.error else None),
+            upstream_ms=upstream_ms,
+            total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
+            bytes_in=len(req.raw_content or b""),
+            bytes_out=(len(resp.raw_content or b"") if resp is not None and resp.raw_content is not None else None),
+        )

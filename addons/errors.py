@@ -1,0 +1,174 @@
+"""OpenAI's error envelope, and the guard that makes the request path fail closed.
+
+mitmproxy logs an addon's exception and *forwards the request anyway*. Every
+request-path hook is therefore wrapped in :func:`guarded`: an exception turns
+into a ``500`` envelope (so nothing goes upstream) and a log line that names
+the exception's type and where it was raised, never its message (messages can
+quote request content).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from mitmproxy import http
+
+log = structlog.get_logger("teegate")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class GatewayError(Exception):
+    """A refusal with an HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            },
+            "status": self.status,
+        }
+
+    def response(self) -> http.Response:
+        return json_response(self.status, self.body(), self.headers)
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> http.Response:
+    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    return http.Response.make(status, data, hdrs)
+
+
+def refuse(flow: http.HTTPFlow, err: GatewayError) -> None:
+    """Answer locally; mitmproxy then never contacts the upstream for this flow."""
+    flow.response = err.response()
+    flow.metadata["teegate.error_code"] = err.code
+
+
+def internal_error(flow: http.HTTPFlow) -> GatewayError:
+    return GatewayError(
+        500,
+        "The gateway hit an internal error and did not forward the request.",
+        "internal_error",
+        type="api_error",
+    )
+
+
+H = TypeVar("H", bound=Callable[..., Awaitable[None] | None])
+
+
+def guarded(hook: Callable[..., Any]) -> Any:
+    """Wrap a request-path hook so any exception refuses the flow with a 500."""
+
+    if _is_coroutine(hook):
+
+        @functools.wraps(hook)
+        async def async_wrapper(self: Any, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception as e:
+                _fail(self, hook, flow, e)
+
+        return async_wrapper
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception as e:
+            _fail(self, hook, flow, e)
+
+    return wrapper
+
+
+def _is_coroutine(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn)
+
+
+def _fail(addon: Any, hook: Callable[..., Any], flow: http.HTTPFlow, e: Exception) -> None:
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    log.error(
+        "addon_failed_closed",
+        request_id=flow.metadata.get("teegate.request_id"),
+        addon=type(addon).__name__,
+        hook=hook.__name__,
+        error=type(e).__name__,
+        at=f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}",
+    )
+    if flow.response is None or hook.__name__ == "request":
+        refuse(flow, internal_error(flow))
+    flow.metadata["teegate.failed"] = True
+
+
+def html_free_error_pages() -> None:
+    """Make mitmproxy's own protocol-error pages (502 on connect failure, ...) JSON.
+
+    mitmproxy writes these from inside its HTTP/1 layer, after the ``error``
+    hook, so no addon can replace them; the layer looks the builder up by name
+    at call time, so swapping it here is enough.
+    """
+    from mitmproxy.proxy.layers.http import _http1
+
+    if getattr(_http1.make_error_response, "_teegate", False):
+        return
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        from mitmproxy.net.http import http1
+
+        code, text = _classify(status_code, message)
+        err = GatewayError(status_code, text, code, type="api_error" if status_code >= 500 else None)
+        resp = err.response()
+        resp.headers["connection"] = "close"
+        return http1.assemble_response(resp)
+
+    make_error_response._teegate = True  # type: ignore[attr-defined]
+    _http1.make_error_response = make_error_response
+
+
+def _classify(status: int, message: str) -> tuple[str, str]:
+    if status == 502:
+        return "upstream_unreachable", "The confidential upstream could not be reached."
+    if status == 504:
+        return "upstream_timeout", "The confidential upstream did not answer in time."
+    if status == 413:
+        return "request_too_large", "The request body is too large."
+    if status == 400:
+        return "invalid_request", "The request could not be parsed as HTTP."
+    return "gateway_error", f"The gateway could not complete the request (HTTP {status})."

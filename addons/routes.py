@@ -1,0 +1,132 @@
+"""Which endpoint a request is for, and the ones answered locally.
+
+Chat completions continue down the request path. The model list is served
+from the catalog; endpoints with no hardware-attested variant upstream answer
+503; anything else 404 (or 405 for a known path with the wrong method).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from mitmproxy import http
+
+from addons.catalogsync import CatalogSync
+from addons.errors import GatewayError, guarded, json_response, refuse
+from catalog.models import CatalogModel, micro_to_usd
+from catalog.store import CatalogUnavailable
+
+CHAT_PATH = "/v1/chat/completions"
+
+_NOT_AVAILABLE = re.compile(
+    r"^/v1/(embeddings|moderations|images(/.*)?|audio(/.*)?|video[^?]*|"
+    r"fine_tuning(/.*)?|fine-tunes(/.*)?)$"
+)
+
+
+def catalog_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "The confidential model catalog is unavailable or stale; refusing rather than "
+        "trusting an old list. Retry shortly.",
+        "catalog_unavailable",
+        type="api_error",
+    )
+
+
+def model_object(m: CatalogModel) -> dict:
+    """One model in OpenAI's shape, plus what makes it confidential and its price."""
+    p = m.pricing
+    pricing = {"input": micro_to_usd(p.input), "output": micro_to_usd(p.output)}
+    if p.cache_read is not None:
+        pricing["input_cache_read"] = micro_to_usd(p.cache_read)
+    pricing["unit"] = "USD per 1M tokens"
+    return {
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": m.owned_by,
+        "confidential_compute": True,
+        "context_length": m.context_length,
+        "max_output_length": m.max_output_length,
+        "capabilities": {
+            "tools": m.supports_tools,
+            "json_mode": m.supports_json,
+            "reasoning": "reasoning" in m.features,
+        },
+        "supported_features": sorted(m.features),
+        "input_modalities": list(m.input_modalities),
+        "output_modalities": list(m.output_modalities),
+        "pricing": pricing,
+    }
+
+
+class Router:
+    def __init__(self, catalog: CatalogSync) -> None:
+        self._sync = catalog
+
+    @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        path = flow.request.path.split("?", 1)[0]
+        method = flow.request.method.upper()
+        if path == CHAT_PATH:
+            if method != "POST":
+                refuse(flow, _method_not_allowed(method, path, "POST"))
+            else:
+                flow.metadata["teegate.route"] = "chat"
+            return
+        flow.metadata["teegate.route"] = "local"
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            if method != "GET":
+                refuse(flow, _method_not_allowed(method, path, "GET"))
+            else:
+                self._models(flow, path)
+        elif _NOT_AVAILABLE.match(path):
+            refuse(flow, GatewayError(
+                503,
+                f"{path} is not available: no hardware-attested (TEE) variant of this "
+                "endpoint exists upstream, and this gateway never falls back to a "
+                "non-confidential one.",
+                "not_available",
+                type="api_error",
+            ))
+        else:
+            refuse(flow, GatewayError(404, f"Unknown endpoint: {method} {path}", "not_found"))
+
+    def _models(self, flow: http.HTTPFlow, path: str) -> None:
+        catalog = self._sync.catalog
+        try:
+            if catalog is None:
+                raise CatalogUnavailable
+            snap = catalog.current()
+        except CatalogUnavailable:
+            refuse(flow, catalog_unavailable())
+            return
+        models = snap.models
+        if path == "/v1/models":
+            body = {"object": "list", "data": [model_object(m) for m in models.values()]}
+            flow.response = json_response(200, body)
+            return
+        model_id = unquote(path.removeprefix("/v1/models/"))
+        model = models.get(model_id)
+        if model is not None:
+            flow.response = json_response(200, model_object(model))
+        elif model_id in snap.non_confidential:
+            refuse(flow, GatewayError(
+                404, f"Model '{model_id}' is not Confidential Compute.", "model_not_confidential",
+                param="model",
+            ))
+        else:
+            refuse(flow, GatewayError(
+                404, f"The model '{model_id}' does not exist.", "model_not_found", param="model"
+            ))
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
+    return GatewayError(
+        405, f"Method {method} is not allowed on {path}; use {allowed}.", "method_not_allowed",
+        headers={"allow": allowed},
+    )

@@ -1,0 +1,161 @@
+"""Relay chat completion streams as they arrive, and tally what they carried.
+
+Without ``flow.response.stream`` mitmproxy would buffer an SSE response until
+the upstream closes. The relay passes each complete event on at once, records
+the final ``usage`` (and, as a fallback for billing, the bytes of generated
+text), and removes the usage-only chunk the gateway itself asked for when the
+client did not, so the client sees exactly the stream OpenAI would send.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from mitmproxy import http
+
+from addons.errors import guarded
+from addons.sse import Event, SSESplitter
+
+log = structlog.get_logger("teegate")
+
+TALLY = "teegate.stream"
+
+
+@dataclass
+class StreamTally:
+    """What a stream delivered; read by billing when the flow ends, however it ends."""
+
+    usage: dict[str, Any] | None = None
+    generated_bytes: int = 0  # content, reasoning and tool-call argument bytes
+    events: int = 0
+    saw_done: bool = False
+    complete: bool = False  # the upstream finished its body
+    opaque: bool = False  # we could not read the stream (unknown encoding, parse fault)
+    first_byte_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Decoder:
+    """Incremental content decoding (we ask for identity, but upstreams may ignore it)."""
+
+    def __init__(self, encoding: str) -> None:
+        if encoding == "gzip":
+            self._d = zlib.decompressobj(wbits=31)
+        elif encoding == "deflate":
+            self._d = zlib.decompressobj(wbits=15)
+        elif encoding == "br":
+            import brotli  # a mitmproxy dependency
+
+            self._d = brotli.Decompressor()
+        else:
+            raise ValueError(encoding)
+        self._br = encoding == "br"
+
+    def __call__(self, data: bytes) -> bytes:
+        return self._d.process(data) if self._br else self._d.decompress(data)
+
+
+class _Relay:
+    def __init__(self, tally: StreamTally, strip_usage: bool, decoder: _Decoder | None) -> None:
+        self._tally = tally
+        self._strip_usage = strip_usage
+        self._decoder = decoder
+        self._sse = SSESplitter()
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        """Return the pieces to send on; never an empty piece, which HTTP/1
+        chunked framing would turn into a premature end of body."""
+        return [piece for piece in self._relay(data) if piece]
+
+    def _relay(self, data: bytes) -> list[bytes]:
+        tally = self._tally
+        if tally.first_byte_at is None:
+            tally.first_byte_at = time.time()
+        try:
+            if data == b"":
+                tally.complete = True
+                return [self._on_event(e) for e in self._sse.flush()]
+            if self._decoder is not None:
+                data = self._decoder(data)
+            if tally.opaque:
+                return [data]
+            return [self._on_event(e) for e in self._sse.feed(data)]
+        except Exception as e:  # never break the client's stream; bill conservatively
+            log.error("stream_relay_fault", error=type(e).__name__)
+            tally.opaque = True
+            return [data]
+
+    def _on_event(self, ev: Event) -> bytes:
+        tally = self._tally
+        tally.events += 1
+        if ev.data is None:
+            return ev.raw
+        if ev.data.strip() == "[DONE]":
+            tally.saw_done = True
+            return ev.raw
+        try:
+            chunk = json.loads(ev.data)
+        except ValueError:
+            return ev.raw
+        if not isinstance(chunk, dict):
+            return ev.raw
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            tally.generated_bytes += generated_bytes(choices)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            tally.usage = usage
+            if self._strip_usage:
+                if not choices:
+                    return b""
+                del chunk["usage"]
+                return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        return ev.raw
+
+
+def generated_bytes(choices: list[Any]) -> int:
+    """UTF-8 bytes of generated text in streamed deltas (the billing fallback's input)."""
+    total = 0
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        for key in ("content", "reasoning_content", "reasoning", "refusal"):
+            value = delta.get(key)
+            if isinstance(value, str):
+                total += len(value.encode())
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                for key in ("name", "arguments"):
+                    value = fn.get(key)
+                    if isinstance(value, str):
+                        total += len(value.encode())
+    return total
+
+
+class StreamRelay:
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("teegate.route") != "chat" or flow.response is None:
+            return
+        ctype = flow.response.headers.get("content-type", "")
+        if not ctype.lower().startswith("text/event-stream"):
+            return  # a plain JSON answer: buffered, read whole in the response hook
+        tally = StreamTally()
+        flow.metadata[TALLY] = tally
+        decoder = None
+        encoding = flow.response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            try:
+                decoder = _Decoder(encoding)
+                del flow.response.headers["content-encoding"]
+            except (ValueError, ImportError):
+                tally.opaque = True
+        strip = not flow.metadata.get("teegate.client_wants_usage", False)
+        flow.response.stream = _Relay(tally, strip, decoder)

@@ -1,0 +1,111 @@
+"""What an attestation must show before the gate serves a model: the ``[attestation]`` table.
+
+Strict by default: TDX only, TCB status ``UpToDate`` only, no debug TD, ``report_data`` binding
+our fresh nonce and the upstream's signing key, quotes chained to Intel's root. Anything looser
+has to be written down in ``proxy.toml``. Unknown keys are errors, because a typo in a security
+setting must never be silently ignored.
+
+Allow-lists: absent (``None``) means "not pinned"; an empty list pins nothing and so refuses
+everything, which is the honest reading of "allowed: none".
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# Intel's Provisioning Certification Service; dcap_qvl appends /{sgx,tdx}/certification/v4.
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"
+
+
+def _hex_of(n_bytes: int):  # noqa: ANN202 - returns a validator
+    def check(value: str) -> str:
+        v = value.strip().lower().removeprefix("0x")
+        if len(v) != 2 * n_bytes:
+            raise ValueError(f"must be {n_bytes} bytes of hex ({2 * n_bytes} digits)")
+        bytes.fromhex(v)  # raises ValueError on a non-hex digit
+        return v
+
+    return check
+
+
+Hex48 = Annotated[str, AfterValidator(_hex_of(48))]
+Hex32 = Annotated[str, AfterValidator(_hex_of(32))]
+
+
+class Policy(BaseModel):
+    """Settings and acceptance rules for hardware attestation of upstream models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    mode: Literal["dcap", "flag"] = "dcap"
+    """``dcap``: verify TDX quotes. ``flag``: trust the catalog's confidential flag only (no
+    hardware verification is claimed; verdicts say mode "flag")."""
+
+    accepted_tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    refused_advisory_ids: tuple[str, ...] = ()
+
+    mrtd_allowlist: tuple[Hex48, ...] | None = None
+    rtmr0_allowlist: tuple[Hex48, ...] | None = None
+    rtmr1_allowlist: tuple[Hex48, ...] | None = None
+    rtmr2_allowlist: tuple[Hex48, ...] | None = None
+    compose_hash_allowlist: tuple[Hex32, ...] | None = None
+    """sha256 of dstack's app_compose, as measured in ``mr_config_id = 0x01 || hash``."""
+
+    require_event_log: bool = False
+    """Refuse evidence without an event log (one that is given is always replayed)."""
+
+    reattest_interval_s: int = Field(600, ge=10)
+    retry_interval_s: int = Field(60, ge=1)
+    """How soon a failed attestation is tried again."""
+    verdict_grace_s: int = Field(120, ge=0)
+    """A verdict stays usable this long past its scheduled re-attestation, so a slow
+    re-attestation does not flap the model (still never past the collateral's nextUpdate)."""
+    max_concurrency: int = Field(4, ge=1, le=64)
+    fetch_timeout_s: float = Field(30.0, gt=0, le=600)
+
+    pccs_url: str = INTEL_PCS_URL
+    """Where collateral (TCB info, QE identity, CRLs) is fetched; it is verified against the
+    pinned root whatever serves it."""
+
+    test_root_ca: Path | None = None
+    """DANGER, tests and the sandbox only: a DER file replacing Intel's root CA. While set,
+    quotes are verified against this root instead of Intel's, and collateral that the upstream
+    ships in its evidence (the sandbox does; real upstreams do not) is used instead of PCCS."""
+
+    @field_validator("accepted_tcb_statuses")
+    @classmethod
+    def _some_status(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("accept at least one TCB status (e.g. UpToDate)")
+        return v
+
+    @field_validator("pccs_url")
+    @classmethod
+    def _https_url(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    def load_test_root(self) -> bytes | None:
+        """The test root's DER, or None for Intel's root (the default)."""
+        if self.test_root_ca is None:
+            return None
+        return self.test_root_ca.read_bytes()
+
+
+def load_policy(path: str | Path) -> Policy:
+    """The ``[attestation]`` table of a TOML file (absent table: the strict defaults)."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    table = doc.get("attestation", {})
+    if not isinstance(table, dict):
+        raise ValueError("[attestation] must be a table")
+    root = table.get("test_root_ca")
+    if isinstance(root, str) and not Path(root).is_absolute():
+        # Relative to the file that names it, not to wherever the process was started.
+        table = {**table, "test_root_ca": str(Path(path).resolve().parent / root)}
+    return Policy.model_validate(table)

@@ -1,0 +1,64 @@
+"""The outcome of attesting one model: what the gate reads, and what clients may be shown.
+
+A verdict is immutable and carries its own validity window, so the gate's question ("may I
+send this prompt there now?") is a field read and two integer comparisons.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["dcap", "flag"]
+
+
+class Verdict(BaseModel):
+    """One attestation of one model at one time."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    model: str
+    ok: bool
+    reason: str
+    mode: Mode
+    verified_at: int
+    """Unix seconds the evidence was verified at."""
+    expires_at: int
+    """Unix seconds after which the verdict must not be used (re-attestation due plus grace,
+    never past the collateral's nextUpdate)."""
+    root: Literal["intel", "test"] | None = None
+    """Which root CA the quote chained to; "test" only with the explicit test setting."""
+    quote_sha256: str | None = None
+    signing_address: str | None = None
+    signing_addresses: tuple[str, ...] = ()
+    """Every signing key bound by a verified quote (several with ``all_attestations``)."""
+    tee_type: str | None = None
+    tcb_status: str | None = None
+    advisory_ids: tuple[str, ...] = ()
+    mrtd: str | None = None
+    rtmrs: tuple[str, ...] = ()
+    mr_config_id: str | None = None
+    compose_hash: str | None = None
+    report_data: str | None = None
+    nonce: str | None = None
+    gpu: Literal["unverified"] = "unverified"
+    """GPU evidence (``nvidia_payload``) is recorded in ``evidence`` but not verified."""
+    checks: dict[str, bool] = Field(default_factory=dict)
+    """Each check made, in order, and whether it passed. A check not made is not listed."""
+    skipped: tuple[str, ...] = ()
+    """Checks not made, and why (e.g. no allow-list configured)."""
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    """The evidence as received, for handing to clients who want to verify it themselves."""
+
+    def refusal(self, now: float) -> str | None:
+        """Why the gate must refuse this model at ``now``, or None when it may serve it."""
+        if not self.ok:
+            return self.reason
+        if now >= self.expires_at:
+            return f"attestation expired at {self.expires_at} (re-attestation overdue)"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """The verdict without the raw evidence: what a CLI or a log line shows."""
+        return self.model_dump(mode="json", exclude={"evidence"})

@@ -1,0 +1,5 @@
+import sys
+
+from teegate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""``proxy.toml``, validated.
+
+Every setting has a default, so an empty file is a valid configuration. An
+unknown key, a wrong type or a bad URL stops the start with a message that
+names the key: a typo in a security setting must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+HostPort = Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")]
+
+
+class ListenSettings(_Section):
+    reverse: HostPort | Literal[""] = "127.0.0.1:8080"
+    """Where OpenAI SDKs point their base_url ("" switches the listener off)."""
+
+
+class UpstreamSettings(_Section):
+    base_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    api_key: str | None = None
+    api_key_env: str = "TEEGATE_UPSTREAM_KEY"
+    ca_file: Path | None = None
+    connect_timeout_s: int = Field(10, ge=1, le=300)
+
+    @field_validator("base_url")
+    @classmethod
+    def _origin_only(cls, v: AnyHttpUrl) -> AnyHttpUrl:
+        if (v.path or "/") != "/" or v.query or v.fragment:
+            raise ValueError("must be an origin like https://host[:port], without a path")
+        return v
+
+    def resolved_api_key(self) -> str:
+        key = self.api_key or os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ValueError(
+                f"no upstream key: set upstream.api_key or the {self.api_key_env} variable"
+            )
+        return key
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(str(self.base_url))
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+class CatalogSettings(_Section):
+    refresh_interval_s: int = Field(60, ge=1)
+    max_staleness_s: int = Field(300, ge=1)
+    markup: Decimal = Field(Decimal("1.85"), gt=0, le=100)
+
+    @field_validator("markup", mode="before")
+    @classmethod
+    def _no_float(cls, v: object) -> object:
+        if isinstance(v, float):
+            raise ValueError('write the markup as a string, e.g. "1.85" (money is never a float)')
+        return v
+
+
+class RequestDefaults(_Section):
+    max_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Section):
+    listen: ListenSettings = ListenSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    catalog: CatalogSettings = CatalogSettings()
+    defaults: RequestDefaults = RequestDefaults()
+    log: LogSettings = LogSettings()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def load(path: Path | None) -> Settings:
+    """Read and validate a TOML file (None: all defaults)."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: no such file") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(path, e)) from None
+
+
+def _describe(path: Path | None, e: ValidationError) -> str:
+    lines = [f"{path or 'configuration'}: invalid settings"]
+    for err in e.errors(include_url=False, include_input=False):
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Mount the addons on an embedded mitmproxy and run it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import ctx, options
+from mitmproxy.tools.dump import DumpMaster
+
+from addons.accesslog import AccessLog
+from addons.catalogsync import CatalogSync
+from addons.errors import html_free_error_pages
+from addons.gate import Gate
+from addons.routes import Router
+from addons.seal import Seal
+from addons.streaming import StreamRelay
+from addons.upstream import UpstreamRewrite
+from addons.validate import ChatValidator
+from teegate.config import Settings
+
+REQUIRED_STAGES = ("validate", "gate", "upstream")
+
+
+def build_addons(settings: Settings) -> list[Any]:
+    """The request path, in hook order."""
+    catalog = CatalogSync()
+    return [
+        AccessLog(),
+        catalog,
+        Router(catalog),
+        ChatValidator(),
+        Gate(catalog),
+        UpstreamRewrite(),
+        StreamRelay(),
+        Seal(REQUIRED_STAGES),
+        Ready(),
+    ]
+
+
+def option_values(settings: Settings) -> dict[str, Any]:
+    up = settings.upstream
+    modes = []
+    if settings.listen.reverse:
+        modes.append(f"reverse:{up.origin}@{settings.listen.reverse}")
+    values: dict[str, Any] = {
+        "mode": modes,
+        "connection_strategy": "lazy",
+        "termlog_verbosity": "warn",
+        "keep_host_header": False,
+        "http2": True,
+        "teegate_upstream": up.origin,
+        "teegate_upstream_key": up.resolved_api_key(),
+        "teegate_catalog_refresh_s": settings.catalog.refresh_interval_s,
+        "teegate_catalog_max_staleness_s": settings.catalog.max_staleness_s,
+        "teegate_markup": str(settings.catalog.markup),
+        "teegate_default_max_tokens": settings.defaults.max_tokens,
+        "teegate_default_temperature": repr(settings.defaults.temperature),
+        "teegate_default_top_p": repr(settings.defaults.top_p),
+    }
+    if up.ca_file:
+        values["ssl_verify_upstream_trusted_ca"] = str(up.ca_file)
+    return values
+
+
+class Ready:
+    """Prints the bound addresses once listening, so scripts and tests can connect."""
+
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
+        self._announce = announce or (lambda line: print(line, flush=True))
+
+    def running(self) -> None:
+        ps = ctx.master.addons.get("proxyserver")
+        for server in ps.servers:
+            for host, port, *_ in server.listen_addrs:
+                kind = server.mode.type_name
+                self._announce(f"TEEGATE READY {kind} http://{_fmt_host(host)}:{port}")
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve(settings: Settings, extra_addons: list[Any] | None = None) -> None:
+    html_free_error_pages()
+    master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
+    master.addons.add(*build_addons(settings), *(extra_addons or []))
+    master.options.update(**option_values(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    await master.run()
+
+
+def run(settings: Settings) -> int:
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run(Settings()))
