@@ -25,7 +25,7 @@ from teegate.config import Settings
 REQUIRED_STAGES = ("validate", "gate", "upstream")
 
 
-def build_addons(settings: Settings) -> list[Any]:
+def build_addons(settings: Settings, ready: Ready | None = None) -> list[Any]:
     """The request path, in hook order."""
     catalog = CatalogSync()
     return [
@@ -37,7 +37,7 @@ def build_addons(settings: Settings) -> list[Any]:
         UpstreamRewrite(),
         StreamRelay(),
         Seal(REQUIRED_STAGES),
-        Ready(),
+        ready or Ready(),
     ]
 
 
@@ -78,16 +78,17 @@ class Ready:
             for host, port, *_ in server.listen_addrs:
                 kind = server.mode.type_name
                 self._announce(f"TEEGATE READY {kind} http://{_fmt_host(host)}:{port}")
+        self._announce("TEEGATE RUNNING")
 
 
 def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve(settings: Settings, extra_addons: list[Any] | None = None) -> None:
+async def serve(settings: Settings, ready: Ready | None = None) -> None:
     html_free_error_pages()
     master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
-    master.addons.add(*build_addons(settings), *(extra_addons or []))
+    master.addons.add(*build_addons(settings, ready))
     master.options.update(**option_values(settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,9 +96,9 @@ async def serve(settings: Settings, extra_addons: list[Any] | None = None) -> No
     await master.run()
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, ready: Ready | None = None) -> int:
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, ready))
     except KeyboardInterrupt:
         pass
     return 0

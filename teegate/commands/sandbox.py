@@ -1,0 +1,98 @@
+"""``teegate sandbox``: a simulated confidential upstream plus the gateway in front of it.
+
+The developer's local playground: no upstream account and no TDX hardware
+needed. The sandbox upstream runs as its own process (as a real upstream
+would); the gateway runs in this one. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from teegate import config, logs
+
+SANDBOX_KEY = "sandbox-upstream-key"
+READY = "SANDBOX READY "
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sandbox", help="run the gateway against a local simulated confidential upstream")
+    p.add_argument("-c", "--config", type=Path, default=None, help="proxy.toml for the gateway side")
+    p.add_argument("--listen", default=None, help="gateway address (default: listen.reverse, 127.0.0.1:8080)")
+    p.add_argument("--chunk-delay-ms", type=int, default=40, help="pace of simulated streams")
+    p.set_defaults(func=_sandbox)
+
+
+def start_upstream(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--port", "0", "--api-key", SANDBOX_KEY, *extra],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    for line in proc.stdout:
+        if line.startswith(READY):
+            return proc, line[len(READY):].strip()
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("the sandbox upstream did not start")
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as e:
+        print(f"teegate: {e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log.level)
+    upstream, base_url = start_upstream(["--chunk-delay-ms", str(args.chunk_delay_ms)])
+    try:
+        settings = settings.model_copy(
+            update={
+                "upstream": settings.upstream.model_copy(
+                    update={"base_url": base_url, "api_key": SANDBOX_KEY}
+                ),
+                "listen": settings.listen.model_copy(
+                    update={"reverse": args.listen or settings.listen.reverse}
+                ),
+            }
+        )
+        from teegate.runner import Ready, run
+
+        def announce(line: str) -> None:
+            print(line, flush=True)
+            if line.startswith("TEEGATE READY reverse "):
+                url = line.split()[-1]
+                print(_banner(url, base_url), flush=True)
+
+        return run(settings, ready=Ready(announce))
+    finally:
+        upstream.terminate()
+        try:
+            upstream.wait(5)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+
+
+def _banner(gateway: str, upstream: str) -> str:
+    return f"""
+teegate sandbox is up.
+  gateway (OpenAI base_url): {gateway}/v1
+  simulated confidential upstream: {upstream}
+
+  curl {gateway}/v1/models
+  curl {gateway}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "deepseek-ai/DeepSeek-V3.2-TEE", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{gateway}/v1', api_key='sk-any'); \\
+print(c.chat.completions.create(model='deepseek-ai/DeepSeek-V3.2-TEE', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
+
+Ctrl-C stops both.
+"""

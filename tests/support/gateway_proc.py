@@ -1,0 +1,139 @@
+"""Start the gateway (``python -m teegate run``) as a real subprocess, for tests and tools.
+
+The gateway writes its JSON log lines to a file the test can read back, so
+tests can assert what was (and was not) logged.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+READY_PREFIX = "TEEGATE READY "
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+class GatewayStartError(RuntimeError):
+    pass
+
+
+class GatewayProc:
+    def __init__(self, process: subprocess.Popen[str], urls: dict[str, str], workdir: Path) -> None:
+        self.process = process
+        self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "regular": ...}
+        self.workdir = workdir
+        self.log_path = workdir / "gateway.log"
+        self.config_path = workdir / "proxy.toml"
+
+    @property
+    def base_url(self) -> str:
+        return self.urls["reverse"]
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case, nothing flushed."""
+        self.process.kill()
+        self.process.wait()
+
+    def __enter__(self) -> GatewayProc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def write_config(workdir: Path, upstream_url: str, upstream_key: str, extra_toml: str = "") -> Path:
+    """A proxy.toml on free ports; ``extra_toml`` may add keys to any table (TOML dotted keys)."""
+    text = (
+        f'upstream.base_url = "{upstream_url}"\n'
+        f'upstream.api_key = "{upstream_key}"\n'
+        'listen.reverse = "127.0.0.1:0"\n'
+        f"{extra_toml}\n"
+    )
+    path = workdir / "proxy.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def start_gateway(
+    upstream_url: str,
+    upstream_key: str = "sandbox-upstream-key",
+    *,
+    extra_toml: str = "",
+    workdir: Path | None = None,
+    env: dict[str, str] | None = None,
+    module: str = "teegate",
+    args: tuple[str, ...] = (),
+) -> GatewayProc:
+    """Start the gateway and wait (bounded) until every listener is bound."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="teegate-test-"))
+    config = workdir / "proxy.toml"
+    write_config(workdir, upstream_url, upstream_key, extra_toml)
+    log = open(workdir / "gateway.log", "a", encoding="utf-8")  # noqa: SIM115 - owned by the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "run", "-c", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+    )
+    log.close()
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    urls: dict[str, str] = {}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            line = lines.get(timeout=max(remaining, 0.01))
+        except queue.Empty:
+            line = ""
+        if line is None or remaining <= 0:
+            proc.kill()
+            raise GatewayStartError(
+                f"gateway did not become ready; log:\n{(workdir / 'gateway.log').read_text()[-3000:]}"
+            )
+        if line.startswith(READY_PREFIX):
+            kind, url = line[len(READY_PREFIX) :].split()
+            urls[kind] = url
+        elif line == "TEEGATE RUNNING":
+            return GatewayProc(proc, urls, workdir)
