@@ -392,7 +392,9 @@ class DcapTestPki:
         return {
             "pck_crl_issuer_chain": self._pem(self.platform_ca_cert, self.root_cert),
             "root_ca_crl": self._crl(self.root_cert, self._root_key, issue, next_update).hex(),
-            "pck_crl": self._crl(self.platform_ca_cert, self._platform_key, issue, next_update).hex(),
+            "pck_crl": self._crl(
+                self.platform_ca_cert, self._platform_key, issue, next_update
+            ).hex(),
             "tcb_info_issuer_chain": tcb_chain,
             "tcb_info": tcb_info,
             "tcb_info_signature": self._tcb_key.sign_raw(tcb_info.encode()).hex(),

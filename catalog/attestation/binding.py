@@ -36,7 +36,9 @@ def binds_signing_key(
     head = report_data[:32]
     if head == address.ljust(32, b"\x00"):
         return True
-    return tls_fingerprint is not None and head == hashlib.sha256(address + tls_fingerprint).digest()
+    return (
+        tls_fingerprint is not None and head == hashlib.sha256(address + tls_fingerprint).digest()
+    )
 
 
 def expected_report_data(address: bytes, nonce: bytes) -> bytes:

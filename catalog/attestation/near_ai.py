@@ -104,9 +104,7 @@ class NearAiSource:
 
     name = "near-ai"
 
-    def __init__(
-        self, base_url: str, api_key: str | None, client: httpx.AsyncClient
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str | None, client: httpx.AsyncClient) -> None:
         self._url = base_url.rstrip("/") + "/v1/attestation/report"
         self._headers = {"accept": "application/json"}
         if api_key:
