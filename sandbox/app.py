@@ -22,6 +22,8 @@ from sandbox.state import SandboxState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTROL_PREFIX = "/_sandbox/"
+# Big enough for long-context prompts (aiohttp's default is 1 MiB).
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def make_guard(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -86,7 +88,7 @@ def register_routes(app: web.Application, options: Options) -> None:
 def make_app(options: Options) -> web.Application:
     """Build the application; its state lives in ``app["state"]`` (a SandboxState)."""
     baseline = Behaviour(delay_ms=options.delay_ms, chunk_delay_ms=options.chunk_delay_ms)
-    app = web.Application(middlewares=[make_guard(options.api_key)])
+    app = web.Application(middlewares=[make_guard(options.api_key)], client_max_size=MAX_BODY_BYTES)
     app["state"] = SandboxState(load_rows(options.models), baseline)
     app["options"] = options
     register_routes(app, options)

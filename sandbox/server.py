@@ -15,7 +15,6 @@ from aiohttp import web
 
 from sandbox.app import make_app
 from sandbox.options import Options, parse_options
-from sandbox.tls import ensure_tls_files, server_context
 
 SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -44,6 +43,8 @@ def write_ready_file(path: Path, url: str, port: int) -> None:
 async def serve(options: Options) -> None:
     ssl_ctx = None
     if options.tls_dir is not None:
+        from sandbox.tls import ensure_tls_files, server_context  # cryptography only when needed
+
         ssl_ctx = server_context(ensure_tls_files(options.tls_dir, options.tls_hostnames))
     app = make_app(options)
     access_log = web.access_logger if options.verbose else None

@@ -452,3 +452,9 @@ def test_behaviour_is_validated(sandbox: SandboxProc) -> None:
     merged = sandbox.behaviour(cached_tokens=2)
     merged = sandbox.behaviour(omit_usage=True)
     assert merged["cached_tokens"] == 2 and merged["omit_usage"] is True
+
+
+def test_long_prompt_is_accepted_and_counted(api: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "é" * 1_500_000}]  # 3 MB of UTF-8
+    body = api.post("/chat/completions", json={"model": MODEL, "messages": messages}).json()
+    assert body["usage"]["prompt_tokens"] == 3_000_000 // 4 + 4
