@@ -23,27 +23,23 @@ class UpstreamRewrite:
             parts = urlsplit(ctx.options.teegate_upstream)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise exceptions.OptionsError("teegate_upstream must be an http(s) origin")
-            self._origin = (
-                parts.scheme,
-                parts.hostname,
-                parts.port or (443 if parts.scheme == "https" else 80),
-            )
+            default_port = 443 if parts.scheme == "https" else 80
+            port = parts.port or default_port
+            self._origin = (parts.scheme, parts.hostname, port)
+            self._host_header = parts.netloc if port != default_port else parts.hostname
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         if not is_chat(flow) or not has_passed(flow, "gate"):
             return
         req: ChatRequest = flow.metadata["teegate.chat"]
-        client_wants_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        flow.metadata["teegate.client_wants_usage"] = client_wants_usage
+        opts = req.stream_options
+        flow.metadata["teegate.client_wants_usage"] = bool(req.stream and opts and opts.include_usage)
         body = req.upstream_body(include_usage=True)
 
-        scheme, host, port = self._origin
-        r = flow.request
-        r.scheme, r.host, r.port = scheme, host, port
-        default_port = 443 if scheme == "https" else 80
-        r.headers = http.Headers(
-            host=host if port == default_port else f"{host}:{port}",
+        self._pin(flow)
+        flow.request.headers = http.Headers(
+            host=self._host_header,
             content_type="application/json",
             accept="text/event-stream" if req.stream else "application/json",
             accept_encoding="identity",
@@ -51,5 +47,10 @@ class UpstreamRewrite:
             user_agent="teegate",
             x_request_id=flow.metadata.get("teegate.request_id", ""),
         )
-        r.content = body
+        flow.request.content = body
         passed(flow, "upstream")
+
+    def _pin(self, flow: http.HTTPFlow) -> None:
+        """Send to the configured upstream, whatever address the flow arrived for."""
+        r = flow.request
+        r.scheme, r.host, r.port = self._origin

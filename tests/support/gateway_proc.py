@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "TEEGATE READY "
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -107,7 +108,7 @@ def start_gateway(
         stdin=subprocess.DEVNULL,
         text=True,
         cwd=workdir,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
     )
     log.close()
     lines: queue.Queue[str | None] = queue.Queue()

@@ -1,0 +1,110 @@
+"""Fail closed: stale catalog, upstream down, an addon that raises, a flag flipped upstream."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.conftest import CLIENT_KEY, TEE, TEST_MODELS, chat_count
+from tests.support.gateway_proc import start_gateway
+from tests.support.sandbox_proc import start_sandbox
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _until(predicate, timeout: float = 15.0, what: str = "condition"):
+    """Poll a condition on another process, with a deadline (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.api_base, api_key=CLIENT_KEY, max_retries=0, timeout=20)
+
+
+def _refused(client: openai.OpenAI, model: str) -> str | None:
+    try:
+        client.chat.completions.create(model=model, messages=MSG)
+    except openai.APIStatusError as e:
+        return e.body.get("code") if isinstance(e.body, dict) else None
+    return None
+
+
+def test_flag_flipped_upstream_is_refused_after_next_refresh():
+    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
+        up.base_url, extra_toml="catalog.refresh_interval_s = 1"
+    ) as gw, _client(gw) as client:
+        assert _refused(client, TEE) is None
+        up.behaviour(flags={TEE: False})
+        _until(lambda: _refused(client, TEE) == "model_not_confidential", what="flag flip")
+        served = chat_count(up)
+        assert _refused(client, TEE) == "model_not_confidential"
+        assert chat_count(up) == served
+        up.behaviour(flags={TEE: True}, remove_models=["Qwen/Qwen3-32B-TEE"])
+        _until(lambda: _refused(client, "Qwen/Qwen3-32B-TEE") == "model_not_confidential")
+        assert _refused(client, TEE) is None
+
+
+def test_stale_catalog_refuses_everything_and_recovers():
+    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
+        up.base_url,
+        extra_toml="catalog.refresh_interval_s = 1\ncatalog.max_staleness_s = 2",
+    ) as gw, _client(gw) as client:
+        assert _refused(client, TEE) is None
+        up.behaviour(models_status=500)
+        _until(lambda: _refused(client, TEE) == "catalog_unavailable", what="staleness")
+        served = chat_count(up)
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.models.list()
+        assert exc.value.status_code == 503
+        assert chat_count(up) == served
+        up.behaviour(models_status=None)
+        _until(lambda: _refused(client, TEE) is None, what="recovery")
+
+
+def test_upstream_down_gives_json_502_and_local_answers_still_work():
+    up = start_sandbox("--models", str(TEST_MODELS))
+    with start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 60") as gw:
+        with _client(gw) as client:
+            assert _refused(client, TEE) is None  # catalog loaded
+            up.stop()
+            assert len(client.models.list().data) > 0  # cached catalog, no upstream needed
+            with pytest.raises(openai.APIStatusError) as exc:
+                client.chat.completions.create(model=TEE, messages=MSG)
+            assert exc.value.status_code == 502
+            assert exc.value.body["code"] == "upstream_unreachable"
+            assert _refused(client, "deepseek-ai/DeepSeek-V3") == "model_not_confidential"
+
+
+def test_gateway_refuses_before_first_catalog_when_upstream_is_down():
+    up = start_sandbox()
+    url = up.base_url
+    up.stop()
+    with start_gateway(url) as gw:
+        resp = httpx.post(
+            f"{gw.api_base}/chat/completions", json={"model": TEE, "messages": MSG}, timeout=30
+        )
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "catalog_unavailable"
+
+
+@pytest.mark.parametrize("target", ["gate", "upstream"])
+def test_an_addon_that_raises_forwards_nothing(target):
+    """A real gateway with one of its request-path addons broken: 500, upstream untouched."""
+    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
+        up.base_url, module="tests.support.faulty_gateway", env={"TEEGATE_FAULT": target}
+    ) as gw, _client(gw) as client:
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.chat.completions.create(model=TEE, messages=MSG)
+        assert exc.value.status_code == 500
+        assert exc.value.body["code"] == "internal_error"
+        assert chat_count(up) == 0
+        assert "addon_failed_closed" in gw.log_text()

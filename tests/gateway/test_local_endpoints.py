@@ -1,0 +1,94 @@
+"""Endpoints answered by the gateway itself: the model list, refusals, unknown paths."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.gateway.conftest import TEE, TEST_MODELS
+
+SHARED = json.loads((Path(__file__).resolve().parents[3] / "shared" / "tee-models.json").read_text())
+
+
+def test_model_list_is_the_confidential_catalog_at_public_prices(client, upstream):
+    before = upstream.stats()["by_route"].get("GET /v1/models", 0)
+    models = {m.id: m for m in client.models.list()}
+    expected = {m["id"] for m in json.loads(TEST_MODELS.read_text())["models"]}
+    assert set(models) == expected
+    for spec in SHARED["models"]:
+        m = models[spec["id"]].model_dump()
+        assert m["object"] == "model" and m["owned_by"] and isinstance(m["created"], int)
+        assert m["confidential_compute"] is True
+        assert m["context_length"] == spec["context_length"]
+        assert Decimal(m["pricing"]["input"]) == Decimal(spec["price_usd_per_1m"]["input"])
+        assert Decimal(m["pricing"]["output"]) == Decimal(spec["price_usd_per_1m"]["output"])
+        assert m["capabilities"]["tools"] is ("tools" in spec["features"])
+    assert "deepseek-ai/DeepSeek-V3" not in models
+    # Served from the gateway's cache: listing does not hit the upstream per call.
+    client.models.list()
+    assert upstream.stats()["by_route"].get("GET /v1/models", 0) - before <= 1
+
+
+def test_one_model_by_id_with_slashes(client):
+    m = client.models.retrieve(TEE)
+    assert m.id == TEE and m.model_dump()["confidential_compute"] is True
+
+
+def test_non_confidential_and_unknown_model_ids(client):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("deepseek-ai/DeepSeek-V3")
+    assert exc.value.body["code"] == "model_not_confidential"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("nobody/nothing")
+    assert exc.value.body["code"] == "model_not_found"
+
+
+def test_embeddings_are_not_available(client, upstream):
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.embeddings.create(model="any", input="hello")
+    assert exc.value.status_code == 503
+    assert exc.value.body["code"] == "not_available"
+    assert upstream.stats()["total"] == upstream.stats()["by_route"].get("GET /v1/models", 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/images/generations"),
+        ("POST", "/v1/audio/transcriptions"),
+        ("POST", "/v1/audio/speech"),
+        ("POST", "/v1/videos"),
+        ("POST", "/v1/moderations"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("GET", "/v1/fine_tuning/jobs/ftjob-1"),
+        ("POST", "/v1/fine-tunes"),
+    ],
+)
+def test_unavailable_endpoints(http, upstream, method, path):
+    resp = http.request(method, path, json={})
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "not_available"
+    assert "POST " + path not in upstream.stats()["by_route"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+        ("GET", "/v1/completions", 404),
+        ("GET", "/", 404),
+        ("POST", "/v2/chat/completions", 404),
+    ],
+)
+def test_unknown_paths_and_wrong_methods(http, upstream, method, path, status):
+    resp = http.request(method, path)
+    assert resp.status_code == status
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    if status == 405:
+        assert resp.headers["allow"]
+    assert upstream.stats()["total"] == upstream.stats()["by_route"].get("GET /v1/models", 0)
