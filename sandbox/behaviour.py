@@ -18,6 +18,9 @@ class Behaviour(BaseModel):
     omit_usage: bool = False
     usage_with_choices: bool = False
     stop_after_chunks: int | None = Field(default=None, ge=0)
+    # Hold streams after N content chunks until POST /_sandbox/release: lets a test see the first
+    # tokens arrive while the upstream provably has not finished (no timing involved).
+    hold_after_chunks: int | None = Field(default=None, ge=0)
     delay_ms: int = Field(default=0, ge=0)
     chunk_delay_ms: int = Field(default=0, ge=0)
     status: int | None = Field(default=None, ge=100, le=599)

@@ -45,7 +45,13 @@ async def stats(request: web.Request) -> web.Response:
     return _json(request.app["state"].stats())
 
 
+async def release(request: web.Request) -> web.Response:
+    request.app["state"].release()
+    return _json({"released": True})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/_sandbox/release", release)
     app.router.add_get("/_sandbox/behaviour", get_behaviour)
     app.router.add_post("/_sandbox/behaviour", set_behaviour)
     app.router.add_post("/_sandbox/reset", reset)

@@ -6,6 +6,7 @@ The served catalog is rebuilt (and pre-serialised) only when behaviour changes, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter, deque
 from typing import Any
@@ -31,7 +32,14 @@ class SandboxState:
         self.by_route: Counter[str] = Counter()
         self.chat_log: deque[dict[str, Any]] = deque(maxlen=CHAT_LOG_SIZE)
         self.completion_counter = 0
+        self.held = 0  # streams currently waiting for a release
+        self.release_event = asyncio.Event()
         self._rebuild()
+
+    def release(self) -> None:
+        """Let every held stream go on (see ``Behaviour.hold_after_chunks``)."""
+        self.release_event.set()
+        self.release_event = asyncio.Event()
 
     def set_behaviour(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
@@ -43,6 +51,7 @@ class SandboxState:
         self.by_route.clear()
         self.chat_log.clear()
         self.completion_counter = 0
+        self.release()
         self.set_behaviour(self.baseline)
 
     def next_completion_id(self) -> str:
@@ -54,7 +63,12 @@ class SandboxState:
         self.by_route[route] += 1
 
     def stats(self) -> dict[str, Any]:
-        return {"total": self.total, "by_route": dict(self.by_route), "chat": list(self.chat_log)}
+        return {
+            "total": self.total,
+            "by_route": dict(self.by_route),
+            "chat": list(self.chat_log),
+            "held": self.held,
+        }
 
     def _rebuild(self) -> None:
         b = self.behaviour

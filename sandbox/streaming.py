@@ -73,6 +73,8 @@ class ChunkStream:
         for i, piece in enumerate(pieces):
             if b.stop_after_chunks is not None and i >= b.stop_after_chunks:
                 return self._abort(response)
+            if b.hold_after_chunks is not None and i == b.hold_after_chunks:
+                await self._hold()
             if delay:
                 await asyncio.sleep(delay)
             chunk = self._chunk(
@@ -88,6 +90,15 @@ class ChunkStream:
         await response.write(DONE)
         await response.write_eof()
         return response
+
+    async def _hold(self) -> None:
+        state = self.request.app["state"]
+        event = state.release_event
+        state.held += 1
+        try:
+            await event.wait()
+        finally:
+            state.held -= 1
 
     def _abort(self, response: web.StreamResponse) -> web.StreamResponse:
         """Close the socket after what was written: no [DONE], no chunked terminator."""

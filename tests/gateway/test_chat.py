@@ -104,13 +104,14 @@ def test_stream_with_usage_requested_keeps_it(client):
 
 def test_stream_is_not_buffered(client, upstream):
     """The first token reaches the client while the upstream is still holding the rest."""
-    upstream.behaviour(hold_after_chunks=2)
+    upstream.behaviour(hold_after_chunks=1)
     stream = client.chat.completions.create(model=TEE, messages=MSG, stream=True)
     it = iter(stream)
-    first = next(it)  # would block until the client's timeout if the gateway buffered
+    first, second = next(it), next(it)  # would block (until timeout) if the gateway buffered
     assert first.choices[0].delta.role == "assistant"
-    assert upstream.stats().get("held", 0) == 1
-    upstream.behaviour(release=True)
+    assert second.choices[0].delta.content
+    assert upstream.stats()["held"] == 1  # the upstream has provably not finished
+    upstream.release()
     rest = list(it)
     assert rest and rest[-1].choices[0].finish_reason == "stop"
 

@@ -170,7 +170,7 @@ def test_counters_and_dummy_routes(sandbox: SandboxProc, api: httpx.Client) -> N
     assert entry["headers"]["authorization"] == f"Bearer {sandbox.api_key}"
     assert all(name == name.lower() for name in entry["headers"])
     sandbox.reset()
-    assert sandbox.stats() == {"total": 0, "by_route": {}, "chat": []}
+    assert sandbox.stats() == {"total": 0, "by_route": {}, "chat": [], "held": 0}
 
 
 def test_chat_log_keeps_the_last_200(sandbox: SandboxProc, api: httpx.Client) -> None:

@@ -83,6 +83,10 @@ class SandboxProc:
         response.raise_for_status()
         return response.json()
 
+    def release(self) -> None:
+        """Let streams held by ``hold_after_chunks`` continue."""
+        self._control_client().post("/release").raise_for_status()
+
     def reset(self) -> None:
         """Default behaviour (as given on the command line) and every counter back to zero."""
         self._control_client().post("/reset").raise_for_status()

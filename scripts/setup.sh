@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned Python (3.12, see .python-version) and install teegate into it.
+# Sourced by scripts/test.sh and scripts/sandbox.sh; safe to run again (it only updates).
+set -euo pipefail
+want="$(cat .python-version)"
+py=""
+for candidate in "python${want%.*}" "$HOME/.pyenv/versions/$want/bin/python" python3; do
+  if command -v "$candidate" >/dev/null 2>&1 \
+     && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+    py="$candidate"; break
+  fi
+done
+if [ -z "$py" ] && command -v pyenv >/dev/null 2>&1; then
+  pyenv install -s "$want" && py="$(pyenv root)/versions/$want/bin/python"
+fi
+[ -n "$py" ] || { echo "teegate needs Python 3.12 (see .python-version)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
