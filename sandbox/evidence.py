@@ -256,7 +256,9 @@ class EvidenceMinter:
 
 def _error(status: int, message: str) -> web.Response:
     body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
 
 
 def _json(payload: Any) -> web.Response:
@@ -309,7 +311,10 @@ async def root_ca_der(request: web.Request) -> web.Response:
     return web.Response(
         body=minter.pki.root_ca_der,
         content_type="application/pkix-cert",
-        headers={"X-Sandbox-Mrtd": SANDBOX_MRTD.hex(), "X-Sandbox-Compose-Hash": COMPOSE_HASH.hex()},
+        headers={
+            "X-Sandbox-Mrtd": SANDBOX_MRTD.hex(),
+            "X-Sandbox-Compose-Hash": COMPOSE_HASH.hex(),
+        },
     )
 
 

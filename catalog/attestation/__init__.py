@@ -10,11 +10,13 @@ from catalog.attestation.collateral import CollateralCache, collateral_window, l
 from catalog.attestation.evidence import EvidenceError, NodeEvidence
 from catalog.attestation.near_ai import NearAiSource, parse_near_ai
 from catalog.attestation.policy import Policy, load_policy
+from catalog.attestation.service import AttestationService
 from catalog.attestation.source import EvidenceFetchError, EvidenceSource
 from catalog.attestation.verdict import Verdict
 from catalog.attestation.verifier import verify_evidence
 
 __all__ = [
+    "AttestationService",
     "CollateralCache",
     "EvidenceError",
     "EvidenceFetchError",
