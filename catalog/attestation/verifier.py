@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import dcap_qvl
@@ -54,6 +55,10 @@ class _NodeResult:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return " ".join(line.strip() for line in text if line.strip()) or type(error).__name__
+
+
+def _iso(unix_seconds: int) -> str:
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _compose_hash_from_mr_config_id(mr_config_id: bytes) -> bytes | None:
@@ -129,10 +134,24 @@ class _NodeVerifier:
             return
         try:
             collateral = load_collateral(self.collateral)
-            r.next_update = collateral_window(collateral).next_update
+            window = collateral_window(collateral)
         except (ValueError, KeyError, TypeError) as e:
             r.check("quote_verified", False, f"collateral unreadable: {_first_line(e)}")
             return
+        r.next_update = window.next_update
+        # dcap-qvl enforces the window too; checking it first gives a plain reason.
+        if self.now > window.next_update:
+            r.check(
+                "collateral_current",
+                False,
+                f"collateral expired at {_iso(window.next_update)} (nextUpdate passed)",
+            )
+        elif self.now < window.issued:
+            r.check(
+                "collateral_current", False, f"collateral not valid before {_iso(window.issued)}"
+            )
+        else:
+            r.check("collateral_current", True, "")
         try:
             if self.root_ca_der is None:
                 report = dcap_qvl.verify(self.node.quote, collateral, self.now)

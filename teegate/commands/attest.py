@@ -27,6 +27,7 @@ from catalog.attestation import (
     load_policy,
     verify_evidence,
 )
+from teegate import logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -160,6 +161,7 @@ def _upstream_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    logs.configure("warning")  # logs on stderr: stdout carries only the verdict's JSON
     policy = _policy(args)
     upstream = _upstream_table(args)
     base_url = args.upstream or upstream.get("base_url")
