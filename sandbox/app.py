@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from sandbox import control
+from sandbox import control, evidence
 from sandbox.behaviour import Behaviour
 from sandbox.catalog_rows import load_rows
 from sandbox.chat import ChatCompletions
@@ -82,6 +82,7 @@ def register_routes(app: web.Application, options: Options) -> None:
     app.router.add_post("/v1/chat/completions", ChatCompletions(options.chunks).handle)
     control.add_routes(app)
     # Attestation evidence (sandbox/evidence.py) registers here, before the catch-all.
+    evidence.add_routes(app)
     app.router.add_route("*", "/v1/{tail:.*}", other_v1)  # keep last
 
 
