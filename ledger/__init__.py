@@ -1,0 +1,73 @@
+"""Money: accounts, API keys, prepaid balances, reservations and settlements.
+
+The request path (the addons) uses :class:`Ledger`; operators use the
+``teegate accounts|keys|usage|ledger`` commands, which share :class:`Store`.
+All amounts are integer micro-USD. See :mod:`ledger.ledger` for the
+durability promise and :mod:`ledger.billing` for the arithmetic.
+"""
+
+from ledger.billing import (
+    Prices,
+    charge_micro,
+    estimate_prompt_tokens,
+    reservation_micro,
+    tokens_from_bytes,
+)
+from ledger.errors import (
+    InsufficientBalance,
+    InvalidInput,
+    LedgerError,
+    LedgerLocked,
+    LedgerNotFound,
+    LedgerUnavailable,
+    SchemaTooNew,
+    UnknownAccount,
+    UnknownKey,
+)
+from ledger.ledger import Ledger
+from ledger.models import (
+    Account,
+    ApiKey,
+    KeyInfo,
+    Mismatch,
+    OpenReservation,
+    Recovered,
+    Reservation,
+    Timing,
+    UsageGroup,
+    VerifyReport,
+)
+from ledger.money import InvalidAmount, format_usd, parse_usd
+from ledger.store import Store
+
+__all__ = [
+    "Account",
+    "ApiKey",
+    "InsufficientBalance",
+    "InvalidAmount",
+    "InvalidInput",
+    "KeyInfo",
+    "Ledger",
+    "LedgerError",
+    "LedgerLocked",
+    "LedgerNotFound",
+    "LedgerUnavailable",
+    "Mismatch",
+    "OpenReservation",
+    "Prices",
+    "Recovered",
+    "Reservation",
+    "SchemaTooNew",
+    "Store",
+    "Timing",
+    "UnknownAccount",
+    "UnknownKey",
+    "UsageGroup",
+    "VerifyReport",
+    "charge_micro",
+    "estimate_prompt_tokens",
+    "format_usd",
+    "parse_usd",
+    "reservation_micro",
+    "tokens_from_bytes",
+]

@@ -1,0 +1,509 @@
+"""The ledger as the proxy uses it: authenticate, reserve, settle, release.
+
+Durability promise
+------------------
+1. **A reservation is committed before the request may go upstream.**
+   :meth:`Ledger.reserve` returns only after the reservation's entry is in a
+   committed transaction (``synchronous=FULL``: fsynced, so it survives power
+   loss as well as a crash). Concurrent reservations share one commit (group
+   commit, :mod:`ledger.writer`), so the cost is amortised, not skipped.
+2. **Settlements and releases are queued** and committed with the next batch,
+   within ``batch_ms`` plus one commit under normal operation. The caller does
+   not wait; :meth:`flush` and :meth:`close` do.
+3. **Crash rule.** A reservation with neither settlement nor release when the
+   ledger opens belongs to a process that died in between. Its request may
+   have run to completion, and the reservation was the upper bound of what it
+   could cost, so it is **settled at the full reserved amount** (source
+   ``"recovered"``), and reported (:attr:`Ledger.recovered`, a log line each).
+   Hence a crash can only lose the part of a charge *above* its reservation
+   (see settle), never the reservation itself.
+
+Balance checks happen in memory (:mod:`ledger.balances`) with no ``await``
+between check and debit, so N concurrent reservations can never together
+exceed the available balance. Only one process may serve from a database at
+a time (:mod:`ledger.lockfile`); the operator's command line may still top up,
+create and revoke keys meanwhile. Such changes from another process are
+noticed through ``PRAGMA data_version`` every ``refresh_ms`` (default 1 s):
+**a top-up becomes spendable, and a revocation takes effect, within
+``refresh_ms`` of its commit**. Revocations through this object are immediate.
+
+Settlement policy: a request is charged its *actual* usage, even above its
+reservation. The upstream bills us for what it served; the overrun (which a
+conservative estimate makes rare) is recorded in the usage row (charge >
+reserved) and logged, and may take the balance below zero, after which
+further reservations are refused until a top-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any, Self
+
+import structlog
+
+from ledger import inputs
+from ledger.balances import Balances
+from ledger.billing import Prices, charge_micro
+from ledger.errors import InsufficientBalance, LedgerError, LedgerUnavailable, UnknownAccount
+from ledger.keycache import KeyCache
+from ledger.keys import DEFAULT_PREFIX, check_prefix, hash_key, new_key, plausible, same_hash
+from ledger.lockfile import WriterLock
+from ledger.models import (
+    Account,
+    ApiKey,
+    Recovered,
+    Reservation,
+    Timing,
+    UsageGroup,
+    UsageSource,
+    VerifyReport,
+)
+from ledger.ops import Finalization, NewReservation
+from ledger.store import Store, now_ms
+from ledger.writer import GroupCommitter
+
+log = structlog.get_logger("teegate.ledger")
+
+MAX_REQUEST_ID = 200
+MAX_MODEL = 200
+MAX_STATUS = 200
+
+
+class Ledger:
+    """Prepaid balances for the request path. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        store: Store,
+        reader: Store,
+        lock: WriterLock,
+        *,
+        key_prefix: str,
+        batch_ms: float,
+        batch_max: int,
+        refresh_ms: float,
+    ) -> None:
+        self.path = store.path
+        self._store = store
+        self._reader = reader
+        self._file_lock = lock
+        self._prefix = key_prefix
+        self._refresh_s = refresh_ms / 1000
+        self._txn_lock = asyncio.Lock()
+        self._balances = Balances()
+        self._keys = KeyCache()
+        self._open: dict[int, Reservation] = {}
+        self._writer = GroupCommitter(
+            store,
+            self._txn_lock,
+            self._balances,
+            self._registered,
+            batch_ms=batch_ms,
+            batch_max=batch_max,
+        )
+        self._refresher: asyncio.Task[None] | None = None
+        self._data_version = -1
+        self._closed = False
+        self.recovered: list[Recovered] = []
+
+    # -- life cycle -------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        key_prefix: str = DEFAULT_PREFIX,
+        batch_ms: float = 2.0,
+        batch_max: int = 256,
+        refresh_ms: float = 1000.0,
+        synchronous: str = "FULL",
+        recover: bool = True,
+    ) -> Ledger:
+        """Open (creating/migrating) the database and start serving from it.
+
+        Takes the serving lock (:class:`~ledger.errors.LedgerLocked` if another
+        process holds it), then -- unless ``recover=False`` -- settles every
+        reservation left open by a previous process (see the module docstring),
+        available afterwards as :attr:`recovered`.
+        """
+        path = str(path)
+        check_prefix(key_prefix)
+        if refresh_ms <= 0:
+            raise ValueError("refresh_ms must be positive")
+        lock = WriterLock(path)
+        lock.acquire()
+        store = reader = None
+        try:
+            store = await Store.open(path, synchronous=synchronous)
+            reader = await Store.open(path, synchronous=synchronous)
+            ledger = cls(
+                store,
+                reader,
+                lock,
+                key_prefix=key_prefix,
+                batch_ms=batch_ms,
+                batch_max=batch_max,
+                refresh_ms=refresh_ms,
+            )
+            await ledger._start(recover)
+        except BaseException:
+            for s in (store, reader):
+                if s is not None:
+                    await s.close()
+            lock.release()
+            raise
+        return ledger
+
+    async def _start(self, recover: bool) -> None:
+        self._data_version = await self._store.data_version()
+        self._balances.reload(await self._store.balances())
+        if recover:
+            self.recovered = await self._store.recover(exclude=set())
+            for r in self.recovered:
+                log.warning(
+                    "ledger.recovered_reservation",
+                    reservation_id=r.reservation_id,
+                    request_id=r.request_id,
+                    account_id=r.account_id,
+                    key_id=r.key_id,
+                    model=r.model,
+                    charged_micro=r.charged_micro,
+                    rule="open at start: charged the full reserved amount",
+                )
+        self._writer.start()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="ledger-refresh")
+
+    async def close(self) -> None:
+        """Commit everything queued, then release the database and the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._writer.stop()
+        finally:
+            if self._refresher is not None:
+                self._refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._refresher
+            await self._store.close()
+            await self._reader.close()
+            self._file_lock.release()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def flush(self) -> None:
+        """Wait until every settlement/release queued so far is committed."""
+        await self._writer.flush()
+
+    # -- keys -------------------------------------------------------------------
+
+    async def authenticate(self, presented: str) -> ApiKey | None:
+        """The active key ``presented`` is, or None. Never raises for bad input."""
+        if not plausible(presented, self._prefix):
+            return None
+        digest = hash_key(presented)
+        key = self._keys.get(digest)
+        if key is not None:
+            return key
+        found = await self._reader.find_key(digest)
+        if found is None:
+            return None
+        key, stored = found
+        if not same_hash(stored, digest):  # pragma: no cover - the lookup was by equality
+            return None
+        self._keys.put(digest, key)
+        return key
+
+    async def create_key(
+        self, account: int | str, *, label: str | None = None, rate_limit: int | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key for an account: ``(ApiKey, plaintext)``. Show the plaintext once."""
+        async with self._txn_lock:
+            acct = await self._store.require_account(account)
+            plaintext, digest = new_key(self._prefix)
+            key = await self._store.insert_key(acct.id, digest, label, rate_limit)
+        return key, plaintext
+
+    async def revoke_key(self, key_id: int) -> bool:
+        """Revoke at once (in this process); True if it was active."""
+        async with self._txn_lock:
+            changed = await self._store.revoke_key(key_id)
+            self._keys.drop_key(key_id)
+        return changed
+
+    # -- accounts ---------------------------------------------------------------
+
+    async def create_account(self, name: str, *, topup_micro: int = 0) -> Account:
+        async with self._txn_lock:
+            account = await self._store.create_account(name, topup_micro)
+            self._balances.set_committed(account.id, account.balance_micro)
+        return account
+
+    async def topup(self, account: int | str, amount_micro: int, *, note: str | None = None) -> int:
+        """Credit an account; returns the new committed balance."""
+        return await self._credit(account, amount_micro, "topup", note)
+
+    async def refund(
+        self, account: int | str, amount_micro: int, *, note: str | None = None
+    ) -> int:
+        """An operator's goodwill credit, recorded as kind "refund"."""
+        return await self._credit(account, amount_micro, "refund", note)
+
+    async def _credit(self, account: int | str, amount: int, kind: str, note: str | None) -> int:
+        inputs.credit_amount(amount)
+        async with self._txn_lock:
+            acct = await self._store.require_account(account)
+            balance = await self._store.credit(acct.id, amount, kind, note)
+            self._balances.set_committed(acct.id, balance)
+        return balance
+
+    async def account(self, account: int | str) -> Account | None:
+        return await self._reader.find_account(account)
+
+    async def accounts(self) -> list[Account]:
+        return await self._reader.list_accounts()
+
+    def available_micro(self, account_id: int) -> int | None:
+        """What the account could reserve right now (None if not loaded yet)."""
+        if not self._balances.known(account_id):
+            return None
+        return self._balances.available(account_id)
+
+    # -- the request path -------------------------------------------------------
+
+    async def reserve(
+        self, request_id: str, key: ApiKey, model: str, prices: Prices, amount_micro: int
+    ) -> Reservation:
+        """Hold ``amount_micro`` of the key's account; returns once committed.
+
+        Raises :class:`InsufficientBalance` (nothing written) if the available
+        balance is lower, :class:`LedgerUnavailable` if the hold could not be
+        committed. Either way the request must not go upstream.
+        """
+        amount = inputs.hold_amount(amount_micro)
+        _check_text("request_id", request_id, MAX_REQUEST_ID)
+        _check_text("model", model, MAX_MODEL)
+        if not isinstance(prices, Prices):
+            raise TypeError("prices must be a ledger.billing.Prices")
+        account_id = key.account_id
+        if not self._balances.known(account_id):
+            await self._load_account(account_id)
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        # From here to submit(): no await, so the check and the debit are atomic.
+        available = self._balances.available(account_id)
+        if amount > available:
+            raise InsufficientBalance(available, amount)
+        op = NewReservation(request_id, account_id, key.key_id, model, prices, amount, now_ms())
+        self._balances.hold(account_id, amount)
+        try:
+            future = self._writer.submit(op, amount, wait=True)
+        except BaseException:
+            self._balances.unhold(account_id, amount)
+            raise
+        assert future is not None
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The caller gave up (client gone); the hold may still commit.
+            future.add_done_callback(self._release_abandoned)
+            raise
+
+    def _registered(self, op: NewReservation, reservation_id: int) -> Reservation:
+        """Called by the writer, under the lock, as the reservation commits."""
+        res = Reservation(
+            reservation_id,
+            op.request_id,
+            op.account_id,
+            op.key_id,
+            op.model,
+            op.prices,
+            op.amount_micro,
+            op.created_ms,
+        )
+        self._open[reservation_id] = res
+        return res
+
+    def _release_abandoned(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        res: Reservation = future.result()
+        with contextlib.suppress(LedgerError):
+            self._finalize_release(res, "cancelled before upstream", None)
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        source: UsageSource = "usage",
+        timing: Timing | None = None,
+        *,
+        status: str = "ok",
+    ) -> int:
+        """Charge actual usage (see the module docstring); returns the charge.
+
+        Idempotent: once a reservation is settled or released, further calls
+        change nothing and return what was charged (0 after a release).
+        ``source`` is "usage" (the upstream's usage block) or "bytes" (the
+        :func:`~ledger.billing.tokens_from_bytes` fallback). Invalid counts
+        raise ValueError and leave the reservation open (so a crash or a
+        later settle still charges it); do not release it instead.
+        """
+        if reservation.state != "open":
+            return reservation.charge_micro or 0
+        self._check_own(reservation)
+        if source not in ("usage", "bytes"):
+            raise ValueError('source must be "usage" or "bytes"')
+        _check_text("status", status, MAX_STATUS)
+        charge = charge_micro(reservation.prices, prompt_tokens, completion_tokens, cached_tokens)
+        delta = reservation.amount_micro - charge
+        overrun = max(0, -delta)
+        op = Finalization(
+            reservation.id,
+            reservation.account_id,
+            "settlement",
+            delta,
+            charge,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            source,
+            status,
+            timing,
+            now_ms(),
+        )
+        self._balances.hold(reservation.account_id, overrun)
+        try:
+            self._writer.submit(op, overrun, wait=False)
+        except BaseException:
+            self._balances.unhold(reservation.account_id, overrun)
+            raise
+        self._mark(reservation, "settled", charge)
+        if overrun:
+            log.warning(
+                "ledger.charge_above_reservation",
+                reservation_id=reservation.id,
+                request_id=reservation.request_id,
+                account_id=reservation.account_id,
+                reserved_micro=reservation.amount_micro,
+                charge_micro=charge,
+            )
+        return charge
+
+    async def release(
+        self, reservation: Reservation, reason: str, timing: Timing | None = None
+    ) -> None:
+        """Hand the whole hold back (the request never reached the upstream).
+
+        Idempotent, and a no-op after a settlement.
+        """
+        if reservation.state != "open":
+            return
+        self._check_own(reservation)
+        _check_text("reason", reason, MAX_STATUS)
+        self._finalize_release(reservation, reason, timing)
+
+    def _finalize_release(self, res: Reservation, reason: str, timing: Timing | None) -> None:
+        if res.state != "open":
+            return
+        op = Finalization(
+            res.id,
+            res.account_id,
+            "release",
+            res.amount_micro,
+            0,
+            None,
+            None,
+            None,
+            None,
+            reason,
+            timing,
+            now_ms(),
+        )
+        self._writer.submit(op, 0, wait=False)
+        self._mark(res, "released", 0)
+
+    def _mark(self, res: Reservation, state: str, charge: int) -> None:
+        res.state = state  # type: ignore[assignment]
+        res.charge_micro = charge
+        self._open.pop(res.id, None)
+
+    def _check_own(self, res: Reservation) -> None:
+        if self._open.get(res.id) is not res:
+            raise LedgerError(f"reservation {res.id} is not open in this ledger")
+
+    # -- checks -----------------------------------------------------------------
+
+    async def recover(self) -> list[Recovered]:
+        """Settle (in full) open reservations this process does not own.
+
+        At :meth:`open` this is every open reservation; afterwards it only
+        finds ones left by a previous process if ``open(recover=False)`` was used.
+        """
+        await self.flush()
+        async with self._txn_lock:
+            exclude = set(self._open) | self._writer.queued_final_ids()
+            recovered = await self._store.recover(exclude)
+        self.recovered.extend(recovered)
+        return recovered
+
+    async def verify(self) -> VerifyReport:
+        """Recompute balances from entries after committing what is queued."""
+        await self.flush()
+        return await self._reader.verify()
+
+    async def usage(
+        self,
+        *,
+        account_id: int | None = None,
+        key_id: int | None = None,
+        model: str | None = None,
+        since_ms: int | None = None,
+    ) -> list[UsageGroup]:
+        return await self._reader.usage_report(
+            account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
+        )
+
+    # -- cross-process freshness ------------------------------------------------
+
+    async def _load_account(self, account_id: int) -> None:
+        async with self._txn_lock:
+            if self._balances.known(account_id):
+                return
+            account = await self._store.find_account(account_id)
+            if account is None:
+                raise UnknownAccount(f"no account {account_id}")
+            self._balances.set_committed(account_id, account.balance_micro)
+
+    async def refresh(self) -> bool:
+        """Pick up other processes' commits now; True if there were any."""
+        async with self._txn_lock:
+            version = await self._store.data_version()
+            if version == self._data_version:
+                return False
+            self._balances.reload(await self._store.balances())
+            self._keys.clear()
+            self._data_version = version
+            return True
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # keep serving; the next round retries
+                log.error("ledger.refresh_failed", error=str(e))
+
+
+def _check_text(name: str, value: object, limit: int) -> None:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{name} must be a string of at most {limit} characters")

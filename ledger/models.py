@@ -1,0 +1,137 @@
+"""Value types the ledger hands out. Plain dataclasses: no I/O, no secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ledger.billing import Prices
+
+UsageSource = Literal["usage", "bytes", "recovered"]
+EntryKind = Literal["topup", "reservation", "settlement", "release", "refund"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An authenticated key. Carries no secret: only ids and limits."""
+
+    key_id: int
+    account_id: int
+    label: str | None
+    rate_limit: int | None  # requests per minute, enforced by the addons; None = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as the operator lists it (including revoked ones)."""
+
+    key_id: int
+    account_id: int
+    account_name: str
+    label: str | None
+    rate_limit: int | None
+    created_ms: int
+    revoked_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    name: str
+    balance_micro: int  # the cached balance (open reservations already deducted)
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Wall-clock milliseconds since the Unix epoch; None when it never happened."""
+
+    start_ms: int
+    first_byte_ms: int | None = None
+    end_ms: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """A committed hold on an account's balance for one upstream request.
+
+    A handle: pass it back to :meth:`Ledger.settle` or :meth:`Ledger.release`.
+    The ledger records on it how it was finalised so that the second of two
+    calls (say, a response hook and an error hook) is a no-op.
+    """
+
+    id: int  # the reservation's ledger entry id; unique, unlike request_id
+    request_id: str
+    account_id: int
+    key_id: int
+    model: str
+    prices: Prices
+    amount_micro: int
+    created_ms: int
+    charge_micro: int | None = field(default=None, init=False)  # set when finalised
+    state: Literal["open", "settled", "released"] = field(default="open", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A reservation found open at start-up and settled at its full amount."""
+
+    reservation_id: int
+    request_id: str
+    account_id: int
+    key_id: int
+    model: str
+    charged_micro: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReservation:
+    reservation_id: int
+    request_id: str
+    account_id: int
+    amount_micro: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One inconsistency found by :meth:`Ledger.verify`.
+
+    kind "balance": the cached balance differs from the sum of entries;
+    kind "usage": a usage record disagrees with its settlement/release entry.
+    """
+
+    kind: Literal["balance", "usage"]
+    account_id: int
+    expected: int  # what the entries say
+    actual: int  # what the cache / usage record says
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    mismatches: list[Mismatch]
+    open_reservations: list[OpenReservation]
+    accounts_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """Usage summed per (day, account, key, model); day is a UTC date."""
+
+    day: str
+    account_id: int
+    account_name: str
+    key_id: int
+    model: str
+    requests: int
+    open_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    charge_micro: int

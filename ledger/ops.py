@@ -1,0 +1,43 @@
+"""The two writes of the request path, as plain data for one group commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ledger.billing import Prices
+from ledger.models import Timing, UsageSource
+
+
+@dataclass(frozen=True, slots=True)
+class NewReservation:
+    request_id: str
+    account_id: int
+    key_id: int
+    model: str
+    prices: Prices
+    amount_micro: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finalization:
+    """A settlement or release of one reservation.
+
+    ``delta_micro`` is the entry amount, the change to the balance: the
+    reserved amount handed back minus the charge (negative when usage
+    exceeded the reservation).
+    """
+
+    reservation_id: int
+    account_id: int
+    kind: Literal["settlement", "release"]
+    delta_micro: int
+    charge_micro: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    source: UsageSource | None
+    status: str
+    timing: Timing | None
+    finalized_ms: int
