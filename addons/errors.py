@@ -9,11 +9,13 @@ quote request content).
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 import json
 import traceback
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from mitmproxy import http
@@ -50,7 +52,8 @@ class GatewayError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        default_type = "api_error" if status >= 500 else "invalid_request_error"
+        self.type = type or ERROR_TYPES.get(status, default_type)
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -80,16 +83,13 @@ def refuse(flow: http.HTTPFlow, err: GatewayError) -> None:
     flow.metadata["teegate.error_code"] = err.code
 
 
-def internal_error(flow: http.HTTPFlow) -> GatewayError:
+def internal_error() -> GatewayError:
     return GatewayError(
         500,
         "The gateway hit an internal error and did not forward the request.",
         "internal_error",
         type="api_error",
     )
-
-
-H = TypeVar("H", bound=Callable[..., Awaitable[None] | None])
 
 
 def guarded(hook: Callable[..., Any]) -> Any:
@@ -117,8 +117,6 @@ def guarded(hook: Callable[..., Any]) -> Any:
 
 
 def _is_coroutine(fn: Callable[..., Any]) -> bool:
-    import inspect
-
     return inspect.iscoroutinefunction(fn)
 
 
@@ -133,8 +131,16 @@ def _fail(addon: Any, hook: Callable[..., Any], flow: http.HTTPFlow, e: Exceptio
         at=f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}",
     )
     if flow.response is None or hook.__name__ == "request":
-        refuse(flow, internal_error(flow))
+        refuse(flow, internal_error())
     flow.metadata["teegate.failed"] = True
+
+
+# The envelope for the error page mitmproxy is about to write for the flow whose
+# ``error`` hook just ran. mitmproxy awaits that hook and then writes the page in
+# the same task, so a context variable carries the choice across safely.
+next_error_page: contextvars.ContextVar[GatewayError | None] = contextvars.ContextVar(
+    "teegate_next_error_page", default=None
+)
 
 
 def html_free_error_pages() -> None:
@@ -142,7 +148,8 @@ def html_free_error_pages() -> None:
 
     mitmproxy writes these from inside its HTTP/1 layer, after the ``error``
     hook, so no addon can replace them; the layer looks the builder up by name
-    at call time, so swapping it here is enough.
+    at call time, so swapping it here is enough. An addon may choose the
+    envelope through :data:`next_error_page` in its ``error`` hook.
     """
     from mitmproxy.proxy.layers.http import _http1
 
@@ -152,8 +159,11 @@ def html_free_error_pages() -> None:
     def make_error_response(status_code: int, message: str = "") -> bytes:
         from mitmproxy.net.http import http1
 
-        code, text = _classify(status_code, message)
-        err = GatewayError(status_code, text, code, type="api_error" if status_code >= 500 else None)
+        err = next_error_page.get()
+        next_error_page.set(None)
+        if err is None:
+            code, text = _classify(status_code)
+            err = GatewayError(status_code, text, code)
         resp = err.response()
         resp.headers["connection"] = "close"
         return http1.assemble_response(resp)
@@ -162,7 +172,7 @@ def html_free_error_pages() -> None:
     _http1.make_error_response = make_error_response
 
 
-def _classify(status: int, message: str) -> tuple[str, str]:
+def _classify(status: int) -> tuple[str, str]:
     if status == 502:
         return "upstream_unreachable", "The confidential upstream could not be reached."
     if status == 504:

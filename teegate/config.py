@@ -41,7 +41,8 @@ class UpstreamSettings(_Section):
     api_key: str | None = None
     api_key_env: str = "TEEGATE_UPSTREAM_KEY"
     ca_file: Path | None = None
-    connect_timeout_s: int = Field(10, ge=1, le=300)
+    timeout_s: int = Field(300, ge=1, le=3600)
+    """Seconds to wait for the upstream's response headers before answering 504."""
 
     @field_validator("base_url")
     @classmethod

@@ -13,6 +13,7 @@ from mitmproxy.tools.dump import DumpMaster
 
 from addons.accesslog import AccessLog
 from addons.catalogsync import CatalogSync
+from addons.deadline import UpstreamDeadline
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.routes import Router
@@ -37,6 +38,7 @@ def build_addons(settings: Settings, ready: Ready | None = None) -> list[Any]:
         UpstreamRewrite(),
         StreamRelay(),
         Seal(REQUIRED_STAGES),
+        UpstreamDeadline(),
         ready or Ready(),
     ]
 
@@ -57,6 +59,7 @@ def option_values(settings: Settings) -> dict[str, Any]:
         "teegate_catalog_refresh_s": settings.catalog.refresh_interval_s,
         "teegate_catalog_max_staleness_s": settings.catalog.max_staleness_s,
         "teegate_markup": str(settings.catalog.markup),
+        "teegate_upstream_timeout_s": up.timeout_s,
         "teegate_default_max_tokens": settings.defaults.max_tokens,
         "teegate_default_temperature": repr(settings.defaults.temperature),
         "teegate_default_top_p": repr(settings.defaults.top_p),

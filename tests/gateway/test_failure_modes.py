@@ -108,3 +108,17 @@ def test_an_addon_that_raises_forwards_nothing(target):
         assert exc.value.body["code"] == "internal_error"
         assert chat_count(up) == 0
         assert "addon_failed_closed" in gw.log_text()
+
+
+def test_upstream_that_never_answers_gives_json_504():
+    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
+        up.base_url, extra_toml="upstream.timeout_s = 1"
+    ) as gw, _client(gw) as client:
+        assert _refused(client, TEE) is None
+        up.behaviour(delay_ms=30_000)
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model=TEE, messages=MSG)
+        assert exc.value.status_code == 504
+        assert exc.value.body["code"] == "upstream_timeout"
+        up.behaviour(delay_ms=0)
+        assert _refused(client, TEE) is None  # the gateway is fine afterwards

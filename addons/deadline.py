@@ -1,0 +1,85 @@
+"""A deadline for the upstream's answer, and JSON error pages when it fails.
+
+mitmproxy has no timeout for an upstream that accepts a request and then says
+nothing. This addon starts a timer when a chat completion leaves; if no
+response headers arrive in time it closes the upstream connection, and the
+client gets ``504 upstream_timeout`` instead of waiting forever. For any
+upstream failure it picks the JSON envelope of the error page mitmproxy then
+writes (``502 upstream_unreachable`` otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from mitmproxy import ctx, exceptions, http
+
+from addons.errors import GatewayError, next_error_page
+
+log = structlog.get_logger("teegate")
+
+TIMER = "teegate.deadline"
+TIMED_OUT = "teegate.timed_out"
+
+
+class UpstreamDeadline:
+    def load(self, loader) -> None:
+        loader.add_option(
+            "teegate_upstream_timeout_s", int, 300,
+            "Seconds to wait for the upstream's response headers before answering 504.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if ctx.options.teegate_upstream_timeout_s < 1:
+            raise exceptions.OptionsError("teegate_upstream_timeout_s must be at least 1")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.metadata.get("teegate.route") != "chat":
+            return
+        loop = asyncio.get_running_loop()
+        flow.metadata[TIMER] = loop.call_later(
+            ctx.options.teegate_upstream_timeout_s, self._expire, flow
+        )
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _cancel(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _cancel(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _cancel(flow)
+        if flow.response is not None or flow.metadata.get("teegate.route") != "chat":
+            return
+        if flow.metadata.get(TIMED_OUT):
+            err = GatewayError(
+                504,
+                "The confidential upstream did not answer in time; the request was abandoned.",
+                "upstream_timeout",
+                type="api_error",
+            )
+        else:
+            err = GatewayError(
+                502,
+                "The confidential upstream could not be reached or broke off the answer.",
+                "upstream_unreachable",
+                type="api_error",
+            )
+        flow.metadata["teegate.error_code"] = err.code
+        next_error_page.set(err)
+
+    def _expire(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not flow.live:
+            return
+        flow.metadata[TIMED_OUT] = True
+        log.warning("upstream_timeout", request_id=flow.metadata.get("teegate.request_id"))
+        handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+        if handler is not None and flow.server_conn in handler.transports:
+            handler.close_connection(flow.server_conn)
+
+
+def _cancel(flow: http.HTTPFlow) -> None:
+    timer = flow.metadata.pop(TIMER, None)
+    if timer is not None:
+        timer.cancel()
