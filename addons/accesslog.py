@@ -41,7 +41,11 @@ class AccessLog:
         chat = flow.metadata.get("teegate.chat")
         upstream_ms = None
         if resp is not None and flow.server_conn.timestamp_start and resp.timestamp_start:
-            upstream_ms = round((resp.timestamp_start - req.timestamp_end) * 1000, 1) if req.timestamp_end else None
+            upstream_ms = (
+                round((resp.timestamp_start - req.timestamp_end) * 1000, 1)
+                if req.timestamp_end
+                else None
+            )
         log.info(
             "request",
             request_id=flow.metadata.get(REQUEST_ID),
@@ -55,5 +59,9 @@ class AccessLog:
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
             bytes_in=len(req.raw_content or b""),
-            bytes_out=(len(resp.raw_content or b"") if resp is not None and resp.raw_content is not None else None),
+            bytes_out=(
+                len(resp.raw_content or b"")
+                if resp is not None and resp.raw_content is not None
+                else None
+            ),
         )

@@ -26,23 +26,33 @@ class CatalogSync:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "teegate_upstream", str, "http://127.0.0.1:8000",
+            "teegate_upstream",
+            str,
+            "http://127.0.0.1:8000",
             "Origin of the confidential upstream (scheme://host:port).",
         )
         loader.add_option(
-            "teegate_upstream_key", str, "",
+            "teegate_upstream_key",
+            str,
+            "",
             "API key the gateway presents upstream; clients never see it.",
         )
         loader.add_option(
-            "teegate_catalog_refresh_s", int, 60,
+            "teegate_catalog_refresh_s",
+            int,
+            60,
             "Seconds between polls of the upstream's model list.",
         )
         loader.add_option(
-            "teegate_catalog_max_staleness_s", int, 300,
+            "teegate_catalog_max_staleness_s",
+            int,
+            300,
             "Refuse every model once the last good catalog is older than this.",
         )
         loader.add_option(
-            "teegate_markup", str, "1.85",
+            "teegate_markup",
+            str,
+            "1.85",
             "Factor applied to upstream prices (a decimal string).",
         )
 

@@ -26,7 +26,9 @@ TIMED_OUT = "teegate.timed_out"
 class UpstreamDeadline:
     def load(self, loader) -> None:
         loader.add_option(
-            "teegate_upstream_timeout_s", int, 300,
+            "teegate_upstream_timeout_s",
+            int,
+            300,
             "Seconds to wait for the upstream's response headers before answering 504.",
         )
 

@@ -74,13 +74,17 @@ def check_capabilities(req: ChatRequest, model: CatalogModel) -> None:
     if req.wants_tools and not model.supports_tools:
         param = "tools" if req.tools else "tool_choice"
         raise GatewayError(
-            400, f"Model '{model.id}' does not support tool calls.", "unsupported_parameter",
+            400,
+            f"Model '{model.id}' does not support tool calls.",
+            "unsupported_parameter",
             param=param,
         )
     if req.wants_json and not model.supports_json:
         raise GatewayError(
-            400, f"Model '{model.id}' does not support JSON mode or structured outputs.",
-            "unsupported_parameter", param="response_format",
+            400,
+            f"Model '{model.id}' does not support JSON mode or structured outputs.",
+            "unsupported_parameter",
+            param="response_format",
         )
     prompt_floor = -(-text_bytes(req) // CONTEXT_BYTES_PER_TOKEN_MAX)
     if prompt_floor + req.output_budget > model.context_length:

@@ -85,14 +85,17 @@ class Router:
             else:
                 self._models(flow, path)
         elif _NOT_AVAILABLE.match(path):
-            refuse(flow, GatewayError(
-                503,
-                f"{path} is not available: no hardware-attested (TEE) variant of this "
-                "endpoint exists upstream, and this gateway never falls back to a "
-                "non-confidential one.",
-                "not_available",
-                type="api_error",
-            ))
+            refuse(
+                flow,
+                GatewayError(
+                    503,
+                    f"{path} is not available: no hardware-attested (TEE) variant of this "
+                    "endpoint exists upstream, and this gateway never falls back to a "
+                    "non-confidential one.",
+                    "not_available",
+                    type="api_error",
+                ),
+            )
         else:
             refuse(flow, GatewayError(404, f"Unknown endpoint: {method} {path}", "not_found"))
 
@@ -115,18 +118,28 @@ class Router:
         if model is not None:
             flow.response = json_response(200, model_object(model))
         elif model_id in snap.non_confidential:
-            refuse(flow, GatewayError(
-                404, f"Model '{model_id}' is not Confidential Compute.", "model_not_confidential",
-                param="model",
-            ))
+            refuse(
+                flow,
+                GatewayError(
+                    404,
+                    f"Model '{model_id}' is not Confidential Compute.",
+                    "model_not_confidential",
+                    param="model",
+                ),
+            )
         else:
-            refuse(flow, GatewayError(
-                404, f"The model '{model_id}' does not exist.", "model_not_found", param="model"
-            ))
+            refuse(
+                flow,
+                GatewayError(
+                    404, f"The model '{model_id}' does not exist.", "model_not_found", param="model"
+                ),
+            )
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
     return GatewayError(
-        405, f"Method {method} is not allowed on {path}; use {allowed}.", "method_not_allowed",
+        405,
+        f"Method {method} is not allowed on {path}; use {allowed}.",
+        "method_not_allowed",
         headers={"allow": allowed},
     )

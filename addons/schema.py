@@ -61,9 +61,7 @@ class ChatRequest(BaseModel):
 
     @property
     def wants_tools(self) -> bool:
-        return bool(self.tools) or (
-            self.tool_choice is not None and self.tool_choice != "none"
-        )
+        return bool(self.tools) or (self.tool_choice is not None and self.tool_choice != "none")
 
     def upstream_body(self, *, include_usage: bool) -> bytes:
         """The exact bytes sent upstream: the parsed request, re-serialized."""
@@ -103,9 +101,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             400, f"The request body repeats the key '{e.args[0]}'.", "invalid_json", param=e.args[0]
         ) from None
     except (ValueError, UnicodeDecodeError):
-        raise GatewayError(
-            400, "The request body is not valid JSON.", "invalid_json"
-        ) from None
+        raise GatewayError(400, "The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(doc, dict):
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_json")
     return doc
@@ -141,7 +137,12 @@ def _as_gateway_error(e: ValidationError) -> GatewayError:
         message = f"Missing required parameter: '{param}'."
     else:
         message = f"Invalid value for '{param}': {err['msg']}."
-    return GatewayError(400, message, "invalid_value" if err["type"] != "missing" else "missing_required_parameter", param=param)
+    return GatewayError(
+        400,
+        message,
+        "invalid_value" if err["type"] != "missing" else "missing_required_parameter",
+        param=param,
+    )
 
 
 def _param_name(loc: tuple[Any, ...]) -> str:

@@ -35,7 +35,7 @@ class SSESplitter:
                 return
             if m.group() == b"\r\r" and m.end() == len(self._buf):
                 return
-            raw, self._buf = self._buf[: m.end()], self._buf[m.end():]
+            raw, self._buf = self._buf[: m.end()], self._buf[m.end() :]
             yield Event(raw=raw, data=_data(raw[: m.start()]))
 
     def flush(self) -> Iterator[Event]:

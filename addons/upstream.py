@@ -34,7 +34,9 @@ class UpstreamRewrite:
             return
         req: ChatRequest = flow.metadata["teegate.chat"]
         opts = req.stream_options
-        flow.metadata["teegate.client_wants_usage"] = bool(req.stream and opts and opts.include_usage)
+        flow.metadata["teegate.client_wants_usage"] = bool(
+            req.stream and opts and opts.include_usage
+        )
         body = req.upstream_body(include_usage=True)
 
         self._pin(flow)

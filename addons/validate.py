@@ -12,14 +12,20 @@ from addons.stages import is_chat, passed
 class ChatValidator:
     def load(self, loader) -> None:
         loader.add_option(
-            "teegate_default_max_tokens", int, 1024,
+            "teegate_default_max_tokens",
+            int,
+            1024,
             "max_tokens applied when a request sets neither max_tokens nor max_completion_tokens.",
         )
         loader.add_option(
-            "teegate_default_temperature", str, "0.7",
+            "teegate_default_temperature",
+            str,
+            "0.7",
             "temperature applied when a request leaves it out.",
         )
-        loader.add_option("teegate_default_top_p", str, "1", "top_p applied when a request leaves it out.")
+        loader.add_option(
+            "teegate_default_top_p", str, "1", "top_p applied when a request leaves it out."
+        )
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -47,6 +53,8 @@ class ChatValidator:
             refuse(flow, e)
             return
         except ValueError:  # undecodable content-encoding
-            refuse(flow, GatewayError(400, "The request body could not be decoded.", "invalid_body"))
+            refuse(
+                flow, GatewayError(400, "The request body could not be decoded.", "invalid_body")
+            )
             return
         passed(flow, "validate")

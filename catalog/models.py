@@ -132,9 +132,7 @@ class UpstreamRow(BaseModel):
                 input=usd_to_micro(p.prompt, markup),
                 output=usd_to_micro(p.completion, markup),
                 cache_read=(
-                    None
-                    if p.input_cache_read is None
-                    else usd_to_micro(p.input_cache_read, markup)
+                    None if p.input_cache_read is None else usd_to_micro(p.input_cache_read, markup)
                 ),
             ),
         )

@@ -97,12 +97,13 @@ class Catalog:
             listener(models.keys())
         return snap
 
-    async def ensure_loaded(self, timeout: float) -> None:
+    async def ensure_loaded(self, within_s: float) -> None:
         """Wait (bounded) for a first snapshot; used before the first request is judged."""
         if self.snapshot is not None:
             return
         try:
-            await asyncio.wait_for(self.refresh(), timeout)
+            async with asyncio.timeout(within_s):
+                await self.refresh()
         except Exception as e:  # any failure: the caller sees CatalogUnavailable
             log.warning("catalog_refresh_failed", error=type(e).__name__, detail=str(e))
 

@@ -11,7 +11,9 @@ from teegate import config, logs
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the gateway")
-    p.add_argument("-c", "--config", type=Path, default=None, help="proxy.toml (default: built-in defaults)")
+    p.add_argument(
+        "-c", "--config", type=Path, default=None, help="proxy.toml (default: built-in defaults)"
+    )
     p.set_defaults(func=_run)
 
 

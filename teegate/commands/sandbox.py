@@ -20,9 +20,15 @@ READY = "SANDBOX READY "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sandbox", help="run the gateway against a local simulated confidential upstream")
-    p.add_argument("-c", "--config", type=Path, default=None, help="proxy.toml for the gateway side")
-    p.add_argument("--listen", default=None, help="gateway address (default: listen.reverse, 127.0.0.1:8080)")
+    p = sub.add_parser(
+        "sandbox", help="run the gateway against a local simulated confidential upstream"
+    )
+    p.add_argument(
+        "-c", "--config", type=Path, default=None, help="proxy.toml for the gateway side"
+    )
+    p.add_argument(
+        "--listen", default=None, help="gateway address (default: listen.reverse, 127.0.0.1:8080)"
+    )
     p.add_argument("--chunk-delay-ms", type=int, default=40, help="pace of simulated streams")
     p.set_defaults(func=_sandbox)
 
@@ -38,7 +44,7 @@ def start_upstream(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     deadline = time.monotonic() + 20
     for line in proc.stdout:
         if line.startswith(READY):
-            return proc, line[len(READY):].strip()
+            return proc, line[len(READY) :].strip()
         if time.monotonic() > deadline:
             break
     proc.kill()
@@ -82,6 +88,8 @@ def _sandbox(args: argparse.Namespace) -> int:
 
 
 def _banner(gateway: str, upstream: str) -> str:
+    model = "deepseek-ai/DeepSeek-V3.2-TEE"
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
     return f"""
 teegate sandbox is up.
   gateway (OpenAI base_url): {gateway}/v1
@@ -89,10 +97,12 @@ teegate sandbox is up.
 
   curl {gateway}/v1/models
   curl {gateway}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "deepseek-ai/DeepSeek-V3.2-TEE", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+       -d '{body}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{gateway}/v1', api_key='sk-any'); \\
-print(c.chat.completions.create(model='deepseek-ai/DeepSeek-V3.2-TEE', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
+  from openai import OpenAI
+  client = OpenAI(base_url="{gateway}/v1", api_key="sk-any")
+  reply = client.chat.completions.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hello"}}])
 
 Ctrl-C stops both.
 """

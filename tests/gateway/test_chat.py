@@ -68,7 +68,11 @@ def test_non_tee_model_is_refused_locally_with_a_suggestion(client, upstream):
 
 @pytest.mark.parametrize(
     "model",
-    ["deepseek-ai/deepseek-v3.2-tee", " deepseek-ai/DeepSeek-V3.2-TEE", "deepseek-ai/DeepSeek-V3.2-TEE "],
+    [
+        "deepseek-ai/deepseek-v3.2-tee",
+        " deepseek-ai/DeepSeek-V3.2-TEE",
+        "deepseek-ai/DeepSeek-V3.2-TEE ",
+    ],
 )
 def test_gate_matches_exactly(client, upstream, model):
     with pytest.raises(openai.BadRequestError) as exc:
@@ -117,14 +121,19 @@ def test_stream_is_not_buffered(client, upstream):
 
 
 def test_tools_and_json_mode_pass_through(client):
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                           "required": ["city"]},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     done = client.chat.completions.create(model=TEE, messages=MSG, tools=tools)
     call = done.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)

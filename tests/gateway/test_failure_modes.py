@@ -39,9 +39,11 @@ def _refused(client: openai.OpenAI, model: str) -> str | None:
 
 
 def test_flag_flipped_upstream_is_refused_after_next_refresh():
-    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
-        up.base_url, extra_toml="catalog.refresh_interval_s = 1"
-    ) as gw, _client(gw) as client:
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 1") as gw,
+        _client(gw) as client,
+    ):
         assert _refused(client, TEE) is None
         up.behaviour(flags={TEE: False})
         _until(lambda: _refused(client, TEE) == "model_not_confidential", what="flag flip")
@@ -54,10 +56,14 @@ def test_flag_flipped_upstream_is_refused_after_next_refresh():
 
 
 def test_stale_catalog_refuses_everything_and_recovers():
-    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
-        up.base_url,
-        extra_toml="catalog.refresh_interval_s = 1\ncatalog.max_staleness_s = 2",
-    ) as gw, _client(gw) as client:
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(
+            up.base_url,
+            extra_toml="catalog.refresh_interval_s = 1\ncatalog.max_staleness_s = 2",
+        ) as gw,
+        _client(gw) as client,
+    ):
         assert _refused(client, TEE) is None
         up.behaviour(models_status=500)
         _until(lambda: _refused(client, TEE) == "catalog_unavailable", what="staleness")
@@ -99,9 +105,13 @@ def test_gateway_refuses_before_first_catalog_when_upstream_is_down():
 @pytest.mark.parametrize("target", ["gate", "upstream"])
 def test_an_addon_that_raises_forwards_nothing(target):
     """A real gateway with one of its request-path addons broken: 500, upstream untouched."""
-    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
-        up.base_url, module="tests.support.faulty_gateway", env={"TEEGATE_FAULT": target}
-    ) as gw, _client(gw) as client:
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(
+            up.base_url, module="tests.support.faulty_gateway", env={"TEEGATE_FAULT": target}
+        ) as gw,
+        _client(gw) as client,
+    ):
         with pytest.raises(openai.InternalServerError) as exc:
             client.chat.completions.create(model=TEE, messages=MSG)
         assert exc.value.status_code == 500
@@ -111,9 +121,11 @@ def test_an_addon_that_raises_forwards_nothing(target):
 
 
 def test_upstream_that_never_answers_gives_json_504():
-    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
-        up.base_url, extra_toml="upstream.timeout_s = 1"
-    ) as gw, _client(gw) as client:
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(up.base_url, extra_toml="upstream.timeout_s = 1") as gw,
+        _client(gw) as client,
+    ):
         assert _refused(client, TEE) is None
         up.behaviour(delay_ms=30_000)
         with pytest.raises(openai.APIStatusError) as exc:

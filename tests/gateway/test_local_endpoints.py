@@ -11,7 +11,9 @@ import pytest
 
 from tests.gateway.conftest import TEE, TEST_MODELS
 
-SHARED = json.loads((Path(__file__).resolve().parents[3] / "shared" / "tee-models.json").read_text())
+SHARED = json.loads(
+    (Path(__file__).resolve().parents[3] / "shared" / "tee-models.json").read_text()
+)
 
 
 def test_model_list_is_the_confidential_catalog_at_public_prices(client, upstream):

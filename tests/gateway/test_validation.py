@@ -42,7 +42,7 @@ def test_unparseable_bodies(http, upstream, body):
 
 
 def test_duplicate_keys_cannot_smuggle_a_model(http, upstream):
-    body = '{"model": "deepseek-ai/DeepSeek-V3", "model": "%s", "messages": []}' % TEE
+    body = f'{{"model": "deepseek-ai/DeepSeek-V3", "model": "{TEE}", "messages": []}}'
     _assert_envelope(_post(http, body), 400, "invalid_json")
     assert chat_count(upstream) == 0
 

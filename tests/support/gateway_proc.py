@@ -130,9 +130,8 @@ def start_gateway(
             line = ""
         if line is None or remaining <= 0:
             proc.kill()
-            raise GatewayStartError(
-                f"gateway did not become ready; log:\n{(workdir / 'gateway.log').read_text()[-3000:]}"
-            )
+            tail = (workdir / "gateway.log").read_text()[-3000:]
+            raise GatewayStartError(f"gateway did not become ready; log:\n{tail}")
         if line.startswith(READY_PREFIX):
             kind, url = line[len(READY_PREFIX) :].split()
             urls[kind] = url
