@@ -26,10 +26,10 @@ def usd_to_micro(value: str | int | Decimal, markup: Decimal = Decimal(1)) -> in
         raise ValueError("prices must be decimal strings or integers, not floats")
     try:
         amount = Decimal(value) * markup * MICRO
-    except InvalidOperation as e:
-        raise ValueError(f"not a decimal amount: {value!r}") from e
+    except InvalidOperation:
+        raise ValueError("not a decimal amount") from None
     if not amount.is_finite() or amount < 0:
-        raise ValueError(f"not a non-negative finite amount: {value!r}")
+        raise ValueError("not a non-negative finite amount")
     return int(amount.to_integral_value(rounding=ROUND_CEILING))
 
 

@@ -8,6 +8,7 @@ names the key: a typo in a security setting must never be silently ignored.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     ConfigDict,
@@ -28,11 +30,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-HostPort = Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")]
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$")
+
+
+def listen_address(value: str) -> str:
+    """``host:port`` (``[v6]:port``), or "" for a listener that is switched off."""
+    if value and not _HOST_PORT.match(value):
+        raise ValueError('must be "host:port" (or "" to switch the listener off)')
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(listen_address)]
 
 
 class ListenSettings(_Section):
-    reverse: HostPort | Literal[""] = "127.0.0.1:8080"
+    reverse: ListenAddress = "127.0.0.1:8080"
     """Where OpenAI SDKs point their base_url ("" switches the listener off)."""
 
 

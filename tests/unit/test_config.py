@@ -1,0 +1,54 @@
+"""proxy.toml validation: every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teegate import config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(tmp_path: Path, text: str) -> config.Settings:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_shipped_proxy_toml_is_the_defaults():
+    assert config.load(REPO / "proxy.toml") == config.Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[upstream]\nbase_ulr = 'http://x'\n", "upstream.base_ulr", "unknown key"),
+        ("[nope]\n", "nope", "unknown key"),
+        ("[upstream]\nbase_url = 'ftp://x'\n", "upstream.base_url", "scheme"),
+        ("[upstream]\nbase_url = 'https://x/v1'\n", "upstream.base_url", "without a path"),
+        ("[catalog]\nrefresh_interval_s = 'soon'\n", "catalog.refresh_interval_s", "integer"),
+        ("[catalog]\nmarkup = 1.85\n", "catalog.markup", "never a float"),
+        ("[defaults]\ntemperature = 3\n", "defaults.temperature", "less than or equal"),
+        ("[listen]\nreverse = 'nohost'\n", "listen.reverse", "host:port"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, text, key, words):
+    with pytest.raises(config.ConfigError) as exc:
+        _load(tmp_path, text)
+    assert f"{key}: " in str(exc.value) and words in str(exc.value)
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        _load(tmp_path, "[upstream\n")
+
+
+def test_run_refuses_to_start_on_bad_config(tmp_path, capsys):
+    from teegate.cli import main
+
+    path = tmp_path / "proxy.toml"
+    path.write_text("[upstream]\ntypo = 1\n")
+    assert main(["run", "-c", str(path)]) == 2
+    assert "upstream.typo: unknown key" in capsys.readouterr().err
