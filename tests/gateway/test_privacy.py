@@ -1,0 +1,40 @@
+"""Confidential means confidential: no prompt, completion or key in any log line."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.gateway.conftest import TEE, TEST_MODELS
+from tests.support.gateway_proc import start_gateway
+from tests.support.sandbox_proc import start_sandbox
+
+PROMPT_MARKER = "PROMPT-MARKER-7d2c91"
+KEY_MARKER = "KEY-MARKER-5b8e04"
+
+
+def test_no_prompt_completion_or_key_reaches_the_log():
+    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
+        up.base_url, extra_toml='log.level = "debug"'
+    ) as gw:
+        client = openai.OpenAI(
+            base_url=gw.api_base, api_key=f"sk-{KEY_MARKER}", max_retries=0, timeout=20
+        )
+        msg = [{"role": "user", "content": f"tell me about {PROMPT_MARKER}"}]
+        client.chat.completions.create(model=TEE, messages=msg)
+        list(client.chat.completions.create(model=TEE, messages=msg, stream=True))
+        for bad in (
+            {"model": "not/confidential", "messages": msg},
+            {"model": TEE, "messages": msg, "temperature": 9},
+            {"model": TEE, "messages": [{"role": PROMPT_MARKER, "content": PROMPT_MARKER}]},
+        ):
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(**bad)
+        up.behaviour(status=500)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=TEE, messages=msg)
+        gw.stop()
+        log = gw.log_text()
+    assert '"event": "request"' in log  # the access log is there...
+    for secret in (PROMPT_MARKER, KEY_MARKER, "Sandbox reply", up.api_key):
+        assert secret not in log  # ...and holds none of these
