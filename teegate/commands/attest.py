@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -27,7 +28,6 @@ from catalog.attestation import (
     load_policy,
     verify_evidence,
 )
-from teegate import logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -161,7 +161,6 @@ def _upstream_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    logs.configure("warning")  # logs on stderr: stdout carries only the verdict's JSON
     policy = _policy(args)
     upstream = _upstream_table(args)
     base_url = args.upstream or upstream.get("base_url")
@@ -174,7 +173,9 @@ def _fetch(args: argparse.Namespace) -> int:
     )
     ca_file = args.ca_file or upstream.get("ca_file")
     verify: str | bool = str(ca_file) if ca_file else True
-    verdict = asyncio.run(_attest(base_url, api_key, verify, policy, args.model))
+    # stdout carries only the verdict's JSON: anything logged meanwhile goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        verdict = asyncio.run(_attest(base_url, api_key, verify, policy, args.model))
     return _emit(verdict, with_evidence=args.show_evidence)
 
 
