@@ -4,6 +4,23 @@ The gateway's entry points: :class:`Policy` (the ``[attestation]`` settings), th
 :func:`verify_evidence`, evidence sources (:class:`EvidenceSource`, :class:`NearAiSource`) and
 :class:`AttestationService`, which keeps one cached :class:`Verdict` per model so the request
 path only ever does a dictionary read.
+
+Wiring, roughly::
+
+    policy = Policy.model_validate(toml["attestation"])            # or load_policy(path)
+    source = NearAiSource(upstream_origin, upstream_key, httpx_client)
+    service = AttestationService(source, policy)
+    await service.start()                  # background attest / re-attest, capped concurrency
+    service.set_models(confidential_ids)   # after each catalog refresh
+    reason = service.refusal(model)        # on the request path: None = may serve
+    verdict = await service.attest_now(model, client_nonce)  # client-requested evidence
+    service.note_signing_key(model, address)  # a response signed by another key -> re-attest
+    await service.stop()
+
+Against the sandbox: fetch ``GET /_sandbox/evidence/root_ca.der`` into a file, set
+``test_root_ca`` to it (and ``mrtd_allowlist`` to its ``X-Sandbox-Mrtd`` header). The sandbox
+ships collateral inside its evidence; that is used only while ``test_root_ca`` is set. Real
+upstreams ship none, and collateral then comes from ``pccs_url`` (cached until nextUpdate).
 """
 
 from catalog.attestation.collateral import CollateralCache, collateral_window, load_collateral

@@ -117,6 +117,11 @@ class AttestationService:
         self._task = None
         self._inflight.clear()
 
+    def kick(self) -> None:
+        """Re-read the clock and the schedule now: the scheduler sleeps until the next due
+        time, which a wall-clock jump (suspend/resume, a test's clock) can move."""
+        self._wake.set()
+
     def set_models(self, ids: Iterable[str]) -> None:
         """The catalog's current confidential models: new ones are attested at once, gone
         ones forgotten (their verdicts dropped, so they are refused)."""
