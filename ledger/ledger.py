@@ -120,6 +120,7 @@ class Ledger:
         batch_max: int = 256,
         refresh_ms: float = 1000.0,
         synchronous: str = "FULL",
+        busy_timeout_ms: int = 10_000,
         recover: bool = True,
     ) -> Ledger:
         """Open (creating/migrating) the database and start serving from it.
@@ -137,8 +138,8 @@ class Ledger:
         lock.acquire()
         store = reader = None
         try:
-            store = await Store.open(path, synchronous=synchronous)
-            reader = await Store.open(path, synchronous=synchronous)
+            store = await Store.open(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+            reader = await Store.open(path, busy_timeout_ms=busy_timeout_ms)
             ledger = cls(
                 store,
                 reader,

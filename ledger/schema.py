@@ -112,7 +112,9 @@ MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-async def configure(db: aiosqlite.Connection, *, synchronous: str = "FULL") -> None:
+async def configure(
+    db: aiosqlite.Connection, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000
+) -> None:
     """Connection settings every ledger connection uses.
 
     WAL lets the operator's commands read (and briefly write) while the proxy
@@ -122,7 +124,7 @@ async def configure(db: aiosqlite.Connection, *, synchronous: str = "FULL") -> N
     """
     if synchronous not in ("FULL", "NORMAL", "EXTRA"):
         raise ValueError("synchronous must be FULL, NORMAL or EXTRA")
-    await db.execute("PRAGMA busy_timeout = 10000")
+    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     await db.execute("PRAGMA foreign_keys = ON")
     cur = await db.execute("PRAGMA journal_mode = WAL")
     row = await cur.fetchone()

@@ -71,7 +71,12 @@ class Store:
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, create: bool = True, synchronous: str = "FULL"
+        cls,
+        path: str | Path,
+        *,
+        create: bool = True,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 10_000,
     ) -> Store:
         """Connect, configure WAL and migrate. ``create=False`` refuses a missing file."""
         path = str(path)
@@ -79,7 +84,7 @@ class Store:
             raise LedgerNotFound(f"no ledger database at {path}")
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
-            await configure(db, synchronous=synchronous)
+            await configure(db, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
             await migrate(db, path)
         except BaseException:
             await db.close()
