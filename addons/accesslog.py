@@ -14,6 +14,8 @@ from mitmproxy import http
 
 log = structlog.get_logger("teegate.access")
 
+_MODES = {"regular": "egress"}  # mitmproxy's name for the forward-proxy listener
+
 REQUEST_ID = "teegate.request_id"
 
 
@@ -49,7 +51,9 @@ class AccessLog:
         log.info(
             "request",
             request_id=flow.metadata.get(REQUEST_ID),
-            mode=flow.client_conn.proxy_mode.type_name,
+            mode=_MODES.get(mode := flow.client_conn.proxy_mode.type_name, mode),
+            host=f"{req.host}:{req.port}",
+            decision=_decision(flow),
             method=req.method,
             path=req.path.split("?", 1)[0][:200],
             model=getattr(chat, "model", None),
@@ -65,3 +69,15 @@ class AccessLog:
                 else None
             ),
         )
+
+
+def _decision(flow: http.HTTPFlow) -> str | None:
+    """What the gateway did with the request: refused, answered locally, forwarded to the
+    confidential upstream, or (egress) passed on untouched / in audit."""
+    md = flow.metadata
+    if md.get("teegate.error_code"):
+        return "refused"
+    route = md.get("teegate.route")
+    if route == "passthrough":
+        return "audit" if md.get("teegate.egress") == "audit" else "passthrough"
+    return {"chat": "forwarded", "local": "local"}.get(route)

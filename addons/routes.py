@@ -68,8 +68,8 @@ class Router:
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response:
-            return
+        if flow.response or flow.metadata.get("teegate.route") == "passthrough":
+            return  # passthrough: an egress flow to a host that is not an LLM API
         path = flow.request.path.split("?", 1)[0]
         method = flow.request.method.upper()
         if path == CHAT_PATH:

@@ -31,7 +31,7 @@ class Seal:
             if flow.response is not None:
                 return
             route = flow.metadata.get("teegate.route")
-            if route == "passthrough":
+            if route == "passthrough" and flow.client_conn.proxy_mode.type_name == "regular":
                 return  # egress: a host we do not intercept, decided by the egress addon
             if route == "chat" and self.required <= flow.metadata.get(STAGES, set()):
                 return

@@ -23,7 +23,10 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from addons.egress_hosts import DEFAULT_LLM_HOSTS, HostPattern
 
 
 class _Section(BaseModel):
@@ -46,6 +49,14 @@ ListenAddress = Annotated[str, AfterValidator(listen_address)]
 class ListenSettings(_Section):
     reverse: ListenAddress = "127.0.0.1:8080"
     """Where OpenAI SDKs point their base_url ("" switches the listener off)."""
+    egress: ListenAddress = "127.0.0.1:8081"
+    """The forward proxy apps reach through HTTPS_PROXY ("" switches it off); see docs/egress.md."""
+
+    @model_validator(mode="after")
+    def _something_listens(self) -> ListenSettings:
+        if not (self.reverse or self.egress):
+            raise ValueError("listen.reverse and listen.egress are both off: nothing to serve")
+        return self
 
 
 class UpstreamSettings(_Section):
@@ -100,12 +111,50 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class EgressSettings(_Section):
+    """The egress listener: which hosts are LLM APIs, and where its CA lives."""
+
+    confdir: Path = Path("~/.teegate")
+    """Holds the gateway's CA (created on first start); ``teegate ca path`` prints it."""
+    llm_hosts: list[str] = Field(default_factory=lambda: list(DEFAULT_LLM_HOSTS))
+    """Hosts whose TLS is intercepted and whose requests are refused (replaces the shipped list)."""
+    extra_llm_hosts: list[str] = []
+    """Added to ``llm_hosts`` (keeps the shipped list)."""
+    audit_hosts: list[str] = []
+    """Listed hosts forwarded as is with a metadata-only log line, for a migration period."""
+
+    @field_validator("llm_hosts", "extra_llm_hosts", "audit_hosts")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for text in v:
+            HostPattern.parse(text)
+        return v
+
+    @model_validator(mode="after")
+    def _audit_is_listed(self) -> EgressSettings:
+        listed = {_pattern_key(t) for t in self.all_llm_hosts}
+        for text in self.audit_hosts:
+            if _pattern_key(text) not in listed:
+                raise ValueError(f"audit_hosts: {text!r} is not in llm_hosts or extra_llm_hosts")
+        return self
+
+    @property
+    def all_llm_hosts(self) -> list[str]:
+        return list(dict.fromkeys([*self.llm_hosts, *self.extra_llm_hosts]))
+
+
+def _pattern_key(text: str) -> tuple[str, int | None]:
+    p = HostPattern.parse(text)
+    return p.host, p.port
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     catalog: CatalogSettings = CatalogSettings()
     defaults: RequestDefaults = RequestDefaults()
     log: LogSettings = LogSettings()
+    egress: EgressSettings = EgressSettings()
 
 
 class ConfigError(Exception):

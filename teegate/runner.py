@@ -14,6 +14,8 @@ from mitmproxy.tools.dump import DumpMaster
 from addons.accesslog import AccessLog
 from addons.catalogsync import CatalogSync
 from addons.deadline import UpstreamDeadline
+from addons.egress import Egress
+from addons.egress_ca import ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.routes import Router
@@ -32,6 +34,7 @@ def build_addons(settings: Settings, ready: Ready | None = None) -> list[Any]:
     return [
         AccessLog(),
         catalog,
+        Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
         Router(catalog),
         ChatValidator(),
         Gate(catalog),
@@ -48,6 +51,8 @@ def option_values(settings: Settings) -> dict[str, Any]:
     modes = []
     if settings.listen.reverse:
         modes.append(f"reverse:{up.origin}@{settings.listen.reverse}")
+    if settings.listen.egress:
+        modes.append(f"regular@{settings.listen.egress}")
     values: dict[str, Any] = {
         "mode": modes,
         "connection_strategy": "lazy",
@@ -66,6 +71,9 @@ def option_values(settings: Settings) -> dict[str, Any]:
     }
     if up.ca_file:
         values["ssl_verify_upstream_trusted_ca"] = str(up.ca_file)
+    values["confdir"] = str(settings.egress.confdir.expanduser())
+    values["teegate_egress_llm_hosts"] = settings.egress.all_llm_hosts
+    values["teegate_egress_audit_hosts"] = list(settings.egress.audit_hosts)
     return values
 
 
@@ -90,6 +98,7 @@ def _fmt_host(host: str) -> str:
 
 async def serve(settings: Settings, ready: Ready | None = None) -> None:
     html_free_error_pages()
+    ensure_ca(settings.egress.confdir)  # ours, before mitmproxy would make one named "mitmproxy"
     master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
     master.addons.add(*build_addons(settings, ready))
     master.options.update(**option_values(settings))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -74,11 +75,22 @@ class GatewayProc:
 
 
 def write_config(workdir: Path, upstream_url: str, upstream_key: str, extra_toml: str = "") -> Path:
-    """A proxy.toml on free ports; ``extra_toml`` may add keys to any table (TOML dotted keys)."""
+    """A proxy.toml on free ports; ``extra_toml`` may add keys to any table (TOML dotted keys).
+
+    The egress listener also gets a free port, and its CA a directory in ``workdir`` (never the
+    user's ~/.teegate), unless ``extra_toml`` sets them itself.
+    """
+    defaults = ""
+    if not re.search(r"^\s*listen\.egress\s*=", extra_toml, re.M):
+        # Another loopback address: mitmproxy refuses two listeners both spelled "127.0.0.1:0".
+        defaults += 'listen.egress = "127.0.0.2:0"\n'
+    if not re.search(r"^\s*(egress\.confdir\s*=|\[egress\])", extra_toml, re.M):
+        defaults += f'egress.confdir = "{workdir / "ca"}"\n'
     text = (
         f'upstream.base_url = "{upstream_url}"\n'
         f'upstream.api_key = "{upstream_key}"\n'
         'listen.reverse = "127.0.0.1:0"\n'
+        f"{defaults}"
         f"{extra_toml}\n"
     )
     path = workdir / "proxy.toml"
