@@ -8,7 +8,8 @@ Durability promise
    loss as well as a crash). Concurrent reservations share one commit (group
    commit, :mod:`ledger.writer`), so the cost is amortised, not skipped.
 2. **Settlements and releases are queued** and committed with the next batch,
-   within ``batch_ms`` plus one commit under normal operation. The caller does
+   by the writer's next commit (normally within a few ms: the time of the
+   commit in flight, plus ``batch_ms`` if configured). The caller does
    not wait; :meth:`flush` and :meth:`close` do.
 3. **Crash rule.** A reservation with neither settlement nor release when the
    ledger opens belongs to a process that died in between. Its request may
@@ -16,7 +17,9 @@ Durability promise
    could cost, so it is **settled at the full reserved amount** (source
    ``"recovered"``), and reported (:attr:`Ledger.recovered`, a log line each).
    Hence a crash can only lose the part of a charge *above* its reservation
-   (see settle), never the reservation itself.
+   (see settle), never the reservation itself. :meth:`Ledger.close` commits
+   every queued settlement; reservations still open then (requests in
+   flight at shutdown) are treated like a crash's at the next start.
 
 Balance checks happen in memory (:mod:`ledger.balances`) with no ``await``
 between check and debit, so N concurrent reservations can never together
@@ -116,7 +119,7 @@ class Ledger:
         path: str | Path,
         *,
         key_prefix: str = DEFAULT_PREFIX,
-        batch_ms: float = 2.0,
+        batch_ms: float = 0.0,
         batch_max: int = 256,
         refresh_ms: float = 1000.0,
         synchronous: str = "FULL",

@@ -1,0 +1,111 @@
+"""What the ledger costs per request (reserve + settle), measured, not asserted.
+
+Usage::
+
+    .venv/bin/python -m bench.ledger_cost [--requests N] [--dir PATH]
+
+For each configuration it runs N requests -- ``reserve`` (awaited: committed)
+then ``settle`` (queued) -- first one at a time (the latency a lone request
+pays) and then from 64 concurrent tasks (what group commit buys under load),
+and prints wall time per request, reserve latency percentiles, process CPU
+per request, and how many requests shared each commit. The database lives in
+``--dir`` (default: bench/results/, on the real disk: tmpfs would make fsync
+free and the numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger import Ledger, Prices
+
+PRICES = Prices(280_000, 420_000)
+
+
+@dataclass
+class Result:
+    label: str
+    requests: int
+    wall_s: float
+    cpu_s: float
+    commits: int
+    reserve_ms: list[float]
+
+    def line(self) -> str:
+        lat = sorted(self.reserve_ms)
+        p50 = lat[len(lat) // 2]
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return (
+            f"{self.label:<34} {self.wall_s / self.requests * 1e6:9.0f} us/req wall "
+            f"{self.cpu_s / self.requests * 1e6:7.0f} us/req cpu  "
+            f"reserve p50 {p50:6.2f} ms p99 {p99:6.2f} ms  "
+            f"{self.requests / max(self.commits, 1):5.1f} req/commit"
+        )
+
+
+async def _one(led: Ledger, key: object, i: int, lat: list[float]) -> None:
+    t0 = time.perf_counter()
+    res = await led.reserve(f"bench-{i}", key, "m", PRICES, 10_000)  # type: ignore[arg-type]
+    lat.append((time.perf_counter() - t0) * 1000)
+    await led.settle(res, 1200, 300, 0, "usage")
+
+
+async def run(path: Path, label: str, n: int, concurrency: int, **opts: object) -> Result:
+    led = await Ledger.open(path, **opts)  # type: ignore[arg-type]
+    try:
+        acct = await led.create_account("bench", topup_micro=10**12)
+        key, _ = await led.create_key(acct.id)
+        await led.flush()
+        lat: list[float] = []
+        commits0 = led._writer.commits
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        if concurrency == 1:
+            for i in range(n):
+                await _one(led, key, i, lat)
+        else:
+            queue = iter(range(n))
+
+            async def worker() -> None:
+                for i in queue:
+                    await _one(led, key, i, lat)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await led.flush()  # settlements included in the cost
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        commits = led._writer.commits - commits0
+        report = await led.verify()
+        assert report.ok and not report.open_reservations
+    finally:
+        await led.close()
+    return Result(label, n, wall, cpu, commits, lat)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=args.dir))
+    try:
+        print(f"{args.requests} requests each; database in {work}")
+        for sync in ("FULL", "NORMAL"):
+            for batch_ms in (0.0, 2.0):
+                for conc in (1, 64):
+                    n = args.requests if conc > 1 else max(200, args.requests // 4)
+                    label = f"sync={sync:<6} batch_ms={batch_ms:<3} conc={conc}"
+                    db = work / f"{sync}-{batch_ms}-{conc}.sqlite3"  # a fresh file per run
+                    r = await run(db, label, n, conc, synchronous=sync, batch_ms=batch_ms)
+                    print(r.line(), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
