@@ -1,5 +1,20 @@
 """The ledger as the proxy uses it: authenticate, reserve, settle, release.
 
+Typical use by the request path (one :class:`Ledger` per process, opened and
+used on the event loop that serves requests)::
+
+    ledger = await Ledger.open(path, key_prefix="vgpu_sk_")   # recovers, then serves
+    key = await ledger.authenticate(bearer_token)             # None -> 401
+    hold = reservation_micro(prices, body, max_tokens)
+    res = await ledger.reserve(flow_id, key, model, prices, hold)
+    #   InsufficientBalance -> 402; LedgerUnavailable -> 503; no upstream call
+    ... forward upstream ...
+    await ledger.settle(res, prompt, completion, cached, "usage", timing)
+    #   or, with no usage block: completion = tokens_from_bytes(generated_bytes),
+    #   source "bytes"; if the request never reached the upstream:
+    await ledger.release(res, "upstream unreachable")
+    await ledger.close()                                      # on shutdown
+
 Durability promise
 ------------------
 1. **A reservation is committed before the request may go upstream.**

@@ -106,10 +106,8 @@ class Store:
             raise
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        cur = await self.db.execute(sql, params)
-        rows = await cur.fetchall()
-        await cur.close()
-        return list(rows)
+        # One round trip to the connection's thread (execute + fetchall + close).
+        return list(await self.db.execute_fetchall(sql, params))
 
     # -- accounts ---------------------------------------------------------------
 
