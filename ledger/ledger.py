@@ -217,6 +217,11 @@ class Ledger:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this ledger starts with (for a cheap shape check)."""
+        return self._prefix
+
     async def flush(self) -> None:
         """Wait until every settlement/release queued so far is committed."""
         await self._writer.flush()

@@ -42,7 +42,6 @@ from ledger import (
 from ledger.errors import InvalidInput
 from ledger.keys import DEFAULT_PREFIX, check_prefix, new_key
 from ledger.money import InvalidAmount
-from teegate import logs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DB = "teegate.sqlite3"
@@ -526,13 +525,13 @@ async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
 async def _ledger_recover(args: argparse.Namespace, db: str) -> int:
     if not await asyncio.to_thread(Path(db).is_file):
         raise LedgerNotFound(f"no ledger database at {db}")
-    logs.configure("error")  # the recovered reservations are printed below instead
     try:
-        ledger = await Ledger.open(db, recover=True)
+        # recover=False + recover(): the same rule, printed here instead of logged.
+        ledger = await Ledger.open(db, recover=False)
     except LedgerLocked as e:
         raise LedgerLocked(f"{e}; a serving proxy recovers on its own start") from None
     try:
-        recovered = ledger.recovered
+        recovered = await ledger.recover()
     finally:
         await ledger.close()
     for r in recovered:
