@@ -1,0 +1,275 @@
+"""Egress mode end to end: the openai SDK behind HTTPS_PROXY, real processes on loopback."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tests.egress.conftest import (
+    CLIENT_KEY,
+    NON_TEE,
+    TEE,
+    chat_count,
+    log_events,
+    wait_for_event,
+)
+
+PROMPT = "egress-secret-prompt-7f3a"
+MSG = [{"role": "user", "content": PROMPT}]
+
+
+# -- the confidential upstream, through the egress listener ------------------------------
+
+
+def test_tee_model_succeeds_with_the_upstream_key_swapped_in(egress_openai, upstream, gateway):
+    with egress_openai(upstream.api_base) as client:
+        raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
+    completion = raw.parse()
+    assert completion.model == TEE and completion.choices[0].message.content
+    rid = raw.headers["x-request-id"]
+    assert rid.startswith("req_")  # the gateway answered, not the upstream directly
+    seen = upstream.stats()["chat"]
+    assert len(seen) == 1
+    assert seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
+    assert CLIENT_KEY not in str(seen[0]["headers"])
+    line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
+    assert line["mode"] == "egress" and line["decision"] == "forwarded"
+    assert line["host"] == f"127.0.0.1:{upstream.port}" and line["status"] == 200
+
+
+def test_non_tee_model_is_refused_by_the_same_gate(egress_openai, upstream):
+    with egress_openai(upstream.api_base) as client, pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NON_TEE, messages=MSG)
+    assert e.value.body["code"] == "model_not_confidential"
+    assert chat_count(upstream) == 0
+
+
+def test_model_list_is_answered_locally_like_reverse_mode(egress_openai, upstream):
+    with egress_openai(upstream.api_base) as client:
+        ids = [m.id for m in client.models.list()]
+    assert TEE in ids and NON_TEE not in ids
+    assert "GET /v1/models" not in upstream.stats()["by_route"]  # served from the catalog
+
+
+def test_streaming_through_egress(egress_openai, upstream):
+    with egress_openai(upstream.api_base) as client:
+        stream = client.chat.completions.create(model=TEE, messages=MSG, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text
+    assert chat_count(upstream) == 1
+
+
+def test_intercepted_upstream_shows_the_gateway_certificate(gateway, upstream, gateway_ca):
+    der = _peer_cert_via_connect(gateway, "127.0.0.1", upstream.port)
+    cert = x509.load_der_x509_certificate(der)
+    assert _cn(cert.issuer) == "teegate egress CA"
+    ca = x509.load_pem_x509_certificate(gateway_ca.read_bytes())
+    cert.verify_directly_issued_by(ca)
+
+
+# -- another LLM provider: refused, nothing forwarded -------------------------------------
+
+
+def test_listed_llm_host_gets_provider_not_confidential(egress_openai, listed_tls, upstream):
+    host = f"127.0.0.3:{listed_tls.port}"
+    with egress_openai(listed_tls.api_base) as client:
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            client.chat.completions.create(model=TEE, messages=MSG)
+    err = e.value.body
+    assert e.value.status_code == 403
+    assert err["code"] == "provider_not_confidential" and err["type"] == "permission_error"
+    assert host in err["message"] and f"{upstream.base_url}/v1" in err["message"]
+    assert listed_tls.stats()["total"] == 0
+    assert chat_count(upstream) == 0
+
+
+def test_every_request_to_a_listed_host_is_refused(egress_http, listed_tls):
+    url = f"{listed_tls.base_url}/v1/models"
+    for method in ("GET", "POST", "DELETE"):
+        r = egress_http.request(method, url, headers={"authorization": "Bearer sk-real-openai"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "provider_not_confidential"
+    assert listed_tls.stats()["total"] == 0
+
+
+def test_plain_http_to_a_listed_host_is_refused_too(gateway, listed_plain):
+    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+        r = c.post(
+            f"{listed_plain.api_base}/chat/completions",
+            json={"model": TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {listed_plain.api_key}"},
+        )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "provider_not_confidential"
+    assert listed_plain.stats()["total"] == 0
+
+
+def test_raw_tcp_to_a_listed_host_is_not_relayed(gateway):
+    with socket.create_server(("127.0.0.3", 0)) as server:
+        port = server.getsockname()[1]
+        with _connect(gateway, "127.0.0.3", port) as s:
+            s.sendall(b"\x00\x01 not http, not tls\r\n\r\n")
+            answer = _read_all(s)
+        assert answer.startswith(b"HTTP/1.1 400")
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # the gateway never even connected
+
+
+# -- audit: forwarded as is, metadata logged ----------------------------------------------
+
+
+def test_audit_host_is_forwarded_as_is_and_logged(egress_openai, audited, gateway):
+    with egress_openai(audited.api_base, api_key=audited.api_key) as client:
+        raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
+    assert raw.parse().choices[0].message.content
+    seen = audited.stats()["chat"]
+    assert len(seen) == 1 and seen[0]["body"]["messages"] == MSG  # untouched
+    assert seen[0]["headers"]["authorization"] == f"Bearer {audited.api_key}"
+    rid = raw.headers["x-request-id"]
+    line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
+    assert line["decision"] == "audit" and line["host"] == f"127.0.0.5:{audited.port}"
+    assert wait_for_event(gateway, lambda e: e.get("event") == "egress_audit")
+
+
+# -- every other host: untouched ---------------------------------------------------------
+
+
+def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(
+    gateway, unlisted_tls, tls_dir
+):
+    der = _peer_cert_via_connect(gateway, "127.0.0.4", unlisted_tls.port)
+    own = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
+    cert = x509.load_der_x509_certificate(der)
+    assert cert == own
+    assert _cn(cert.issuer) == "teegate sandbox test CA"
+    line = wait_for_event(
+        gateway,
+        lambda e: e.get("event") == "tunnel" and e.get("host") == f"127.0.0.4:{unlisted_tls.port}",
+    )
+    assert line["decision"] == "tunnel" and line["mode"] == "egress"
+
+
+def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(
+    gateway, unlisted_tls
+):
+    with httpx.Client(
+        proxy=gateway.urls["regular"], verify=unlisted_tls.verify(), timeout=30
+    ) as c:
+        r = c.post(
+            f"{unlisted_tls.api_base}/chat/completions",
+            json={"model": NON_TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {unlisted_tls.api_key}"},
+        )
+    assert r.status_code == 200  # not our business: not an LLM host on the list
+    assert "x-request-id" not in r.headers  # the gateway never saw the request
+    assert chat_count(unlisted_tls) == 1
+
+
+def test_plain_http_to_an_unlisted_host_passes_through(gateway, unlisted_plain):
+    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+        r = c.get(f"{unlisted_plain.api_base}/models",
+                  headers={"authorization": f"Bearer {unlisted_plain.api_key}"})
+    assert r.status_code == 200 and r.json()["data"]
+    rid = r.headers["x-request-id"]
+    line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
+    assert line["decision"] == "passthrough" and line["mode"] == "egress"
+    assert line["host"] == f"127.0.0.4:{unlisted_plain.port}"
+
+
+def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
+    with socket.create_server(("127.0.0.4", 0)) as server:
+        port = server.getsockname()[1]
+        server.settimeout(10)
+        with _connect(gateway, "127.0.0.4", port) as s:
+            s.sendall(b"\x00\x01 not http\r\n")
+            peer, _ = server.accept()
+            with peer:
+                peer.settimeout(10)
+                assert peer.recv(100) == b"\x00\x01 not http\r\n"
+
+
+# -- the reverse listener is unaffected by the egress rules --------------------------------
+
+
+def test_reverse_listener_still_gates_while_egress_runs(gateway, upstream, unlisted_plain):
+    assert set(gateway.urls) == {"reverse", "regular"}
+    with openai.OpenAI(base_url=gateway.api_base, api_key=CLIENT_KEY, max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=NON_TEE, messages=MSG)
+        assert e.value.body["code"] == "model_not_confidential"
+        # A Host header naming an unlisted site changes nothing: still gated, still upstream.
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(
+                model=NON_TEE, messages=MSG,
+                extra_headers={"host": f"127.0.0.4:{unlisted_plain.port}"},
+            )
+        assert e.value.body["code"] == "model_not_confidential"
+        c.chat.completions.create(model=TEE, messages=MSG)
+    assert chat_count(upstream) == 1
+    assert unlisted_plain.stats()["total"] == 0
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+
+def test_logs_carry_no_prompt_and_no_key(egress_openai, upstream, listed_tls, gateway):
+    with egress_openai(upstream.api_base) as client:
+        client.chat.completions.create(model=TEE, messages=MSG)
+    with egress_openai(listed_tls.api_base) as client, pytest.raises(openai.APIStatusError):
+        client.chat.completions.create(model=TEE, messages=MSG)
+    wait_for_event(gateway, lambda e: e.get("error_code") == "provider_not_confidential")
+    text = gateway.log_text()
+    assert PROMPT not in text and CLIENT_KEY not in text and upstream.api_key not in text
+    modes = {e.get("mode") for e in log_events(gateway) if e.get("event") == "request"}
+    assert "egress" in modes
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _connect(gateway, host: str, port: int) -> socket.socket:
+    """A CONNECT tunnel through the egress listener, as HTTPS_PROXY clients open one."""
+    proxy = urlsplit(gateway.urls["regular"])
+    s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, "proxy closed the connection during CONNECT"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def _peer_cert_via_connect(gateway, host: str, port: int) -> bytes:
+    """The certificate a client behind the proxy is shown, whoever issued it."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # inspect, do not trust: the test asserts the issuer
+    with _connect(gateway, host, port) as raw, ctx.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der
+    return der
+
+
+def _cn(name: x509.Name) -> str:
+    return name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def test_gateway_ca_path_is_the_one_in_confdir(gateway, gateway_ca):
+    assert gateway_ca == (gateway.workdir / "ca" / "mitmproxy-ca-cert.pem").resolve()
+    assert Path(gateway_ca).is_file()
