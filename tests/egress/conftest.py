@@ -15,6 +15,7 @@ connections; the gateway's own CA is a different one, made on its first start.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -168,3 +170,17 @@ def wait_for_event(
                 return event
         time.sleep(0.05)
     raise AssertionError("no matching log line")
+
+
+def connect_tunnel(gateway: GatewayProc, host: str, port: int) -> socket.socket:
+    """A CONNECT tunnel through the egress listener, as HTTPS_PROXY clients open one."""
+    proxy = urlsplit(gateway.urls["regular"])
+    s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, "proxy closed the connection during CONNECT"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s

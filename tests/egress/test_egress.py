@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -18,6 +17,7 @@ from tests.egress.conftest import (
     NON_TEE,
     TEE,
     chat_count,
+    connect_tunnel,
     log_events,
     wait_for_event,
 )
@@ -68,7 +68,7 @@ def test_streaming_through_egress(egress_openai, upstream):
 
 
 def test_intercepted_upstream_shows_the_gateway_certificate(gateway, upstream, gateway_ca):
-    der = _peer_cert_via_connect(gateway, "127.0.0.1", upstream.port)
+    der = _peer_cert_viaconnect_tunnel(gateway, "127.0.0.1", upstream.port)
     cert = x509.load_der_x509_certificate(der)
     assert _cn(cert.issuer) == "teegate egress CA"
     ca = x509.load_pem_x509_certificate(gateway_ca.read_bytes())
@@ -113,7 +113,7 @@ def test_plain_http_to_a_listed_host_is_refused_too(gateway, listed_plain):
 def test_raw_tcp_to_a_listed_host_is_not_relayed(gateway):
     with socket.create_server(("127.0.0.3", 0)) as server:
         port = server.getsockname()[1]
-        with _connect(gateway, "127.0.0.3", port) as s:
+        with connect_tunnel(gateway, "127.0.0.3", port) as s:
             s.sendall(b"\x00\x01 not http, not tls\r\n\r\n")
             answer = _read_all(s)
         assert answer.startswith(b"HTTP/1.1 400")
@@ -144,7 +144,7 @@ def test_audit_host_is_forwarded_as_is_and_logged(egress_openai, audited, gatewa
 def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(
     gateway, unlisted_tls, tls_dir
 ):
-    der = _peer_cert_via_connect(gateway, "127.0.0.4", unlisted_tls.port)
+    der = _peer_cert_viaconnect_tunnel(gateway, "127.0.0.4", unlisted_tls.port)
     own = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
     cert = x509.load_der_x509_certificate(der)
     assert cert == own
@@ -187,7 +187,7 @@ def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
     with socket.create_server(("127.0.0.4", 0)) as server:
         port = server.getsockname()[1]
         server.settimeout(10)
-        with _connect(gateway, "127.0.0.4", port) as s:
+        with connect_tunnel(gateway, "127.0.0.4", port) as s:
             s.sendall(b"\x00\x01 not http\r\n")
             peer, _ = server.accept()
             with peer:
@@ -234,20 +234,6 @@ def test_logs_carry_no_prompt_and_no_key(egress_openai, upstream, listed_tls, ga
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _connect(gateway, host: str, port: int) -> socket.socket:
-    """A CONNECT tunnel through the egress listener, as HTTPS_PROXY clients open one."""
-    proxy = urlsplit(gateway.urls["regular"])
-    s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
-    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, "proxy closed the connection during CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
-
-
 def _read_all(s: socket.socket) -> bytes:
     data = b""
     while chunk := s.recv(65536):
@@ -255,12 +241,12 @@ def _read_all(s: socket.socket) -> bytes:
     return data
 
 
-def _peer_cert_via_connect(gateway, host: str, port: int) -> bytes:
+def _peer_cert_viaconnect_tunnel(gateway, host: str, port: int) -> bytes:
     """The certificate a client behind the proxy is shown, whoever issued it."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # inspect, do not trust: the test asserts the issuer
-    with _connect(gateway, host, port) as raw, ctx.wrap_socket(raw) as tls:
+    with connect_tunnel(gateway, host, port) as raw, ctx.wrap_socket(raw) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der
     return der
