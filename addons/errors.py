@@ -121,18 +121,22 @@ def _is_coroutine(fn: Callable[..., Any]) -> bool:
 
 
 def _fail(addon: Any, hook: Callable[..., Any], flow: http.HTTPFlow, e: Exception) -> None:
-    frame = traceback.extract_tb(e.__traceback__)[-1]
-    log.error(
-        "addon_failed_closed",
-        request_id=flow.metadata.get("teegate.request_id"),
-        addon=type(addon).__name__,
-        hook=hook.__name__,
-        error=type(e).__name__,
-        at=f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}",
-    )
+    # Refuse first: nothing below (not even a broken log sink) may stop that.
     if flow.response is None or hook.__name__ == "request":
         refuse(flow, internal_error())
     flow.metadata["teegate.failed"] = True
+    try:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        log.error(
+            "addon_failed_closed",
+            request_id=flow.metadata.get("teegate.request_id"),
+            addon=type(addon).__name__,
+            hook=hook.__name__,
+            error=type(e).__name__,
+            at=f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}",
+        )
+    except Exception:
+        pass
 
 
 # The envelope for the error page mitmproxy is about to write for the flow whose
