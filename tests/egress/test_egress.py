@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
+import certifi
 import httpx
 import openai
 import pytest
@@ -259,3 +263,25 @@ def _cn(name: x509.Name) -> str:
 def test_gateway_ca_path_is_the_one_in_confdir(gateway, gateway_ca):
     assert gateway_ca == (gateway.workdir / "ca" / "mitmproxy-ca-cert.pem").resolve()
     assert Path(gateway_ca).is_file()
+
+
+def test_an_app_configured_only_by_environment_variables(gateway, gateway_ca, upstream, tmp_path):
+    """The docs/egress.md recipe: HTTPS_PROXY plus a bundle of the public CAs and ours."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + gateway_ca.read_bytes())
+    env = {
+        **os.environ,
+        "HTTPS_PROXY": gateway.urls["regular"], "NO_PROXY": "", "no_proxy": "",
+        "SSL_CERT_FILE": str(bundle),
+    }
+    code = (
+        "import openai\n"
+        f"c = openai.OpenAI(base_url={upstream.api_base!r}, api_key='sk-app', max_retries=0)\n"
+        f"print(c.chat.completions.create(model={TEE!r}, messages={MSG!r}).model)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == TEE
+    assert chat_count(upstream) == 1
