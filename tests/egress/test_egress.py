@@ -126,6 +126,23 @@ def test_raw_tcp_to_a_listed_host_is_not_relayed(gateway):
             server.accept()  # the gateway never even connected
 
 
+def test_a_refused_tls_host_is_never_connected_to(gateway, gateway_ca):
+    with socket.create_server(("127.0.0.3", 0)) as server:
+        port = server.getsockname()[1]
+        ctx = ssl.create_default_context(cafile=str(gateway_ca))
+        with connect_tunnel(gateway, "127.0.0.3", port) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.3") as s:
+                s.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.3\r\n"
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+                )
+                answer = _read_all(s)
+        assert answer.startswith(b"HTTP/1.1 403") and b"provider_not_confidential" in answer
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+
+
 # -- audit: forwarded as is, metadata logged ----------------------------------------------
 
 
