@@ -148,6 +148,17 @@ def _pattern_key(text: str) -> tuple[str, int | None]:
     return p.host, p.port
 
 
+class LedgerSettings(_Section):
+    path: Path = Path("teegate.sqlite3")
+    """SQLite file of accounts, keys and usage; a relative path is beside the config file."""
+    key_prefix: str = Field("vgpu_sk_", pattern=r"^[A-Za-z0-9_]{1,32}$")
+
+
+class RateLimitSettings(_Section):
+    requests_per_minute: int = Field(1000, ge=1)
+    """Per API key, unless the key was created with its own --rate-limit."""
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -155,6 +166,8 @@ class Settings(_Section):
     defaults: RequestDefaults = RequestDefaults()
     log: LogSettings = LogSettings()
     egress: EgressSettings = EgressSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
 
 
 class ConfigError(Exception):
@@ -172,9 +185,19 @@ def load(path: Path | None) -> Settings:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from e
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(path, e)) from None
+    return _beside(settings, Path(path).parent if path is not None else Path.cwd())
+
+
+def _beside(settings: Settings, folder: Path) -> Settings:
+    """Relative file paths in the configuration are relative to the file's folder."""
+    db = settings.ledger.path.expanduser()
+    if not db.is_absolute():
+        ledger = settings.ledger.model_copy(update={"path": (folder / db).resolve()})
+        settings = settings.model_copy(update={"ledger": ledger})
+    return settings
 
 
 def _describe(path: Path | None, e: ValidationError) -> str:

@@ -12,32 +12,44 @@ from mitmproxy import ctx, options
 from mitmproxy.tools.dump import DumpMaster
 
 from addons.accesslog import AccessLog
+from addons.auth import Auth
+from addons.billing import Billing
 from addons.catalogsync import CatalogSync
 from addons.deadline import UpstreamDeadline
 from addons.egress import Egress
 from addons.egress_ca import ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
+from addons.ledgerlink import LedgerLink
+from addons.ratelimit import RateLimit
 from addons.routes import Router
 from addons.seal import Seal
 from addons.streaming import StreamRelay
 from addons.upstream import UpstreamRewrite
 from addons.validate import ChatValidator
+from ledger import Ledger, LedgerError
 from teegate.config import Settings
 
-REQUIRED_STAGES = ("validate", "gate", "upstream")
+# Every one of these must approve a chat completion before Seal lets it leave.
+REQUIRED_STAGES = ("auth", "ratelimit", "validate", "gate", "billing", "upstream")
 
 
-def build_addons(settings: Settings, ready: Ready | None = None) -> list[Any]:
+def build_addons(
+    settings: Settings, ledger: LedgerLink | None = None, ready: Ready | None = None
+) -> list[Any]:
     """The request path, in hook order."""
     catalog = CatalogSync()
+    link = ledger or LedgerLink()
     return [
         AccessLog(),
         catalog,
         Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
+        Auth(link),
+        RateLimit(),
         Router(catalog),
         ChatValidator(),
         Gate(catalog),
+        Billing(link),
         UpstreamRewrite(),
         StreamRelay(),
         Seal(REQUIRED_STAGES),
@@ -65,6 +77,7 @@ def option_values(settings: Settings) -> dict[str, Any]:
         "teegate_catalog_max_staleness_s": settings.catalog.max_staleness_s,
         "teegate_markup": str(settings.catalog.markup),
         "teegate_upstream_timeout_s": up.timeout_s,
+        "teegate_rate_limit_rpm": settings.ratelimit.requests_per_minute,
         "teegate_default_max_tokens": settings.defaults.max_tokens,
         "teegate_default_temperature": repr(settings.defaults.temperature),
         "teegate_default_top_p": repr(settings.defaults.top_p),
@@ -99,13 +112,19 @@ def _fmt_host(host: str) -> str:
 async def serve(settings: Settings, ready: Ready | None = None) -> None:
     html_free_error_pages()
     ensure_ca(settings.egress.confdir)  # ours, before mitmproxy would make one named "mitmproxy"
-    master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
-    master.addons.add(*build_addons(settings, ready))
-    master.options.update(**option_values(settings))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
-    await master.run()
+    # Opened before listening (a locked or too-new database stops the start; open
+    # reservations of a crashed run are settled), closed after (queued charges commit).
+    ledger = await Ledger.open(settings.ledger.path, key_prefix=settings.ledger.key_prefix)
+    try:
+        master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
+        master.addons.add(*build_addons(settings, LedgerLink(ledger), ready))
+        master.options.update(**option_values(settings))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        await master.run()
+    finally:
+        await ledger.close()
 
 
 def run(settings: Settings, ready: Ready | None = None) -> int:
@@ -113,6 +132,9 @@ def run(settings: Settings, ready: Ready | None = None) -> int:
         asyncio.run(serve(settings, ready))
     except KeyboardInterrupt:
         pass
+    except LedgerError as e:
+        print(f"teegate: ledger {settings.ledger.path}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,7 +15,6 @@ from tests.support.sandbox_proc import SandboxProc, start_sandbox
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEST_MODELS = DATA / "models.json"
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
-CLIENT_KEY = "sk-client-not-for-upstream"
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +35,29 @@ def _fresh_upstream(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("upstream").reset()
 
 
+def sdk(gateway: GatewayProc, api_key: str | None = None, **kw) -> openai.OpenAI:
+    """The official client against the gateway, no retries (tests count requests)."""
+    key = api_key or gateway.api_key
+    return openai.OpenAI(base_url=gateway.api_base, api_key=key, max_retries=0, timeout=30, **kw)
+
+
 @pytest.fixture
 def client(gateway: GatewayProc) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.api_base, api_key=CLIENT_KEY, max_retries=0) as c:
+    with sdk(gateway) as c:
         yield c
 
 
 @pytest.fixture
 async def aclient(gateway: GatewayProc):
     async with openai.AsyncOpenAI(
-        base_url=gateway.api_base, api_key=CLIENT_KEY, max_retries=0
+        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0, timeout=30
     ) as c:
         yield c
 
 
 @pytest.fixture
 def http(gateway: GatewayProc) -> Iterator[httpx.Client]:
-    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    headers = {"authorization": f"Bearer {gateway.api_key}"}
     with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=30) as c:
         yield c
 

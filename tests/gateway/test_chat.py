@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from tests.gateway.conftest import CLIENT_KEY, TEE, chat_count
+from tests.gateway.conftest import TEE, chat_count
 
 MSG = [{"role": "user", "content": "Say hello"}]
 
@@ -22,7 +22,9 @@ def test_tee_model_answers(client, upstream):
     assert chat_count(upstream) == 1
 
 
-def test_upstream_sees_reserialized_request_with_defaults_and_its_own_key(client, upstream):
+def test_upstream_sees_reserialized_request_with_defaults_and_its_own_key(
+    client, upstream, gateway
+):
     client.chat.completions.create(
         model=TEE,
         messages=MSG,
@@ -41,7 +43,7 @@ def test_upstream_sees_reserialized_request_with_defaults_and_its_own_key(client
     assert body["tools"][0]["function"]["name"] == "f" and body["tool_choice"] == "auto"
     assert body["vendor_field"] == {"kept": True} and body["logprobs"] is False
     assert headers["authorization"] == f"Bearer {upstream.api_key}"
-    assert CLIENT_KEY not in json.dumps(headers)
+    assert gateway.api_key not in json.dumps(headers)
     assert not any(h.startswith(("x-stainless", "proxy-", "openai-")) for h in headers)
 
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.conftest import CLIENT_KEY, TEE, TEST_MODELS, chat_count
+from tests.gateway.conftest import TEE, TEST_MODELS, chat_count, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
 
@@ -27,7 +27,7 @@ def _until(predicate, timeout: float = 15.0, what: str = "condition"):
 
 
 def _client(gw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.api_base, api_key=CLIENT_KEY, max_retries=0, timeout=20)
+    return sdk(gw)
 
 
 def _refused(client: openai.OpenAI, model: str) -> str | None:
@@ -96,7 +96,10 @@ def test_gateway_refuses_before_first_catalog_when_upstream_is_down():
     up.stop()
     with start_gateway(url) as gw:
         resp = httpx.post(
-            f"{gw.api_base}/chat/completions", json={"model": TEE, "messages": MSG}, timeout=30
+            f"{gw.api_base}/chat/completions",
+            json={"model": TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {gw.api_key}"},
+            timeout=30,
         )
         assert resp.status_code == 503
         assert resp.json()["error"]["code"] == "catalog_unavailable"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.gateway.conftest import TEE, TEST_MODELS
+from tests.gateway.conftest import TEE, TEST_MODELS, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
 
@@ -14,12 +14,13 @@ KEY_MARKER = "KEY-MARKER-5b8e04"
 
 
 def test_no_prompt_completion_or_key_reaches_the_log():
-    with start_sandbox("--models", str(TEST_MODELS)) as up, start_gateway(
-        up.base_url, extra_toml='log.level = "debug"'
-    ) as gw:
-        client = openai.OpenAI(
-            base_url=gw.api_base, api_key=f"sk-{KEY_MARKER}", max_retries=0, timeout=20
-        )
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(up.base_url, extra_toml='log.level = "debug"') as gw,
+    ):
+        client = sdk(gw)
+        with pytest.raises(openai.AuthenticationError), sdk(gw, f"vgpu_sk_{KEY_MARKER}") as bad:
+            bad.chat.completions.create(model=TEE, messages=[{"role": "user", "content": "x"}])
         msg = [{"role": "user", "content": f"tell me about {PROMPT_MARKER}"}]
         client.chat.completions.create(model=TEE, messages=msg)
         list(client.chat.completions.create(model=TEE, messages=msg, stream=True))
@@ -36,5 +37,5 @@ def test_no_prompt_completion_or_key_reaches_the_log():
         gw.stop()
         log = gw.log_text()
     assert '"event": "request"' in log  # the access log is there...
-    for secret in (PROMPT_MARKER, KEY_MARKER, "Sandbox reply", up.api_key):
+    for secret in (PROMPT_MARKER, KEY_MARKER, gw.api_key, "Sandbox reply", up.api_key):
         assert secret not in log  # ...and holds none of these

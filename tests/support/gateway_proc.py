@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.accounts import create_account, create_key
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "TEEGATE READY "
 START_TIMEOUT_S = 20.0
@@ -29,12 +31,20 @@ class GatewayStartError(RuntimeError):
 
 
 class GatewayProc:
-    def __init__(self, process: subprocess.Popen[str], urls: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[str],
+        urls: dict[str, str],
+        workdir: Path,
+        api_key: str | None,
+    ) -> None:
         self.process = process
         self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "regular": ...}
         self.workdir = workdir
         self.log_path = workdir / "gateway.log"
         self.config_path = workdir / "proxy.toml"
+        self.db = workdir / "teegate.sqlite3"  # the default ledger path, beside proxy.toml
+        self.api_key = api_key  # a funded key of account "test", when provisioned
 
     @property
     def base_url(self) -> str:
@@ -107,11 +117,22 @@ def start_gateway(
     env: dict[str, str] | None = None,
     module: str = "teegate",
     args: tuple[str, ...] = (),
+    balance_usd: str | None = "100",
 ) -> GatewayProc:
-    """Start the gateway and wait (bounded) until every listener is bound."""
+    """Start the gateway and wait (bounded) until every listener is bound.
+
+    Unless ``balance_usd`` is None, a fresh workdir's ledger gets an account "test" with
+    that balance and one key (``.api_key``), made with the operator command line.
+    """
+    fresh = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="teegate-test-"))
     config = workdir / "proxy.toml"
     write_config(workdir, upstream_url, upstream_key, extra_toml)
+    api_key = None
+    if fresh and balance_usd is not None:
+        db = workdir / "teegate.sqlite3"
+        create_account(db, "test", balance_usd)
+        api_key = create_key(db, "test")
     log = open(workdir / "gateway.log", "a", encoding="utf-8")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "run", "-c", str(config), *args],
@@ -148,4 +169,4 @@ def start_gateway(
             kind, url = line[len(READY_PREFIX) :].split()
             urls[kind] = url
         elif line == "TEEGATE RUNNING":
-            return GatewayProc(proc, urls, workdir)
+            return GatewayProc(proc, urls, workdir, api_key)

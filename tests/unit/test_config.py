@@ -18,7 +18,11 @@ def _load(tmp_path: Path, text: str) -> config.Settings:
 
 
 def test_shipped_proxy_toml_is_the_defaults():
-    assert config.load(REPO / "proxy.toml") == config.Settings()
+    shipped = config.load(REPO / "proxy.toml")
+    assert shipped.ledger.path == REPO / "teegate.sqlite3"  # relative paths: beside the file
+    default = config.Settings()
+    assert shipped.model_dump(exclude={"ledger"}) == default.model_dump(exclude={"ledger"})
+    assert shipped.ledger.key_prefix == default.ledger.key_prefix
 
 
 @pytest.mark.parametrize(

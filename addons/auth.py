@@ -1,0 +1,52 @@
+"""API keys: every ``/v1/*`` call carries ``Authorization: Bearer <key>``.
+
+A missing, malformed, unknown or revoked key gets OpenAI's 401
+``invalid_api_key`` envelope. The presented key is never logged or echoed:
+not in the error message, not in the access log.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from addons.errors import GatewayError, guarded, refuse
+from addons.ledgerlink import LedgerLink
+from addons.stages import passed
+
+KEY = "teegate.key"
+
+
+def invalid_api_key(message: str) -> GatewayError:
+    return GatewayError(401, message, "invalid_api_key", type="invalid_request_error")
+
+
+def needs_key(flow: http.HTTPFlow) -> bool:
+    if flow.response is not None or flow.metadata.get("teegate.route") == "passthrough":
+        return False
+    return flow.request.path.startswith("/v1/")
+
+
+class Auth:
+    def __init__(self, link: LedgerLink) -> None:
+        self._link = link
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not needs_key(flow):
+            return
+        scheme, _, token = flow.request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            refuse(
+                flow,
+                invalid_api_key(
+                    "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+                ),
+            )
+            return
+        key = await self._link.get().authenticate(token)
+        if key is None:
+            refuse(flow, invalid_api_key("Incorrect API key provided, or the key was revoked."))
+            return
+        flow.metadata[KEY] = key
+        passed(flow, "auth")

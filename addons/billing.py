@@ -1,0 +1,247 @@
+"""Prepaid billing: reserve before the upstream call, settle from what was served.
+
+Request: a conservative estimate (prompt estimate at the input price plus the
+whole output budget at the output price) is reserved atomically against the
+key's balance and committed before the request may leave; a balance that
+cannot cover it gets ``402 insufficient_balance`` and nothing goes upstream.
+
+Response: settle from the upstream's ``usage`` at the prices captured at
+reservation; without usage (upstream omitted it, dropped the stream, or the
+client left), from the bytes of generated text, converted by
+:func:`ledger.tokens_from_bytes`. An upstream error before any token releases
+the reservation. Settling runs off the response path; it is idempotent, so a
+response and an error hook for one flow cannot charge twice. A crash in
+between is covered by the ledger's recovery rule (the reservation is charged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from mitmproxy import http
+
+from addons.auth import KEY
+from addons.errors import GatewayError, guarded, refuse
+from addons.ledgerlink import LedgerLink
+from addons.schema import ChatRequest
+from addons.stages import has_passed, is_chat, passed
+from addons.streaming import TALLY, StreamTally, generated_bytes
+from catalog.models import CatalogModel
+from ledger import (
+    InsufficientBalance,
+    LedgerError,
+    Prices,
+    Reservation,
+    Timing,
+    estimate_prompt_tokens,
+    reservation_micro,
+    tokens_from_bytes,
+)
+from ledger.money import format_usd
+
+log = structlog.get_logger("teegate.billing")
+
+RESERVATION = "teegate.reservation"
+STARTED_MS = "teegate.started_ms"
+FIRST_BYTE_MS = "teegate.first_byte_ms"
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Billing:
+    def __init__(self, link: LedgerLink) -> None:
+        self._link = link
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not is_chat(flow) or not has_passed(flow, "gate"):
+            return
+        req: ChatRequest = flow.metadata["teegate.chat"]
+        model: CatalogModel = flow.metadata["teegate.model"]
+        p = model.pricing
+        prices = Prices(input=p.input, output=p.output, cache_read=p.cache_read)
+        body = req.model_dump(mode="json", exclude_unset=True)
+        amount = reservation_micro(prices, body, req.output_budget)
+        flow.metadata[STARTED_MS] = _ms()
+        try:
+            res = await self._link.get().reserve(
+                flow.metadata["teegate.request_id"], flow.metadata[KEY], model.id, prices, amount
+            )
+        except InsufficientBalance as e:
+            refuse(
+                flow,
+                GatewayError(
+                    402,
+                    f"Insufficient balance: this request needs up to ${format_usd(e.needed_micro)} "
+                    f"reserved, and ${format_usd(max(e.balance_micro, 0))} is available. "
+                    "Top up the account or lower max_tokens.",
+                    "insufficient_balance",
+                    type="insufficient_quota",
+                ),
+            )
+            return
+        except LedgerError:
+            refuse(
+                flow,
+                GatewayError(
+                    503,
+                    "Billing is unavailable; the request was not sent.",
+                    "billing_unavailable",
+                    type="api_error",
+                ),
+            )
+            return
+        flow.metadata[RESERVATION] = res
+        passed(flow, "billing")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if RESERVATION in flow.metadata:
+            flow.metadata[FIRST_BYTE_MS] = _ms()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        res = flow.metadata.get(RESERVATION)
+        if res is None:
+            return
+        try:
+            plan = _settlement(flow, res, complete=True)
+        except Exception as e:  # the flow must still be charged: fall back to the whole hold
+            log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
+            plan = _full_hold(flow, res)
+        self._spawn(flow, res, plan)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        res = flow.metadata.get(RESERVATION)
+        if res is None:
+            return
+        try:
+            plan = _settlement(flow, res, complete=False)
+        except Exception as e:
+            log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
+            plan = _full_hold(flow, res)
+        self._spawn(flow, res, plan)
+
+    async def done(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: dict[str, Any]) -> None:
+        timing = Timing(
+            start_ms=flow.metadata.get(STARTED_MS, res.created_ms),
+            first_byte_ms=flow.metadata.get(FIRST_BYTE_MS),
+            end_ms=_ms(),
+        )
+        task = asyncio.ensure_future(self._finish(res, plan, timing))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish(self, res: Reservation, plan: dict[str, Any], timing: Timing) -> None:
+        ledger = self._link.get()
+        try:
+            if plan["action"] == "release":
+                await ledger.release(res, plan["reason"], timing)
+            else:
+                charge = await ledger.settle(
+                    res,
+                    plan["prompt"],
+                    plan["completion"],
+                    plan["cached"],
+                    plan["source"],
+                    timing,
+                    status=plan["status"],
+                )
+                log.info(
+                    "charged",
+                    request_id=res.request_id,
+                    model=res.model,
+                    source=plan["source"],
+                    prompt_tokens=plan["prompt"],
+                    completion_tokens=plan["completion"],
+                    cached_tokens=plan["cached"],
+                    charge_micro=charge,
+                    reserved_micro=res.amount_micro,
+                )
+        except Exception as e:
+            # The reservation stays open; the ledger's recovery rule charges it in full.
+            log.error("settlement_failed", request_id=res.request_id, error=type(e).__name__)
+
+
+def _settlement(flow: http.HTTPFlow, res: Reservation, *, complete: bool) -> dict[str, Any]:
+    """What to charge for a finished (or broken-off) flow."""
+    resp = flow.response
+    tally: StreamTally | None = flow.metadata.get(TALLY)
+    status = "ok" if complete else "aborted"
+    if resp is None or (resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0)):
+        return {"action": "release", "reason": _release_reason(flow)}
+    if tally is not None:
+        if tally.opaque:
+            return _full_hold(flow, res)
+        usage = _usage(tally.usage)
+        if usage is not None:
+            return {**usage, "action": "settle", "source": "usage", "status": status}
+        return _from_bytes(flow, tally.generated_bytes, status)
+    # A complete JSON answer (not streamed).
+    try:
+        doc = resp.json()
+    except ValueError:
+        return _full_hold(flow, res)
+    usage = _usage(doc.get("usage")) if isinstance(doc, dict) else None
+    if usage is not None:
+        return {**usage, "action": "settle", "source": "usage", "status": status}
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    messages = [{"delta": c.get("message")} for c in choices or () if isinstance(c, dict)]
+    return _from_bytes(flow, generated_bytes(messages), status)
+
+
+def _release_reason(flow: http.HTTPFlow) -> str:
+    if flow.response is not None:
+        return f"upstream answered HTTP {flow.response.status_code}"
+    return "no response from the upstream"
+
+
+def _usage(usage: Any) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    counts = (prompt, completion, cached or 0)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return None
+    if counts[2] > counts[0]:
+        return None
+    return {"prompt": counts[0], "completion": counts[1], "cached": counts[2]}
+
+
+def _prompt_estimate(flow: http.HTTPFlow) -> int:
+    req: ChatRequest = flow.metadata["teegate.chat"]
+    return estimate_prompt_tokens(req.model_dump(mode="json", exclude_unset=True))
+
+
+def _from_bytes(flow: http.HTTPFlow, n_bytes: int, status: str) -> dict[str, Any]:
+    return {
+        "action": "settle",
+        "source": "bytes",
+        "status": status,
+        "prompt": _prompt_estimate(flow),
+        "completion": tokens_from_bytes(n_bytes),
+        "cached": 0,
+    }
+
+
+def _full_hold(flow: http.HTTPFlow, res: Reservation) -> dict[str, Any]:
+    """We could not read what was served: charge what was reserved (its upper bound)."""
+    req: ChatRequest = flow.metadata["teegate.chat"]
+    return {
+        "action": "settle",
+        "source": "bytes",
+        "status": "unreadable",
+        "prompt": _prompt_estimate(flow),
+        "completion": req.output_budget,
+        "cached": 0,
+    }

@@ -1,0 +1,103 @@
+"""Per-key request rate limits, with OpenAI-style headers on every response.
+
+A fixed one-minute window per key (the key's own limit, else the default).
+Requests without a valid key are counted per client address, so guessing keys
+is throttled too. Over the limit: ``429 rate_limit_exceeded`` with
+``Retry-After``, before the balance is checked and before anything goes
+upstream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import cachetools
+from mitmproxy import ctx, exceptions, http
+
+from addons.auth import KEY
+from addons.errors import GatewayError, guarded, refuse
+from addons.stages import passed
+
+WINDOW_S = 60
+HEADERS = "teegate.ratelimit"
+
+
+@dataclass(slots=True)
+class _Window:
+    started: float
+    count: int = 0
+
+
+class RateLimit:
+    def __init__(self, clock=time.time) -> None:
+        self._clock = clock
+        # Idle buckets fall out after two windows; the size bound caps memory under a flood.
+        self._windows: cachetools.TTLCache[str, _Window] = cachetools.TTLCache(
+            maxsize=200_000, ttl=2 * WINDOW_S, timer=clock
+        )
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "teegate_rate_limit_rpm",
+            int,
+            1000,
+            "Requests per minute per API key, unless the key sets its own limit.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if ctx.options.teegate_rate_limit_rpm < 1:
+            raise exceptions.OptionsError("teegate_rate_limit_rpm must be at least 1")
+
+    @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        key = flow.metadata.get(KEY)
+        if key is not None:
+            bucket, limit = (
+                f"key:{key.key_id}",
+                key.rate_limit or ctx.options.teegate_rate_limit_rpm,
+            )
+        elif flow.response is not None and flow.response.status_code == 401:
+            bucket, limit = f"ip:{flow.client_conn.peername[0]}", ctx.options.teegate_rate_limit_rpm
+        else:
+            return
+        now = self._clock()
+        window = self._windows.get(bucket)
+        if window is None or now - window.started >= WINDOW_S:
+            window = _Window(started=now)
+        window.count += 1
+        self._windows[bucket] = window
+        reset = math.ceil(window.started + WINDOW_S)
+        remaining = max(limit - window.count, 0)
+        flow.metadata[HEADERS] = {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(remaining),
+            "x-ratelimit-reset": str(reset),
+        }
+        if window.count > limit:
+            retry = max(math.ceil(window.started + WINDOW_S - now), 1)
+            refuse(
+                flow,
+                GatewayError(
+                    429,
+                    f"Rate limit reached: {limit} requests per minute. Retry in {retry} s.",
+                    "rate_limit_exceeded",
+                    type="rate_limit_error",
+                    headers={"retry-after": str(retry)},
+                ),
+            )
+            return
+        if key is not None:
+            passed(flow, "ratelimit")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)
+
+    def _stamp(self, flow: http.HTTPFlow) -> None:
+        headers = flow.metadata.get(HEADERS)
+        if headers and flow.response is not None:
+            flow.response.headers.update(headers)
