@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from teegate import config, logs
 
 SANDBOX_KEY = "sandbox-upstream-key"
 READY = "SANDBOX READY "
+DEMO_BALANCE_MICRO = 10_000_000  # $10.00
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--listen", default=None, help="gateway address (default: listen.reverse, 127.0.0.1:8080)"
     )
     p.add_argument("--chunk-delay-ms", type=int, default=40, help="pace of simulated streams")
+    p.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="ledger database to use (default: a fresh temporary one with a funded demo account)",
+    )
     p.set_defaults(func=_sandbox)
 
 
@@ -58,10 +66,12 @@ def _sandbox(args: argparse.Namespace) -> int:
         print(f"teegate: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log.level)
+    db, demo_key = _demo_ledger(args.db, settings.ledger.key_prefix)
     upstream, base_url = start_upstream(["--chunk-delay-ms", str(args.chunk_delay_ms)])
     try:
         settings = settings.model_copy(
             update={
+                "ledger": settings.ledger.model_copy(update={"path": db}),
                 "upstream": settings.upstream.model_copy(
                     update={"base_url": base_url, "api_key": SANDBOX_KEY}
                 ),
@@ -76,7 +86,7 @@ def _sandbox(args: argparse.Namespace) -> int:
             print(line, flush=True)
             if line.startswith("TEEGATE READY reverse "):
                 url = line.split()[-1]
-                print(_banner(url, base_url), flush=True)
+                print(_banner(url, base_url, demo_key, db), flush=True)
 
         return run(settings, ready=Ready(announce))
     finally:
@@ -87,20 +97,48 @@ def _sandbox(args: argparse.Namespace) -> int:
             upstream.kill()
 
 
-def _banner(gateway: str, upstream: str) -> str:
+def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:
+    """A ledger with a funded demo account and a key (a fresh temporary one by default)."""
+    import asyncio
+
+    from ledger import Store
+    from ledger.keys import new_key
+
+    if db is not None:
+        return db, None  # the operator's own ledger: use its keys
+
+    async def provision(path: Path) -> str:
+        store = await Store.open(path)
+        try:
+            account = await store.create_account("demo", DEMO_BALANCE_MICRO)
+            plaintext, digest = new_key(prefix)
+            await store.insert_key(account.id, digest, "sandbox demo", None)
+        finally:
+            await store.close()
+        return plaintext
+
+    path = Path(tempfile.mkdtemp(prefix="teegate-sandbox-")) / "teegate.sqlite3"
+    return path, asyncio.run(provision(path))
+
+
+def _banner(gateway: str, upstream: str, key: str | None, db: Path) -> str:
     model = "deepseek-ai/DeepSeek-V3.2-TEE"
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    shown = key or "<a key from: teegate keys create ACCOUNT --db " + str(db) + ">"
+    funded = f"demo account with $10.00, key {key}" if key else f"your ledger {db}"
     return f"""
 teegate sandbox is up.
   gateway (OpenAI base_url): {gateway}/v1
   simulated confidential upstream: {upstream}
+  billing: {funded}
+  ledger: {db}   (try: teegate usage --db {db})
 
-  curl {gateway}/v1/models
-  curl {gateway}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{body}'
+  curl {gateway}/v1/models -H 'authorization: Bearer {shown}'
+  curl {gateway}/v1/chat/completions -H 'authorization: Bearer {shown}' \\
+       -H 'content-type: application/json' -d '{body}'
 
   from openai import OpenAI
-  client = OpenAI(base_url="{gateway}/v1", api_key="sk-any")
+  client = OpenAI(base_url="{gateway}/v1", api_key="{shown}")
   reply = client.chat.completions.create(
       model="{model}", messages=[{{"role": "user", "content": "Hello"}}])
 
