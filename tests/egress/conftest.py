@@ -29,6 +29,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.accounts import balance_micro
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
@@ -36,7 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_MODELS = REPO / "tests" / "data" / "models.json"
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
 NON_TEE = "deepseek-ai/DeepSeek-V3"
-CLIENT_KEY = "sk-client-not-for-upstream"
 LISTED, AUDITED, UNLISTED = "127.0.0.3", "127.0.0.5", "127.0.0.4"
 
 
@@ -134,14 +134,33 @@ def egress_openai(
 ) -> Callable[..., openai.OpenAI]:
     """The openai SDK as an app behind the proxy builds it (each client owns its httpx client)."""
 
-    def make(base_url: str, api_key: str = CLIENT_KEY) -> openai.OpenAI:
+    def make(base_url: str, api_key: str | None = None) -> openai.OpenAI:
+        """``api_key`` defaults to the gateway key of the funded test account."""
         verify = ssl.create_default_context(cafile=str(gateway_ca))
         http_client = httpx.Client(proxy=gateway.urls["regular"], verify=verify, timeout=30)
         return openai.OpenAI(
-            base_url=base_url, api_key=api_key, http_client=http_client, max_retries=0
+            base_url=base_url,
+            api_key=api_key or gateway.api_key,
+            http_client=http_client,
+            max_retries=0,
         )
 
     return make
+
+
+def balance(gw: GatewayProc) -> int:
+    """The test account's balance, micro-USD, read with the operator command line."""
+    return balance_micro(gw.db, "test")
+
+
+def wait_for_balance_change(gw: GatewayProc, before: int, timeout: float = 10.0) -> int:
+    """Poll (with a deadline) until a charge has landed; return how much was charged."""
+    deadline = time.monotonic() + timeout
+    while (now := balance(gw)) == before:
+        if time.monotonic() > deadline:
+            raise AssertionError("no charge landed")
+        time.sleep(0.05)
+    return before - now
 
 
 def chat_count(proc: SandboxProc) -> int:

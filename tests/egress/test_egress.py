@@ -17,12 +17,13 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.egress.conftest import (
-    CLIENT_KEY,
     NON_TEE,
     TEE,
+    balance,
     chat_count,
     connect_tunnel,
     log_events,
+    wait_for_balance_change,
     wait_for_event,
 )
 
@@ -34,26 +35,52 @@ MSG = [{"role": "user", "content": PROMPT}]
 
 
 def test_tee_model_succeeds_with_the_upstream_key_swapped_in(egress_openai, upstream, gateway):
+    before = balance(gateway)
     with egress_openai(upstream.api_base) as client:
         raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
     completion = raw.parse()
     assert completion.model == TEE and completion.choices[0].message.content
     rid = raw.headers["x-request-id"]
     assert rid.startswith("req_")  # the gateway answered, not the upstream directly
+    assert raw.headers["x-ratelimit-limit"].isdigit()  # the reverse path's rate limit too
     seen = upstream.stats()["chat"]
     assert len(seen) == 1
     assert seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
-    assert CLIENT_KEY not in str(seen[0]["headers"])
+    assert gateway.api_key not in str(seen[0]["headers"])
     line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
     assert line["mode"] == "egress" and line["decision"] == "forwarded"
     assert line["host"] == f"127.0.0.1:{upstream.port}" and line["status"] == 200
+    assert wait_for_balance_change(gateway, before) > 0
 
 
-def test_non_tee_model_is_refused_by_the_same_gate(egress_openai, upstream):
+def test_egress_is_billed_exactly_like_reverse(egress_openai, upstream, gateway):
+    """Same request both ways (the sandbox's usage is deterministic): same charge."""
+    before = balance(gateway)
+    with openai.OpenAI(
+        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0
+    ) as reverse:
+        reverse.chat.completions.create(model=TEE, messages=MSG, max_tokens=20)
+    via_reverse = wait_for_balance_change(gateway, before)
+    before = balance(gateway)
+    with egress_openai(upstream.api_base) as client:
+        client.chat.completions.create(model=TEE, messages=MSG, max_tokens=20)
+    assert wait_for_balance_change(gateway, before) == via_reverse > 0
+
+
+def test_a_key_the_ledger_does_not_know_is_refused(egress_openai, upstream):
+    with egress_openai(upstream.api_base, api_key="vgpu_sk_not_a_real_key") as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model=TEE, messages=MSG)
+    assert chat_count(upstream) == 0
+
+
+def test_non_tee_model_is_refused_by_the_same_gate(egress_openai, upstream, gateway):
+    before = balance(gateway)
     with egress_openai(upstream.api_base) as client, pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NON_TEE, messages=MSG)
     assert e.value.body["code"] == "model_not_confidential"
     assert chat_count(upstream) == 0
+    assert balance(gateway) == before
 
 
 def test_model_list_is_answered_locally_like_reverse_mode(egress_openai, upstream):
@@ -82,7 +109,10 @@ def test_intercepted_upstream_shows_the_gateway_certificate(gateway, upstream, g
 # -- another LLM provider: refused, nothing forwarded -------------------------------------
 
 
-def test_listed_llm_host_gets_provider_not_confidential(egress_openai, listed_tls, upstream):
+def test_listed_llm_host_gets_provider_not_confidential(
+    egress_openai, listed_tls, upstream, gateway
+):
+    before = balance(gateway)
     host = f"127.0.0.3:{listed_tls.port}"
     with egress_openai(listed_tls.api_base) as client:
         with pytest.raises(openai.PermissionDeniedError) as e:
@@ -93,6 +123,7 @@ def test_listed_llm_host_gets_provider_not_confidential(egress_openai, listed_tl
     assert host in err["message"] and f"{upstream.base_url}/v1" in err["message"]
     assert listed_tls.stats()["total"] == 0
     assert chat_count(upstream) == 0
+    assert balance(gateway) == before
 
 
 def test_every_request_to_a_listed_host_is_refused(egress_http, listed_tls):
@@ -147,6 +178,7 @@ def test_a_refused_tls_host_is_never_connected_to(gateway, gateway_ca):
 
 
 def test_audit_host_is_forwarded_as_is_and_logged(egress_openai, audited, gateway):
+    before = balance(gateway)
     with egress_openai(audited.api_base, api_key=audited.api_key) as client:
         raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
     assert raw.parse().choices[0].message.content
@@ -157,6 +189,7 @@ def test_audit_host_is_forwarded_as_is_and_logged(egress_openai, audited, gatewa
     line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
     assert line["decision"] == "audit" and line["host"] == f"127.0.0.5:{audited.port}"
     assert wait_for_event(gateway, lambda e: e.get("event") == "egress_audit")
+    assert balance(gateway) == before  # not a confidential call: not billed by the gateway
 
 
 # -- every other host: untouched ---------------------------------------------------------
@@ -221,7 +254,9 @@ def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
 
 def test_reverse_listener_still_gates_while_egress_runs(gateway, upstream, unlisted_plain):
     assert set(gateway.urls) == {"reverse", "regular"}
-    with openai.OpenAI(base_url=gateway.api_base, api_key=CLIENT_KEY, max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0
+    ) as c:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NON_TEE, messages=MSG)
         assert e.value.body["code"] == "model_not_confidential"
@@ -247,7 +282,7 @@ def test_logs_carry_no_prompt_and_no_key(egress_openai, upstream, listed_tls, ga
         client.chat.completions.create(model=TEE, messages=MSG)
     wait_for_event(gateway, lambda e: e.get("error_code") == "provider_not_confidential")
     text = gateway.log_text()
-    assert PROMPT not in text and CLIENT_KEY not in text and upstream.api_key not in text
+    assert PROMPT not in text and gateway.api_key not in text and upstream.api_key not in text
     modes = {e.get("mode") for e in log_events(gateway) if e.get("event") == "request"}
     assert "egress" in modes
 
@@ -293,7 +328,8 @@ def test_an_app_configured_only_by_environment_variables(gateway, gateway_ca, up
     }
     code = (
         "import openai\n"
-        f"c = openai.OpenAI(base_url={upstream.api_base!r}, api_key='sk-app', max_retries=0)\n"
+        f"c = openai.OpenAI(base_url={upstream.api_base!r}, api_key={gateway.api_key!r},"
+        " max_retries=0)\n"
         f"print(c.chat.completions.create(model={TEE!r}, messages={MSG!r}).model)\n"
     )
     out = subprocess.run(
