@@ -58,7 +58,7 @@ class Policy(BaseModel):
     require_event_log: bool = False
     """Refuse evidence without an event log (one that is given is always replayed)."""
 
-    reattest_interval_s: int = Field(600, ge=10)
+    reattest_interval_s: int = Field(600, ge=1)
     retry_interval_s: int = Field(60, ge=1)
     """How soon a failed attestation is tried again."""
     verdict_grace_s: int = Field(120, ge=0)

@@ -65,6 +65,7 @@ class AttestationService:
         self._sem = asyncio.Semaphore(policy.max_concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[Verdict], None]] = []
 
     # -- the gate's side: sync and cheap -----------------------------------------------
 
@@ -80,6 +81,11 @@ class AttestationService:
                 return "attestation pending: not yet attested"
             return "attestation failed: model is not attested"
         return v.refusal(self._clock())
+
+    def on_verdict(self, listener: Callable[[Verdict], None]) -> None:
+        """Call ``listener(verdict)`` whenever a model's cached verdict is replaced, so a
+        caller waiting for a model's first verdict need not poll."""
+        self._listeners.append(listener)
 
     def note_signing_key(self, model: str, address: str) -> None:
         """Report the signing key the upstream used for ``model`` (e.g. on a signed
@@ -248,6 +254,8 @@ class AttestationService:
         )
         # A re-attestation requested while this one was in flight keeps its earlier time.
         self._schedule(verdict.model, min(next_at, self._due.get(verdict.model, next_at)))
+        for listener in self._listeners:
+            listener(verdict)
         if previous is None or previous.ok != verdict.ok or previous.reason != verdict.reason:
             log.info(
                 "attestation_verdict", model=verdict.model, ok=verdict.ok, reason=verdict.reason
