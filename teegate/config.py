@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from addons.egress_hosts import DEFAULT_LLM_HOSTS, HostPattern
+from catalog.attestation import Policy
+from teegate import attestation_settings
 
 
 class _Section(BaseModel):
@@ -168,6 +170,8 @@ class Settings(_Section):
     egress: EgressSettings = EgressSettings()
     ledger: LedgerSettings = LedgerSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
+    attestation: Policy = Policy()
+    """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
 
 
 class ConfigError(Exception):
@@ -197,7 +201,11 @@ def _beside(settings: Settings, folder: Path) -> Settings:
     if not db.is_absolute():
         ledger = settings.ledger.model_copy(update={"path": (folder / db).resolve()})
         settings = settings.model_copy(update={"ledger": ledger})
-    return settings
+    try:
+        attestation = attestation_settings.resolve(settings.attestation, folder)
+    except ValueError as e:
+        raise ConfigError(f"attestation.{e}") from None
+    return settings.model_copy(update={"attestation": attestation})
 
 
 def _describe(path: Path | None, e: ValidationError) -> str:
