@@ -12,6 +12,9 @@ from mitmproxy import ctx, options
 from mitmproxy.tools.dump import DumpMaster
 
 from addons.accesslog import AccessLog
+from addons.attestation import AttestationSync
+from addons.attestation_gate import AttestationGate
+from addons.attestation_report import AttestationReport
 from addons.auth import Auth
 from addons.billing import Billing
 from addons.catalogsync import CatalogSync
@@ -31,7 +34,7 @@ from ledger import Ledger, LedgerError
 from teegate.config import Settings
 
 # Every one of these must approve a chat completion before Seal lets it leave.
-REQUIRED_STAGES = ("auth", "ratelimit", "validate", "gate", "billing", "upstream")
+REQUIRED_STAGES = ("auth", "ratelimit", "validate", "gate", "attestation", "billing", "upstream")
 
 
 def build_addons(
@@ -40,15 +43,19 @@ def build_addons(
     """The request path, in hook order."""
     catalog = CatalogSync()
     link = ledger or LedgerLink()
+    attestation = AttestationSync(catalog)
     return [
         AccessLog(),
         catalog,
+        attestation,  # after the catalog: subscribes to its refreshes in running()
         Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
         Auth(link),
         RateLimit(),
-        Router(catalog),
+        AttestationReport(catalog, attestation),  # after the key check, before Router's 404
+        Router(catalog, attestation),
         ChatValidator(),
         Gate(catalog),
+        AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
         Billing(link),
         UpstreamRewrite(),
         StreamRelay(),
@@ -81,6 +88,7 @@ def option_values(settings: Settings) -> dict[str, Any]:
         "teegate_default_max_tokens": settings.defaults.max_tokens,
         "teegate_default_temperature": repr(settings.defaults.temperature),
         "teegate_default_top_p": repr(settings.defaults.top_p),
+        "teegate_attestation": settings.attestation.model_dump_json(),
     }
     if up.ca_file:
         values["ssl_verify_upstream_trusted_ca"] = str(up.ca_file)
