@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.accounts import create_account, create_key
+from tests.support.attestation import attestation_toml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "TEEGATE READY "
@@ -84,7 +85,13 @@ class GatewayProc:
         self.stop()
 
 
-def write_config(workdir: Path, upstream_url: str, upstream_key: str, extra_toml: str = "") -> Path:
+def write_config(
+    workdir: Path,
+    upstream_url: str,
+    upstream_key: str,
+    extra_toml: str = "",
+    attestation: str = "sandbox",
+) -> Path:
     """A proxy.toml on free ports; ``extra_toml`` may add keys to any table (TOML dotted keys).
 
     The egress listener also gets a free port, and its CA a directory in ``workdir`` (never the
@@ -96,6 +103,8 @@ def write_config(workdir: Path, upstream_url: str, upstream_key: str, extra_toml
         defaults += 'listen.egress = "127.0.0.2:0"\n'
     if not re.search(r"^\s*(egress\.confdir\s*=|\[egress\])", extra_toml, re.M):
         defaults += f'egress.confdir = "{workdir / "ca"}"\n'
+    # dcap against the sandbox's test root unless asked otherwise: tests/support/attestation.py
+    defaults += attestation_toml(workdir, upstream_url, extra_toml, attestation)
     text = (
         f'upstream.base_url = "{upstream_url}"\n'
         f'upstream.api_key = "{upstream_key}"\n'
@@ -118,6 +127,7 @@ def start_gateway(
     module: str = "teegate",
     args: tuple[str, ...] = (),
     balance_usd: str | None = "100",
+    attestation: str = "sandbox",
 ) -> GatewayProc:
     """Start the gateway and wait (bounded) until every listener is bound.
 
@@ -127,7 +137,7 @@ def start_gateway(
     fresh = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="teegate-test-"))
     config = workdir / "proxy.toml"
-    write_config(workdir, upstream_url, upstream_key, extra_toml)
+    write_config(workdir, upstream_url, upstream_key, extra_toml, attestation)
     api_key = None
     if fresh and balance_usd is not None:
         db = workdir / "teegate.sqlite3"
