@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 from mitmproxy import http
 
+from addons.attestation import AttestationSync
 from addons.catalogsync import CatalogSync
 from addons.errors import GatewayError, guarded, json_response, refuse
 from catalog.models import CatalogModel, micro_to_usd
@@ -63,8 +64,9 @@ def model_object(m: CatalogModel) -> dict:
 
 
 class Router:
-    def __init__(self, catalog: CatalogSync) -> None:
+    def __init__(self, catalog: CatalogSync, attestation: AttestationSync | None = None) -> None:
         self._sync = catalog
+        self._attestation = attestation
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
@@ -109,20 +111,24 @@ class Router:
             refuse(flow, catalog_unavailable())
             return
         models = snap.models
+        att = self._attestation
+        if att is not None:  # list only what the gate would serve: attested now
+            models = {i: models[i] for i in att.served(snap)}
         if path == "/v1/models":
-            body = {"object": "list", "data": [model_object(m) for m in models.values()]}
+            body = {"object": "list", "data": [self._object(m) for m in models.values()]}
             flow.response = json_response(200, body)
             return
         model_id = unquote(path.removeprefix("/v1/models/"))
         model = models.get(model_id)
         if model is not None:
-            flow.response = json_response(200, model_object(model))
-        elif model_id in snap.non_confidential:
+            flow.response = json_response(200, self._object(model))
+        elif model_id in snap.non_confidential or model_id in snap.models:
+            why = f" ({att.refusal(model_id)})" if att and model_id in snap.models else ""
             refuse(
                 flow,
                 GatewayError(
                     404,
-                    f"Model '{model_id}' is not Confidential Compute.",
+                    f"Model '{model_id}' is not Confidential Compute.{why}",
                     "model_not_confidential",
                     param="model",
                 ),
@@ -134,6 +140,12 @@ class Router:
                     404, f"The model '{model_id}' does not exist.", "model_not_found", param="model"
                 ),
             )
+
+    def _object(self, m: CatalogModel) -> dict:
+        obj = model_object(m)
+        if self._attestation is not None:
+            obj["attestation"] = self._attestation.describe(m.id)
+        return obj
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from teegate import config, logs
+from teegate.sandbox_attestation import banner, fetch_sandbox_trust, sandbox_policy
 
 SANDBOX_KEY = "sandbox-upstream-key"
 READY = "SANDBOX READY "
@@ -69,8 +70,12 @@ def _sandbox(args: argparse.Namespace) -> int:
     db, demo_key = _demo_ledger(args.db, settings.ledger.key_prefix)
     upstream, base_url = start_upstream(["--chunk-delay-ms", str(args.chunk_delay_ms)])
     try:
+        # The sandbox's quotes chain to its own test root: trust that root (and pin its TD's
+        # measurements), loudly, in this process only.
+        trust = fetch_sandbox_trust(base_url, Path(tempfile.mkdtemp(prefix="teegate-sandbox-")))
         settings = settings.model_copy(
             update={
+                "attestation": sandbox_policy(settings.attestation, trust),
                 "ledger": settings.ledger.model_copy(update={"path": db}),
                 "upstream": settings.upstream.model_copy(
                     update={"base_url": base_url, "api_key": SANDBOX_KEY}
@@ -87,6 +92,7 @@ def _sandbox(args: argparse.Namespace) -> int:
             if line.startswith("TEEGATE READY reverse "):
                 url = line.split()[-1]
                 print(_banner(url, base_url, demo_key, db), flush=True)
+                print(banner(settings.attestation), flush=True)
 
         return run(settings, ready=Ready(announce))
     finally:
@@ -95,6 +101,13 @@ def _sandbox(args: argparse.Namespace) -> int:
             upstream.wait(5)
         except subprocess.TimeoutExpired:
             upstream.kill()
+
+
+def attestation_toml(base_url: str) -> str:
+    """The ``attestation.*`` keys this command uses against the sandbox at ``base_url``, as
+    TOML dotted keys (the benchmark configures its gateway the same way)."""
+    trust = fetch_sandbox_trust(base_url, Path(tempfile.mkdtemp(prefix="teegate-sandbox-")))
+    return trust.toml()
 
 
 def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:

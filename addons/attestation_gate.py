@@ -1,0 +1,80 @@
+"""The attestation half of the gate, and the headers saying what backed each response.
+
+After the catalog gate approved a chat completion, the model must also hold a passing cached
+verdict (dcap mode: a verified TDX quote, not yet expired; flag mode: the catalog's flag).
+Otherwise ``400 model_not_confidential``, with the verdict's reason, and nothing goes upstream.
+The stage this records (``attestation``) is one Seal requires.
+
+Every response the gateway gives says which mode made the decision
+(``x-teegate-attestation-mode``); a served chat completion in dcap mode also carries the
+verdict it was served under: when it was verified, the quote's SHA-256, the signing address
+and the root the quote chained to. A gateway in flag mode sends none of those, so it never
+appears to claim a hardware verification it did not make.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from addons.attestation import AttestationSync
+from addons.errors import guarded, refuse
+from addons.gate import not_confidential
+from addons.stages import has_passed, is_chat, passed
+from catalog.attestation import Verdict
+
+MODE = "x-teegate-attestation-mode"
+ATTESTED_AT = "x-teegate-attested-at"
+QUOTE_SHA256 = "x-teegate-quote-sha256"
+SIGNING_ADDRESS = "x-teegate-signing-address"
+ROOT = "x-teegate-attestation-root"
+ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT)
+HEADERS = "teegate.attestation_headers"
+FIRST_VERDICT_WAIT_S = 5.0
+
+
+def verdict_headers(mode: str, verdict: Verdict | None) -> dict[str, str]:
+    """What a chat completion served under ``verdict`` says about it."""
+    headers = {MODE: mode}
+    if mode == "dcap" and verdict is not None and verdict.mode == "dcap" and verdict.ok:
+        headers[ATTESTED_AT] = str(verdict.verified_at)
+        if verdict.quote_sha256:
+            headers[QUOTE_SHA256] = verdict.quote_sha256
+        if verdict.signing_address:
+            headers[SIGNING_ADDRESS] = verdict.signing_address
+        if verdict.root:
+            headers[ROOT] = verdict.root
+    return headers
+
+
+class AttestationGate:
+    def __init__(self, attestation: AttestationSync) -> None:
+        self._att = attestation
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not is_chat(flow) or not has_passed(flow, "gate"):
+            return
+        model_id: str = flow.metadata["teegate.model"].id
+        if self._att.pending(model_id):
+            await self._att.first_verdicts([model_id], FIRST_VERDICT_WAIT_S)
+        # Read once, with no await in between: the verdict checked is the one reported.
+        verdict = self._att.verdict(model_id)
+        why = self._att.refusal(model_id)
+        if why is not None:
+            refuse(flow, not_confidential(model_id, None, why))
+            return
+        flow.metadata[HEADERS] = verdict_headers(self._att.mode, verdict)
+        passed(flow, "attestation")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)  # before a stream's headers leave
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._stamp(flow)  # locally answered flows (refusals, /v1/models) get no responseheaders
+
+    def _stamp(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or flow.metadata.get("teegate.route") == "passthrough":
+            return
+        for name in ALL:  # only the gateway speaks for attestation, never the upstream
+            flow.response.headers.pop(name, None)
+        flow.response.headers.update(flow.metadata.get(HEADERS) or {MODE: self._att.mode})
