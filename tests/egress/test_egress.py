@@ -53,18 +53,25 @@ def test_tee_model_succeeds_with_the_upstream_key_swapped_in(egress_openai, upst
     assert wait_for_balance_change(gateway, before) > 0
 
 
-def test_egress_is_billed_exactly_like_reverse(egress_openai, upstream, gateway):
-    """Same request both ways (the sandbox's usage is deterministic): same charge."""
+def test_egress_is_attested_and_billed_exactly_like_reverse(egress_openai, upstream, gateway):
+    """Same request both ways (the sandbox's usage is deterministic): same charge, same
+    attestation evidence in the response headers."""
     before = balance(gateway)
     with openai.OpenAI(
         base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0
     ) as reverse:
-        reverse.chat.completions.create(model=TEE, messages=MSG, max_tokens=20)
+        r1 = reverse.chat.completions.with_raw_response.create(
+            model=TEE, messages=MSG, max_tokens=20
+        )
     via_reverse = wait_for_balance_change(gateway, before)
     before = balance(gateway)
     with egress_openai(upstream.api_base) as client:
-        client.chat.completions.create(model=TEE, messages=MSG, max_tokens=20)
+        r2 = client.chat.completions.with_raw_response.create(
+            model=TEE, messages=MSG, max_tokens=20
+        )
     assert wait_for_balance_change(gateway, before) == via_reverse > 0
+    quote = "x-teegate-quote-sha256"
+    assert r1.headers[quote] and r2.headers[quote] == r1.headers[quote]
 
 
 def test_a_key_the_ledger_does_not_know_is_refused(egress_openai, upstream):
