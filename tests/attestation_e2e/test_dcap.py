@@ -226,3 +226,9 @@ def test_every_response_names_the_mode(http):
     ):
         assert resp.headers["x-teegate-attestation-mode"] == "dcap", resp.text
         assert "x-teegate-quote-sha256" not in resp.headers  # nothing was served under a quote
+
+
+def test_the_test_root_is_announced_loudly(gateway):
+    log = gateway.log_text()
+    assert "WARNING: attestation.test_root_ca is set" in log  # plain, whatever the log level
+    assert "attestation_test_root_in_use" in log
