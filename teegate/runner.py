@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, options
-from mitmproxy.tools.dump import DumpMaster
 
 from addons.accesslog import AccessLog
 from addons.attestation import AttestationSync
@@ -32,6 +31,7 @@ from addons.upstream import UpstreamRewrite
 from addons.validate import ChatValidator
 from ledger import Ledger, LedgerError
 from teegate.config import Settings
+from teegate.master import GatewayMaster
 
 # Every one of these must approve a chat completion before Seal lets it leave.
 REQUIRED_STAGES = ("auth", "ratelimit", "validate", "gate", "attestation", "billing", "upstream")
@@ -124,7 +124,7 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
     # reservations of a crashed run are settled), closed after (queued charges commit).
     ledger = await Ledger.open(settings.ledger.path, key_prefix=settings.ledger.key_prefix)
     try:
-        master = DumpMaster(options.Options(), with_termlog=True, with_dumper=False)
+        master = GatewayMaster(options.Options())
         master.addons.add(*build_addons(settings, LedgerLink(ledger), ready))
         master.options.update(**option_values(settings))
         loop = asyncio.get_running_loop()
