@@ -19,6 +19,11 @@ from addons.stages import has_passed, is_chat, passed
 
 class UpstreamRewrite:
     def configure(self, updated: set[str]) -> None:
+        if getattr(ctx.options, "stream_large_bodies", None):
+            # Streamed request bodies go upstream before the request hook runs: no gate.
+            raise exceptions.OptionsError(
+                "stream_large_bodies would bypass the gate; leave it unset"
+            )
         if "teegate_upstream" in updated or not hasattr(self, "_origin"):
             parts = urlsplit(ctx.options.teegate_upstream)
             if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -157,3 +157,14 @@ async def test_guarded_hook_turns_an_exception_into_a_500(is_async):
         await result
     assert flow.response.status_code == 500
     assert b"secret" not in flow.response.content
+
+
+def test_streamed_request_bodies_are_refused_at_configuration():
+    """mitmproxy sends a streamed request body upstream before any request hook runs."""
+    from mitmproxy import exceptions
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    rewrite = UpstreamRewrite()
+    with taddons.context(CatalogSync(), Proxyserver(), rewrite) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="bypass the gate"):
+            tctx.configure(rewrite, stream_large_bodies="1m")
