@@ -30,6 +30,11 @@ log = structlog.get_logger("teegate.attestation")
 
 NOT_RUNNING = "attestation unavailable: the attestation service is not running"
 FLAG_BASIS = "catalog confidential flag only; no hardware attestation was verified"
+TEST_ROOT_WARNING = (
+    "attestation.test_root_ca is set: quotes are verified against a TEST root CA ({path}), "
+    "not Intel's. Anything signed by that test PKI passes as hardware-attested. Never use "
+    "this outside tests and the sandbox."
+)
 
 
 class AttestationSync:
@@ -69,8 +74,6 @@ class AttestationSync:
         )
         source = NearAiSource(opts.teegate_upstream, opts.teegate_upstream_key, self._client)
         if self.policy.mode == "dcap" and self.policy.test_root_ca is not None:
-            from teegate.attestation_settings import TEST_ROOT_WARNING
-
             # Loud on purpose, and not subject to the log level: this setting is for tests.
             print("WARNING: " + TEST_ROOT_WARNING.format(path=self.policy.test_root_ca),
                   file=sys.stderr, flush=True)

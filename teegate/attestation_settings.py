@@ -13,12 +13,6 @@ from cryptography import x509
 
 from catalog.attestation import Policy
 
-TEST_ROOT_WARNING = (
-    "attestation.test_root_ca is set: quotes are verified against a TEST root CA ({path}), "
-    "not Intel's. Anything signed by that test PKI passes as hardware-attested. Never use "
-    "this outside tests and the sandbox."
-)
-
 
 def resolve(policy: Policy, folder: Path) -> Policy:
     """``policy`` with ``test_root_ca`` made absolute (relative to ``folder``) and checked.
