@@ -225,6 +225,7 @@ class Bench:
                         concurrency=n,
                         rounds=self.prof.stream_rounds,
                         expected_spread_ms=spread,
+                        stagger_ms=spread,
                         time_limit=self.prof.stream_time_limit_s,
                     )
                     self.results["stream"].setdefault(name, {})[str(n)] = r

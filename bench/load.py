@@ -8,7 +8,8 @@ time per request than the proxies being measured, which would flatten every diff
 ``small``: a fixed number of identical POSTs shared by ``--concurrency`` connections, after a
 warm-up, stopped early at ``--time-limit``; reports requests/second and latency percentiles.
 
-``stream``: ``--concurrency`` connections each running ``--rounds`` streams one after the other;
+``stream``: ``--concurrency`` connections each running ``--rounds`` streams one after the other,
+their first streams spread over ``--stagger-ms`` so that that many streams are in flight at once;
 reports time to first byte (first SSE event), time to first token (first event carrying a
 non-empty ``content`` delta), inter-chunk delay between consecutive content events, and how
 many streams arrived *buffered* (their events spread over less than half the time the upstream
@@ -215,7 +216,8 @@ async def _stream(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     out = Outcome()
     deadline = time.monotonic() + args.time_limit
 
-    async def worker(conn: Connection, rounds: int) -> None:
+    async def worker(conn: Connection, rounds: int, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
         for _ in range(rounds):
             if time.monotonic() >= deadline:
                 break
@@ -235,8 +237,11 @@ async def _stream(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     traces.clear()
     out = Outcome()
     start = time.perf_counter()
+    # Staggered starts: N streams in flight at once, not N requests in the same millisecond
+    # (that burst measures request throughput, which the small-request figures already do).
+    step = args.stagger_ms / 1000 / args.concurrency
     await asyncio.gather(
-        *(worker(Connection(target), args.rounds) for _ in range(args.concurrency))
+        *(worker(Connection(target), args.rounds, i * step) for i in range(args.concurrency))
     )
     elapsed = time.perf_counter() - start
     ttfb = [(t.first_event - t.start) * 1000 for t in traces if t.first_event is not None]
@@ -252,6 +257,7 @@ async def _stream(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     return {
         "kind": "stream",
         "concurrency": args.concurrency,
+        "stagger_ms": args.stagger_ms,
         "streams": len(traces),
         "errors": out.errors,
         "statuses": out.statuses,
@@ -279,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="stream: first-to-last token time the upstream takes (buffering check)",
+    )
+    p.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="stream: spread the connections' first streams over this long",
     )
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per phase, at most")
     return p
