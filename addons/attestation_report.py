@@ -24,9 +24,7 @@ from mitmproxy import http
 from addons.attestation import AttestationSync
 from addons.catalogsync import CatalogSync
 from addons.errors import GatewayError, guarded, json_response, refuse
-from addons.routes import catalog_unavailable
 from catalog.attestation import Verdict
-from catalog.store import CatalogUnavailable
 
 REPORT_PATH = "/v1/attestation/report"
 FIRST_VERDICT_WAIT_S = 5.0
@@ -67,10 +65,15 @@ class AttestationReport:
         flow.metadata["teegate.route"] = "local"
         method = flow.request.method.upper()
         if method != "GET":
-            refuse(flow, GatewayError(
-                405, f"Method {method} is not allowed on {path}; use GET.",
-                "method_not_allowed", headers={"allow": "GET"},
-            ))
+            refuse(
+                flow,
+                GatewayError(
+                    405,
+                    f"Method {method} is not allowed on {path}; use GET.",
+                    "method_not_allowed",
+                    headers={"allow": "GET"},
+                ),
+            )
             return
         try:
             flow.response = json_response(200, await self._report(flow.request.query))
@@ -84,26 +87,25 @@ class AttestationReport:
             await self._att.first_verdicts(snap.models, FIRST_VERDICT_WAIT_S)
 
     def _model(self, model_id: str) -> str:
-        catalog = self._sync.catalog
-        try:
-            if catalog is None:
-                raise CatalogUnavailable
-            snap = catalog.current()
-        except CatalogUnavailable:
-            raise catalog_unavailable() from None
+        snap = self._sync.current()
         if model_id in snap.models:
             return model_id
         if model_id in snap.non_confidential:
-            raise _invalid("model", f"Model '{model_id}' is not Confidential Compute.",
-                           404, "model_not_confidential")
+            raise _invalid(
+                "model",
+                f"Model '{model_id}' is not Confidential Compute.",
+                404,
+                "model_not_confidential",
+            )
         shown = model_id if len(model_id) <= 200 else model_id[:200] + "..."
         raise _invalid("model", f"The model '{shown}' does not exist.", 404, "model_not_found")
 
     async def _report(self, query: Any) -> dict[str, Any]:
         model_id = query.get("model")
         if not model_id:
-            raise _invalid("model", "Missing required parameter: 'model'.",
-                           code="missing_required_parameter")
+            raise _invalid(
+                "model", "Missing required parameter: 'model'.", code="missing_required_parameter"
+            )
         algo = query.get("signing_algo", "ecdsa")
         if algo != "ecdsa":
             raise _invalid("signing_algo", "Invalid value for 'signing_algo': only 'ecdsa'.")
@@ -119,8 +121,10 @@ class AttestationReport:
             verdict = service.verdict(model)
             if verdict is None:
                 raise GatewayError(
-                    503, f"Model '{model}' has not been attested yet; retry shortly.",
-                    "attestation_pending", type="api_error",
+                    503,
+                    f"Model '{model}' has not been attested yet; retry shortly.",
+                    "attestation_pending",
+                    type="api_error",
                 )
         return self._body(model, verdict, nonce)
 

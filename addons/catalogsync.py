@@ -12,10 +12,24 @@ from decimal import Decimal, InvalidOperation
 import structlog
 from mitmproxy import ctx, exceptions
 
-from catalog.store import Catalog
+from addons.errors import GatewayError
+from catalog.store import Catalog, CatalogUnavailable, Snapshot
 from catalog.upstream import UpstreamCatalogClient
 
 log = structlog.get_logger("teegate.catalog")
+
+
+FIRST_LOAD_WAIT_S = 5.0
+
+
+def catalog_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "The confidential model catalog is unavailable or stale; refusing rather than "
+        "trusting an old list. Retry shortly.",
+        "catalog_unavailable",
+        type="api_error",
+    )
 
 
 class CatalogSync:
@@ -80,6 +94,21 @@ class CatalogSync:
             max_staleness_s=opts.teegate_catalog_max_staleness_s,
         )
         self._task = asyncio.create_task(self._poll(opts.teegate_catalog_refresh_s))
+
+    def current(self) -> Snapshot:
+        """The fresh snapshot, or a ``503 catalog_unavailable`` refusal to raise."""
+        try:
+            if self.catalog is None:
+                raise CatalogUnavailable
+            return self.catalog.current()
+        except CatalogUnavailable:
+            raise catalog_unavailable() from None
+
+    async def loaded(self) -> Snapshot:
+        """Like :meth:`current`, but waits (bounded) for the very first catalog."""
+        if self.catalog is not None and self.catalog.snapshot is None:
+            await self.catalog.ensure_loaded(FIRST_LOAD_WAIT_S)
+        return self.current()
 
     async def done(self) -> None:
         if self._task:

@@ -11,17 +11,15 @@ from mitmproxy import http
 
 from addons.catalogsync import CatalogSync
 from addons.errors import GatewayError, guarded, refuse
-from addons.routes import catalog_unavailable
 from addons.schema import ChatRequest
 from addons.stages import is_chat, passed
 from catalog.models import CatalogModel
-from catalog.store import CatalogUnavailable, suggest
+from catalog.store import suggest
 
 # Bytes of text per token used for the *lower* bound of a prompt's size: real
 # tokenizers average ~4 bytes per token on English and fewer elsewhere, so a
 # prompt with more than 8 bytes per token of headroom short is clearly too long.
 CONTEXT_BYTES_PER_TOKEN_MAX = 8
-FIRST_LOAD_WAIT_S = 5.0
 
 
 class Gate:
@@ -43,15 +41,7 @@ class Gate:
         passed(flow, "gate")
 
     async def _lookup(self, model_id: str) -> CatalogModel:
-        catalog = self._sync.catalog
-        if catalog is None:
-            raise catalog_unavailable()
-        if catalog.snapshot is None:
-            await catalog.ensure_loaded(FIRST_LOAD_WAIT_S)
-        try:
-            snap = catalog.current()
-        except CatalogUnavailable:
-            raise catalog_unavailable() from None
+        snap = await self._sync.loaded()
         model = snap.models.get(model_id)
         if model is None:
             raise not_confidential(model_id, suggest(model_id, snap.models))

@@ -16,7 +16,6 @@ from addons.attestation import AttestationSync
 from addons.catalogsync import CatalogSync
 from addons.errors import GatewayError, guarded, json_response, refuse
 from catalog.models import CatalogModel, micro_to_usd
-from catalog.store import CatalogUnavailable
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -24,16 +23,6 @@ _NOT_AVAILABLE = re.compile(
     r"^/v1/(embeddings|moderations|images(/.*)?|audio(/.*)?|video[^?]*|"
     r"fine_tuning(/.*)?|fine-tunes(/.*)?)$"
 )
-
-
-def catalog_unavailable() -> GatewayError:
-    return GatewayError(
-        503,
-        "The confidential model catalog is unavailable or stale; refusing rather than "
-        "trusting an old list. Retry shortly.",
-        "catalog_unavailable",
-        type="api_error",
-    )
 
 
 def model_object(m: CatalogModel) -> dict:
@@ -102,13 +91,10 @@ class Router:
             refuse(flow, GatewayError(404, f"Unknown endpoint: {method} {path}", "not_found"))
 
     def _models(self, flow: http.HTTPFlow, path: str) -> None:
-        catalog = self._sync.catalog
         try:
-            if catalog is None:
-                raise CatalogUnavailable
-            snap = catalog.current()
-        except CatalogUnavailable:
-            refuse(flow, catalog_unavailable())
+            snap = self._sync.current()
+        except GatewayError as e:
+            refuse(flow, e)
             return
         models = snap.models
         att = self._attestation

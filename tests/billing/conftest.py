@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.gateway.conftest import TEST_MODELS
-from tests.support.gateway_proc import GatewayProc, start_gateway
-from tests.support.sandbox_proc import SandboxProc, start_sandbox
+# The same processes as the gateway tests: a sandbox upstream and a gateway per module.
+from tests.gateway.conftest import _fresh_upstream, gateway, upstream  # noqa: F401
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
 MSG = [{"role": "user", "content": "Say hello"}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[SandboxProc]:
-    with start_sandbox("--models", str(TEST_MODELS)) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def gateway(upstream: SandboxProc) -> Iterator[GatewayProc]:
-    with start_gateway(upstream.base_url) as gw:
-        yield gw
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream(request: pytest.FixtureRequest) -> None:
-    if "upstream" in request.fixturenames:
-        request.getfixturevalue("upstream").reset()
 
 
 def usage_row(db: Path, request_id: str, *, settled: bool = True, timeout: float = 15) -> dict:
