@@ -13,6 +13,7 @@ THROUGHPUT_MIN_RATIO = 0.85
 ADDED_P50_MAX_MS = 1.0
 ADDED_TTFT_P50_MAX_MS = 2.0
 RSS_GROWTH_MAX = 1.10
+PACE_TIE_MS = 0.5  # inter-chunk delays this close count as level (timer resolution, not a lead)
 
 
 def _paths(doc: dict[str, Any], section: str) -> list[str]:
@@ -32,6 +33,8 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 def _bad(r: dict[str, Any]) -> int:
+    if "failed_in_repeats" in r:
+        return r["failed_in_repeats"]
     return r.get("errors", 0) + sum(n for c, n in r.get("statuses", {}).items() if c != "200")
 
 
@@ -216,12 +219,20 @@ def _behind_litellm(doc: dict[str, Any]) -> list[str]:
                 behind.append(f"latency {q} c={c}")
     for n, r in doc["stream"].get("teegate", {}).items():
         ll = doc["stream"].get("litellm", {}).get(n)
+        floor = doc["stream"].get("direct", {}).get(n)
         if ll is None:
             continue
-        for fig in ("ttft_ms", "inter_chunk_ms"):
-            for q in ("p50", "p99"):
-                if ll[fig][q] is not None and r[fig][q] is not None and r[fig][q] >= ll[fig][q]:
-                    behind.append(f"{fig[:-3]} {q} n={n}")
+        for q in ("p50", "p99"):
+            a, b = r["ttft_ms"][q], ll["ttft_ms"][q]
+            if a is not None and b is not None and a >= b:
+                behind.append(f"TTFT {q} n={n}")
+            # Inter-chunk delay: nearest to the upstream's own pace (the direct path) is best;
+            # bunched chunks (~0 ms, as from a buffering relay) are as far off as late ones.
+            if floor is None:
+                continue
+            pace, a, b = floor["inter_chunk_ms"][q], r["inter_chunk_ms"][q], ll["inter_chunk_ms"][q]
+            if None not in (pace, a, b) and abs(a - pace) > abs(b - pace) + PACE_TIE_MS:
+                behind.append(f"inter-chunk {q} (distance from direct's pace) n={n}")
         if r["buffered_streams"] > ll["buffered_streams"]:
             behind.append(f"buffered n={n}")
     tm, lm = doc["memory"].get("teegate", {}), doc["memory"].get("litellm", {})
