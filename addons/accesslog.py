@@ -42,12 +42,8 @@ class AccessLog:
         req, resp = flow.request, flow.response
         chat = flow.metadata.get("teegate.chat")
         upstream_ms = None
-        if resp is not None and flow.server_conn.timestamp_start and resp.timestamp_start:
-            upstream_ms = (
-                round((resp.timestamp_start - req.timestamp_end) * 1000, 1)
-                if req.timestamp_end
-                else None
-            )
+        if resp is not None and flow.server_conn.timestamp_start and req.timestamp_end:
+            upstream_ms = round((resp.timestamp_start - req.timestamp_end) * 1000, 1)
         log.info(
             "request",
             request_id=flow.metadata.get(REQUEST_ID),

@@ -105,23 +105,19 @@ class Billing:
             flow.metadata[FIRST_BYTE_MS] = _ms()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        res = flow.metadata.get(RESERVATION)
-        if res is None:
-            return
-        try:
-            plan = _settlement(flow, res, complete=True)
-        except Exception as e:  # the flow must still be charged: fall back to the whole hold
-            log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
-            plan = _full_hold(flow, res)
-        self._spawn(flow, res, plan)
+        self._close(flow, complete=True)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._close(flow, complete=False)
+
+    def _close(self, flow: http.HTTPFlow, *, complete: bool) -> None:
+        """Settle or release the flow's reservation, however the flow ended."""
         res = flow.metadata.get(RESERVATION)
         if res is None:
             return
         try:
-            plan = _settlement(flow, res, complete=False)
-        except Exception as e:
+            plan = _settlement(flow, res, complete=complete)
+        except Exception as e:  # the flow must still be charged: fall back to the whole hold
             log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
             plan = _full_hold(flow, res)
         self._spawn(flow, res, plan)

@@ -150,8 +150,8 @@ def _param_name(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[dict[str,any]]", "function-after[...]") or "[" in str(part):
-            continue  # pydantic's union-branch labels are not parameter names
+        elif part == "str" or "[" in str(part):
+            continue  # pydantic's union-branch labels ("str", "list[...]") are not parameter names
         else:
             out += ("." if out else "") + str(part)
     return out
