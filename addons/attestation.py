@@ -75,13 +75,19 @@ class AttestationSync:
         source = NearAiSource(opts.teegate_upstream, opts.teegate_upstream_key, self._client)
         if self.policy.mode == "dcap" and self.policy.test_root_ca is not None:
             # Loud on purpose, and not subject to the log level: this setting is for tests.
-            print("WARNING: " + TEST_ROOT_WARNING.format(path=self.policy.test_root_ca),
-                  file=sys.stderr, flush=True)
+            print(
+                "WARNING: " + TEST_ROOT_WARNING.format(path=self.policy.test_root_ca),
+                file=sys.stderr,
+                flush=True,
+            )
         self.service = AttestationService(source, self.policy)
         self.service.on_verdict(self._on_verdict)
         await self.service.start()
-        log.info("attestation_started", mode=self.policy.mode,
-                 root="test" if self.policy.test_root_ca else "intel")
+        log.info(
+            "attestation_started",
+            mode=self.policy.mode,
+            root="test" if self.policy.test_root_ca else "intel",
+        )
         catalog = self._catalog.catalog
         if catalog is not None:
             catalog.on_change(self.service.set_models)

@@ -71,11 +71,15 @@ class Egress:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "teegate_egress_llm_hosts", Sequence[str], list(DEFAULT_LLM_HOSTS),
+            "teegate_egress_llm_hosts",
+            Sequence[str],
+            list(DEFAULT_LLM_HOSTS),
             "LLM API hosts the egress listener intercepts and refuses (name, name:port or glob).",
         )
         loader.add_option(
-            "teegate_egress_audit_hosts", Sequence[str], [],
+            "teegate_egress_audit_hosts",
+            Sequence[str],
+            [],
             "Listed hosts forwarded as is, with a metadata-only log line, instead of refused.",
         )
 
@@ -162,7 +166,10 @@ class Egress:
                 r.headers.pop(name, None)
             if decision.verdict is Verdict.AUDIT:
                 log.warning(
-                    "egress_audit", mode="egress", host=decision.host, method=r.method,
+                    "egress_audit",
+                    mode="egress",
+                    host=decision.host,
+                    method=r.method,
                     path=r.path.split("?", 1)[0][:200],
                 )
             else:

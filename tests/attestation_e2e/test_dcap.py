@@ -130,9 +130,7 @@ def test_a_rotated_signing_key_is_what_the_headers_then_name(http, client, evide
     old = report(http, model).json()["verdict"]["signing_address"]
     new = evidence(model, "rotate_key")["signing_addresses"][model]
     assert new != old
-    until(
-        lambda: report(http, model).json()["verdict"]["signing_address"] == new, "the new key"
-    )
+    until(lambda: report(http, model).json()["verdict"]["signing_address"] == new, "the new key")
     headers, rep = served_headers(http, client, model, stream=False)
     assert headers["x-teegate-signing-address"] == new == rep["evidence"]["signing_address"]
 

@@ -54,8 +54,14 @@ def test_model_list_says_flag_and_unverified(http: httpx.Client):
         att = m["attestation"]
         assert att["mode"] == "flag" and att["verified"] is False
         assert "no hardware attestation" in att["basis"]
-        for field in ("verified_at", "expires_at", "tcb_status", "quote_sha256",
-                      "signing_address", "root"):
+        for field in (
+            "verified_at",
+            "expires_at",
+            "tcb_status",
+            "quote_sha256",
+            "signing_address",
+            "root",
+        ):
             assert att[field] is None, field
 
 
@@ -76,7 +82,9 @@ def test_flag_mode_fetches_no_evidence_and_bad_evidence_changes_nothing(
     routes = upstream.stats()["by_route"]
     reports, refreshes = routes.get(REPORT, 0), routes.get("GET /v1/models", 0)
     # Two more catalog refreshes (one a second): a dcap gateway would have re-attested by now.
-    until(lambda: upstream.stats()["by_route"].get("GET /v1/models", 0) >= refreshes + 2,
-          "two catalog refreshes")
+    until(
+        lambda: upstream.stats()["by_route"].get("GET /v1/models", 0) >= refreshes + 2,
+        "two catalog refreshes",
+    )
     assert upstream.stats()["by_route"].get(REPORT, 0) == reports
     assert refusal(client, model) is None

@@ -118,8 +118,10 @@ def test_a_missing_test_root_file_stops_the_start(tmp_path):
     config.write_text('upstream.api_key = "k"\nattestation.test_root_ca = "nope.der"\n')
     done = subprocess.run(
         [sys.executable, "-m", "teegate", "run", "-c", str(config)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "attestation.test_root_ca" in done.stderr and str(tmp_path / "nope.der") in done.stderr
-

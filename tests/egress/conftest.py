@@ -104,7 +104,12 @@ def gateway(upstream: SandboxProc, tls_dir: Path) -> Iterator[GatewayProc]:
 @pytest.fixture(autouse=True)
 def _fresh_sandboxes(request: pytest.FixtureRequest) -> None:
     for name in (
-        "upstream", "listed_tls", "listed_plain", "audited", "unlisted_tls", "unlisted_plain"
+        "upstream",
+        "listed_tls",
+        "listed_plain",
+        "audited",
+        "unlisted_tls",
+        "unlisted_plain",
     ):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
@@ -115,7 +120,11 @@ def gateway_ca(gateway: GatewayProc) -> Path:
     """The CA path as ``teegate ca path`` reports it for the gateway's own proxy.toml."""
     out = subprocess.run(
         [sys.executable, "-m", "teegate", "ca", "path", "-c", str(gateway.config_path)],
-        capture_output=True, text=True, check=True, cwd=REPO, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        timeout=30,
     )
     return Path(out.stdout.strip())
 
@@ -129,9 +138,7 @@ def egress_http(gateway: GatewayProc, gateway_ca: Path) -> Iterator[httpx.Client
 
 
 @pytest.fixture
-def egress_openai(
-    gateway: GatewayProc, gateway_ca: Path
-) -> Callable[..., openai.OpenAI]:
+def egress_openai(gateway: GatewayProc, gateway_ca: Path) -> Callable[..., openai.OpenAI]:
     """The openai SDK as an app behind the proxy builds it (each client owns its httpx client)."""
 
     def make(base_url: str, api_key: str | None = None) -> openai.OpenAI:

@@ -20,7 +20,10 @@ from tests.support.sandbox_proc import start_sandbox
 def _ca_path(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "teegate", "ca", "path", "-c", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=30,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
     )
 
 

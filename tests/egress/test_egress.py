@@ -202,9 +202,7 @@ def test_audit_host_is_forwarded_as_is_and_logged(egress_openai, audited, gatewa
 # -- every other host: untouched ---------------------------------------------------------
 
 
-def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(
-    gateway, unlisted_tls, tls_dir
-):
+def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(gateway, unlisted_tls, tls_dir):
     der = _peer_cert_viaconnect_tunnel(gateway, "127.0.0.4", unlisted_tls.port)
     own = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
     cert = x509.load_der_x509_certificate(der)
@@ -217,12 +215,8 @@ def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(
     assert line["decision"] == "tunnel" and line["mode"] == "egress"
 
 
-def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(
-    gateway, unlisted_tls
-):
-    with httpx.Client(
-        proxy=gateway.urls["regular"], verify=unlisted_tls.verify(), timeout=30
-    ) as c:
+def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(gateway, unlisted_tls):
+    with httpx.Client(proxy=gateway.urls["regular"], verify=unlisted_tls.verify(), timeout=30) as c:
         r = c.post(
             f"{unlisted_tls.api_base}/chat/completions",
             json={"model": NON_TEE, "messages": MSG},
@@ -235,8 +229,10 @@ def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(
 
 def test_plain_http_to_an_unlisted_host_passes_through(gateway, unlisted_plain):
     with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
-        r = c.get(f"{unlisted_plain.api_base}/models",
-                  headers={"authorization": f"Bearer {unlisted_plain.api_key}"})
+        r = c.get(
+            f"{unlisted_plain.api_base}/models",
+            headers={"authorization": f"Bearer {unlisted_plain.api_key}"},
+        )
     assert r.status_code == 200 and r.json()["data"]
     rid = r.headers["x-request-id"]
     line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
@@ -261,16 +257,15 @@ def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
 
 def test_reverse_listener_still_gates_while_egress_runs(gateway, upstream, unlisted_plain):
     assert set(gateway.urls) == {"reverse", "regular"}
-    with openai.OpenAI(
-        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0
-    ) as c:
+    with openai.OpenAI(base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0) as c:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NON_TEE, messages=MSG)
         assert e.value.body["code"] == "model_not_confidential"
         # A Host header naming an unlisted site changes nothing: still gated, still upstream.
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(
-                model=NON_TEE, messages=MSG,
+                model=NON_TEE,
+                messages=MSG,
                 extra_headers={"host": f"127.0.0.4:{unlisted_plain.port}"},
             )
         assert e.value.body["code"] == "model_not_confidential"
@@ -330,7 +325,9 @@ def test_an_app_configured_only_by_environment_variables(gateway, gateway_ca, up
     bundle.write_bytes(Path(certifi.where()).read_bytes() + gateway_ca.read_bytes())
     env = {
         **os.environ,
-        "HTTPS_PROXY": gateway.urls["regular"], "NO_PROXY": "", "no_proxy": "",
+        "HTTPS_PROXY": gateway.urls["regular"],
+        "NO_PROXY": "",
+        "no_proxy": "",
         "SSL_CERT_FILE": str(bundle),
     }
     code = (

@@ -25,8 +25,14 @@ from teegate import config
 from teegate.runner import option_values
 
 ISSUE_HOSTS = (
-    "api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com",
-    "api.mistral.ai", "api.deepseek.com", "openrouter.ai", "api.together.xyz", "api.groq.com",
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "api.mistral.ai",
+    "api.deepseek.com",
+    "openrouter.ai",
+    "api.together.xyz",
+    "api.groq.com",
 )
 
 
@@ -188,8 +194,14 @@ def egress():
 
 
 def _flow(host: str, port: int, scheme: bytes = b"https", mode: str = "regular", **headers):
-    req = tutils.treq(scheme=scheme, host=host, port=port, method=b"POST",
-                      path=b"/v1/chat/completions", content=b'{"model":"x"}')
+    req = tutils.treq(
+        scheme=scheme,
+        host=host,
+        port=port,
+        method=b"POST",
+        path=b"/v1/chat/completions",
+        content=b'{"model":"x"}',
+    )
     for k, v in headers.items():
         req.headers[k.replace("_", "-")] = v
     f = tflow.tflow(req=req)
@@ -234,7 +246,10 @@ def test_upstream_flows_are_pinned_to_the_configured_origin(egress):
     r = f.request
     assert f.response is None and f.metadata[EGRESS] == "confidential"
     assert (r.scheme, r.host, r.port, r.host_header) == (
-        "https", "confidential.example", 443, "confidential.example"
+        "https",
+        "confidential.example",
+        443,
+        "confidential.example",
     )
     assert "teegate.route" not in f.metadata  # the Router decides, as for reverse flows
 

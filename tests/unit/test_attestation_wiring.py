@@ -94,9 +94,11 @@ def test_the_attestation_table_reaches_the_addon_intact(tmp_path: Path):
     assert settings.attestation.test_root_ca == der.resolve()  # beside the file
     sync = AttestationSync(CatalogSync())
     with taddons.context(sync) as tctx:
-        value = option_values(settings.model_copy(
-            update={"upstream": settings.upstream.model_copy(update={"api_key": "k"})}
-        ))["teegate_attestation"]
+        value = option_values(
+            settings.model_copy(
+                update={"upstream": settings.upstream.model_copy(update={"api_key": "k"})}
+            )
+        )["teegate_attestation"]
         tctx.configure(sync, teegate_attestation=value)
         assert sync.policy == settings.attestation
         with pytest.raises(exceptions.OptionsError):
