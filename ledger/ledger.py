@@ -22,10 +22,11 @@ Durability promise
    committed transaction (``synchronous=FULL``: fsynced, so it survives power
    loss as well as a crash). Concurrent reservations share one commit (group
    commit, :mod:`ledger.writer`), so the cost is amortised, not skipped.
-2. **Settlements and releases are queued** and committed with the next batch,
-   by the writer's next commit (normally within a few ms: the time of the
-   commit in flight, plus ``batch_ms`` if configured). The caller does
-   not wait; :meth:`flush` and :meth:`close` do.
+2. **Settlements and releases are queued** and committed with the next
+   reservation's batch, or on their own after ``settle_linger_ms`` (default
+   50 ms) if no reservation comes first. The caller does not wait;
+   :meth:`flush` and :meth:`close` do. (Committing each on its own doubled
+   the commits per request, and the next reservation waited behind them.)
 3. **Crash rule.** A reservation with neither settlement nor release when the
    ledger opens belongs to a process that died in between. Its request may
    have run to completion, and the reservation was the upper bound of what it
@@ -101,6 +102,7 @@ class Ledger:
         key_prefix: str,
         batch_ms: float,
         batch_max: int,
+        settle_linger_ms: float,
         refresh_ms: float,
     ) -> None:
         self.path = store.path
@@ -120,6 +122,7 @@ class Ledger:
             self._registered,
             batch_ms=batch_ms,
             batch_max=batch_max,
+            settle_linger_ms=settle_linger_ms,
         )
         self._refresher: asyncio.Task[None] | None = None
         self._data_version = -1
@@ -136,6 +139,7 @@ class Ledger:
         key_prefix: str = DEFAULT_PREFIX,
         batch_ms: float = 0.0,
         batch_max: int = 256,
+        settle_linger_ms: float = 50.0,
         refresh_ms: float = 1000.0,
         synchronous: str = "FULL",
         busy_timeout_ms: int = 10_000,
@@ -165,6 +169,7 @@ class Ledger:
                 key_prefix=key_prefix,
                 batch_ms=batch_ms,
                 batch_max=batch_max,
+                settle_linger_ms=settle_linger_ms,
                 refresh_ms=refresh_ms,
             )
             await ledger._start(recover)
@@ -321,6 +326,12 @@ class Ledger:
             await self._load_account(account_id)
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
+        if amount > self._balances.available(account_id) and self._writer.lingering(account_id):
+            # Settlements wait to share the next commit; their unused holds are not
+            # spendable until committed. Commit them now rather than refuse for want of them.
+            await self._writer.flush()
+            if self._closed:
+                raise LedgerUnavailable("the ledger is closed")
         # From here to submit(): no await, so the check and the debit are atomic.
         available = self._balances.available(account_id)
         if amount > available:

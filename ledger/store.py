@@ -9,10 +9,11 @@ transaction that inserts entries and adjusts the cached balance together.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,11 @@ class Store:
     # -- the request path -------------------------------------------------------
 
     async def apply_batch(
-        self, reservations: Sequence[NewReservation], finals: Sequence[Finalization]
+        self,
+        reservations: Sequence[NewReservation],
+        finals: Sequence[Finalization],
+        *,
+        on_commit: Callable[[tuple[list[int], dict[int, int]]], object] | None = None,
     ) -> tuple[list[int], dict[int, int]]:
         """Commit reservations and finalisations in one transaction.
 
@@ -246,11 +251,20 @@ class Store:
         The whole transaction runs as one call on the connection's thread
         (:mod:`ledger.dbthread`): one hand-off per batch instead of one per
         statement, which is most of the request path's ledger CPU.
+        ``on_commit(result)`` is called on that thread right after COMMIT
+        (for a thread-safe early notification; anything it raises is ignored,
+        the result is returned either way).
         """
-        reservations, finals = list(reservations), list(finals)
-        return await run_on_connection(
-            self.db, lambda conn: dbthread.transaction(conn, _Batch(reservations, finals).apply)
-        )
+        batch = _Batch(list(reservations), list(finals))
+
+        def run(conn: sqlite3.Connection) -> tuple[list[int], dict[int, int]]:
+            result = dbthread.transaction(conn, batch.apply)
+            if on_commit is not None:
+                with contextlib.suppress(Exception):  # committed: never report it as failed
+                    on_commit(result)
+            return result
+
+        return await run_on_connection(self.db, run)
 
     async def recover(self, exclude: set[int]) -> list[Recovered]:
         """Settle every open reservation not in ``exclude`` at its full amount.

@@ -13,6 +13,7 @@ forward proxy).
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +53,25 @@ class GatewayMaster(master.Master):
             tlsconfig.TlsConfig(),
             update_alt_svc.UpdateAltSvc(),  # reverse mode: Alt-Svc names the gateway, not upstream
             errorcheck.ErrorCheck(),  # an error logged during start-up stops the start
+            FreezeStartupObjects(),
         )
+
+
+class FreezeStartupObjects:
+    """Moves everything alive once the proxy runs out of the garbage collector's sight.
+
+    Why: the gateway imports far more than plain mitmdump (pydantic, structlog, dcap-qvl, the
+    catalog and ledger), and CPython's full collection walks every tracked object, in the event
+    loop's thread. Under 100 concurrent streams, two full collections in 600 streams took 124 ms
+    (up to 74 ms each), and every stream in flight stalled with them; frozen, one took 16 ms.
+    Modules, classes and configuration made at start-up live for the whole process, so after
+    one collection they are frozen (:func:`gc.freeze`): later collections only walk what
+    requests create. Nothing frozen is ever freed, which is what start-up objects do anyway.
+    """
+
+    def running(self) -> None:
+        gc.collect()
+        gc.freeze()
 
 
 class HookIndex(addonmanager.AddonManager):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -161,13 +162,20 @@ def balance(gw: GatewayProc) -> int:
 
 
 def wait_for_balance_change(gw: GatewayProc, before: int, timeout: float = 10.0) -> int:
-    """Poll (with a deadline) until a charge has landed; return how much was charged."""
+    """Poll (with a deadline) until a charge has landed and nothing is still held for a
+    request in flight (settlements are committed shortly after the response); return how
+    much was charged."""
     deadline = time.monotonic() + timeout
-    while (now := balance(gw)) == before:
+    while (now := balance(gw)) == before or _open_reservations(gw.db):
         if time.monotonic() > deadline:
             raise AssertionError("no charge landed")
         time.sleep(0.05)
     return before - now
+
+
+def _open_reservations(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT COUNT(*) FROM usage WHERE state = 'open'").fetchone()[0]
 
 
 def chat_count(proc: SandboxProc) -> int:

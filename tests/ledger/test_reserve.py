@@ -333,3 +333,77 @@ async def test_closed_ledger_refuses_work(db_path: str) -> None:
     await led.close()
     with pytest.raises(LedgerUnavailable):
         await led.reserve("a", f.key, "m", PRICES, 1)
+
+
+def _usage_state(db_path: str, reservation_id: int) -> str:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(
+            "SELECT state FROM usage WHERE reservation_id = ?", (reservation_id,)
+        ).fetchone()[0]
+
+
+async def test_a_settlement_rides_with_the_next_reservations_commit(db_path: str) -> None:
+    led = await Ledger.open(db_path, settle_linger_ms=3_600_000)  # only a reservation moves it
+    try:
+        f = await fund(led, "alice", 100_000)
+        first = await led.reserve("a", f.key, "m", PRICES, 10_000)
+        await led.settle(first, 1000, 0, 0, "usage")
+        await asyncio.sleep(0)  # let any commit that would start on its own start
+        assert _usage_state(db_path, first.id) == "open"  # nobody waits for it
+        commits = led._writer.commits
+        await led.reserve("b", f.key, "m", PRICES, 10_000)
+        assert led._writer.commits == commits + 1  # one commit for both
+        assert _usage_state(db_path, first.id) == "settled"
+    finally:
+        await led.close()
+
+
+async def test_a_lone_settlement_commits_after_the_linger(db_path: str) -> None:
+    led = await Ledger.open(db_path, settle_linger_ms=20)
+    try:
+        f = await fund(led, "alice", 100_000)
+        res = await led.reserve("a", f.key, "m", PRICES, 10_000)
+        committed = asyncio.Event()
+        commit = led._writer._commit
+
+        async def spy(batch: list) -> None:
+            await commit(batch)
+            committed.set()
+
+        led._writer._commit = spy  # type: ignore[method-assign]
+        await led.settle(res, 1000, 0, 0, "usage")
+        assert _usage_state(db_path, res.id) == "open"  # queued, not yet committed
+        await asyncio.wait_for(committed.wait(), 10)  # nothing else would commit it
+        assert _usage_state(db_path, res.id) == "settled"
+    finally:
+        await led.close()
+
+
+async def test_close_commits_lingering_settlements(db_path: str) -> None:
+    led = await Ledger.open(db_path, settle_linger_ms=3_600_000)
+    f = await fund(led, "alice", 100_000)
+    res = await led.reserve("a", f.key, "m", PRICES, 10_000)
+    charge = await led.settle(res, 1000, 0, 0, "usage")
+    assert _usage_state(db_path, res.id) == "open"
+    await led.close()
+    assert _usage_state(db_path, res.id) == "settled"
+    assert _db_balance(db_path, f.account_id) == (100_000 - charge, 100_000 - charge)
+
+
+async def test_a_lingering_settlement_never_causes_a_402(db_path: str) -> None:
+    """Its unused hold is not spendable until committed: a reservation that needs it
+    commits the lingering settlement first instead of being refused."""
+    led = await Ledger.open(db_path, settle_linger_ms=3_600_000)
+    try:
+        f = await fund(led, "alice", 10_000)
+        res = await led.reserve("a", f.key, "m", PRICES, 9_000)
+        charge = await led.settle(res, 1000, 0, 0, "usage")
+        assert led.available_micro(f.account_id) == 1_000  # still held in memory
+        again = await led.reserve("b", f.key, "m", PRICES, 9_000)
+        assert again.amount_micro == 9_000
+        assert _usage_state(db_path, res.id) == "settled"
+        assert led.available_micro(f.account_id) == 10_000 - charge - 9_000
+        with pytest.raises(InsufficientBalance):  # a genuine shortfall is still refused
+            await led.reserve("c", f.key, "m", PRICES, 9_000)
+    finally:
+        await led.close()

@@ -84,3 +84,18 @@ async def test_only_the_gateway_builtins_are_mounted() -> None:
     names = {type(a).__name__ for a in m.addons.chain}
     assert {"Proxyserver", "NextLayer", "TlsConfig", "Block", "ErrorCheck"} <= names
     assert not names & {"Onboarding", "ServerPlayback", "MapLocal", "ModifyHeaders", "Dumper"}
+
+
+def test_objects_alive_at_start_are_frozen_out_of_the_collectors_sight() -> None:
+    import gc
+
+    from teegate.master import FreezeStartupObjects
+
+    gc.unfreeze()
+    startup_object = {"lives": "for the whole process"}
+    try:
+        FreezeStartupObjects().running()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is startup_object for o in gc.get_objects())  # not in any generation
+    finally:
+        gc.unfreeze()
