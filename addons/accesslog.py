@@ -12,6 +12,8 @@ import time
 import structlog
 from mitmproxy import http
 
+from addons.headers import add_headers
+
 log = structlog.get_logger("teegate.access")
 
 _MODES = {"regular": "egress"}  # mitmproxy's name for the forward-proxy listener
@@ -21,22 +23,14 @@ REQUEST_ID = "teegate.request_id"
 
 class AccessLog:
     def request(self, flow: http.HTTPFlow) -> None:
-        flow.metadata[REQUEST_ID] = "req_" + secrets.token_hex(12)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)
+        flow.metadata[REQUEST_ID] = rid = "req_" + secrets.token_hex(12)
+        add_headers(flow, {"x-request-id": rid})
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)
         self._log(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
-
-    def _stamp(self, flow: http.HTTPFlow) -> None:
-        rid = flow.metadata.get(REQUEST_ID)
-        if rid and flow.response is not None:
-            flow.response.headers["x-request-id"] = rid
 
     def _log(self, flow: http.HTTPFlow) -> None:
         req, resp = flow.request, flow.response

@@ -9,7 +9,9 @@ Every response the gateway gives says which mode made the decision
 (``x-teegate-attestation-mode``); a served chat completion in dcap mode also carries the
 verdict it was served under: when it was verified, the quote's SHA-256, the signing address
 and the root the quote chained to. A gateway in flag mode sends none of those, so it never
-appears to claim a hardware verification it did not make.
+appears to claim a hardware verification it did not make. The gate records a served chat's
+headers; :class:`~addons.headers.ResponseHeaders` writes them, drops any the upstream sent under
+these names, and gives every other response the mode (:func:`response_headers`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from mitmproxy import http
 from addons.attestation import AttestationSync
 from addons.errors import guarded, refuse
 from addons.gate import not_confidential
+from addons.headers import ResponseHeaders, add_headers
 from addons.stages import has_passed, is_chat, passed
 from catalog.attestation import Verdict
 
@@ -28,7 +31,6 @@ QUOTE_SHA256 = "x-teegate-quote-sha256"
 SIGNING_ADDRESS = "x-teegate-signing-address"
 ROOT = "x-teegate-attestation-root"
 ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT)
-HEADERS = "teegate.attestation_headers"
 FIRST_VERDICT_WAIT_S = 5.0
 
 
@@ -44,6 +46,11 @@ def verdict_headers(mode: str, verdict: Verdict | None) -> dict[str, str]:
         if verdict.root:
             headers[ROOT] = verdict.root
     return headers
+
+
+def response_headers(attestation: AttestationSync) -> ResponseHeaders:
+    """The header writer, speaking alone for the attestation headers."""
+    return ResponseHeaders(own=ALL, defaults=lambda: {MODE: attestation.mode})
 
 
 class AttestationGate:
@@ -63,18 +70,5 @@ class AttestationGate:
         if why is not None:
             refuse(flow, not_confidential(model_id, None, why))
             return
-        flow.metadata[HEADERS] = verdict_headers(self._att.mode, verdict)
+        add_headers(flow, verdict_headers(self._att.mode, verdict))
         passed(flow, "attestation")
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)  # before a stream's headers leave
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)  # locally answered flows (refusals, /v1/models) get no responseheaders
-
-    def _stamp(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None or flow.metadata.get("teegate.route") == "passthrough":
-            return
-        for name in ALL:  # only the gateway speaks for attestation, never the upstream
-            flow.response.headers.pop(name, None)
-        flow.response.headers.update(flow.metadata.get(HEADERS) or {MODE: self._att.mode})

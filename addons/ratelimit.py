@@ -18,10 +18,10 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.auth import KEY
 from addons.errors import GatewayError, guarded, refuse
+from addons.headers import add_headers
 from addons.stages import passed
 
 WINDOW_S = 60
-HEADERS = "teegate.ratelimit"
 
 
 @dataclass(slots=True)
@@ -70,11 +70,14 @@ class RateLimit:
         self._windows[bucket] = window
         reset = math.ceil(window.started + WINDOW_S)
         remaining = max(limit - window.count, 0)
-        flow.metadata[HEADERS] = {
-            "x-ratelimit-limit": str(limit),
-            "x-ratelimit-remaining": str(remaining),
-            "x-ratelimit-reset": str(reset),
-        }
+        add_headers(
+            flow,
+            {
+                "x-ratelimit-limit": str(limit),
+                "x-ratelimit-remaining": str(remaining),
+                "x-ratelimit-reset": str(reset),
+            },
+        )
         if window.count > limit:
             retry = max(math.ceil(window.started + WINDOW_S - now), 1)
             refuse(
@@ -90,14 +93,3 @@ class RateLimit:
             return
         if key is not None:
             passed(flow, "ratelimit")
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._stamp(flow)
-
-    def _stamp(self, flow: http.HTTPFlow) -> None:
-        headers = flow.metadata.get(HEADERS)
-        if headers and flow.response is not None:
-            flow.response.headers.update(headers)

@@ -12,7 +12,7 @@ from mitmproxy import ctx, options
 
 from addons.accesslog import AccessLog
 from addons.attestation import AttestationSync
-from addons.attestation_gate import AttestationGate
+from addons.attestation_gate import AttestationGate, response_headers
 from addons.attestation_report import AttestationReport
 from addons.auth import Auth
 from addons.billing import Billing
@@ -61,6 +61,7 @@ def build_addons(
         StreamRelay(),
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(),
+        response_headers(attestation),  # after every addon that adds a response header
         ready or Ready(),
     ]
 

@@ -12,7 +12,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.attestation import NOT_RUNNING, AttestationSync
-from addons.attestation_gate import AttestationGate
+from addons.attestation_gate import AttestationGate, response_headers
 from addons.attestation_report import parse_nonce
 from addons.catalogsync import CatalogSync
 from addons.errors import GatewayError
@@ -42,7 +42,7 @@ async def test_without_a_running_service_every_model_is_refused():
     flow = _chat_flow()
     with taddons.context(sync, gate):
         await gate.request(flow)
-        gate.response(flow)
+        response_headers(sync).response(flow)
     assert flow.response.status_code == 400
     body = json.loads(flow.response.content)["error"]
     assert body["code"] == "model_not_confidential" and NOT_RUNNING in body["message"]
@@ -63,7 +63,7 @@ def test_upstream_attestation_headers_are_dropped_in_flag_mode():
     )
     with taddons.context(sync, gate) as tctx:
         tctx.configure(sync, teegate_attestation=Policy(mode="flag").model_dump_json())
-        gate.responseheaders(flow)
+        response_headers(sync).responseheaders(flow)
     assert flow.response.headers["x-teegate-attestation-mode"] == "flag"
     assert "x-teegate-quote-sha256" not in flow.response.headers
     assert "x-teegate-signing-address" not in flow.response.headers

@@ -1,0 +1,67 @@
+"""The gateway's own response headers, written in one place, once per response.
+
+Several addons have something to say in every response: the request id, the
+caller's rate limit, what attestation backed the answer. Each records its
+headers in the flow as soon as it knows them (:func:`add_headers`), and
+:class:`ResponseHeaders`, last in the chain, writes them all in one pass over
+the response's headers: in ``responseheaders``, before a streamed response's
+head leaves, or in ``response`` for answers made locally (refusals,
+``/v1/models``), which have no ``responseheaders`` hook. Writing them from each
+addon's own hooks cost three passes over the headers, twice per response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from mitmproxy import http
+
+ADDED = "teegate.response_headers"
+_WRITTEN = "teegate.response_headers_written"
+
+
+def add_headers(flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
+    """Have ``headers`` set on the flow's response, replacing any of the same names."""
+    flow.metadata.setdefault(ADDED, {}).update(headers)
+
+
+class ResponseHeaders:
+    """Writes what :func:`add_headers` collected.
+
+    ``own`` names only the gateway may speak for: on every flow except egress
+    passthrough, an upstream's headers of those names are dropped, and
+    ``defaults()`` supplies any the flow did not set.
+    """
+
+    def __init__(
+        self,
+        own: Iterable[str] = (),
+        defaults: Callable[[], Mapping[str, str]] = dict,
+    ) -> None:
+        self._own = frozenset(name.lower() for name in own)
+        self._defaults = defaults
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def _write(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or flow.metadata.get(_WRITTEN) is resp:
+            return  # nothing yet, or done (a refusal after responseheaders is a new response)
+        flow.metadata[_WRITTEN] = resp
+        added: Mapping[str, str] = flow.metadata.get(ADDED) or {}
+        drop = {name.lower() for name in added}
+        if flow.metadata.get("teegate.route") != "passthrough":
+            added = {**self._defaults(), **added}
+            drop |= self._own
+        if not added and not drop:
+            return
+        kept = tuple(
+            (k, v) for k, v in resp.headers.fields if k.decode("latin-1").lower() not in drop
+        )
+        resp.headers.fields = kept + tuple(
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in added.items()
+        )
