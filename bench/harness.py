@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.litellm import LiteLLMPath, LiteLLMUnavailable, ensure_installed
 from bench.paths import Direct, Mitmdump, Path_, Running
-from bench.procs import load_average, memory_mb
+from bench.procs import cpu_seconds, load_average, memory_mb
 from bench.report import evaluate_targets, markdown
 from bench.teegate_path import TeegatePath
 from tests.support.gateway_proc import REPO_ROOT
@@ -123,10 +123,24 @@ def best_of(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     """
     if kind == "small":
         best = max(runs, key=lambda r: r["rps"])
-        brief = [{"rps": r["rps"], "p50": r["latency_ms"]["p50"]} for r in runs]
+        brief = [
+            {
+                "rps": r["rps"],
+                "p50": r["latency_ms"]["p50"],
+                "cpu_ms": r.get("proxy_cpu_ms_per_request"),
+            }
+            for r in runs
+        ]
     else:
         best = min(runs, key=lambda r: (r["ttft_ms"]["p50"] is None, r["ttft_ms"]["p50"] or 0))
-        brief = [{"ttft_p50": r["ttft_ms"]["p50"], "ttft_p99": r["ttft_ms"]["p99"]} for r in runs]
+        brief = [
+            {
+                "ttft_p50": r["ttft_ms"]["p50"],
+                "ttft_p99": r["ttft_ms"]["p99"],
+                "cpu_ms": r.get("proxy_cpu_ms_per_request"),
+            }
+            for r in runs
+        ]
     # Failures in any repetition count: a path may not hide them behind a clean one.
     return {
         **best,
@@ -167,10 +181,20 @@ class LoadGen:
         for k, v in opts.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         limit = float(opts.get("time_limit", 60)) * 2 + 60
+        cpu0 = cpu_seconds(target.pid) if target.pid else None
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=limit)
         if done.returncode != 0:
             raise RuntimeError(f"load generator failed: {done.stderr.strip()[-2000:]}")
-        return json.loads(done.stdout)
+        result = json.loads(done.stdout)
+        if cpu0 is not None and target.pid:
+            cpu = cpu_seconds(target.pid) - cpu0
+            if kind == "small":
+                sent = result["requests"] + result["errors"] + int(opts.get("warmup", 0))
+            else:
+                sent = result["streams"]
+            result["proxy_cpu_s"] = round(cpu, 2)
+            result["proxy_cpu_ms_per_request"] = round(cpu * 1000 / sent, 3) if sent else None
+        return result
 
 
 class Bench:

@@ -42,8 +42,8 @@ def small_table(doc: dict[str, Any]) -> str:
     small = doc["small"]
     rows = [
         "| path | conc. | req/s | ÷ direct | ÷ mitmdump | p50 ms | p99 ms | p50 vs mitmdump (ms) "
-        "| failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| proxy CPU ms/req | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     levels = sorted({int(c) for p in small.values() for c in p}, key=int)
     for c in levels:
@@ -58,7 +58,8 @@ def small_table(doc: dict[str, Any]) -> str:
                 f"| {name} | {c} | {_f(r['rps'])} | {_ratio(r['rps'], floor and floor['rps'])} | "
                 f"{_ratio(r['rps'], base and base['rps'])} | {_f(lat['p50'], 2)} | "
                 f"{_f(lat['p99'], 2)} | "
-                f"{_delta(lat['p50'], base and base['latency_ms']['p50'])} | {_bad(r)} |"
+                f"{_delta(lat['p50'], base and base['latency_ms']['p50'])} | "
+                f"{_f(r.get('proxy_cpu_ms_per_request'), 3)} | {_bad(r)} |"
             )
     return "\n".join(rows)
 
@@ -67,8 +68,9 @@ def stream_table(doc: dict[str, Any]) -> str:
     stream = doc["stream"]
     rows = [
         "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT p50 vs mitmdump (ms) | "
-        "first byte p50 ms | inter-chunk p50 ms | inter-chunk p99 ms | buffered | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "first byte p50 ms | inter-chunk p50 ms | inter-chunk p99 ms | proxy CPU ms/stream | "
+        "buffered | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     levels = sorted({int(c) for p in stream.values() for c in p}, key=int)
     for n in levels:
@@ -81,7 +83,8 @@ def stream_table(doc: dict[str, Any]) -> str:
             rows.append(
                 f"| {name} | {n} | {_f(t['p50'], 2)} | {_f(t['p99'], 2)} | "
                 f"{_delta(t['p50'], base and base['ttft_ms']['p50'])} | {_f(b['p50'], 2)} | "
-                f"{_f(g['p50'], 2)} | {_f(g['p99'], 2)} | {r['buffered_streams']} | "
+                f"{_f(g['p50'], 2)} | {_f(g['p99'], 2)} | "
+                f"{_f(r.get('proxy_cpu_ms_per_request'), 2)} | {r['buffered_streams']} | "
                 f"{_bad(r) + r.get('no_token', 0)} |"
             )
     return "\n".join(rows)

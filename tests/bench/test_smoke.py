@@ -55,6 +55,8 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
             assert r["statuses"] == {"200": 30} and r["errors"] == 0, (path, c, r)
             assert r["rps"] > 0
             assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+            if path != "direct":  # the proxy's CPU is measured (and 0 is a possible reading)
+                assert r["proxy_cpu_ms_per_request"] >= 0 and r["proxy_cpu_s"] >= 0
         for n in STREAM_LEVELS:
             r = doc["stream"][path][n]
             assert r["streams"] == int(n) and r["errors"] == 0 and r["no_token"] == 0, (path, r)
