@@ -68,9 +68,12 @@ class _Relay:
         self._sse = SSESplitter()
 
     def __call__(self, data: bytes) -> list[bytes]:
-        """Return the pieces to send on; never an empty piece, which HTTP/1
-        chunked framing would turn into a premature end of body."""
-        return [piece for piece in self._relay(data) if piece]
+        """What to send on for this read: one piece (mitmproxy sends each piece as its own
+        chunk and socket write, so the events of one read go out together, as they came),
+        or none; never an empty piece, which HTTP/1 chunked framing would turn into a
+        premature end of body."""
+        out = b"".join(self._relay(data))
+        return [out] if out else []
 
     def _relay(self, data: bytes) -> list[bytes]:
         tally = self._tally

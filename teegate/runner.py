@@ -123,7 +123,11 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
     ensure_ca(settings.egress.confdir)  # ours, before mitmproxy would make one named "mitmproxy"
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
-    ledger = await Ledger.open(settings.ledger.path, key_prefix=settings.ledger.key_prefix)
+    ledger = await Ledger.open(
+        settings.ledger.path,
+        key_prefix=settings.ledger.key_prefix,
+        synchronous=settings.ledger.synchronous,
+    )
     try:
         master = GatewayMaster(options.Options())
         master.addons.add(*build_addons(settings, LedgerLink(ledger), ready))

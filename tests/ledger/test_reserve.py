@@ -407,3 +407,13 @@ async def test_a_lingering_settlement_never_causes_a_402(db_path: str) -> None:
             await led.reserve("c", f.key, "m", PRICES, 9_000)
     finally:
         await led.close()
+
+
+@pytest.mark.parametrize(("mode", "pragma"), [("FULL", 2), ("NORMAL", 1)])
+async def test_the_writer_uses_the_configured_sync_mode(db_path: str, mode: str, pragma: int):
+    led = await Ledger.open(db_path, synchronous=mode)
+    try:
+        cur = await led._store.db.execute("PRAGMA synchronous")
+        assert (await cur.fetchone())[0] == pragma
+    finally:
+        await led.close()

@@ -23,6 +23,7 @@ def test_shipped_proxy_toml_is_the_defaults():
     default = config.Settings()
     assert shipped.model_dump(exclude={"ledger"}) == default.model_dump(exclude={"ledger"})
     assert shipped.ledger.key_prefix == default.ledger.key_prefix
+    assert shipped.ledger.synchronous == default.ledger.synchronous == "FULL"
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,7 @@ def test_shipped_proxy_toml_is_the_defaults():
         ("[catalog]\nmarkup = 1.85\n", "catalog.markup", "never a float"),
         ("[defaults]\ntemperature = 3\n", "defaults.temperature", "less than or equal"),
         ("[listen]\nreverse = 'nohost'\n", "listen.reverse", "host:port"),
+        ("[ledger]\nsynchronous = 'OFF'\n", "ledger.synchronous", "'FULL' or 'NORMAL'"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, text, key, words):

@@ -90,7 +90,7 @@ def test_relay_keeps_usage_when_the_client_asked_and_passes_bytes_through():
     tally = StreamTally()
     relay = _Relay(tally, strip_usage=False, decoder=None)
     data = _chunk("a") + b": comment\n\n" + _chunk(None, USAGE, choices=False)
-    assert b"".join(relay(data)) == data
+    assert relay(data) == [data]  # one read, one piece: mitmproxy writes each piece apart
     assert tally.usage == USAGE
 
 
