@@ -40,3 +40,20 @@ def test_sigkill_mid_stream_then_restart_settles_the_reservation():
             with sdk(again, key) as client:  # the same key still works after the restart
                 client.chat.completions.create(model=TEE, messages=MSG)
         assert all(r["state"] != "open" for r in rows(db))
+
+
+def test_a_clean_stop_commits_the_settlement_still_waiting_for_its_commit():
+    """Settlements wait up to 50 ms to share the next reservation's commit; a SIGTERM right
+    after the response must still commit them (charged from usage, not recovered in full)."""
+    with start_sandbox("--models", str(TEST_MODELS)) as up:
+        gw = start_gateway(up.base_url)
+        db = gw.db
+        with sdk(gw) as client:
+            raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
+        rid = raw.headers["x-request-id"]
+        assert gw.stop() == 0  # SIGTERM at once: no later reservation carries the settlement
+        row = usage_row(db, rid, timeout=0)
+        assert row["state"] == "settled" and row["source"] == "usage"
+        assert row["charge_micro"] < row["reserved_micro"]
+        code, out, err = teegate("ledger", "verify", "--db", str(db))
+        assert code == 0, out + err
