@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import addonmanager, certs, exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -50,11 +50,31 @@ class GatewayMaster(master.Master):
             proxyserver.Proxyserver(),
             dns_resolver.DnsResolver(),
             next_layer.NextLayer(),
-            tlsconfig.TlsConfig(),
+            TlsConfig(),
             update_alt_svc.UpdateAltSvc(),  # reverse mode: Alt-Svc names the gateway, not upstream
             errorcheck.ErrorCheck(),  # an error logged during start-up stops the start
             FreezeStartupObjects(),
         )
+
+
+class TlsConfig(tlsconfig.TlsConfig):
+    """mitmproxy's TLS addon, naming in each certificate it makes only the host asked for.
+
+    For a client that sends no SNI (it connected to an address), mitmproxy also names the
+    address the client reached the proxy on. The egress CA permits only the intercepted
+    hosts (addons/egress_ca.py), so that extra name would make clients reject the
+    certificate; the CONNECT target is named instead.
+    """
+
+    def get_cert(self, conn_context: Any) -> certs.CertStoreEntry:
+        client, server = conn_context.client, conn_context.server
+        if client.sni or not server.address:
+            return super().get_cert(conn_context)
+        client.sni = server.address[0]  # read only by the call below, which does not await
+        try:
+            return super().get_cert(conn_context)
+        finally:
+            client.sni = None
 
 
 class FreezeStartupObjects:

@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, options
 
@@ -19,7 +20,7 @@ from addons.billing import Billing
 from addons.catalogsync import CatalogSync
 from addons.deadline import UpstreamDeadline
 from addons.egress import Egress
-from addons.egress_ca import ensure_ca
+from addons.egress_ca import CAError, ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.ledgerlink import LedgerLink
@@ -76,6 +77,7 @@ def option_values(settings: Settings) -> dict[str, Any]:
     values: dict[str, Any] = {
         "mode": modes,
         "connection_strategy": "lazy",
+        "upstream_cert": False,  # name only the host asked for: the egress CA permits no more
         "termlog_verbosity": "warn",
         "keep_host_header": False,
         "http2": True,
@@ -120,7 +122,8 @@ def _fmt_host(host: str) -> str:
 
 async def serve(settings: Settings, ready: Ready | None = None) -> None:
     html_free_error_pages()
-    ensure_ca(settings.egress.confdir)  # ours, before mitmproxy would make one named "mitmproxy"
+    # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
+    ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
     ledger = await Ledger.open(
@@ -140,6 +143,12 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
         await ledger.close()
 
 
+def intercepted_hosts(settings: Settings) -> list[str]:
+    """What the egress listener may intercept: the confidential upstream and the LLM hosts."""
+    upstream = urlsplit(settings.upstream.origin).hostname or ""
+    return [upstream, *settings.egress.all_llm_hosts]
+
+
 def run(settings: Settings, ready: Ready | None = None) -> int:
     try:
         asyncio.run(serve(settings, ready))
@@ -147,6 +156,9 @@ def run(settings: Settings, ready: Ready | None = None) -> int:
         pass
     except LedgerError as e:
         print(f"teegate: ledger {settings.ledger.path}: {e}", file=sys.stderr)
+        return 2
+    except CAError as e:
+        print(f"teegate: egress CA: {e}", file=sys.stderr)
         return 2
     return 0
 

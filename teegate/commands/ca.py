@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from addons.egress_ca import ensure_ca
+from addons.egress_ca import CAError, ensure_ca
 from teegate import config
+from teegate.runner import intercepted_hosts
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,9 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _path(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config)
-        cert = ensure_ca(settings.egress.confdir)
+        cert = ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
     except config.ConfigError as e:
         print(f"teegate: {e}", file=sys.stderr)
+        return 2
+    except CAError as e:
+        print(f"teegate: egress CA: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"teegate: cannot create the CA in {settings.egress.confdir}: {e}", file=sys.stderr)

@@ -77,6 +77,7 @@ def test_a_ca_made_before_the_first_start_is_the_one_the_gateway_uses(tmp_path):
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                 leaf = x509.load_der_x509_certificate(s.getpeercert(binary_form=True))
     leaf.verify_directly_issued_by(ca)
+    assert "egress_ca_unconstrained" in gw.log_text()  # made without hosts: used, with a warning
 
 
 def test_the_egress_listener_can_be_switched_off():
@@ -85,3 +86,66 @@ def test_the_egress_listener_can_be_switched_off():
         start_gateway(up.base_url, extra_toml='listen.egress = ""') as gw,
     ):
         assert set(gw.urls) == {"reverse"}
+
+
+def _verify(ca: x509.Certificate, leaf: x509.Certificate, host: str) -> None:
+    """What a TLS client does with the leaf: chain to the CA, honouring its constraints."""
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(x509.DNSName(host))
+    verifier.verify(leaf, [])
+
+
+def test_the_ca_permits_only_the_hosts_it_intercepts(tmp_path):
+    from cryptography.x509.verification import VerificationError
+    from mitmproxy import certs
+
+    confdir = tmp_path / "conf"
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'egress.confdir = "{confdir}"\n'
+        'upstream.base_url = "https://llm.confidential.example"\n'
+        'egress.llm_hosts = ["api.openai.com", "*.openai.azure.com", "10.9.8.7"]\n'
+    )
+    out = _ca_path(config)
+    assert out.returncode == 0, out.stderr
+    ca = x509.load_pem_x509_certificate(Path(out.stdout.strip()).read_bytes())
+    ext = ca.extensions.get_extension_for_class(x509.NameConstraints)
+    assert ext.critical
+    assert {str(n.value) for n in ext.value.permitted_subtrees} == {
+        "llm.confidential.example",
+        "api.openai.com",
+        "openai.azure.com",
+        "10.9.8.7/32",
+        "10.9.8.7",
+    }
+    store = certs.CertStore.from_store(confdir, "mitmproxy", 2048)
+    for host in ("api.openai.com", "eastus.openai.azure.com", "llm.confidential.example"):
+        leaf = store.get_cert(host, [x509.DNSName(host)]).cert.to_cryptography()
+        _verify(ca, leaf, host)
+    forged = store.get_cert("bank.example", [x509.DNSName("bank.example")]).cert
+    with pytest.raises(VerificationError):  # a copy of the key cannot impersonate other sites
+        _verify(ca, forged.to_cryptography(), "bank.example")
+
+
+def test_a_ca_that_does_not_cover_a_newly_listed_host_stops_the_start(tmp_path):
+    confdir = tmp_path / "conf"
+    config = tmp_path / "proxy.toml"
+    base = (
+        f'egress.confdir = "{confdir}"\nledger.path = "{tmp_path / "ledger.sqlite3"}"\n'
+        'upstream.api_key = "k"\negress.llm_hosts = ["api.openai.com"]\n'
+    )
+    config.write_text(base)
+    assert _ca_path(config).returncode == 0
+    config.write_text(base + 'egress.extra_llm_hosts = ["api.newcomer.ai"]\n')
+    out = _ca_path(config)
+    assert out.returncode == 2
+    assert "does not permit api.newcomer.ai" in out.stderr and "remove the CA files" in out.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "teegate", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "does not permit api.newcomer.ai" in run.stderr
