@@ -7,6 +7,7 @@ names the key: a typo in a security setting must never be silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -124,6 +125,9 @@ class EgressSettings(_Section):
     """Added to ``llm_hosts`` (keeps the shipped list)."""
     audit_hosts: list[str] = []
     """Listed hosts forwarded as is with a metadata-only log line, for a migration period."""
+    proxy_auth: Literal["none", "api_key"] = "none"
+    """"api_key": clients must present a gateway API key as their proxy password. Required
+    (or an explicit "none") when the egress listener is not on a loopback address."""
 
     @field_validator("llm_hosts", "extra_llm_hosts", "audit_hosts")
     @classmethod
@@ -176,6 +180,27 @@ class Settings(_Section):
     ratelimit: RateLimitSettings = RateLimitSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
+
+    @model_validator(mode="after")
+    def _no_open_proxy(self) -> Settings:
+        exposed = self.listen.egress and not _loopback(self.listen.egress)
+        if exposed and "proxy_auth" not in self.egress.model_fields_set:
+            raise ValueError(
+                f"egress.proxy_auth: the egress listener on {self.listen.egress} is reachable "
+                'from the network; set proxy_auth = "api_key" (or "none" if a firewall '
+                "already limits who reaches it)"
+            )
+        return self
+
+
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):

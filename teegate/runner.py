@@ -20,6 +20,7 @@ from addons.billing import Billing
 from addons.catalogsync import CatalogSync
 from addons.deadline import UpstreamDeadline
 from addons.egress import Egress
+from addons.egress_auth import EgressAuth
 from addons.egress_ca import CAError, ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
@@ -49,6 +50,7 @@ def build_addons(
         AccessLog(),
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
+        EgressAuth(link),  # egress listener only: before anything there is decided or sent
         Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
         Auth(link),
         RateLimit(),
@@ -97,6 +99,7 @@ def option_values(settings: Settings) -> dict[str, Any]:
         values["ssl_verify_upstream_trusted_ca"] = str(up.ca_file)
     values["confdir"] = str(settings.egress.confdir.expanduser())
     values["teegate_egress_llm_hosts"] = settings.egress.all_llm_hosts
+    values["teegate_egress_proxy_auth"] = settings.egress.proxy_auth == "api_key"
     values["teegate_egress_audit_hosts"] = list(settings.egress.audit_hosts)
     return values
 

@@ -38,6 +38,8 @@ def test_shipped_proxy_toml_is_the_defaults():
         ("[defaults]\ntemperature = 3\n", "defaults.temperature", "less than or equal"),
         ("[listen]\nreverse = 'nohost'\n", "listen.reverse", "host:port"),
         ("[ledger]\nsynchronous = 'OFF'\n", "ledger.synchronous", "'FULL' or 'NORMAL'"),
+        ("[listen]\negress = '0.0.0.0:8081'\n", "egress.proxy_auth", "reachable from the network"),
+        ("[egress]\nproxy_auth = 'basic'\n", "egress.proxy_auth", "'none' or 'api_key'"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, text, key, words):
@@ -58,3 +60,10 @@ def test_run_refuses_to_start_on_bad_config(tmp_path, capsys):
     path.write_text("[upstream]\ntypo = 1\n")
     assert main(["run", "-c", str(path)]) == 2
     assert "upstream.typo: unknown key" in capsys.readouterr().err
+
+
+def test_an_exposed_egress_listener_needs_proxy_auth_or_an_explicit_none(tmp_path):
+    for value in ("api_key", "none"):
+        text = f"[listen]\negress = '0.0.0.0:8081'\n[egress]\nproxy_auth = '{value}'\n"
+        assert _load(tmp_path, text).egress.proxy_auth == value
+    assert _load(tmp_path, "[listen]\negress = '[::1]:8081'\n").egress.proxy_auth == "none"
