@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from teegate import config, logs
+from teegate.config import EgressSettings
 from teegate.sandbox_attestation import banner, fetch_sandbox_trust, sandbox_policy
 
 SANDBOX_KEY = "sandbox-upstream-key"
@@ -83,6 +84,7 @@ def _sandbox(args: argparse.Namespace) -> int:
                 "listen": settings.listen.model_copy(
                     update={"reverse": args.listen or settings.listen.reverse}
                 ),
+                "egress": _sandbox_egress(settings.egress),
             }
         )
         from teegate.runner import Ready, run
@@ -101,6 +103,15 @@ def _sandbox(args: argparse.Namespace) -> int:
             upstream.wait(5)
         except subprocess.TimeoutExpired:
             upstream.kill()
+
+
+def _sandbox_egress(egress: EgressSettings) -> EgressSettings:
+    """The sandbox's own CA directory (unless the config names one): its CA is
+    name-constrained to the sandbox's hosts, and must not be the one a real deployment
+    from the default directory would then find and refuse for not covering its upstream."""
+    if "confdir" in egress.model_fields_set:
+        return egress
+    return egress.model_copy(update={"confdir": egress.confdir / "sandbox"})
 
 
 def attestation_toml(base_url: str) -> str:

@@ -67,3 +67,12 @@ def test_an_exposed_egress_listener_needs_proxy_auth_or_an_explicit_none(tmp_pat
         text = f"[listen]\negress = '0.0.0.0:8081'\n[egress]\nproxy_auth = '{value}'\n"
         assert _load(tmp_path, text).egress.proxy_auth == value
     assert _load(tmp_path, "[listen]\negress = '[::1]:8081'\n").egress.proxy_auth == "none"
+
+
+def test_the_sandbox_keeps_its_name_constrained_ca_apart_from_the_default_one(tmp_path):
+    from teegate.commands.sandbox import _sandbox_egress
+
+    default = config.Settings().egress
+    assert _sandbox_egress(default).confdir == default.confdir / "sandbox"
+    chosen = _load(tmp_path, f"[egress]\nconfdir = '{tmp_path}'\n").egress
+    assert _sandbox_egress(chosen).confdir == tmp_path
