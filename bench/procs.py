@@ -59,6 +59,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _tree(pid: int) -> list[int]:
+    """The process and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(_children(p))
+    return pids
+
+
 def _status_kb(pid: int, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -72,11 +82,7 @@ def _status_kb(pid: int, field: str) -> int:
 def memory_mb(pid: int) -> dict[str, float]:
     """Current RSS and peak RSS (VmHWM) in MB, summed over the process and its descendants
     (LiteLLM's server may run workers as children; mitmdump and teegate are one process)."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo.extend(_children(p))
+    pids = _tree(pid)
     rss = sum(_status_kb(p, "VmRSS") for p in pids)
     hwm = sum(_status_kb(p, "VmHWM") for p in pids)
     return {"rss_mb": round(rss / 1024, 1), "peak_rss_mb": round(hwm / 1024, 1)}
@@ -88,13 +94,8 @@ def cpu_seconds(pid: int) -> float:
     Beside the latency figures, the proxy's CPU per request is the least noisy measure of
     what a path costs, and 1 / (CPU per request) is the most one event loop can serve.
     """
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        todo.extend(_children(p))
     ticks = 0
-    for p in pids:
+    for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
