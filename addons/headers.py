@@ -53,11 +53,12 @@ class ResponseHeaders:
             return  # nothing yet, or done (a refusal after responseheaders is a new response)
         flow.metadata[_WRITTEN] = resp
         added: Mapping[str, str] = flow.metadata.get(ADDED) or {}
-        drop = {name.lower() for name in added}
+        drop: set[str] = set()
         if flow.metadata.get("teegate.route") != "passthrough":
             added = {**self._defaults(), **added}
             drop |= self._own
-        if not added and not drop:
+        drop |= {name.lower() for name in added}  # whatever is written replaces the upstream's
+        if not drop:
             return
         kept = tuple(
             (k, v) for k, v in resp.headers.fields if k.decode("latin-1").lower() not in drop

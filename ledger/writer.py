@@ -181,7 +181,7 @@ class GroupCommitter:
                 force = False
                 self._inflight = batch
                 await self._commit(batch)
-                self._inflight = []
+                self._inflight = []  # committed: not "lingering" during a batch_ms sleep
         finally:
             self._inflight = []
             self._drainer = None
