@@ -12,9 +12,9 @@ from sandbox.dcap_pki import DcapTestPki
 from sandbox.evidence import EvidenceMinter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_VECTORS = REPO_ROOT.parent / "shared" / "tdx-vectors"
-# The shared folder is the source of truth; tests/data/tdx is a verbatim copy for elsewhere.
-VECTORS = SHARED_VECTORS if SHARED_VECTORS.exists() else REPO_ROOT / "tests" / "data" / "tdx"
+
+# A verbatim copy of ../shared/tdx-vectors, held to it by tests/unit/test_data_copies.py.
+VECTORS = REPO_ROOT / "tests" / "data" / "tdx"
 MANIFEST: list[dict[str, Any]] = json.loads((VECTORS / "MANIFEST.json").read_text())["vectors"]
 NOW = 1_760_000_000  # a fixed verification time for minted evidence
 

@@ -9,8 +9,6 @@ from catalog.attestation import Policy, verify_evidence
 from catalog.attestation.collateral import collateral_window, load_collateral
 from tests.attestation.conftest import (
     MANIFEST,
-    REPO_ROOT,
-    SHARED_VECTORS,
     collateral_text,
     quote_bytes,
     vector,
@@ -169,13 +167,3 @@ def test_binding_is_required_unless_waived() -> None:
     assert not verdict.ok
     assert verdict.checks["report_data_nonce"] is False
     assert verdict.checks["report_data_signing_key"] is False
-
-
-@pytest.mark.skipif(not SHARED_VECTORS.exists(), reason="no shared folder to compare with")
-def test_the_local_copy_is_verbatim() -> None:
-    copy = REPO_ROOT / "tests" / "data" / "tdx"
-    for original in SHARED_VECTORS.rglob("*"):
-        if original.is_file():
-            assert (
-                copy / original.relative_to(SHARED_VECTORS)
-            ).read_bytes() == original.read_bytes()

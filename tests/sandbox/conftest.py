@@ -14,7 +14,6 @@ from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-SHARED_MODELS = REPO_ROOT.parent / "shared" / "tee-models.json"
 SHIPPED_MODELS = REPO_ROOT / "sandbox" / "data" / "tee-models.json"
 
 
@@ -40,7 +39,7 @@ def api(sandbox: SandboxProc) -> Iterator[httpx.Client]:
 def tee_spec() -> dict[str, Any]:
     """The list of the 16 TEE models with their public (post-markup) prices.
 
-    Read from /work/shared when present (the source of truth), else from the sandbox's copy.
+    Read from the sandbox's copy, which tests/unit/test_data_copies.py keeps identical to
+    ../shared/tee-models.json (by checksum, on every machine).
     """
-    path = SHARED_MODELS if SHARED_MODELS.exists() else SHIPPED_MODELS
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(SHIPPED_MODELS.read_text(encoding="utf-8"))
