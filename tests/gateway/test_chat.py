@@ -176,3 +176,5 @@ def test_upstream_error_reaches_the_client(client, upstream):
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model=TEE, messages=MSG)
     assert exc.value.status_code == 500
+    # The upstream's own envelope, not one the gateway made up (its code would be internal_error).
+    assert exc.value.body["code"] == "sandbox_forced"

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from teegate.runner import REQUIRED_STAGES
 from tests.gateway.conftest import TEE, TEST_MODELS, chat_count, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
@@ -105,22 +106,41 @@ def test_gateway_refuses_before_first_catalog_when_upstream_is_down():
         assert resp.json()["error"]["code"] == "catalog_unavailable"
 
 
-@pytest.mark.parametrize("target", ["gate", "upstream"])
-def test_an_addon_that_raises_forwards_nothing(target):
-    """A real gateway with one of its request-path addons broken: 500, upstream untouched."""
-    with (
-        start_sandbox("--models", str(TEST_MODELS)) as up,
-        start_gateway(
-            up.base_url, module="tests.support.faulty_gateway", env={"TEEGATE_FAULT": target}
-        ) as gw,
-        _client(gw) as client,
-    ):
+@pytest.fixture(scope="module")
+def shared_upstream():
+    with start_sandbox("--models", str(TEST_MODELS)) as up:
+        yield up
+
+
+def _faulty(up, fault: str):
+    up.reset()
+    return start_gateway(
+        up.base_url, module="tests.support.faulty_gateway", env={"TEEGATE_FAULT": fault}
+    )
+
+
+@pytest.mark.parametrize("kind", ["stage", "hook"])
+@pytest.mark.parametrize("stage", REQUIRED_STAGES)
+def test_an_addon_that_raises_forwards_nothing(shared_upstream, stage, kind):
+    """A real gateway with one request-path stage broken, inside its guard (``stage``) or as an
+    unguarded hook (``hook``, caught by the Seal): 500, nothing reaches the upstream."""
+    with _faulty(shared_upstream, f"{kind}:{stage}") as gw, _client(gw) as client:
         with pytest.raises(openai.InternalServerError) as exc:
             client.chat.completions.create(model=TEE, messages=MSG)
         assert exc.value.status_code == 500
         assert exc.value.body["code"] == "internal_error"
-        assert chat_count(up) == 0
-        assert "addon_failed_closed" in gw.log_text()
+        assert chat_count(shared_upstream) == 0
+        if kind == "stage":
+            assert "addon_failed_closed" in gw.log_text()
+
+
+def test_a_failing_ledger_refuses_with_503_and_forwards_nothing(shared_upstream):
+    with _faulty(shared_upstream, "ledger") as gw, _client(gw) as client:
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.chat.completions.create(model=TEE, messages=MSG)
+        assert exc.value.status_code == 503
+        assert exc.value.body["code"] == "billing_unavailable"
+        assert chat_count(shared_upstream) == 0
 
 
 def test_upstream_that_never_answers_gives_json_504():

@@ -86,7 +86,8 @@ def test_embeddings_are_not_available(client, upstream):
 def test_unavailable_endpoints(http, upstream, method, path):
     resp = http.request(method, path, json={})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "not_available"
-    assert "POST " + path not in upstream.stats()["by_route"]
+    assert f"{method} {path}" not in upstream.stats()["by_route"]
+    assert forwarded(upstream) == 0
 
 
 @pytest.mark.parametrize(

@@ -1,27 +1,84 @@
-"""``python -m tests.support.faulty_gateway run -c proxy.toml``: the real gateway with one
-request-path addon made to raise (chosen by ``TEEGATE_FAULT``), to prove it fails closed."""
+"""``python -m tests.support.faulty_gateway run -c proxy.toml``: the real gateway with one fault
+injected (chosen by ``TEEGATE_FAULT``), to prove each one fails closed.
+
+* ``stage:NAME``: the addon of stage NAME raises at the moment it would approve the flow (inside
+  its guarded hook): its guard must refuse with 500 and nothing may go upstream.
+* ``hook:NAME``: the request hook of stage NAME's addon is replaced by one that raises *outside*
+  the guard, as an unguarded addon would: mitmproxy then forwards the request, unless the
+  ``Seal`` at the end of the chain refuses it for the missing approval.
+* ``ledger``: every reservation fails as a broken database would: 503 ``billing_unavailable``.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from addons import gate, upstream
+from addons import stages  # imported first: the addons bind ``passed`` when they are imported
 
-
-def _boom(*_args, **_kwargs):
-    raise RuntimeError("injected fault")
-
-
-TARGETS = {
-    "gate": (gate.Gate, "_lookup"),
-    "upstream": (upstream.UpstreamRewrite, "_pin"),
+# Which addon class approves each stage (the ``hook:`` faults replace its ``request``).
+STAGE_ADDONS = {
+    "auth": ("addons.auth", "Auth"),
+    "ratelimit": ("addons.ratelimit", "RateLimit"),
+    "validate": ("addons.validate", "ChatValidator"),
+    "gate": ("addons.gate", "Gate"),
+    "attestation": ("addons.attestation_gate", "AttestationGate"),
+    "billing": ("addons.billing", "Billing"),
+    "upstream": ("addons.upstream", "UpstreamRewrite"),
 }
 
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _fail_stage(name: str) -> None:
+    real = stages.passed
+
+    def passed(flow, stage: str) -> None:
+        if stage == name:
+            raise InjectedFault(stage)
+        real(flow, stage)
+
+    stages.passed = passed
+
+
+def _fail_hook(name: str) -> None:
+    import importlib
+
+    module, cls = STAGE_ADDONS[name]
+    addon = getattr(importlib.import_module(module), cls)
+    assert hasattr(addon, "request"), f"{cls}.request is gone: update the fault injection"
+
+    def request(self, flow) -> None:
+        raise InjectedFault(name)
+
+    addon.request = request
+
+
+def _fail_ledger() -> None:
+    from ledger import Ledger, LedgerError
+
+    async def reserve(self, *args, **kwargs):
+        raise LedgerError("injected fault")
+
+    Ledger.reserve = reserve
+
+
+def inject(fault: str) -> None:
+    kind, _, name = fault.partition(":")
+    if kind == "stage":
+        _fail_stage(name)
+    elif kind == "hook":
+        _fail_hook(name)
+    elif kind == "ledger":
+        _fail_ledger()
+    else:
+        raise SystemExit(f"unknown TEEGATE_FAULT {fault!r}")
+
+
 if __name__ == "__main__":
-    cls, attr = TARGETS[os.environ["TEEGATE_FAULT"]]
-    assert hasattr(cls, attr), f"{cls.__name__}.{attr} is gone: update the fault injection"
-    setattr(cls, attr, _boom)
+    inject(os.environ["TEEGATE_FAULT"])
     from teegate.cli import main
 
     sys.exit(main())
