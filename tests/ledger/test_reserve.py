@@ -213,9 +213,13 @@ async def test_a_reservation_admitted_before_the_settlement_is_paid_first(
     """The cap reads the balance inside the settlement's own transaction, not a stale one."""
     f = await fund(ledger, "alice", 2000)
     first = await ledger.reserve("a", f.key, "m", PRICES, 1000)
-    second = asyncio.ensure_future(ledger.reserve("b", f.key, "m", PRICES, 1000))
-    while ledger.available_micro(f.account_id) != 0:  # "b" is held in memory, not committed
-        await asyncio.sleep(0)
+    # Runs at once up to its wait for the commit: "b" is held in memory, not committed.
+    second = asyncio.Task(
+        ledger.reserve("b", f.key, "m", PRICES, 1000),
+        loop=asyncio.get_running_loop(),
+        eager_start=True,
+    )
+    assert ledger.available_micro(f.account_id) == 0 and not second.done()
     await ledger.settle(first, 0, 1500, 0, "usage")  # committed with or after "b"
     await second
     await ledger.flush()

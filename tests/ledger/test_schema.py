@@ -90,7 +90,8 @@ async def test_a_version_2_database_with_settled_usage_upgrades_and_still_verifi
     assert await migrate(db, db_path, MIGRATIONS[:2]) == 2
     for sql in (
         "INSERT INTO accounts (id, name, created_ms, balance_micro) VALUES (1, 'old', 1, 700)",
-        "INSERT INTO api_keys (id, account_id, key_hash, created_ms) VALUES (1, 1, zeroblob(32), 1)",
+        "INSERT INTO api_keys (id, account_id, key_hash, created_ms) "
+        "VALUES (1, 1, zeroblob(32), 1)",
         "INSERT INTO entries VALUES (1, 1, 'topup', 1000, NULL, 1, NULL)",
         "INSERT INTO entries VALUES (2, 1, 'reservation', -500, NULL, 2, NULL)",
         "INSERT INTO entries VALUES (3, 1, 'settlement', 200, 2, 3, NULL)",
