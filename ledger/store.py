@@ -394,6 +394,21 @@ class Store:
             if problem:
                 expected, actual, why = problem
                 out.append(Mismatch("usage", acct, expected, actual, f"reservation {rid}: {why}"))
+        for rid, acct, state, lost in await self._rows(
+            "SELECT reservation_id, account_id, state, unrecovered_micro FROM usage "
+            "WHERE unrecovered_micro <> 0 AND (state <> 'settled' OR source <> 'usage' "
+            "AND source <> 'bytes')"
+        ):
+            out.append(
+                Mismatch(
+                    "usage",
+                    acct,
+                    0,
+                    lost,
+                    f"reservation {rid}: {lost} unrecovered on a {state} row "
+                    "not settled from usage",
+                )
+            )
         orphans = await self._rows(
             "SELECT u.reservation_id, u.account_id FROM usage u "
             "LEFT JOIN entries r ON r.id = u.reservation_id AND r.kind = 'reservation' "

@@ -159,6 +159,8 @@ def test_usage_far_above_the_hold_stops_the_balance_at_zero(gateway, upstream):
     assert group["unrecovered_micro"] == row["unrecovered_micro"]
     code, out, err = teegate("usage", "--db", str(gateway.db), "--account", "tiny", "--csv")
     assert code == 0 and f",{row['unrecovered_micro']}," in out.splitlines()[1]
+    code, out, err = teegate("usage", "--db", str(gateway.db), "--account", "tiny")
+    assert code == 0 and "UNRECOVERED_USD" in out and "USD unrecovered" in out
     code, out, err = teegate("ledger", "verify", "--db", str(gateway.db), "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"], out

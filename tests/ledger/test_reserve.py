@@ -203,6 +203,10 @@ async def test_usage_above_what_the_balance_holds_stops_at_zero_and_the_rest_is_
     assert (charged, unrecovered) == (1000 + collected, 3000 - 1000 - collected)
     report = await ledger.verify()
     assert report.ok and report.unrecovered_micro == unrecovered
+    with sqlite3.connect(db_path) as conn:  # verify checks where unrecovered may appear
+        conn.execute("UPDATE usage SET source = 'recovered' WHERE reservation_id = ?", (res.id,))
+    [problem] = (await ledger.verify()).mismatches
+    assert f"{unrecovered} unrecovered" in problem.detail
     [group] = await ledger.usage()
     assert (group.charge_micro, group.unrecovered_micro) == (charged, unrecovered)
 
