@@ -8,22 +8,39 @@ cannot cover it gets ``402 insufficient_balance`` and nothing goes upstream.
 Response: settle from the upstream's ``usage`` at the prices captured at
 reservation; without usage (upstream omitted it, dropped the stream, or the
 client left), from the bytes of generated text, converted by
-:func:`ledger.tokens_from_bytes`. An upstream error before any token releases
-the reservation. Settling runs off the response path; it is idempotent, so a
-response and an error hook for one flow cannot charge twice. A crash in
-between is covered by the ledger's recovery rule (the reservation is charged).
+:func:`ledger.tokens_from_bytes`. Usage priced above the reservation is
+charged only up to the account's balance, the rest recorded as unrecovered
+(:mod:`ledger.ledger`, "Settlement policy"): no balance goes below zero.
+
+No response headers (the error hook without ``flow.response``):
+
+* the request never reached the upstream -- mitmproxy gives the flow its
+  server connection only once that connection (TCP, and TLS if any) is
+  established, and writes the request to it at once, so a flow whose
+  ``server_conn`` was never set up (connection refused, unreachable, TLS
+  failure, client gone while connecting) -- is released;
+* otherwise the request was sent and may have run (the client disconnected,
+  or :mod:`addons.deadline` gave up with 504): with ``billing.unanswered =
+  "hold"`` (the default) it is settled at its full reservation, the rule
+  crash recovery applies; with ``"release"`` it is released.
+
+An upstream that answered with an HTTP error before any token is released.
+Settling runs off the response path; it is idempotent, so a response and an
+error hook for one flow cannot charge twice. A crash in between is covered by
+the ledger's recovery rule (the reservation is charged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from mitmproxy import http
 
 from addons.auth import KEY
+from addons.deadline import TIMED_OUT
 from addons.errors import GatewayError, guarded, refuse
 from addons.ledgerlink import LedgerLink
 from addons.schema import ChatRequest
@@ -53,9 +70,13 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+Unanswered = Literal["hold", "release"]
+
+
 class Billing:
-    def __init__(self, link: LedgerLink) -> None:
+    def __init__(self, link: LedgerLink, *, unanswered: Unanswered = "hold") -> None:
         self._link = link
+        self._unanswered: Unanswered = unanswered
         self._pending: set[asyncio.Task[None]] = set()
 
     @guarded
@@ -116,7 +137,7 @@ class Billing:
         if res is None:
             return
         try:
-            plan = _settlement(flow, res, complete=complete)
+            plan = _settlement(flow, res, complete=complete, unanswered=self._unanswered)
         except Exception as e:  # the flow must still be charged: fall back to the whole hold
             log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
             plan = _full_hold(flow, res)
@@ -167,13 +188,17 @@ class Billing:
             log.error("settlement_failed", request_id=res.request_id, error=type(e).__name__)
 
 
-def _settlement(flow: http.HTTPFlow, res: Reservation, *, complete: bool) -> dict[str, Any]:
+def _settlement(
+    flow: http.HTTPFlow, res: Reservation, *, complete: bool, unanswered: Unanswered = "hold"
+) -> dict[str, Any]:
     """What to charge for a finished (or broken-off) flow."""
     resp = flow.response
     tally: StreamTally | None = flow.metadata.get(TALLY)
     status = "ok" if complete else "aborted"
-    if resp is None or (resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0)):
-        return {"action": "release", "reason": _release_reason(flow)}
+    if resp is None:
+        return _unanswered(flow, res, unanswered)
+    if resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0):
+        return {"action": "release", "reason": f"upstream answered HTTP {resp.status_code}"}
     if tally is not None:
         if tally.opaque:
             return _full_hold(flow, res)
@@ -194,10 +219,25 @@ def _settlement(flow: http.HTTPFlow, res: Reservation, *, complete: bool) -> dic
     return _from_bytes(flow, generated_bytes(messages), status)
 
 
-def _release_reason(flow: http.HTTPFlow) -> str:
-    if flow.response is not None:
-        return f"upstream answered HTTP {flow.response.status_code}"
-    return "no response from the upstream"
+def _sent(flow: http.HTTPFlow) -> bool:
+    """Whether the request went upstream (see the module docstring for why this tells)."""
+    return flow.server_conn is not None and flow.server_conn.timestamp_tcp_setup is not None
+
+
+def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> dict[str, Any]:
+    """No response headers: release unless the request was sent and the rule is "hold"."""
+    if not _sent(flow):
+        return {"action": "release", "reason": "never reached the upstream"}
+    # A fixed text, never flow.error.msg: that may quote bytes the client sent.
+    if flow.metadata.get(TIMED_OUT):
+        why = "upstream timeout"
+    elif flow.error is not None and flow.error.msg == "Client disconnected.":
+        why = "client disconnected"
+    else:
+        why = "connection lost"
+    if rule == "release":
+        return {"action": "release", "reason": f"unanswered ({why}); billing.unanswered = release"}
+    return {**_full_hold(flow, res), "status": f"unanswered ({why}): charged the reservation"}
 
 
 def _usage(usage: Any) -> dict[str, int] | None:

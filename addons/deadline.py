@@ -6,6 +6,10 @@ response headers arrive in time it closes the upstream connection, and the
 client gets ``504 upstream_timeout`` instead of waiting forever. For any
 upstream failure it picks the JSON envelope of the error page mitmproxy then
 writes (``502 upstream_unreachable`` otherwise).
+
+A timed-out request was sent and may have run: :mod:`addons.billing` settles
+it at its reservation (``billing.unanswered``, default "hold"), reading
+``TIMED_OUT`` only to name the reason.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ used on the event loop that serves requests)::
     #   InsufficientBalance -> 402; LedgerUnavailable -> 503; no upstream call
     ... forward upstream ...
     await ledger.settle(res, prompt, completion, cached, "usage", timing)
+    #   never below zero: usage above the hold is charged up to the balance,
+    #   the rest recorded as unrecovered (see "Settlement policy" below)
     #   or, with no usage block: completion = tokens_from_bytes(generated_bytes),
     #   source "bytes"; if the request never reached the upstream:
     await ledger.release(res, "upstream unreachable")
@@ -46,11 +48,19 @@ noticed through ``PRAGMA data_version`` every ``refresh_ms`` (default 1 s):
 **a top-up becomes spendable, and a revocation takes effect, within
 ``refresh_ms`` of its commit**. Revocations through this object are immediate.
 
-Settlement policy: a request is charged its *actual* usage, even above its
-reservation. The upstream bills us for what it served; the overrun (which a
-conservative estimate makes rare) is recorded in the usage row (charge >
-reserved) and logged, and may take the balance below zero, after which
-further reservations are refused until a top-up.
+Settlement policy: **no balance ever goes below zero.** A request is charged
+its actual usage at the prices captured at reservation. Usage priced above
+the reservation (an upstream that ignored the budget, or a byte-count
+fallback that overshoots it) is charged up to what the account has: the
+settlement's transaction takes the extra from the balance as it stands in
+that same transaction, ``MIN(extra, MAX(balance, 0))``, in SQL. The rest of
+the price is recorded as *unrecovered* (``usage.unrecovered_micro``, shown by
+``teegate usage`` and totalled by ``teegate ledger verify``) and logged at
+warning level (``ledger.charge_above_reservation``: request id, model and
+amounts). ``usage.charge_micro`` is always what was taken from the balance.
+
+Which flows are settled at their full reservation without usage (an upstream
+that never answered) is the request path's decision; see :mod:`addons.billing`.
 """
 
 from __future__ import annotations
@@ -384,7 +394,12 @@ class Ledger:
         *,
         status: str = "ok",
     ) -> int:
-        """Charge actual usage (see the module docstring); returns the charge.
+        """Charge actual usage (see the module docstring); returns its price.
+
+        Within the reservation, the price is the charge. Above it, the commit
+        takes the extra only up to the account's balance and records the rest
+        as unrecovered; the in-memory balance counts the whole extra as spent
+        until then, so no reservation is admitted on money the extra may take.
 
         Idempotent: once a reservation is settled or released, further calls
         change nothing and return what was charged (0 after a release).
@@ -415,6 +430,8 @@ class Ledger:
             status,
             timing,
             now_ms(),
+            reservation.request_id,
+            reservation.model,
         )
         self._balances.hold(reservation.account_id, overrun)
         try:
@@ -423,15 +440,6 @@ class Ledger:
             self._balances.unhold(reservation.account_id, overrun)
             raise
         self._mark(reservation, "settled", charge)
-        if overrun:
-            log.warning(
-                "ledger.charge_above_reservation",
-                reservation_id=reservation.id,
-                request_id=reservation.request_id,
-                account_id=reservation.account_id,
-                reserved_micro=reservation.amount_micro,
-                charge_micro=charge,
-            )
         return charge
 
     async def release(

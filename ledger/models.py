@@ -114,6 +114,7 @@ class VerifyReport:
     mismatches: list[Mismatch]
     open_reservations: list[OpenReservation]
     accounts_checked: int
+    unrecovered_micro: int = 0  # priced usage no balance could cover (see ledger.ledger)
 
     @property
     def ok(self) -> bool:
@@ -134,4 +135,5 @@ class UsageGroup:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    charge_micro: int
+    charge_micro: int  # taken from the balance
+    unrecovered_micro: int  # priced above the reservation, beyond what the balance held

@@ -24,9 +24,11 @@ class NewReservation:
 class Finalization:
     """A settlement or release of one reservation.
 
-    ``delta_micro`` is the entry amount, the change to the balance: the
-    reserved amount handed back minus the charge (negative when usage
-    exceeded the reservation).
+    ``delta_micro`` is the reserved amount handed back minus the charge
+    (negative when usage exceeded the reservation). Within the reservation it
+    is the entry amount; above it, the commit collects the extra only up to
+    the account's balance (:class:`Shortfall`). ``request_id`` and ``model``
+    only name the request in that case's log line.
     """
 
     reservation_id: int
@@ -41,3 +43,18 @@ class Finalization:
     status: str
     timing: Timing | None
     finalized_ms: int
+    request_id: str = ""
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """A settlement above its reservation, as committed.
+
+    ``charged_micro`` was taken from the balance (the reservation plus what
+    the balance held beyond it); ``unrecovered_micro`` is the rest of the price.
+    """
+
+    final: Finalization
+    charged_micro: int
+    unrecovered_micro: int

@@ -12,6 +12,8 @@ Money columns are INTEGER micro-USD; tables are STRICT so a float or text can
 never be stored in one. ``entries`` is append-only, enforced by triggers, and
 holds the truth; ``accounts.balance_micro`` is a cache of the sum of an
 account's entries, updated in the same transaction as each entry.
+``usage.charge_micro`` is what was taken from the balance; ``usage.unrecovered_micro``
+(version 3) the part of the request's price the balance could not cover.
 """
 
 from __future__ import annotations
@@ -108,7 +110,14 @@ _V2: Migration = (
     "CREATE INDEX api_keys_account ON api_keys(account_id)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+_V3: Migration = (
+    # Usage above a reservation is charged only up to what the account has; the part
+    # of its price the balance could not cover is recorded here (see ledger.ledger).
+    "ALTER TABLE usage ADD COLUMN unrecovered_micro INTEGER NOT NULL DEFAULT 0 "
+    "CHECK (unrecovered_micro >= 0)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

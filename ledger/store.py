@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import structlog
 
 from ledger import dbthread, inputs
 from ledger.dbthread import run_on_connection
@@ -33,8 +34,10 @@ from ledger.models import (
     UsageGroup,
     VerifyReport,
 )
-from ledger.ops import Finalization, NewReservation
+from ledger.ops import Finalization, NewReservation, Shortfall
 from ledger.schema import configure, migrate
+
+log = structlog.get_logger("teegate.ledger")
 
 
 def now_ms() -> int:
@@ -54,6 +57,17 @@ _FINALIZE_USAGE = (
     "UPDATE usage SET state = ?, prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, "
     "charge_micro = ?, source = ?, status = ?, start_ms = ?, first_byte_ms = ?, end_ms = ?, "
     "finalized_ms = ? WHERE reservation_id = ? AND state = 'open'"
+)
+_FINALIZE_USAGE_ABOVE = (
+    "UPDATE usage SET state = ?, prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, "
+    "charge_micro = ?, unrecovered_micro = ?, source = ?, status = ?, start_ms = ?, "
+    "first_byte_ms = ?, end_ms = ?, finalized_ms = ? WHERE reservation_id = ? AND state = 'open'"
+)
+# The settlement entry of usage above its hold: the extra, capped at what the account has.
+_CAPPED_SETTLEMENT = (
+    "INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms) "
+    "SELECT id, 'settlement', -MIN(?, MAX(balance_micro, 0)), ?, ? FROM accounts WHERE id = ? "
+    "RETURNING amount_micro"
 )
 _ADD_BALANCE = "UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ?"
 _OPEN_RESERVATIONS = """
@@ -264,7 +278,22 @@ class Store:
                     on_commit(result)
             return result
 
-        return await run_on_connection(self.db, run)
+        result = await run_on_connection(self.db, run)
+        for s in batch.shortfalls:
+            f = s.final
+            log.warning(
+                "ledger.charge_above_reservation",
+                reservation_id=f.reservation_id,
+                request_id=f.request_id,
+                model=f.model,
+                account_id=f.account_id,
+                reserved_micro=f.charge_micro + f.delta_micro,
+                price_micro=f.charge_micro,
+                charged_micro=s.charged_micro,
+                unrecovered_micro=s.unrecovered_micro,
+                rule="charged up to the account's balance; the rest is recorded as unrecovered",
+            )
+        return result
 
     async def recover(self, exclude: set[int]) -> list[Recovered]:
         """Settle every open reservation not in ``exclude`` at its full amount.
@@ -346,7 +375,8 @@ class Store:
                     )
             mismatches.extend(await self._usage_mismatches())
             open_res = await self.open_reservations()
-        return VerifyReport(mismatches, open_res, len(accounts))
+            unrecovered = await self._rows("SELECT COALESCE(SUM(unrecovered_micro), 0) FROM usage")
+        return VerifyReport(mismatches, open_res, len(accounts), int(unrecovered[0][0]))
 
     async def _usage_mismatches(self) -> list[Mismatch]:
         out: list[Mismatch] = []
@@ -364,6 +394,21 @@ class Store:
             if problem:
                 expected, actual, why = problem
                 out.append(Mismatch("usage", acct, expected, actual, f"reservation {rid}: {why}"))
+        for rid, acct, state, lost in await self._rows(
+            "SELECT reservation_id, account_id, state, unrecovered_micro FROM usage "
+            "WHERE unrecovered_micro <> 0 AND (state <> 'settled' OR source <> 'usage' "
+            "AND source <> 'bytes')"
+        ):
+            out.append(
+                Mismatch(
+                    "usage",
+                    acct,
+                    0,
+                    lost,
+                    f"reservation {rid}: {lost} unrecovered on a {state} row "
+                    "not settled from usage",
+                )
+            )
         orphans = await self._rows(
             "SELECT u.reservation_id, u.account_id FROM usage u "
             "LEFT JOIN entries r ON r.id = u.reservation_id AND r.kind = 'reservation' "
@@ -397,7 +442,7 @@ class Store:
             "SELECT date(u.created_ms / 1000, 'unixepoch') AS day, u.account_id, a.name, u.key_id, "
             "u.model, COUNT(*), SUM(u.state = 'open'), COALESCE(SUM(u.prompt_tokens), 0), "
             "COALESCE(SUM(u.completion_tokens), 0), COALESCE(SUM(u.cached_tokens), 0), "
-            "COALESCE(SUM(u.charge_micro), 0) "
+            "COALESCE(SUM(u.charge_micro), 0), COALESCE(SUM(u.unrecovered_micro), 0) "
             "FROM usage u JOIN accounts a ON a.id = u.account_id "
             + (("WHERE " + " AND ".join(where) + " ") if where else "")
             + "GROUP BY day, u.account_id, u.key_id, u.model "
@@ -412,6 +457,7 @@ class _Batch:
     def __init__(self, reservations: list[NewReservation], finals: list[Finalization]) -> None:
         self.reservations = reservations
         self.finals = finals
+        self.shortfalls: list[Shortfall] = []  # set by a committed apply()
 
     def apply(self, conn: sqlite3.Connection) -> tuple[list[int], dict[int, int]]:
         """Inside the caller's ``BEGIN IMMEDIATE``: ids of the reservations, new balances."""
@@ -448,7 +494,9 @@ class _Batch:
             )
             for r in self.reservations:
                 deltas[r.account_id] -= r.amount_micro
-        if self.finals:
+        within = [f for f in self.finals if f.delta_micro >= 0]
+        above = [f for f in self.finals if f.delta_micro < 0]
+        if within:
             conn.executemany(
                 _INSERT_ENTRY,
                 [
@@ -461,18 +509,41 @@ class _Batch:
                         f.finalized_ms,
                         None,
                     )
-                    for f in self.finals
+                    for f in within
                 ],
             )
-            conn.executemany(_FINALIZE_USAGE, [_usage_params(f) for f in self.finals])
-            for f in self.finals:
+            conn.executemany(_FINALIZE_USAGE, [_usage_params(f) for f in within])
+            for f in within:
                 deltas[f.account_id] += f.delta_micro
         conn.executemany(_ADD_BALANCE, [(d, a) for a, d in deltas.items() if d])
+        # Usage above its reservation: last, one at a time, each against the balance as this
+        # transaction leaves it (this batch's reservations and credits included).
+        self.shortfalls = [_settle_above_hold(conn, f) for f in above]
+        for f in above:
+            deltas.setdefault(f.account_id, 0)
         rows = conn.execute(
             "SELECT id, balance_micro FROM accounts WHERE id IN (SELECT value FROM json_each(?))",
             (_json_ints(deltas),),
         ).fetchall()
         return ids, dict(rows)
+
+
+def _settle_above_hold(conn: sqlite3.Connection, f: Finalization) -> Shortfall:
+    """Settle usage priced above its reservation, never taking the balance below zero.
+
+    The extra is collected in SQL from the balance as it stands inside this
+    transaction: ``MIN(extra, MAX(balance, 0))``. What it could not cover is
+    recorded as the usage row's ``unrecovered_micro``.
+    """
+    extra = -f.delta_micro
+    row = conn.execute(_CAPPED_SETTLEMENT, (extra, f.reservation_id, f.finalized_ms, f.account_id))
+    collected = -int(row.fetchone()[0])
+    conn.execute(_ADD_BALANCE, (-collected, f.account_id))
+    charged = f.charge_micro - extra + collected
+    unrecovered = extra - collected
+    params = _usage_params(f)
+    conn.execute(_FINALIZE_USAGE_ABOVE, (*params[:4], charged, unrecovered, *params[5:]))
+    return Shortfall(f, charged, unrecovered)
 
 
 def _is_file(path: str) -> bool:

@@ -27,6 +27,9 @@ class Behaviour(BaseModel):
     flags: dict[str, bool] = Field(default_factory=dict)
     remove_models: list[str] = Field(default_factory=list)
     cached_tokens: int = Field(default=0, ge=0)
+    # Report this many completion tokens in usage, whatever was generated: an upstream that
+    # ignored the request's budget (billing must still never take a balance below zero).
+    usage_completion_tokens: int | None = Field(default=None, ge=0)
     malformed_rows: bool = False
     models_status: int | None = Field(default=None, ge=100, le=599)
 

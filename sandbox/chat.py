@@ -15,8 +15,10 @@ from sandbox.state import SandboxState
 from sandbox.streaming import ChunkStream
 
 
-def _usage(prompt_tokens: int, answer: Answer, cached: int) -> dict[str, Any]:
-    completion = len(answer.pieces)
+def _usage(
+    prompt_tokens: int, answer: Answer, cached: int, completion: int | None = None
+) -> dict[str, Any]:
+    completion = len(answer.pieces) if completion is None else completion
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -84,7 +86,12 @@ class ChatCompletions:
         usage = (
             None
             if behaviour.omit_usage
-            else _usage(count_prompt_tokens(messages), answer, behaviour.cached_tokens)
+            else _usage(
+                count_prompt_tokens(messages),
+                answer,
+                behaviour.cached_tokens,
+                behaviour.usage_completion_tokens,
+            )
         )
         head = {"created": int(time.time()), "model": model}
         if body.get("stream") is True:

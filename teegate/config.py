@@ -164,6 +164,13 @@ class LedgerSettings(_Section):
     machine; ~0.2 ms less per request alone). See docs/bench.md."""
 
 
+class BillingSettings(_Section):
+    unanswered: Literal["hold", "release"] = "hold"
+    """A chat request sent upstream that got no response headers (the client left, or the
+    upstream timed out): "hold" charges its full reservation, the rule crash recovery applies;
+    "release" hands it back. A request that never reached the upstream is always released."""
+
+
 class RateLimitSettings(_Section):
     requests_per_minute: int = Field(1000, ge=1)
     """Per API key, unless the key was created with its own --rate-limit."""
@@ -177,6 +184,7 @@ class Settings(_Section):
     log: LogSettings = LogSettings()
     egress: EgressSettings = EgressSettings()
     ledger: LedgerSettings = LedgerSettings()
+    billing: BillingSettings = BillingSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""

@@ -59,7 +59,7 @@ def build_addons(
         ChatValidator(),
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
-        Billing(link),
+        Billing(link, unanswered=settings.billing.unanswered),
         UpstreamRewrite(),
         StreamRelay(),
         Seal(REQUIRED_STAGES),

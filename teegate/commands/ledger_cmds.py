@@ -411,6 +411,7 @@ _USAGE_FIELDS = (
     "completion_tokens",
     "cached_tokens",
     "charge_micro",
+    "unrecovered_micro",
 )
 
 
@@ -449,10 +450,12 @@ async def _usage(args: argparse.Namespace, db: str) -> int:
     records = [asdict(g) for g in groups]
     for r in records:
         r["charge_usd"] = format_usd(r["charge_micro"])
+        r["unrecovered_usd"] = format_usd(r["unrecovered_micro"])
     if args.json:
         _print_json(records)
     elif args.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=[*_USAGE_FIELDS, "charge_usd"])
+        fields = [*_USAGE_FIELDS, "charge_usd", "unrecovered_usd"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
         writer.writeheader()
         writer.writerows(records)
     else:
@@ -467,6 +470,7 @@ async def _usage(args: argparse.Namespace, db: str) -> int:
                 g.completion_tokens,
                 g.cached_tokens,
                 format_usd(g.charge_micro),
+                format_usd(g.unrecovered_micro),
             )
             for g in groups
         ]
@@ -480,10 +484,15 @@ async def _usage(args: argparse.Namespace, db: str) -> int:
             "COMPLETION",
             "CACHED",
             "CHARGE_USD",
+            "UNRECOVERED_USD",
         )
-        print(_table(headers, rows, right={2, 4, 5, 6, 7, 8}))
+        print(_table(headers, rows, right={2, 4, 5, 6, 7, 8, 9}))
         total = sum(g.charge_micro for g in groups)
-        print(f"total: {sum(g.requests for g in groups)} request(s), {format_usd(total)} USD")
+        lost = sum(g.unrecovered_micro for g in groups)
+        print(
+            f"total: {sum(g.requests for g in groups)} request(s), {format_usd(total)} USD "
+            f"charged, {format_usd(lost)} USD unrecovered"
+        )
     return EXIT_OK
 
 
@@ -501,6 +510,8 @@ async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
             {
                 "ok": report.ok,
                 "accounts_checked": report.accounts_checked,
+                "unrecovered_micro": report.unrecovered_micro,
+                "unrecovered_usd": format_usd(report.unrecovered_micro),
                 "mismatches": [asdict(m) for m in report.mismatches],
                 "open_reservations": [asdict(r) for r in report.open_reservations],
             }
@@ -517,7 +528,8 @@ async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
         verdict = "OK" if report.ok else f"{len(report.mismatches)} MISMATCH(ES)"
         print(
             f"{verdict}: {report.accounts_checked} account(s) checked, "
-            f"{len(report.open_reservations)} open reservation(s)"
+            f"{len(report.open_reservations)} open reservation(s), "
+            f"{format_usd(report.unrecovered_micro)} USD unrecovered"
         )
     return EXIT_OK if report.ok else EXIT_FAILED
 

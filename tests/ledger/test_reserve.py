@@ -163,20 +163,72 @@ async def test_concurrent_settle_and_release_finalise_exactly_once(
     assert len(_finals(db_path, res.id)) == 1
 
 
-async def test_usage_above_the_reservation_is_charged_and_recorded(
+def _usage_money(db_path: str, reservation_id: int) -> tuple[int, int]:
+    with sqlite3.connect(db_path) as conn:
+        return conn.execute(
+            "SELECT charge_micro, unrecovered_micro FROM usage WHERE reservation_id = ?",
+            (reservation_id,),
+        ).fetchone()
+
+
+async def test_usage_above_the_reservation_is_charged_in_full_when_the_balance_covers_it(
     ledger: Ledger, db_path: str
 ) -> None:
-    f = await fund(ledger, "alice", 2000)
+    f = await fund(ledger, "alice", 5000)
     res = await ledger.reserve("a", f.key, "m", PRICES, 1000)
-    charge = await ledger.settle(res, 0, 1500, 0, "usage")  # 1500 out * $2/M = 3000
-    assert charge == 3000
-    # The overrun is debited at once (a debit never waits for the commit).
-    assert ledger.available_micro(f.account_id) == 2000 - 3000
-    with pytest.raises(InsufficientBalance) as err:
-        await ledger.reserve("b", f.key, "m", PRICES, 0)
-    assert err.value.balance_micro == -1000
+    assert await ledger.settle(res, 0, 1500, 0, "usage") == 3000  # 1500 out * $2/M
+    # The extra is debited in memory at once (a debit never waits for the commit).
+    assert ledger.available_micro(f.account_id) == 5000 - 3000
     await ledger.flush()
-    assert _db_balance(db_path, f.account_id) == (-1000, -1000)
+    assert _db_balance(db_path, f.account_id) == (2000, 2000)
+    assert _usage_money(db_path, res.id) == (3000, 0)
+    report = await ledger.verify()
+    assert report.ok and report.unrecovered_micro == 0
+
+
+@pytest.mark.parametrize(("balance", "collected"), [(1000, 0), (2000, 1000), (2999, 1999)])
+async def test_usage_above_what_the_balance_holds_stops_at_zero_and_the_rest_is_unrecovered(
+    ledger: Ledger, db_path: str, balance: int, collected: int
+) -> None:
+    f = await fund(ledger, "alice", balance)
+    res = await ledger.reserve("a", f.key, "m", PRICES, 1000)
+    assert await ledger.settle(res, 0, 1500, 0, "usage") == 3000
+    # Until the commit decides, nothing more may be reserved on money the extra may take.
+    with pytest.raises(InsufficientBalance):
+        await ledger.reserve("b", f.key, "m", PRICES, 1)
+    await ledger.flush()
+    assert _db_balance(db_path, f.account_id) == (0, 0)
+    assert ledger.available_micro(f.account_id) == 0
+    charged, unrecovered = _usage_money(db_path, res.id)
+    assert (charged, unrecovered) == (1000 + collected, 3000 - 1000 - collected)
+    report = await ledger.verify()
+    assert report.ok and report.unrecovered_micro == unrecovered
+    with sqlite3.connect(db_path) as conn:  # verify checks where unrecovered may appear
+        conn.execute("UPDATE usage SET source = 'recovered' WHERE reservation_id = ?", (res.id,))
+    [problem] = (await ledger.verify()).mismatches
+    assert f"{unrecovered} unrecovered" in problem.detail
+    [group] = await ledger.usage()
+    assert (group.charge_micro, group.unrecovered_micro) == (charged, unrecovered)
+
+
+async def test_a_reservation_admitted_before_the_settlement_is_paid_first(
+    ledger: Ledger, db_path: str
+) -> None:
+    """The cap reads the balance inside the settlement's own transaction, not a stale one."""
+    f = await fund(ledger, "alice", 2000)
+    first = await ledger.reserve("a", f.key, "m", PRICES, 1000)
+    # Runs at once up to its wait for the commit: "b" is held in memory, not committed.
+    second = asyncio.Task(
+        ledger.reserve("b", f.key, "m", PRICES, 1000),
+        loop=asyncio.get_running_loop(),
+        eager_start=True,
+    )
+    assert ledger.available_micro(f.account_id) == 0 and not second.done()
+    await ledger.settle(first, 0, 1500, 0, "usage")  # committed with or after "b"
+    await second
+    await ledger.flush()
+    assert _db_balance(db_path, f.account_id) == (0, 0)
+    assert _usage_money(db_path, first.id) == (1000, 2000)
     assert (await ledger.verify()).ok
 
 

@@ -79,3 +79,38 @@ async def test_entries_are_append_only_in_the_database_itself(db_path: str) -> N
                 "INSERT INTO entries (account_id, kind, amount_micro, created_ms) "
                 "VALUES (1, 'topup', 1.5, 0)"
             )
+
+
+async def test_a_version_2_database_with_settled_usage_upgrades_and_still_verifies(
+    db_path: str,
+) -> None:
+    """Version 3 adds usage.unrecovered_micro; existing rows read 0 and reconcile as before."""
+    db = await aiosqlite.connect(db_path, isolation_level=None)
+    await configure(db)
+    assert await migrate(db, db_path, MIGRATIONS[:2]) == 2
+    for sql in (
+        "INSERT INTO accounts (id, name, created_ms, balance_micro) VALUES (1, 'old', 1, 700)",
+        "INSERT INTO api_keys (id, account_id, key_hash, created_ms) "
+        "VALUES (1, 1, zeroblob(32), 1)",
+        "INSERT INTO entries VALUES (1, 1, 'topup', 1000, NULL, 1, NULL)",
+        "INSERT INTO entries VALUES (2, 1, 'reservation', -500, NULL, 2, NULL)",
+        "INSERT INTO entries VALUES (3, 1, 'settlement', 200, 2, 3, NULL)",
+        "INSERT INTO usage (reservation_id, request_id, account_id, key_id, model, price_input, "
+        "price_output, reserved_micro, state, charge_micro, source, created_ms) "
+        "VALUES (2, 'r', 1, 1, 'm', 1, 1, 500, 'settled', 300, 'usage', 2)",
+    ):
+        await db.execute(sql)
+    await db.close()
+
+    led = await Ledger.open(db_path)
+    try:
+        report = await led.verify()
+        assert report.ok and report.unrecovered_micro == 0
+        [group] = await led.usage()
+        assert (group.charge_micro, group.unrecovered_micro) == (300, 0)
+    finally:
+        await led.close()
+    assert _version(db_path) == SCHEMA_VERSION == 3
+    with sqlite3.connect(db_path) as conn:
+        with pytest.raises(sqlite3.IntegrityError):  # never negative
+            conn.execute("UPDATE usage SET unrecovered_micro = -1")
