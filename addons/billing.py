@@ -172,6 +172,8 @@ def _settlement(flow: http.HTTPFlow, res: Reservation, *, complete: bool) -> dic
     resp = flow.response
     tally: StreamTally | None = flow.metadata.get(TALLY)
     status = "ok" if complete else "aborted"
+    if flow.metadata.get("teegate.error_code") == "upstream_model_mismatch":
+        return {"action": "release", "reason": "the upstream answered for another model"}
     if resp is None or (resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0)):
         return {"action": "release", "reason": _release_reason(flow)}
     if tally is not None:
