@@ -86,7 +86,7 @@ class ChatCompletions:
             if behaviour.omit_usage
             else _usage(count_prompt_tokens(messages), answer, behaviour.cached_tokens)
         )
-        head = {"created": int(time.time()), "model": model}
+        head = {"created": int(time.time()), "model": behaviour.answer_model or model}
         if body.get("stream") is True:
             options = body.get("stream_options")
             wants_usage = isinstance(options, dict) and options.get("include_usage") is True
