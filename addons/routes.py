@@ -1,12 +1,13 @@
 """Which endpoint a request is for, and the ones answered locally.
 
-Chat completions continue down the request path, only as exactly ``POST
-/v1/chat/completions``: a lower-case method is another method (405), and a
-query string is refused with 400 naming its first parameter rather than
-stripped, so a client learns that ``?model=`` or ``?api-key=`` did nothing (and
-none can reach an upstream that reads query parameters). Path variants
-(trailing slash, ``;params``, ``//``, percent-encoding, ``#``) are not the chat
-path: 404. The model list is served
+Chat completions continue down the request path only as exactly ``POST
+/v1/chat/completions``. mitmproxy reads the method upper-cased, so a
+lower-case ``post`` is accepted and the rewrite sends ``POST``. A query string
+is refused with 400 naming its first parameter rather than stripped, so a
+client learns that ``?model=`` or ``?api-key=`` did nothing (and none can reach
+an upstream that reads query parameters). Path variants (trailing slash,
+``;params``, ``//``, percent-encoding, ``#``) are not the chat path: 404.
+The model list is served
 from the catalog; endpoints with no hardware-attested variant upstream answer
 503; anything else 404 (or 405 for a known path with the wrong method).
 """
@@ -70,8 +71,8 @@ class Router:
         path, has_query, query = flow.request.path.partition("?")
         method = flow.request.method.upper()
         if path == CHAT_PATH:
-            if flow.request.method != "POST":  # methods are case-sensitive (RFC 9110)
-                refuse(flow, _method_not_allowed(flow.request.method[:16], path, "POST"))
+            if method != "POST":
+                refuse(flow, _method_not_allowed(method[:16], path, "POST"))
             elif has_query:
                 refuse(flow, _query_refused(query))
             else:
