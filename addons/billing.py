@@ -195,6 +195,8 @@ def _settlement(
     resp = flow.response
     tally: StreamTally | None = flow.metadata.get(TALLY)
     status = "ok" if complete else "aborted"
+    if flow.metadata.get("teegate.error_code") == "upstream_model_mismatch":
+        return {"action": "release", "reason": "the upstream answered for another model"}
     if resp is None:
         return _unanswered(flow, res, unanswered)
     if resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0):

@@ -1,6 +1,13 @@
 """Which endpoint a request is for, and the ones answered locally.
 
-Chat completions continue down the request path. The model list is served
+Chat completions continue down the request path only as exactly ``POST
+/v1/chat/completions``. mitmproxy reads the method upper-cased, so a
+lower-case ``post`` is accepted and the rewrite sends ``POST``. A query string
+is refused with 400 naming its first parameter rather than stripped, so a
+client learns that ``?model=`` or ``?api-key=`` did nothing (and none can reach
+an upstream that reads query parameters). Path variants (trailing slash,
+``;params``, ``//``, percent-encoding, ``#``) are not the chat path: 404.
+The model list is served
 from the catalog; endpoints with no hardware-attested variant upstream answer
 503; anything else 404 (or 405 for a known path with the wrong method).
 """
@@ -8,7 +15,7 @@ from the catalog; endpoints with no hardware-attested variant upstream answer
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from mitmproxy import http
 
@@ -61,11 +68,13 @@ class Router:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.metadata.get("teegate.route") == "passthrough":
             return  # passthrough: an egress flow to a host that is not an LLM API
-        path = flow.request.path.split("?", 1)[0]
+        path, has_query, query = flow.request.path.partition("?")
         method = flow.request.method.upper()
         if path == CHAT_PATH:
             if method != "POST":
-                refuse(flow, _method_not_allowed(method, path, "POST"))
+                refuse(flow, _method_not_allowed(method[:16], path, "POST"))
+            elif has_query:
+                refuse(flow, _query_refused(query))
             else:
                 flow.metadata["teegate.route"] = "chat"
             return
@@ -132,6 +141,19 @@ class Router:
         if self._attestation is not None:
             obj["attestation"] = self._attestation.describe(m.id)
         return obj
+
+
+def _query_refused(query: str) -> GatewayError:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    name = next((k for k, _ in pairs if k), "")[:64]
+    what = f"'{name}'" if name else "a query string"
+    return GatewayError(
+        400,
+        f"Query parameters are not accepted on {CHAT_PATH} (got {what}); "
+        "put every parameter in the JSON body.",
+        "unsupported_parameter",
+        param=name or None,
+    )
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:

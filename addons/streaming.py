@@ -5,6 +5,16 @@ the upstream closes. The relay passes each complete event on at once, records
 the final ``usage`` (and, as a fallback for billing, the bytes of generated
 text), and removes the usage-only chunk the gateway itself asked for when the
 client did not, so the client sees exactly the stream OpenAI would send.
+
+The answer must come from the model that was attested: the first data event
+must be a chunk whose ``model`` is the requested id. mitmproxy has already sent
+the response headers (``200``) to the client when the first body piece arrives
+(``start_response_stream`` runs right after the ``responseheaders`` hook), so a
+502 is no longer possible: on a mismatch the relay sends one SSE event carrying
+the ``upstream_model_mismatch`` envelope (the OpenAI SDKs raise ``APIError`` on
+an ``error`` event) instead of the chunk, relays nothing after it, and billing
+releases the hold. A stream that cannot be read before that check (unknown
+encoding, parse fault) fails the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +31,7 @@ from mitmproxy import http
 
 from addons.errors import guarded
 from addons.sse import Event, SSESplitter
+from addons.upstream import UPSTREAM_MODEL, log_mismatch, model_mismatch
 
 log = structlog.get_logger("teegate")
 
@@ -37,6 +49,7 @@ class StreamTally:
     complete: bool = False  # the upstream finished its body
     opaque: bool = False  # we could not read the stream (unknown encoding, parse fault)
     first_byte_at: float | None = None
+    model_mismatch: bool = False  # the answer named another model: nothing of it was relayed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,11 +74,34 @@ class _Decoder:
 
 
 class _Relay:
-    def __init__(self, tally: StreamTally, strip_usage: bool, decoder: _Decoder | None) -> None:
+    def __init__(
+        self,
+        tally: StreamTally,
+        strip_usage: bool,
+        decoder: _Decoder | None,
+        *,
+        model: str | None = None,
+        on_mismatch: Callable[[Any], None] | None = None,
+    ) -> None:
         self._tally = tally
         self._strip_usage = strip_usage
         self._decoder = decoder
         self._sse = SSESplitter()
+        self._model = model  # None: not checked (unit tests of the relay's other duties)
+        self._on_mismatch = on_mismatch
+
+    @property
+    def _unverified(self) -> bool:
+        return self._model is not None
+
+    def _mismatch(self, answered: Any) -> bytes:
+        """Give up on this answer: one error event now, nothing after it."""
+        self._tally.model_mismatch = True
+        self._model = None
+        if self._on_mismatch is not None:
+            self._on_mismatch(answered)
+        body = json.dumps(model_mismatch().body(), separators=(",", ":")).encode()
+        return b"data: " + body + b"\n\n"
 
     def __call__(self, data: bytes) -> list[bytes]:
         """What to send on for this read: one piece (mitmproxy sends each piece as its own
@@ -79,6 +115,10 @@ class _Relay:
         tally = self._tally
         if tally.first_byte_at is None:
             tally.first_byte_at = time.time()
+        if tally.model_mismatch:
+            if data == b"":
+                tally.complete = True
+            return []
         try:
             if data == b"":
                 tally.complete = True
@@ -86,18 +126,29 @@ class _Relay:
             if self._decoder is not None:
                 data = self._decoder(data)
             if tally.opaque:
-                return [data]
+                return [self._mismatch(None)] if self._unverified else [data]
             return [self._on_event(e) for e in self._sse.feed(data)]
         except Exception as e:  # never break the client's stream; bill conservatively
             log.error("stream_relay_fault", error=type(e).__name__)
             tally.opaque = True
-            return [data]
+            return [self._mismatch(None)] if self._unverified else [data]
 
     def _on_event(self, ev: Event) -> bytes:
         tally = self._tally
+        if tally.model_mismatch:
+            return b""
         tally.events += 1
         if ev.data is None:
-            return ev.raw
+            return ev.raw  # a comment: carries no answer
+        if self._unverified:
+            try:
+                first = json.loads(ev.data)
+            except ValueError:
+                first = None
+            answered = first.get("model") if isinstance(first, dict) else first
+            if answered != self._model or not isinstance(answered, str):
+                return self._mismatch(answered)
+            self._model = None
         if ev.data.strip() == "[DONE]":
             tally.saw_done = True
             return ev.raw
@@ -161,4 +212,10 @@ class StreamRelay:
             except (ValueError, ImportError):
                 tally.opaque = True
         strip = not flow.metadata.get("teegate.client_wants_usage", False)
-        flow.response.stream = _Relay(tally, strip, decoder)
+        model = flow.metadata.get(UPSTREAM_MODEL)
+        if not isinstance(model, str):
+            tally.opaque = True  # cannot be checked: the relay refuses it
+            model = ""
+        flow.response.stream = _Relay(
+            tally, strip, decoder, model=model, on_mismatch=lambda got: log_mismatch(flow, got)
+        )

@@ -3,18 +3,33 @@
 The request is rebuilt rather than edited: a fresh header set (so no client
 ``Authorization``, hop-by-hop or proxy header can leak through), the body
 re-serialized from the validated object, and the destination pinned to the
-configured upstream origin whatever mode the flow arrived in.
+configured upstream origin, method ``POST`` and path ``/v1/chat/completions``
+whatever the flow arrived with (the router already refused anything else; this
+holds even if it did not), with no request trailers.
+
+:class:`AnswerModelCheck` holds the other end: a plain (non-streamed) answer is
+relayed only if its ``model`` is the one that was requested, gated and attested;
+otherwise the client gets ``502 upstream_model_mismatch`` and billing releases
+the hold. Streamed answers are checked on their first chunk by the stream relay.
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
 from mitmproxy import ctx, exceptions, http
 
-from addons.errors import guarded
+from addons.errors import GatewayError, guarded
+from addons.routes import CHAT_PATH
 from addons.schema import ChatRequest
 from addons.stages import has_passed, is_chat, passed
+
+log = structlog.get_logger("teegate")
+
+UPSTREAM_MODEL = "teegate.upstream_model"
+MISMATCH = "upstream_model_mismatch"
 
 
 class UpstreamRewrite:
@@ -43,6 +58,7 @@ class UpstreamRewrite:
             req.stream and opts and opts.include_usage
         )
         body = req.upstream_body(include_usage=True)
+        flow.metadata[UPSTREAM_MODEL] = req.model
 
         self._pin(flow)
         flow.request.headers = http.Headers(
@@ -61,3 +77,51 @@ class UpstreamRewrite:
         """Send to the configured upstream, whatever address the flow arrived for."""
         r = flow.request
         r.scheme, r.host, r.port = self._origin
+        r.method, r.path = "POST", CHAT_PATH
+        r.trailers = None
+
+
+def model_mismatch() -> GatewayError:
+    return GatewayError(
+        502,
+        "The upstream answered for a different model than the one requested and attested; "
+        "nothing of its answer was relayed and nothing was charged.",
+        MISMATCH,
+        type="api_error",
+    )
+
+
+def log_mismatch(flow: http.HTTPFlow, answered: Any) -> None:
+    flow.metadata["teegate.error_code"] = MISMATCH
+    shown = answered[:200] if isinstance(answered, str) else type(answered).__name__
+    log.error(
+        MISMATCH,
+        request_id=flow.metadata.get("teegate.request_id"),
+        requested=flow.metadata.get(UPSTREAM_MODEL),
+        answered=shown,
+    )
+
+
+class AnswerModelCheck:
+    """Relay a plain answer only if it names the model that was requested.
+
+    Placed first in the chain: its ``response`` hook must replace a mismatched answer
+    before the access log and billing read the flow. Streams are left to the relay
+    (their headers are already on the wire when the first chunk arrives).
+    """
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if not has_passed(flow, "upstream") or resp is None or resp.status_code >= 400:
+            return
+        if "teegate.stream" in flow.metadata:  # streaming.TALLY: the relay checked it
+            return
+        try:
+            doc = resp.json()
+            answered = doc.get("model") if isinstance(doc, dict) else doc
+        except Exception:  # undecodable: cannot be shown to be the attested model's answer
+            answered = None
+        if isinstance(answered, str) and answered == flow.metadata.get(UPSTREAM_MODEL):
+            return
+        flow.response = model_mismatch().response()
+        log_mismatch(flow, answered)

@@ -10,6 +10,9 @@ from addons.stages import is_chat, passed
 
 
 class ChatValidator:
+    def __init__(self, extra_fields: frozenset[str] = frozenset()) -> None:
+        self._extra_fields = extra_fields  # [request] extra_fields, checked by the config
+
     def load(self, loader) -> None:
         loader.add_option(
             "teegate_default_max_tokens",
@@ -48,7 +51,9 @@ class ChatValidator:
         try:
             raw = flow.request.get_content(strict=True)
             assert raw is not None
-            flow.metadata["teegate.chat"] = parse_chat_request(raw, **self._defaults)
+            flow.metadata["teegate.chat"] = parse_chat_request(
+                raw, **self._defaults, extra_fields=self._extra_fields
+            )
         except GatewayError as e:
             refuse(flow, e)
             return

@@ -32,6 +32,8 @@ class Behaviour(BaseModel):
     usage_completion_tokens: int | None = Field(default=None, ge=0)
     malformed_rows: bool = False
     models_status: int | None = Field(default=None, ge=100, le=599)
+    # The ``model`` chat answers name (plain and every streamed chunk); None: the requested one.
+    answer_model: str | None = None
 
     def merged(self, patch: dict[str, Any]) -> Behaviour:
         """A new behaviour with ``patch`` applied on top (validated as a whole)."""

@@ -93,7 +93,7 @@ class ChatCompletions:
                 behaviour.usage_completion_tokens,
             )
         )
-        head = {"created": int(time.time()), "model": model}
+        head = {"created": int(time.time()), "model": behaviour.answer_model or model}
         if body.get("stream") is True:
             options = body.get("stream_options")
             wants_usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from addons.egress_hosts import DEFAULT_LLM_HOSTS, HostPattern
+from addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
 from catalog.attestation import Policy
 from teegate import attestation_settings
 
@@ -110,6 +111,35 @@ class RequestDefaults(_Section):
     top_p: float = Field(1.0, ge=0, le=1)
 
 
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class RequestSettings(_Section):
+    """What a chat completion body may hold beyond the built-in allow-list."""
+
+    extra_fields: list[str] = []
+    """Top-level body fields passed upstream as sent, added to the built-in allow-list.
+    Fields that pick, route or fall back between models or endpoints, multiply generation
+    or run client-chosen code upstream are never allowed, even here."""
+
+    @field_validator("extra_fields")
+    @classmethod
+    def _allowable(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _FIELD_NAME.match(name):
+                raise ValueError(f"{name!r} is not a field name")
+            if name in NEVER_ALLOWED:
+                raise ValueError(
+                    f"{name!r} is never allowed: it routes, falls back, multiplies generation "
+                    "or runs code upstream"
+                )
+        return v
+
+    @property
+    def allowed_extra(self) -> frozenset[str]:
+        return frozenset(self.extra_fields) - ALLOWED_FIELDS
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -181,6 +211,7 @@ class Settings(_Section):
     upstream: UpstreamSettings = UpstreamSettings()
     catalog: CatalogSettings = CatalogSettings()
     defaults: RequestDefaults = RequestDefaults()
+    request: RequestSettings = RequestSettings()
     log: LogSettings = LogSettings()
     egress: EgressSettings = EgressSettings()
     ledger: LedgerSettings = LedgerSettings()

@@ -29,7 +29,7 @@ from addons.ratelimit import RateLimit
 from addons.routes import Router
 from addons.seal import Seal
 from addons.streaming import StreamRelay
-from addons.upstream import UpstreamRewrite
+from addons.upstream import AnswerModelCheck, UpstreamRewrite
 from addons.validate import ChatValidator
 from ledger import Ledger, LedgerError
 from teegate.config import Settings
@@ -47,6 +47,7 @@ def build_addons(
     link = ledger or LedgerLink()
     attestation = AttestationSync(catalog)
     return [
+        AnswerModelCheck(),  # first: its response hook must run before the log and billing read
         AccessLog(),
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
@@ -56,7 +57,7 @@ def build_addons(
         RateLimit(),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         Router(catalog, attestation),
-        ChatValidator(),
+        ChatValidator(settings.request.allowed_extra),
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
         Billing(link, unanswered=settings.billing.unanswered),

@@ -33,7 +33,7 @@ def test_upstream_sees_reserialized_request_with_defaults_and_its_own_key(
         user="u-1",
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         tool_choice="auto",
-        extra_body={"logprobs": False, "vendor_field": {"kept": True}},
+        extra_body={"logprobs": False, "chat_template_kwargs": {"kept": True}},
     )
     seen = upstream.stats()["chat"][-1]
     body, headers = seen["body"], seen["headers"]
@@ -41,7 +41,7 @@ def test_upstream_sees_reserialized_request_with_defaults_and_its_own_key(
     assert (body["max_tokens"], body["temperature"], body["top_p"]) == (1024, 0.7, 1.0)
     assert body["seed"] == 7 and body["stop"] == ["\n\n"] and body["user"] == "u-1"
     assert body["tools"][0]["function"]["name"] == "f" and body["tool_choice"] == "auto"
-    assert body["vendor_field"] == {"kept": True} and body["logprobs"] is False
+    assert body["chat_template_kwargs"] == {"kept": True} and body["logprobs"] is False
     assert headers["authorization"] == f"Bearer {upstream.api_key}"
     assert gateway.api_key not in json.dumps(headers)
     assert not any(h.startswith(("x-stainless", "proxy-", "openai-")) for h in headers)
