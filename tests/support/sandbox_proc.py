@@ -72,10 +72,30 @@ class SandboxProc:
         return self._control
 
     def stats(self) -> dict[str, Any]:
-        """``{"total", "by_route", "chat": [{"headers", "body"}, ...]}`` since the last reset."""
+        """Counters and records since the last reset.
+
+        ``{"total", "by_route", "chat": [{"headers", "body"}, ...], "requests", "requests_seen"}``
+        (``requests``: see :meth:`requests`).
+        """
         response = self._control_client().get("/stats")
         response.raise_for_status()
         return response.json()
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every non-control request the sandbox received since the last reset, oldest first.
+
+        Each: ``method``, ``target`` (raw path and query), ``path``, ``query`` (raw, None when
+        the target had no ``?``), ``version``, ``headers`` (``[name, value]`` pairs as received),
+        ``body_size``, ``body_b64``, ``body_text`` (None unless UTF-8), ``body_truncated``,
+        ``json_ok`` and ``json`` (the parsed body). Raises if the bounded record dropped any.
+        """
+        stats = self.stats()
+        recorded = stats["requests"]
+        if len(recorded) != stats["requests_seen"]:
+            raise AssertionError(
+                f"the sandbox kept {len(recorded)} of {stats['requests_seen']} requests"
+            )
+        return recorded
 
     def behaviour(self, **switches: Any) -> dict[str, Any]:
         """Merge ``switches`` into the current behaviour; returns the whole new behaviour."""
