@@ -88,5 +88,6 @@ class RequestLog:
         while self._bytes > MAX_TOTAL_BYTES and len(self._entries) > 1:
             self._bytes -= self._entries.popleft()[1]
 
-    def entries(self) -> list[dict[str, Any]]:
-        return [entry for entry, _ in self._entries]
+    def entries(self, since: int = 0) -> list[dict[str, Any]]:
+        """The kept entries whose ``seq`` is greater than ``since``, oldest first."""
+        return [entry for entry, _ in self._entries if entry["seq"] > since]

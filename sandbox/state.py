@@ -65,12 +65,13 @@ class SandboxState:
         self.total += 1
         self.by_route[route] += 1
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, since: int = 0) -> dict[str, Any]:
+        """Counters and records; ``requests`` only after the ``since``-th request."""
         return {
             "total": self.total,
             "by_route": dict(self.by_route),
             "chat": list(self.chat_log),
-            "requests": self.requests.entries(),
+            "requests": self.requests.entries(since),
             "requests_seen": self.requests.seen,
             "held": self.held,
         }
