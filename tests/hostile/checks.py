@@ -63,12 +63,15 @@ ATTESTATION_QUERY = re.compile(r"^model=[^&]+&nonce=[0-9a-f]{64}&signing_algo=ec
 DOCUMENTED_5XX = frozenset({502, 503, 504})  # upstream conditions only (addons/deadline.py, ...)
 
 
-def assert_envelope(response: httpx.Response) -> None:
-    """A client-facing failure: never a 500, and always OpenAI's error envelope."""
+def assert_envelope(response: httpx.Response, *, head: bool = False) -> None:
+    """A client-facing failure: never a 500, and always OpenAI's error envelope.
+
+    ``head``: the answer to a HEAD request, which has no body to hold an envelope.
+    """
     status = response.status_code
     assert status != 500, f"500 for client input: {response.content[:300]!r}"
     assert status < 500 or status in DOCUMENTED_5XX, f"undocumented {status}"
-    if status < 400:
+    if status < 400 or head:
         return
     try:
         doc = json.loads(response.content)
