@@ -167,10 +167,10 @@ def assert_upstream_clean(
     """
     recorded = upstream.requests(since)
     problems = [p for e in recorded for p in upstream_violations(e, upstream, client_key)]
-    chats = sum(1 for e in recorded if e["path"] == "/v1/chat/completions")
-    assert chats >= min_chats, f"{chats} chat completions reached the upstream, not {min_chats}"
     unique = sorted(set(problems))
     assert not unique, f"{len(unique)} upstream violations:\n" + "\n".join(unique[:40])
+    chats = sum(1 for e in recorded if e["path"] == "/v1/chat/completions")
+    assert chats >= min_chats, f"{chats} chat completions reached the upstream, not {min_chats}"
 
 
 def settle_output(gw: GatewayProc, timeout_s: float = 15.0) -> str:

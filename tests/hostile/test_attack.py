@@ -520,7 +520,38 @@ def test_nothing_outside_the_allow_lists_ever_reached_the_upstream(
     assert_upstream_clean(upstream, client_key, 0, min_chats=1)
 
 
+def _post(key: str, extra_head: str, body: bytes, target: str = "/v1/chat/completions") -> bytes:
+    head = f"POST {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+    return f"{head}Content-Type: application/json\r\n{extra_head}\r\n".encode() + body
+
+
+def _leak_probes(key: str) -> list[bytes]:
+    """Raw requests that put the marker where a careless log line would quote it."""
+    body = PLAIN_CHAT
+    cl = f"Content-Length: {len(body)}\r\n"
+    te = "Transfer-Encoding: chunked\r\n"
+    bad_model = json.dumps({"model": MARKER, "messages": [{"role": "user", "content": "x"}]})
+    trailer = _chunk(body) + f"0\r\nX-T: {MARKER}\r\n\r\n".encode()
+    return [
+        # refused for its model, its key, its query, its JSON
+        _post(key, f"Content-Length: {len(bad_model)}\r\n", bad_model.encode()),
+        _post(f"vgpu_sk_{MARKER}", cl, body),
+        _post(key, cl, body, target=f"/v1/chat/completions?k={MARKER}"),
+        _post(key, "Content-Length: 30\r\n", f'{{"model": "{MARKER}'.encode()),
+        # framing errors whose raw error text would quote the bytes around the marker
+        _post(key, te, f"{MARKER}\r\n".encode() + body),
+        _post(key, te, trailer),
+        _post(key, "Content-Length: 5\r\n", body),
+        _post(key, f"X-{MARKER}: {MARKER}\r\nX-Fold: a\r\n {MARKER}\r\n", b""),
+        f"{MARKER} /v1/chat/completions HTTP/1.1\r\n\r\n".encode(),
+        f"POST /v1/{MARKER}\x00 HTTP/1.1\r\nHost: {MARKER}\r\n\r\n".encode(),
+    ]
+
+
 def test_nothing_the_gateway_wrote_holds_the_marker_or_the_key(
-    gateway: GatewayProc, upstream: SandboxProc
+    gateway: GatewayProc, client_key: str, upstream: SandboxProc
 ) -> None:
+    """After every attack above (when run with them), and these probes in any case."""
+    for probe in _leak_probes(client_key):
+        exchange(gateway, probe, half_close=False)
     assert_output_clean(gateway, upstream.api_key)
