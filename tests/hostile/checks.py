@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -176,21 +175,22 @@ def assert_upstream_clean(
 def settle_output(gw: GatewayProc, timeout_s: float = 15.0) -> str:
     """The gateway's whole output once every earlier request has been logged.
 
-    A request to a fresh unknown path is logged (by path) after everything sent before it;
-    waiting for that line bounds the wait on an observable condition, not a sleep.
+    A fresh request's access-log line (found by the ``x-request-id`` it was answered with)
+    comes after those of everything sent before it: waiting for that line bounds the wait on
+    an observable condition, not a sleep.
     """
-    probe = f"/v1/settle-{uuid.uuid4().hex}"
     response = httpx.get(
-        gw.base_url + probe, headers={"authorization": f"Bearer {gw.api_key}"}, timeout=10
+        gw.api_base + "/models", headers={"authorization": f"Bearer {gw.api_key}"}, timeout=10
     )
-    assert response.status_code == 404
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = gw.output_text()
-        if probe in text:
+        if request_id in text:
             return text
         time.sleep(0.05)
-    raise AssertionError("the gateway never logged the settle probe")
+    raise AssertionError("the gateway never logged the settle request")
 
 
 def assert_output_clean(gw: GatewayProc, *secrets: str) -> None:
