@@ -1,11 +1,13 @@
 """Generated attacks through a real gateway, against a recording upstream (hypothesis).
 
 Bodies, headers, paths and byte-level framings are generated and thrown at the reverse
-listener with a funded key. For every one: no 500 (5xx only for the documented upstream
-conditions), OpenAI's error envelope on every failure. After them: the recording upstream saw
-nothing but allow-listed requests (checks.py), and nothing the gateway wrote holds the marker
-or the client's key. The runs are derandomized and keep no example database, so CI sees the
-same examples every time.
+listener with a funded key. Each kind of attack has two tests, so one failure cannot hide the
+other: (1) no 500 (5xx only for the documented upstream conditions) and OpenAI's error
+envelope on every failure; (2) what the recording upstream received while that one example
+ran is allow-listed (checks.py), and a chat completion answered 200 did reach it. The last two
+tests re-check the upstream's whole record, and grep everything the gateway wrote for the
+marker and the client's key. The runs are derandomized and keep no example database, so CI
+sees the same examples every time; about 30 s against a gateway that passes them.
 """
 
 from __future__ import annotations
@@ -158,15 +160,14 @@ PLAIN_CHAT = json.dumps({"model": TEE, "messages": [{"role": "user", "content": 
 
 
 def send_and_check_upstream(
-    upstream: SandboxProc, client_key: str, send: Callable[[], int | None], chat: bool = True
+    upstream: SandboxProc, client_key: str, send: Callable[[], int | None]
 ) -> None:
-    """Run ``send`` (which returns the status, or None for a closed connection); then check
-    what reached the upstream meanwhile. A 200 for a chat completion (``chat``) must have
-    come from the upstream, so a passing example is never a vacuous one."""
+    """Run ``send``, which returns the status of a chat completion (None: not a chat request,
+    or no answer); then check what reached the upstream meanwhile. A chat completion answered
+    200 must have come from the upstream, so a passing example is never a vacuous one."""
     since = upstream.requests_seen()
     status = send()
-    wanted = 1 if chat and status == 200 else 0
-    assert_upstream_clean(upstream, client_key, since, min_chats=wanted)
+    assert_upstream_clean(upstream, client_key, since, min_chats=1 if status == 200 else 0)
 
 
 @pytest.fixture(scope="module")
