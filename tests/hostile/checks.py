@@ -143,6 +143,8 @@ def _chat_violations(entry: dict[str, Any], where: str, names: set[str]) -> list
     body = entry["json"]
     if not entry["json_ok"] or not isinstance(body, dict):
         return [*bad, f"{where}: the body is not a JSON object"]
+    if not _strict_json(entry["body_text"]):
+        bad.append(f"{where}: the body is not strict JSON (NaN/Infinity, or not UTF-8)")
     keys = set(body)
     if extra := keys - ALLOW:
         bad.append(f"{where}: body fields outside the allow-list {sorted(extra)[:10]}")
@@ -155,6 +157,21 @@ def _chat_violations(entry: dict[str, Any], where: str, names: set[str]) -> list
     if body.get("model") not in CONFIDENTIAL:
         bad.append(f"{where}: model {str(body.get('model'))[:80]!r} is not a confidential one")
     return bad
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(name)
+
+
+def _strict_json(text: str | None) -> bool:
+    """RFC 8259 JSON: Python's parser also takes NaN and Infinity, which no upstream should get."""
+    if text is None:
+        return False
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def assert_upstream_clean(
