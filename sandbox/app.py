@@ -27,7 +27,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def make_guard(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Middleware: count every non-control request, and demand the bearer key on ``/v1/*``."""
+    """Middleware: count and record every non-control request; demand the key on ``/v1/*``."""
     expected = f"Bearer {api_key}".encode()
 
     @web.middleware
@@ -35,7 +35,9 @@ def make_guard(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.S
         path = request.path
         if path.startswith(CONTROL_PREFIX):
             return await handler(request)
-        request.app["state"].count(f"{request.method} {path}")
+        state: SandboxState = request.app["state"]
+        state.count(f"{request.method} {path}")
+        await state.requests.record(request)
         if path.startswith("/v1/"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):

@@ -42,7 +42,12 @@ async def reset(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return _json(request.app["state"].stats())
+    """``?since=N``: only the requests recorded after the N-th (the rest is cheap to poll)."""
+    try:
+        since = int(request.query.get("since", "0"))
+    except ValueError:
+        return error_response(400, "since must be an integer")
+    return _json(request.app["state"].stats(since))
 
 
 async def release(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sandbox.behaviour import Behaviour
 from sandbox.catalog_rows import malformed_rows
+from sandbox.recording import RequestLog
 
 CHAT_LOG_SIZE = 200
 
@@ -31,6 +32,7 @@ class SandboxState:
         self.total = 0
         self.by_route: Counter[str] = Counter()
         self.chat_log: deque[dict[str, Any]] = deque(maxlen=CHAT_LOG_SIZE)
+        self.requests = RequestLog()  # every non-control request, as received
         self.completion_counter = 0
         self.held = 0  # streams currently waiting for a release
         self.release_event = asyncio.Event()
@@ -50,6 +52,7 @@ class SandboxState:
         self.total = 0
         self.by_route.clear()
         self.chat_log.clear()
+        self.requests.clear()
         self.completion_counter = 0
         self.release()
         self.set_behaviour(self.baseline)
@@ -62,11 +65,14 @@ class SandboxState:
         self.total += 1
         self.by_route[route] += 1
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, since: int = 0) -> dict[str, Any]:
+        """Counters and records; ``requests`` only after the ``since``-th request."""
         return {
             "total": self.total,
             "by_route": dict(self.by_route),
             "chat": list(self.chat_log),
+            "requests": self.requests.entries(since),
+            "requests_seen": self.requests.seen,
             "held": self.held,
         }
 

@@ -1,4 +1,4 @@
-"""Confidential means confidential: no prompt, completion or key in any log line."""
+"""Confidential means confidential: no prompt, completion or key in any log line or on stdout."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def test_no_prompt_completion_or_key_reaches_the_log():
             client.chat.completions.create(model=TEE, messages=msg)
         gw.stop()
         log = gw.log_text()
+        output = gw.output_text()  # the stderr log and every stdout line
     assert '"event": "request"' in log  # the access log is there...
+    assert "TEEGATE RUNNING" in output  # ...and so is stdout...
     for secret in (PROMPT_MARKER, KEY_MARKER, gw.api_key, "Sandbox reply", up.api_key):
-        assert secret not in log  # ...and holds none of these
+        assert secret not in output  # ...and neither holds any of these

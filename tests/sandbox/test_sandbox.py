@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -170,7 +171,41 @@ def test_counters_and_dummy_routes(sandbox: SandboxProc, api: httpx.Client) -> N
     assert entry["headers"]["authorization"] == f"Bearer {sandbox.api_key}"
     assert all(name == name.lower() for name in entry["headers"])
     sandbox.reset()
-    assert sandbox.stats() == {"total": 0, "by_route": {}, "chat": [], "held": 0}
+    assert sandbox.stats() == {
+        "total": 0,
+        "by_route": {},
+        "chat": [],
+        "requests": [],
+        "requests_seen": 0,
+        "held": 0,
+    }
+
+
+def test_every_request_is_recorded_as_received(sandbox: SandboxProc) -> None:
+    """Method, raw target, headers (duplicates kept) and body, also for refused requests."""
+    raw = b'{"model": "m", "x": "\\ud800"}'
+    with httpx.Client(base_url=sandbox.api_base) as anonymous:
+        anonymous.post(
+            "/anything/at/all?a=%41&b",
+            content=raw,
+            headers=[("X-Dup", "1"), ("x-dup", "2"), ("content-type", "text/plain")],
+        )
+        anonymous.request("PATCH", "/files", content=b"\xff\x00")
+    first, second = sandbox.requests()
+    assert (first["method"], first["path"], first["query"]) == (
+        "POST",
+        "/v1/anything/at/all",
+        "a=%41&b",
+    )
+    assert first["target"] == "/v1/anything/at/all?a=%41&b"
+    assert ["X-Dup", "1"] in first["headers"] and ["x-dup", "2"] in first["headers"]
+    assert base64.b64decode(first["body_b64"]) == raw and first["body_text"] == raw.decode()
+    assert first["json_ok"] and first["json"] == {"model": "m", "x": "\ud800"}
+    assert (second["method"], second["query"], second["body_size"]) == ("PATCH", None, 2)
+    assert base64.b64decode(second["body_b64"]) == b"\xff\x00"
+    assert second["body_text"] is None and not second["json_ok"]
+    sandbox.reset()
+    assert sandbox.requests() == []
 
 
 def test_chat_log_keeps_the_last_200(sandbox: SandboxProc, api: httpx.Client) -> None:

@@ -1,7 +1,8 @@
 """Start the gateway (``python -m teegate run``) as a real subprocess, for tests and tools.
 
-The gateway writes its JSON log lines to a file the test can read back, so
-tests can assert what was (and was not) logged.
+The gateway writes its JSON log lines (stderr) to ``gateway.log`` in its workdir, and every
+stdout line is appended to ``stdout.log`` there, so tests can assert what was (and was not)
+written anywhere: :meth:`GatewayProc.output_text` returns both.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class GatewayProc:
         self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "regular": ...}
         self.workdir = workdir
         self.log_path = workdir / "gateway.log"
+        self.stdout_path = workdir / "stdout.log"
         self.config_path = workdir / "proxy.toml"
         self.db = workdir / "teegate.sqlite3"  # the default ledger path, beside proxy.toml
         self.api_key = api_key  # a funded key of account "test", when provisioned
@@ -57,6 +59,17 @@ class GatewayProc:
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stdout_text(self) -> str:
+        """Every stdout line so far (appended by the reader thread as it arrives)."""
+        try:
+            return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def output_text(self) -> str:
+        """Everything the gateway wrote: its stderr log, then its stdout."""
+        return self.log_text() + "\n" + self.stdout_text()
 
     def stop(self) -> int | None:
         if self.process.poll() is None:
@@ -150,16 +163,25 @@ def start_gateway(
         stderr=log,
         stdin=subprocess.DEVNULL,
         text=True,
+        encoding="utf-8",
+        errors="replace",  # a stray byte must not end the reader thread
         cwd=workdir,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
     )
     log.close()
     lines: queue.Queue[str | None] = queue.Queue()
 
+    stdout_log = workdir / "stdout.log"
+
     def pump() -> None:
+        # Reads stdout to its end (so the gateway never blocks on a full pipe) and keeps every
+        # line in stdout.log, flushed per line so a test reads what was written so far.
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line.rstrip("\n"))
+        with open(stdout_log, "a", encoding="utf-8") as out:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                lines.put(line.rstrip("\n"))
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()

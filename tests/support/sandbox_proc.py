@@ -71,11 +71,35 @@ class SandboxProc:
             )
         return self._control
 
-    def stats(self) -> dict[str, Any]:
-        """``{"total", "by_route", "chat": [{"headers", "body"}, ...]}`` since the last reset."""
-        response = self._control_client().get("/stats")
+    def stats(self, since: int = 0) -> dict[str, Any]:
+        """Counters and records since the last reset.
+
+        ``{"total", "by_route", "chat": [{"headers", "body"}, ...], "requests", "requests_seen"}``
+        (``requests``: see :meth:`requests`).
+        """
+        response = self._control_client().get("/stats", params={"since": since})
         response.raise_for_status()
         return response.json()
+
+    def requests(self, since: int = 0) -> list[dict[str, Any]]:
+        """Every non-control request the sandbox received since the last reset, oldest first;
+        with ``since``, only those after the ``since``-th (see :meth:`requests_seen`).
+
+        Each: ``method``, ``target`` (raw path and query), ``path``, ``query`` (raw, None when
+        the target had no ``?``), ``version``, ``headers`` (``[name, value]`` pairs as received),
+        ``body_size``, ``body_b64``, ``body_text`` (None unless UTF-8), ``body_truncated``,
+        ``json_ok`` and ``json`` (the parsed body). Raises if the bounded record dropped any.
+        """
+        stats = self.stats(since)
+        recorded = stats["requests"]
+        expected = stats["requests_seen"] - since
+        if len(recorded) != expected:
+            raise AssertionError(f"the sandbox kept {len(recorded)} of {expected} requests")
+        return recorded
+
+    def requests_seen(self) -> int:
+        """How many non-control requests arrived since the last reset (a ``since`` mark)."""
+        return self.stats(since=2**62)["requests_seen"]
 
     def behaviour(self, **switches: Any) -> dict[str, Any]:
         """Merge ``switches`` into the current behaviour; returns the whole new behaviour."""
