@@ -79,6 +79,12 @@ class UpstreamRewrite:
         r.scheme, r.host, r.port = self._origin
         r.method, r.path = "POST", CHAT_PATH
         r.trailers = None
+        # Origin form, whatever form the client used: an absolute-form target
+        # ("POST http://x/v1/...") keeps its authority, which HTTP/1 would send on as is
+        # (the Host header built above names the upstream; HTTP/2 takes :authority from it).
+        r.authority = ""
+        if not (r.is_http2 or r.is_http3):
+            r.http_version = "HTTP/1.1"  # an HTTP/1.0 client's request still leaves as 1.1
 
 
 def model_mismatch() -> GatewayError:
