@@ -216,15 +216,15 @@ def test_ignore_hosts_is_refused_at_start():
             tctx.options.update(ignore_hosts=["api\\.openai\\.com"])
 
 
-def test_reverse_mode_flows_are_not_touched(egress):
+async def test_reverse_mode_flows_are_not_touched(egress):
     f = _flow("api.openai.com", 443, mode="reverse:https://confidential.example")
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     assert f.response is None and EGRESS not in f.metadata and "teegate.route" not in f.metadata
 
 
-def test_listed_host_is_refused_before_the_body(egress):
+async def test_listed_host_is_refused_before_the_body(egress):
     f = _flow("api.openai.com", 443)
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     body = json.loads(f.response.content)
     assert f.response.status_code == 403
     assert body["error"]["code"] == "provider_not_confidential"
@@ -233,16 +233,16 @@ def test_listed_host_is_refused_before_the_body(egress):
     assert f.metadata["teegate.route"] == "local"
 
 
-def test_listed_sni_refuses_whatever_the_address(egress):
+async def test_listed_sni_refuses_whatever_the_address(egress):
     f = _flow("203.0.113.7", 443)
     f.client_conn.sni = "api.anthropic.com"
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     assert f.response.status_code == 403
 
 
-def test_upstream_flows_are_pinned_to_the_configured_origin(egress):
+async def test_upstream_flows_are_pinned_to_the_configured_origin(egress):
     f = _flow("confidential.example", 80, scheme=b"http", proxy_authorization="Basic x")
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     r = f.request
     assert f.response is None and f.metadata[EGRESS] == "confidential"
     assert (r.scheme, r.host, r.port, r.host_header) == (
@@ -254,16 +254,16 @@ def test_upstream_flows_are_pinned_to_the_configured_origin(egress):
     assert "teegate.route" not in f.metadata  # the Router decides, as for reverse flows
 
 
-def test_unlisted_hosts_pass_through_streamed_without_proxy_credentials(egress):
+async def test_unlisted_hosts_pass_through_streamed_without_proxy_credentials(egress):
     f = _flow("example.org", 80, scheme=b"http", proxy_authorization="Basic x")
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     assert f.response is None and f.metadata["teegate.route"] == "passthrough"
     assert f.request.stream is True and "proxy-authorization" not in f.request.headers
 
 
-def test_audit_hosts_pass_through_unstreamed(egress):
+async def test_audit_hosts_pass_through_unstreamed(egress):
     f = _flow("api.groq.com", 443)
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     assert f.response is None and f.metadata[EGRESS] == "audit"
     assert f.metadata["teegate.route"] == "passthrough" and not f.request.stream
 
@@ -280,8 +280,8 @@ def test_seal_honours_passthrough_only_from_the_egress_listener():
     assert g.response is None
 
 
-def test_a_failing_decision_refuses(egress):
+async def test_a_failing_decision_refuses(egress):
     egress._policy = None  # as if configure had never run
     f = _flow("example.org", 80)
-    egress.requestheaders(f)
+    await egress.requestheaders(f)
     assert f.response is not None and f.response.status_code == 500
