@@ -507,3 +507,46 @@ async def test_the_resolver_answers_none_in_time_and_fills_the_cache_later(dns):
     dns.gate.set()
     assert await asyncio.wait_for(r.lookup("slow.example"), 1.0) == frozenset({"192.0.2.7"})
     assert dns.calls.count("slow.example") == 1  # the first lookup finished and was kept
+
+
+def _clienthello(host: str, port: int, sni: str | None = None):
+    """What tls_clienthello reads: the context (client, server address) and the SNI."""
+    from types import SimpleNamespace
+
+    from mitmproxy import options
+    from mitmproxy.proxy.context import Context
+
+    client = tflow.tclient_conn()
+    client.proxy_mode = ProxyMode.parse("regular")
+    context = Context(client, options.Options())
+    context.server.address = (host, port)
+    return SimpleNamespace(
+        context=context, client_hello=SimpleNamespace(sni=sni), ignore_connection=False
+    )
+
+
+async def test_a_checked_tunnel_is_pinned_to_the_address_that_was_checked(egress, dns):
+    """DNS rebinding: the name is looked up again when the tunnel connects; by then it may
+    point at the upstream. The tunnel connects to what was checked instead."""
+    dns.table["rebind.example"] = "192.0.2.44"
+    data = _clienthello("rebind.example", 443)
+    await egress.tls_clienthello(data)
+    assert data.ignore_connection is True
+    assert data.context.server.address == ("192.0.2.44", 443)
+    other = _clienthello("unchecked.example", 8443)  # not the upstream's port: not looked up
+    await egress.tls_clienthello(other)
+    assert other.ignore_connection is True
+    assert other.context.server.address == ("unchecked.example", 8443)
+
+
+async def test_tls_to_a_name_resolving_to_the_upstream_is_decrypted(egress, dns):
+    dns.table["alias.example"] = "203.0.113.10"
+    data = _clienthello("alias.example", 443)
+    await egress.tls_clienthello(data)
+    assert data.ignore_connection is False
+
+
+async def test_tls_whose_lookup_is_slow_is_decrypted_not_tunnelled(egress, dns):
+    data = _clienthello("slow.example", 443)
+    await egress.tls_clienthello(data)
+    assert data.ignore_connection is False
