@@ -25,7 +25,8 @@ import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
+from functools import cached_property
 from importlib import resources
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -73,15 +74,18 @@ def ip_literal(text: str) -> IPAddress | None:
     IPv4 address (a dual-stack socket connects to that).
     """
     ip: IPAddress
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        if not _INET_ATON_CHARS.fullmatch(text):
+    if ":" in text:
+        try:
+            ip = ipaddress.IPv6Address(text)
+        except ValueError:
             return None
+    elif _INET_ATON_CHARS.fullmatch(text):  # without it, a name: no exception to pay for
         try:
             ip = ipaddress.IPv4Address(socket.inet_aton(text))
         except OSError:
             return None
+    else:
+        return None
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
@@ -167,8 +171,12 @@ class HostPattern:
         if self.port is not None and self.port != port:
             return False
         if "*" in self.host:
-            return fnmatchcase(host, self.host)
+            return self._glob.match(host) is not None
         return host == self.host
+
+    @cached_property
+    def _glob(self) -> re.Pattern[str]:
+        return re.compile(translate(self.host))
 
 
 def _port(text: str, value: str) -> int:
@@ -195,7 +203,7 @@ class Upstream:
     host: str
     port: int
 
-    @property
+    @cached_property
     def ip(self) -> IPAddress | None:
         return ip_literal(self.host)
 
@@ -226,6 +234,12 @@ class EgressPolicy:
         self.upstream = Upstream(canonical_host(upstream.host), upstream.port)
         self.listed = tuple(HostPattern.parse(p) for p in llm_hosts)
         self.audit = tuple(HostPattern.parse(p) for p in audit_hosts)
+        # Plain names on every port are a set lookup; the rest (globs, ports) are tried in turn.
+        anyport = [p for p in self.listed if p.port is None]
+        self._names = {p.host for p in anyport if "*" not in p.host}
+        globs = [translate(p.host) for p in anyport if "*" in p.host]
+        self._globs = re.compile("|".join(globs)) if globs else None
+        self._others = tuple(p for p in self.listed if p.port is not None)
         listed_texts = {(p.host, p.port) for p in self.listed}
         for a in self.audit:
             if (a.host, a.port) not in listed_texts:
@@ -278,7 +292,7 @@ class EgressPolicy:
         for host, port in hosts:
             if self.upstream.matches(host, port):
                 return Decision(Verdict.CONFIDENTIAL, _fmt(host, port))
-        listed = [(h, p) for h, p in hosts if any(pat.matches(h, p) for pat in self.listed)]
+        listed = [(h, p) for h, p in hosts if self._is_listed(h, p)]
         if listed:
             # Audit only if every listed name is in audit: a name that is blocked wins.
             for host, port in listed:
@@ -288,9 +302,15 @@ class EgressPolicy:
         first = hosts[0] if hosts else ("", 0)
         return Decision(Verdict.OTHER, _fmt(*first))
 
+    def _is_listed(self, host: str, port: int) -> bool:
+        if host in self._names or (self._globs and self._globs.match(host)):
+            return True
+        return any(pat.matches(host, port) for pat in self._others)
+
 
 def _canonical(names: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    return [(canonical_host(h), p) for h, p in names if h and canonical_host(h)]
+    hosts = ((canonical_host(h), p) for h, p in names if h)
+    return [(h, p) for h, p in hosts if h]
 
 
 def _fmt(host: str, port: int) -> str:

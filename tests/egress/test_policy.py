@@ -109,11 +109,13 @@ def test_bad_patterns_are_rejected(bad):
 def test_the_shipped_list_matches_the_issues_hosts(host):
     patterns = [HostPattern.parse(p) for p in DEFAULT_LLM_HOSTS]
     assert any(p.matches(host, 443) for p in patterns)
+    assert _policy().classify([(host.upper() + ".", 443)]).verdict is Verdict.REFUSE
 
 
 @pytest.mark.parametrize("host", NOT_LLM)
 def test_the_shipped_list_leaves_their_neighbours_alone(host):
     assert not any(HostPattern.parse(p).matches(host, 443) for p in DEFAULT_LLM_HOSTS)
+    assert _policy().classify([(host, 443)]).verdict is Verdict.OTHER
 
 
 def test_the_shipped_list_is_the_data_file_without_comments():
