@@ -116,9 +116,6 @@ def canonical_host(host: str) -> str:
     return h
 
 
-normalize_host = canonical_host  # the name earlier callers know it by
-
-
 def is_local(ip: IPAddress) -> bool:
     """Loopback, or unspecified (on Linux a connection to 0.0.0.0 or :: reaches this host)."""
     return ip.is_loopback or ip.is_unspecified
