@@ -22,9 +22,10 @@ Destinations are matched on what they are (:func:`addons.egress_hosts.canonical_
 so is any name that resolves to the upstream's address, on its port. Names are resolved
 here, off the event loop (``loop.getaddrinfo``), only when the spelling alone would let
 a connection out ungated on the upstream's port; answers are cached for a minute. A
-lookup that does not answer in time is doubt: the connection is decrypted rather than
-tunnelled and its requests refused with ``504 destination_unverified`` (a tunnel would
-carry the client's gateway key to wherever the name points once it does resolve). A
+lookup that does not answer in time, or answers with no address, is doubt: the
+connection is decrypted rather than tunnelled and its requests refused with ``504
+destination_unverified`` (a tunnel would look the name up again to connect, and carry the
+client's gateway key to wherever it points by then). A
 tunnel that was checked this way is pinned to the address that was checked, so a name
 that resolves differently a moment later (DNS rebinding) cannot move it to the upstream.
 
@@ -74,9 +75,9 @@ GetAddrInfo = Callable[[str], Awaitable[list[tuple]]]
 class Resolver:
     """Addresses behind a name: off the event loop, cached, bounded in time and number.
 
-    ``None`` means "no answer in time" (or too many lookups in flight): the caller's
-    doubt. A name that does not exist resolves to no address (cached like any answer):
-    nothing can connect to it, so it is nobody's upstream. A lookup that times out keeps
+    ``None`` means "no answer in time" (or too many lookups in flight); an empty set, no
+    address (a name that does not exist is remembered like any answer, a temporary
+    failure is not). The policy treats both as doubt. A lookup that times out keeps
     running (a thread cannot be cancelled) and fills the cache when it ends; concurrent
     askers of one name share it.
     """
@@ -114,12 +115,18 @@ class Resolver:
     async def _resolve(self, name: str) -> frozenset[str]:
         try:
             infos = await self._getaddrinfo(name)
-        except (OSError, UnicodeError):  # socket.gaierror is an OSError
-            addresses: frozenset[str] = frozenset()
-        else:
-            addresses = frozenset(canonical_host(str(info[4][0])) for info in infos)
+        except socket.gaierror as e:
+            if e.errno in _NO_SUCH_NAME:
+                self._cache[name] = frozenset()
+            return frozenset()  # a temporary failure: no address now, asked again next time
+        except (OSError, UnicodeError):
+            return frozenset()
+        addresses = frozenset(canonical_host(str(info[4][0])) for info in infos)
         self._cache[name] = addresses
         return addresses
+
+
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 async def _getaddrinfo(name: str) -> list[tuple]:
@@ -146,9 +153,9 @@ def provider_not_confidential(host: str, confidential_base_url: str) -> GatewayE
 def destination_unverified(host: str, timeout: float) -> GatewayError:
     return GatewayError(
         504,
-        f"Could not tell within {timeout:g} s whether {host} is the confidential upstream "
-        "(its name did not resolve in time), so nothing of this request was forwarded. "
-        "Retry.",
+        f"Could not tell whether {host} is the confidential upstream (its name did not "
+        f"resolve to an address within {timeout:g} s), so nothing of this request was "
+        "forwarded.",
         "destination_unverified",
         type="api_error",
     )

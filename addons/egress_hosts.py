@@ -263,8 +263,10 @@ class EgressPolicy:
     ) -> Decision:
         """Decide for a connection or request reachable under any of ``names``.
 
-        ``resolved``: the answers to :meth:`lookups` (a name missing from it counts as a
-        lookup that did not answer: the decision is then UNVERIFIED, never OTHER).
+        ``resolved``: the answers to :meth:`lookups`. A name without addresses there (no
+        answer in time, no address at all, or not asked) makes the decision UNVERIFIED,
+        never OTHER: letting it out would have mitmproxy look the name up again to
+        connect, and that answer could be the upstream's.
         """
         hosts = _canonical(names)
         decision = self._by_spelling(hosts)
@@ -278,7 +280,7 @@ class EgressPolicy:
             if port != up.port:
                 continue
             theirs = frozenset({host}) if ip_literal(host) is not None else resolved.get(host)
-            if mine is not None and theirs is not None:
+            if mine and theirs:
                 if up.meets(theirs, mine):
                     return Decision(Verdict.CONFIDENTIAL, _fmt(host, port))
             elif unsure is None:

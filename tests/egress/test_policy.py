@@ -225,7 +225,8 @@ def test_a_name_resolving_to_the_upstream_on_its_port_is_the_upstream():
     assert p.classify(names, hit).verdict is Verdict.CONFIDENTIAL
     miss = {"sneaky.example": frozenset({"192.0.2.1"})}
     assert p.classify(names, miss).verdict is Verdict.OTHER
-    assert p.classify(names, {"sneaky.example": frozenset()}).verdict is Verdict.OTHER  # NXDOMAIN
+    # No address: not the upstream now, but a tunnel would look it up again to connect.
+    assert p.classify(names, {"sneaky.example": frozenset()}).verdict is Verdict.UNVERIFIED
     assert p.lookups([("sneaky.example", 444)]) == set()  # another port: not the upstream
     assert p.classify([("sneaky.example", 444)]).verdict is Verdict.OTHER
 
@@ -362,6 +363,8 @@ class FakeDNS:
         self.calls.append(name)
         if name.startswith("slow."):
             await self.gate.wait()
+        if self.table.get(name) == "EAI_AGAIN":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         if name not in self.table:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (self.table[name], 0))]
@@ -500,6 +503,10 @@ async def test_the_resolver_caches_and_shares_lookups(dns):
     assert a == b == frozenset({"192.0.2.5"}) and dns.calls == ["api.groq.com"]
     assert await r.lookup("nx.example") == frozenset()  # does not exist: no address
     assert await r.lookup("nx.example") == frozenset() and dns.calls.count("nx.example") == 1
+    dns.table["flaky.example"] = "EAI_AGAIN"
+    assert await r.lookup("flaky.example") == frozenset()  # temporary failure: not kept
+    assert await r.lookup("flaky.example") == frozenset()
+    assert dns.calls.count("flaky.example") == 2
 
 
 async def test_the_resolver_answers_none_in_time_and_fills_the_cache_later(dns):
@@ -550,5 +557,11 @@ async def test_tls_to_a_name_resolving_to_the_upstream_is_decrypted(egress, dns)
 
 async def test_tls_whose_lookup_is_slow_is_decrypted_not_tunnelled(egress, dns):
     data = _clienthello("slow.example", 443)
+    await egress.tls_clienthello(data)
+    assert data.ignore_connection is False
+
+
+async def test_a_name_without_an_address_is_not_tunnelled(egress, dns):
+    data = _clienthello("nx.example", 443)
     await egress.tls_clienthello(data)
     assert data.ignore_connection is False
