@@ -491,3 +491,20 @@ def test_the_same_address_on_another_port_is_still_tunnelled(gateway, unlisted_t
     sandbox's port is not the upstream, and keeps its own certificate."""
     der = _peer_cert_viaconnect_tunnel(gateway, "0x7f.4", unlisted_tls.port)
     assert _cn(x509.load_der_x509_certificate(der).issuer) == "teegate sandbox test CA"
+
+
+def test_a_name_without_an_address_on_the_upstreams_port_is_refused_not_tunnelled(
+    gateway, upstream
+):
+    """Doubt fails closed: a tunnel would look the name up again when connecting."""
+    status, _, body, issuer = _chat_via_connect(gateway, "nx.invalid", upstream.port, TEE)
+    assert issuer == "teegate egress CA"
+    assert status == 504 and body["error"]["code"] == "destination_unverified"
+    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+        r = c.post(
+            f"http://nx.invalid:{upstream.port}/v1/chat/completions",
+            json={"model": TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {gateway.api_key}"},
+        )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "destination_unverified"
+    assert chat_count(upstream) == 0
