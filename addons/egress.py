@@ -17,16 +17,31 @@ decision is made here, per connection and per mode:
 * Neither TLS nor HTTP (``next_layer``): raw TCP to a listed host is parsed as HTTP
   instead of relayed, so it is refused too; raw TCP elsewhere is relayed.
 
+Destinations are matched on what they are (:func:`addons.egress_hosts.canonical_host`):
+``127.1``, ``2130706433`` or ``[::ffff:127.0.0.1]`` are the upstream at 127.0.0.1, and
+so is any name that resolves to the upstream's address, on its port. Names are resolved
+here, off the event loop (``loop.getaddrinfo``), only when the spelling alone would let
+a connection out ungated on the upstream's port; answers are cached for a minute. A
+lookup that does not answer in time, or answers with no address, is doubt: the
+connection is decrypted rather than tunnelled and its requests refused with ``504
+destination_unverified`` (a tunnel would look the name up again to connect, and carry the
+client's gateway key to wherever it points by then). A
+tunnel that was checked this way is pinned to the address that was checked, so a name
+that resolves differently a moment later (DNS rebinding) cannot move it to the upstream.
+
 A hook that fails intercepts rather than tunnels (``tls_clienthello``) and refuses rather
 than forwards (``requestheaders``): doubt never sends a prompt to an unlisted path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import structlog
+from cachetools import TTLCache
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, layers
@@ -38,6 +53,8 @@ from addons.egress_hosts import (
     EgressPolicy,
     Upstream,
     Verdict,
+    canonical_host,
+    ip_literal,
 )
 from addons.errors import GatewayError, guarded, refuse
 
@@ -46,6 +63,75 @@ log = structlog.get_logger("teegate.access")
 EGRESS = "teegate.egress"  # the Verdict value, on every flow from the egress listener
 EGRESS_HOST = "teegate.egress_host"  # the "host:port" that decided it
 _HOP_BY_HOP_PROXY = ("proxy-authorization", "proxy-connection")
+
+RESOLVE_TIMEOUT_S = 2.0  # how long a connection waits for a name's addresses
+RESOLVE_CACHE_TTL_S = 60.0
+RESOLVE_CACHE_SIZE = 4096
+RESOLVE_MAX_PENDING = 256  # lookups in flight at once; beyond that, doubt at once
+
+GetAddrInfo = Callable[[str], Awaitable[list[tuple]]]
+
+
+class Resolver:
+    """Addresses behind a name: off the event loop, cached, bounded in time and number.
+
+    ``None`` means "no answer in time" (or too many lookups in flight); an empty set, no
+    address (a name that does not exist is remembered like any answer, a temporary
+    failure is not). The policy treats both as doubt. A lookup that times out keeps
+    running (a thread cannot be cancelled) and fills the cache when it ends; concurrent
+    askers of one name share it.
+    """
+
+    def __init__(
+        self,
+        timeout: float = RESOLVE_TIMEOUT_S,
+        ttl: float = RESOLVE_CACHE_TTL_S,
+        getaddrinfo: GetAddrInfo | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self._cache: TTLCache[str, frozenset[str]] = TTLCache(RESOLVE_CACHE_SIZE, ttl)
+        self._pending: dict[str, asyncio.Future[frozenset[str]]] = {}
+        self._getaddrinfo = getaddrinfo or _getaddrinfo
+
+    async def resolve(self, names: set[str]) -> dict[str, frozenset[str] | None]:
+        found = await asyncio.gather(*(self.lookup(n) for n in names))
+        return dict(zip(names, found, strict=True))
+
+    async def lookup(self, name: str) -> frozenset[str] | None:
+        if (cached := self._cache.get(name)) is not None:
+            return cached
+        task = self._pending.get(name)
+        if task is None:
+            if len(self._pending) >= RESOLVE_MAX_PENDING:
+                return None
+            task = asyncio.ensure_future(self._resolve(name))
+            self._pending[name] = task
+            task.add_done_callback(lambda _: self._pending.pop(name, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except TimeoutError:
+            return None
+
+    async def _resolve(self, name: str) -> frozenset[str]:
+        try:
+            infos = await self._getaddrinfo(name)
+        except socket.gaierror as e:
+            if e.errno in _NO_SUCH_NAME:
+                self._cache[name] = frozenset()
+            return frozenset()  # a temporary failure: no address now, asked again next time
+        except (OSError, UnicodeError):
+            return frozenset()
+        addresses = frozenset(canonical_host(str(info[4][0])) for info in infos)
+        self._cache[name] = addresses
+        return addresses
+
+
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+async def _getaddrinfo(name: str) -> list[tuple]:
+    loop = asyncio.get_running_loop()
+    return await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
 
 
 def is_egress(mode_type_name: str) -> bool:
@@ -64,8 +150,20 @@ def provider_not_confidential(host: str, confidential_base_url: str) -> GatewayE
     )
 
 
+def destination_unverified(host: str, timeout: float) -> GatewayError:
+    return GatewayError(
+        504,
+        f"Could not tell whether {host} is the confidential upstream (its name did not "
+        f"resolve to an address within {timeout:g} s), so nothing of this request was "
+        "forwarded.",
+        "destination_unverified",
+        type="api_error",
+    )
+
+
 class Egress:
-    def __init__(self) -> None:
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        self._resolver = resolver or Resolver()
         self._policy: EgressPolicy | None = None
         self._origin: tuple[str, str, int] | None = None
 
@@ -107,7 +205,7 @@ class Egress:
 
     # -- per connection ---------------------------------------------------------------
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         context = data.context
         if not is_egress(context.client.proxy_mode.type_name) or not context.server.address:
             return
@@ -115,12 +213,13 @@ class Egress:
         names = [(host, port)]
         if data.client_hello.sni:
             names.append((data.client_hello.sni, port))
-        decision = self._decide(names)
+        decision, resolved = await self._decide(names)
         if decision.verdict is Verdict.OTHER:
+            _pin(context.server, resolved)
             data.ignore_connection = True
             log.info("tunnel", mode="egress", host=decision.host, decision="tunnel")
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    async def next_layer(self, nextlayer: layer.NextLayer) -> None:
         chosen = nextlayer.layer
         context = nextlayer.context
         if not isinstance(chosen, layers.TCPLayer) or chosen.flow is None:
@@ -132,7 +231,10 @@ class Egress:
             names = [(host, port)]
             if context.client.sni:
                 names.append((context.client.sni, port))
-            relay = self._decide(names).verdict is Verdict.OTHER
+            decision, resolved = await self._decide(names)
+            relay = decision.verdict is Verdict.OTHER
+            if relay:
+                _pin(context.server, resolved)
         except Exception:  # mitmproxy would relay after logging: decide "not raw" instead
             relay = False
         if not relay:
@@ -142,7 +244,7 @@ class Egress:
     # -- per request ------------------------------------------------------------------
 
     @guarded
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not is_egress(flow.client_conn.proxy_mode.type_name) or flow.response:
             return
         r = flow.request
@@ -152,7 +254,7 @@ class Egress:
             names.append((h, p or url.default_port(r.scheme) or r.port))
         if flow.client_conn.sni:
             names.append((flow.client_conn.sni, r.port))
-        decision = self._decide(names)
+        decision, _ = await self._decide(names)
         flow.metadata[EGRESS] = decision.verdict.value
         flow.metadata[EGRESS_HOST] = decision.host
         if decision.verdict is Verdict.CONFIDENTIAL:
@@ -160,6 +262,9 @@ class Egress:
         elif decision.verdict is Verdict.REFUSE:
             flow.metadata["teegate.route"] = "local"
             refuse(flow, provider_not_confidential(_shown(decision.host), self._base_url))
+        elif decision.verdict is Verdict.UNVERIFIED:
+            flow.metadata["teegate.route"] = "local"
+            refuse(flow, destination_unverified(decision.host, self._resolver.timeout))
         else:
             flow.metadata["teegate.route"] = "passthrough"
             for name in _HOP_BY_HOP_PROXY:
@@ -179,10 +284,14 @@ class Egress:
         if flow.response is not None and flow.metadata.get("teegate.route") == "passthrough":
             flow.response.stream = True
 
-    def _decide(self, names: list[tuple[str, int]]) -> Decision:
-        if self._policy is None:
+    async def _decide(
+        self, names: list[tuple[str, int]]
+    ) -> tuple[Decision, Mapping[str, frozenset[str] | None]]:
+        policy = self._policy
+        if policy is None:
             raise RuntimeError("egress policy not configured")
-        return self._policy.classify(names)
+        resolved = await self._resolver.resolve(policy.lookups(names))
+        return policy.classify(names, resolved), resolved
 
     def _pin_to_upstream(self, r: http.Request) -> None:
         """Make the flow look exactly like one from the reverse listener."""
@@ -190,6 +299,17 @@ class Egress:
         scheme, host, port = self._origin
         r.scheme, r.host, r.port = scheme, host, port
         r.host_header = url.hostport(scheme, host, port)
+
+
+def _pin(server, resolved: Mapping[str, frozenset[str] | None]) -> None:
+    """Connect a checked tunnel to an address that was checked, not to a fresh lookup."""
+    host, port, *_ = server.address
+    addresses = resolved.get(canonical_host(host))
+    if not addresses or server.connected:
+        return
+    ips = sorted((ip for a in addresses if (ip := ip_literal(a))), key=lambda ip: ip.version)
+    if ips:
+        server.address = (str(ips[0]), port)
 
 
 def _shown(host_port: str) -> str:

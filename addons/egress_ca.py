@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from mitmproxy import certs
 from mitmproxy.options import CONF_BASENAME, KEY_SIZE
 
-from addons.egress_hosts import HostPattern
+from addons.egress_hosts import HostPattern, ip_literal
 
 log = structlog.get_logger("teegate")
 
@@ -81,6 +81,10 @@ def name_constraints(hosts: Iterable[str]) -> x509.NameConstraints | None:
     subtrees: dict[str, x509.GeneralName] = {}
     for text in hosts:
         host = HostPattern.parse(text).host
+        spelled = text.strip().lower().rstrip(".")
+        if spelled != host and "*" not in spelled and ip_literal(spelled) is None:
+            # "localhost" is matched as 127.0.0.1, but certificates for it name "localhost".
+            subtrees[spelled] = x509.DNSName(spelled)
         try:
             net = ipaddress.ip_network(host)
         except ValueError:

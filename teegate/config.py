@@ -150,7 +150,9 @@ class EgressSettings(_Section):
     confdir: Path = Path("~/.teegate")
     """Holds the gateway's CA (created on first start); ``teegate ca path`` prints it."""
     llm_hosts: list[str] = Field(default_factory=lambda: list(DEFAULT_LLM_HOSTS))
-    """Hosts whose TLS is intercepted and whose requests are refused (replaces the shipped list)."""
+    """Hosts whose TLS is intercepted and whose requests are refused (replaces the shipped
+    list, ``addons/llm_hosts.txt``). Globs must keep a whole-label suffix after their last
+    ``*`` (``*.example.com``, ``api-*.example.com``) so the CA's name constraints cover them."""
     extra_llm_hosts: list[str] = []
     """Added to ``llm_hosts`` (keeps the shipped list)."""
     audit_hosts: list[str] = []

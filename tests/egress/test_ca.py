@@ -11,7 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from addons.egress_ca import ensure_ca
+from addons.egress_ca import ensure_ca, name_constraints
+from addons.egress_hosts import DEFAULT_LLM_HOSTS, HostPattern
 from tests.egress.conftest import REPO, TEST_MODELS, connect_tunnel
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
@@ -149,3 +150,54 @@ def test_a_ca_that_does_not_cover_a_newly_listed_host_stops_the_start(tmp_path):
         timeout=60,
     )
     assert run.returncode == 2 and "does not permit api.newcomer.ai" in run.stderr
+
+
+def _sample(pattern: str) -> str:
+    """A host the pattern matches, each ``*`` standing for one or two labels' worth."""
+    return pattern.replace("*.", "a.b.").replace("*", "x1")
+
+
+@pytest.fixture(scope="module")
+def shipped_ca(tmp_path_factory: pytest.TempPathFactory):
+    """The CA ``teegate ca path`` makes for the shipped host list, and its signing store."""
+    from mitmproxy import certs
+
+    tmp = tmp_path_factory.mktemp("shipped-ca")
+    config = tmp / "proxy.toml"
+    config.write_text(
+        f'egress.confdir = "{tmp / "conf"}"\nupstream.base_url = "https://llm.confidential.example"\n'
+    )
+    out = _ca_path(config)
+    assert out.returncode == 0, out.stderr
+    ca = x509.load_pem_x509_certificate(Path(out.stdout.strip()).read_bytes())
+    return ca, certs.CertStore.from_store(tmp / "conf", "mitmproxy", 2048)
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_LLM_HOSTS)
+def test_every_shipped_entry_is_covered_by_the_name_constraints(shipped_ca, pattern):
+    """A leaf the gateway signs for a host matching the entry verifies under the CA."""
+    ca, store = shipped_ca
+    host = _sample(pattern)
+    assert HostPattern.parse(pattern).matches(host, 443)
+    leaf = store.get_cert(host, [x509.DNSName(host)]).cert.to_cryptography()
+    _verify(ca, leaf, host)
+
+
+def test_the_shipped_ca_still_refuses_other_sites(shipped_ca):
+    from cryptography.x509.verification import VerificationError
+
+    ca, store = shipped_ca
+    for host in ("bank.example", "openai.com.evil.example", "www.anthropic.com"):
+        leaf = store.get_cert(host, [x509.DNSName(host)]).cert.to_cryptography()
+        with pytest.raises(VerificationError):
+            _verify(ca, leaf, host)
+
+
+def test_a_localhost_upstream_is_permitted_by_name_and_address():
+    nc = name_constraints(["localhost", "127.1"])
+    assert nc is not None
+    assert {str(n.value) for n in nc.permitted_subtrees} == {
+        "localhost",
+        "127.0.0.1",
+        "127.0.0.1/32",
+    }

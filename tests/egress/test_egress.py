@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -342,3 +343,168 @@ def test_an_app_configured_only_by_environment_variables(gateway, gateway_ca, up
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == TEE
     assert chat_count(upstream) == 1
+
+
+# -- the upstream under other spellings: the same gate, never a tunnel -------------------
+
+# Every one of these reaches the upstream sandbox (127.0.0.1) through the socket layer.
+UPSTREAM_SPELLINGS = [
+    "127.1",
+    "127.0.1",
+    "2130706433",
+    "0x7f000001",
+    "0x7f.1",
+    "0177.0.0.1",
+    "127.0.0.1.",
+    "localhost",
+    "LocalHost.",
+    "api.localhost",
+    "127.0.0.9",  # another loopback address on the upstream's port
+    "0.0.0.0",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+]
+
+
+def _chat_via_connect(gateway, host: str, port: int, model: str) -> tuple[int, dict, dict, str]:
+    """A chat request over a CONNECT tunnel to ``host``, as any client could send it (raw
+    sockets: no URL library second-guesses the spelling). Status, headers, JSON body, and
+    the issuer of the certificate the client was shown."""
+    body = json.dumps({"model": model, "messages": MSG}).encode()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # a careless client: what matters is what goes upstream
+    with connect_tunnel(gateway, host, port) as raw, ctx.wrap_socket(raw) as s:
+        issuer = _cn(x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).issuer)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + f"Host: {host}:{port}\r\nAuthorization: Bearer {gateway.api_key}\r\n".encode()
+            + b"Content-Type: application/json\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        status, headers, payload = _read_response(s)
+    return status, headers, json.loads(payload), issuer
+
+
+def _read_response(s: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response, framed by Content-Length or chunked encoding (the gateway may
+    keep the connection open, so reading to EOF is no frame)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before the response head"
+        data += chunk
+    head, _, data = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    if headers.get("transfer-encoding") == "chunked":
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            assert chunk, "connection closed inside a chunked body"
+            data += chunk
+        body = b""
+        while data:
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body, data = body + data[:size], data[size + 2 :]
+        return int(lines[0].split()[1]), headers, body
+    length = int(headers.get("content-length", "0"))
+    while len(data) < length:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed inside the body"
+        data += chunk
+    return int(lines[0].split()[1]), headers, data[:length]
+
+
+@pytest.mark.parametrize("spelling", UPSTREAM_SPELLINGS)
+def test_every_spelling_of_the_upstream_meets_the_gate(gateway, upstream, spelling):
+    host = spelling  # IPv6 keeps its brackets in CONNECT and Host
+    before = balance(gateway)
+    status, headers, body, issuer = _chat_via_connect(gateway, host, upstream.port, NON_TEE)
+    assert issuer == "teegate egress CA"  # decrypted by the gateway, not tunnelled
+    assert status == 400 and body["error"]["code"] == "model_not_confidential"
+    assert chat_count(upstream) == 0
+    status, headers, body, _ = _chat_via_connect(gateway, host, upstream.port, TEE)
+    assert status == 200 and body["model"] == TEE
+    assert headers["x-request-id"].startswith("req_")  # the gateway answered
+    seen = upstream.stats()["chat"]
+    assert len(seen) == 1
+    assert seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
+    assert gateway.api_key not in str(seen[0]["headers"])  # the client's key stayed here
+    assert wait_for_balance_change(gateway, before) > 0  # billed like reverse mode
+
+
+@pytest.mark.parametrize("spelling", ["2130706433", "127.1", "localhost"])
+def test_plain_http_to_another_spelling_of_the_upstream_is_gated(gateway, upstream, spelling):
+    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+        r = c.post(
+            f"http://{spelling}:{upstream.port}/v1/chat/completions",
+            json={"model": NON_TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {gateway.api_key}"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_confidential"
+        r = c.post(
+            f"http://{spelling}:{upstream.port}/v1/chat/completions",
+            json={"model": TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {gateway.api_key}"},
+        )
+    assert r.status_code == 200 and r.headers["x-request-id"].startswith("req_")
+    seen = upstream.stats()["chat"]  # pinned to the configured https origin
+    assert len(seen) == 1 and seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
+
+
+def test_a_name_that_resolves_to_the_upstream_meets_the_gate(gateway, upstream):
+    """This machine's own name: listed nowhere, resolved (by /etc/hosts here) to loopback."""
+    name = socket.gethostname()
+    addresses = {i[4][0] for i in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
+    if not any(a.startswith("127.") or a == "::1" for a in addresses):
+        pytest.skip(f"{name} does not resolve to a loopback address here")
+    status, headers, body, issuer = _chat_via_connect(gateway, name, upstream.port, TEE)
+    assert issuer == "teegate egress CA" and status == 200
+    seen = upstream.stats()["chat"]
+    assert len(seen) == 1 and seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
+
+
+def test_the_openai_sdk_at_a_respelled_upstream_is_gated(gateway, upstream):
+    """The SDK with base_url=https://127.1:<port>/v1 (a client that does not verify)."""
+    http_client = httpx.Client(proxy=gateway.urls["regular"], verify=False, timeout=30)
+    with openai.OpenAI(
+        base_url=f"https://127.1:{upstream.port}/v1",
+        api_key=gateway.api_key,
+        http_client=http_client,
+        max_retries=0,
+    ) as client:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NON_TEE, messages=MSG)
+        assert e.value.body["code"] == "model_not_confidential"
+        raw = client.chat.completions.with_raw_response.create(model=TEE, messages=MSG)
+    assert raw.headers["x-request-id"].startswith("req_")
+    seen = upstream.stats()["chat"]
+    assert len(seen) == 1 and seen[0]["headers"]["authorization"] == f"Bearer {upstream.api_key}"
+
+
+def test_the_same_address_on_another_port_is_still_tunnelled(gateway, unlisted_tls, tls_dir):
+    """Canonical matching is on address *and* port: 0x7f.4 (127.0.0.4) on the unlisted
+    sandbox's port is not the upstream, and keeps its own certificate."""
+    der = _peer_cert_viaconnect_tunnel(gateway, "0x7f.4", unlisted_tls.port)
+    assert _cn(x509.load_der_x509_certificate(der).issuer) == "teegate sandbox test CA"
+
+
+def test_a_name_without_an_address_on_the_upstreams_port_is_refused_not_tunnelled(
+    gateway, upstream
+):
+    """Doubt fails closed: a tunnel would look the name up again when connecting."""
+    status, _, body, issuer = _chat_via_connect(gateway, "nx.invalid", upstream.port, TEE)
+    assert issuer == "teegate egress CA"
+    assert status == 504 and body["error"]["code"] == "destination_unverified"
+    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+        r = c.post(
+            f"http://nx.invalid:{upstream.port}/v1/chat/completions",
+            json={"model": TEE, "messages": MSG},
+            headers={"authorization": f"Bearer {gateway.api_key}"},
+        )
+    assert r.status_code == 504 and r.json()["error"]["code"] == "destination_unverified"
+    assert chat_count(upstream) == 0
