@@ -1,15 +1,32 @@
-"""Parse and validate the chat completion body; apply the API's defaults."""
+"""Parse and validate the chat completion body; apply the API's defaults.
+
+The body arrives bounded (mitmproxy's ``body_size_limit``, set from ``[limits]``), but a
+``Content-Encoding`` body could still inflate a few KiB into gigabytes, and mitmproxy's own
+decoding (``get_content``) inflates whole. It is undone here with decoders that stop at the
+same limit; encodings no installed decoder can bound (zstd) are refused.
+"""
 
 from __future__ import annotations
 
+import zlib
+
+import brotli
 from mitmproxy import ctx, exceptions, http
 
 from addons.errors import GatewayError, guarded, refuse
-from addons.schema import parse_chat_request
+from addons.schema import MAX_JSON_DEPTH, parse_chat_request
 from addons.stages import is_chat, passed
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
 
 
 class ChatValidator:
+    def __init__(
+        self, max_body_bytes: int = MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH
+    ) -> None:
+        self._max_body = max_body_bytes
+        self._max_depth = max_json_depth
+
     def load(self, loader) -> None:
         loader.add_option(
             "teegate_default_max_tokens",
@@ -46,15 +63,72 @@ class ChatValidator:
         if not is_chat(flow):
             return
         try:
-            raw = flow.request.get_content(strict=True)
-            assert raw is not None
-            flow.metadata["teegate.chat"] = parse_chat_request(raw, **self._defaults)
+            raw = decoded_body(flow.request, self._max_body)
+            flow.metadata["teegate.chat"] = parse_chat_request(
+                raw, **self._defaults, max_depth=self._max_depth
+            )
         except GatewayError as e:
             refuse(flow, e)
             return
-        except ValueError:  # undecodable content-encoding
-            refuse(
-                flow, GatewayError(400, "The request body could not be decoded.", "invalid_body")
-            )
-            return
         passed(flow, "validate")
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than {limit} bytes.", "request_too_large")
+
+
+def decoded_body(request: http.Request, limit: int) -> bytes:
+    """The body with its ``Content-Encoding`` undone, never inflating past ``limit`` bytes."""
+    raw = request.raw_content or b""
+    if len(raw) > limit:
+        raise too_large(limit)
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    try:
+        if coding in ("gzip", "x-gzip"):
+            return _inflate(raw, 16 + zlib.MAX_WBITS, limit)
+        if coding == "deflate":  # zlib-wrapped as the RFC says, or raw as some clients send
+            try:
+                return _inflate(raw, zlib.MAX_WBITS, limit)
+            except zlib.error:
+                return _inflate(raw, -zlib.MAX_WBITS, limit)
+        if coding == "br":
+            return _unbrotli(raw, limit)
+    except (zlib.error, brotli.error, _Truncated):
+        raise GatewayError(
+            400,
+            f"The request body could not be decoded as {coding}.",
+            "invalid_body",
+            param="content-encoding",
+        ) from None
+    raise GatewayError(
+        415,
+        "Unsupported Content-Encoding: send the body as identity, gzip, deflate or br.",
+        "unsupported_content_encoding",
+        param="content-encoding",
+    )
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _inflate(raw: bytes, wbits: int, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits)
+    out = d.decompress(raw, limit + 1)  # at most limit + 1 bytes are ever made
+    if len(out) > limit:
+        raise too_large(limit)
+    if not d.eof or d.unused_data:  # cut short, or bytes after the end (a second member)
+        raise _Truncated
+    return out
+
+
+def _unbrotli(raw: bytes, limit: int) -> bytes:
+    d = brotli.Decompressor()
+    out = d.process(raw, output_buffer_limit=limit + 1)
+    if len(out) > limit:
+        raise too_large(limit)
+    if not d.is_finished():
+        raise _Truncated
+    return out
