@@ -52,7 +52,7 @@ class AccessLog:
             model=getattr(chat, "model", None),
             status=resp.status_code if resp is not None else None,
             error_code=flow.metadata.get("teegate.error_code"),
-            error=error_category(flow.error.msg) if flow.error else None,
+            error=_error(flow),
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
             bytes_in=len(req.raw_content or b""),
@@ -62,6 +62,15 @@ class AccessLog:
                 else None
             ),
         )
+
+
+def _error(flow: http.HTTPFlow) -> str | None:
+    if flow.error is None:
+        return None
+    category = error_category(flow.error.msg)
+    if category == "upstream_disconnected" and not flow.request.timestamp_end:
+        return "client_disconnected"  # the same words, but the request never arrived whole
+    return category
 
 
 def _decision(flow: http.HTTPFlow) -> str | None:

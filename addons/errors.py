@@ -201,7 +201,10 @@ _CATEGORIES = (
         "upstream_unreachable",
         ("connect call failed", "refused", "unreachable", "no route", "getaddrinfo", "name or"),
     ),
-    ("upstream_disconnected", ("server disconnected", "server closed", "incomplete", "reset")),
+    (
+        "upstream_disconnected",
+        ("server disconnected", "server closed", "peer closed", "incomplete", "reset"),
+    ),
     ("invalid_http", ("protocol error", "invalid", "illegal", "malformed", "smuggling", "peer")),
 )
 

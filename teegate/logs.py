@@ -5,8 +5,9 @@ termlog stays at warning level so only real problems reach the output, and
 prints fixed categories instead of mitmproxy's texts (teegate/master.py).
 
 Every string value is escaped (control and non-ASCII characters as ``\\xNN``-style
-escapes) on its way out, and the ones a client chooses (path, method, model, host)
-are cut to 128 characters first: a log line can neither be forged nor flooded.
+escapes) on its way out, and the ones a client chooses (path, model, host) are cut
+to 128 characters first: a log line can neither be forged nor flooded. A method
+outside the standard ones is logged as "other".
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 
-CLIENT_KEYS = frozenset({"path", "method", "model", "host"})
+CLIENT_KEYS = frozenset({"path", "model", "host"})
+# A method is any token a client likes ("PROMPT-TEXT / HTTP/1.1" parses): only known ones are kept.
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
 MAX_CLIENT_CHARS = 128
 MAX_CHARS = 1024  # any other string: ours, or an upstream's, never unbounded
 
@@ -36,7 +41,9 @@ def escaped(value: str, limit: int = MAX_CLIENT_CHARS) -> str:
 
 def _safe_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str):
+        if key == "method" and isinstance(value, str) and value not in METHODS:
+            event[key] = "other"
+        elif isinstance(value, str):
             event[key] = escaped(value, MAX_CLIENT_CHARS if key in CLIENT_KEYS else MAX_CHARS)
     return event
 

@@ -250,8 +250,9 @@ class CategoryFormatter(logging.Formatter):
     """mitmproxy's termlog lines, with a fixed category in place of the message.
 
     Its messages quote client bytes ("HTTP/1 protocol error: illegal chunk header:
-    bytearray(b'...')", a traceback's locals, a TLS peer's SNI); the category, the level, the
-    client's address and, for an exception, its type and where it was raised, are kept.
+    bytearray(b'...')", a traceback's locals, a TLS peer's SNI); the category, the logger's
+    name, the client's address and, for an exception, its type and where it was raised, are
+    kept.
     """
 
     def __init__(self, handler: logging.Handler) -> None:
@@ -263,7 +264,7 @@ class CategoryFormatter(logging.Formatter):
             text = record.getMessage()
         except Exception:
             text = ""
-        message = f"mitmproxy: {error_category(text)}"
+        message = f"{record.name}: {error_category(text)}"
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             frames = traceback.extract_tb(exc.__traceback__)

@@ -26,11 +26,13 @@ class Exchange:
         return self.response.partition(b"\r\n\r\n")[2]
 
 
-def exchange(port: int, head: bytes, body: Iterable[bytes] = ()) -> Exchange:
+def exchange(
+    port: int, head: bytes, body: Iterable[bytes] = (), host: str = "127.0.0.1"
+) -> Exchange:
     """Send ``head`` then ``body`` pieces while reading the answer in parallel; stop sending as
     soon as the gateway answers or stops reading. The request should say ``Connection: close``
     (a refusal does) so the answer ends with the connection."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    sock = socket.create_connection((host, port), timeout=DEADLINE_S)
     got: list[bytes] = []
     answered = threading.Event()
 
