@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import struct
 import zlib
 from collections.abc import Iterator
@@ -285,3 +286,30 @@ def test_peak_memory_stays_bounded(gateway, gzip_bomb):
     _still_serves(gateway)
     growth = (_vm_hwm_kib(pid) - before) * 1024
     assert growth < 4 * LIMIT, f"peak RSS grew by {growth / MIB:.1f} MiB"
+
+
+# -- listeners --------------------------------------------------------------------------
+
+
+def _udp_ports(pid: int) -> set[int]:
+    ports = set()
+    for table in ("udp", "udp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            ports.add(int(row.split()[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_an_https_upstream_opens_no_udp_listener(tmp_path):
+    """mitmproxy's reverse mode to https:// would also serve HTTP/3 on UDP: not here."""
+    tls = ("--tls-dir", str(tmp_path / "tls"))
+    with start_sandbox("--models", str(TEST_MODELS), *tls) as up:
+        assert up.base_url.startswith("https://")
+        extra = f'upstream.ca_file = "{up.ca_file}"'
+        with start_gateway(up.base_url, extra_toml=extra) as gw:
+            assert _post(gw, _chat_body()).status_code == 200  # served over the TLS upstream
+            port = _port(gw)
+            assert port not in _udp_ports(gw.process.pid)
+            # The check itself sees a UDP socket on that port when there is one.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", port))  # free for UDP: nothing of the gateway holds it
+                assert port in _udp_ports(gw.process.pid)
