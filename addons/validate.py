@@ -18,6 +18,7 @@ from addons.schema import MAX_JSON_DEPTH, parse_chat_request
 from addons.stages import is_chat, passed
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
+_PIECE = 256 * 1024
 
 
 class ChatValidator:
@@ -113,10 +114,19 @@ class _Truncated(Exception):
 
 
 def _inflate(raw: bytes, wbits: int, limit: int) -> bytes:
+    """Inflate once to measure (one piece held at a time), then again to keep, if it fits.
+
+    A bomb is refused having held one piece; only a body that fits is ever held whole.
+    """
     d = zlib.decompressobj(wbits)
-    out = d.decompress(raw, limit + 1)  # at most limit + 1 bytes are ever made
-    if len(out) > limit:
-        raise too_large(limit)
+    size, data = 0, raw
+    while True:
+        size += len(piece := d.decompress(data, _PIECE))
+        if size > limit:
+            raise too_large(limit)
+        data = d.unconsumed_tail
+        if d.eof or not (data or len(piece) == _PIECE):  # done, or the input is used up
+            break
     if not d.eof or d.unused_data:  # cut short, or bytes after the end (a second member)
         raise _Truncated
-    return out
+    return zlib.decompress(raw, wbits, bufsize=max(size, 1))

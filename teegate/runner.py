@@ -25,7 +25,7 @@ from addons.egress_ca import CAError, ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.ledgerlink import LedgerLink
-from addons.limits import Trailers
+from addons.limits import ReleaseLargeBodies, Trailers
 from addons.ratelimit import RateLimit
 from addons.routes import Router
 from addons.seal import Seal
@@ -67,6 +67,7 @@ def build_addons(
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(),
         response_headers(attestation),  # after every addon that adds a response header
+        ReleaseLargeBodies(min(settings.limits.max_body_bytes, 1024 * 1024)),
         ready or Ready(),
     ]
 
