@@ -1,7 +1,9 @@
 """Request ids and one access-log line per request.
 
 The line carries metadata only (id, method, path, model, status, timings,
-sizes): never a prompt, a completion or a key.
+sizes): never a prompt, a completion or a key. mitmproxy's error text quotes the
+bytes it choked on, so only its category is logged; the strings a client chose
+(method, path, model) are cut and escaped on the way out (teegate/logs.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 import structlog
 from mitmproxy import http
 
+from addons.errors import error_category
 from addons.headers import add_headers
 
 log = structlog.get_logger("teegate.access")
@@ -45,11 +48,11 @@ class AccessLog:
             host=f"{req.host}:{req.port}",
             decision=_decision(flow),
             method=req.method,
-            path=req.path.split("?", 1)[0][:200],
+            path=req.path.split("?", 1)[0],
             model=getattr(chat, "model", None),
             status=resp.status_code if resp is not None else None,
             error_code=flow.metadata.get("teegate.error_code"),
-            error=(flow.error.msg if flow.error else None),
+            error=_error(flow),
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
             bytes_in=len(req.raw_content or b""),
@@ -59,6 +62,15 @@ class AccessLog:
                 else None
             ),
         )
+
+
+def _error(flow: http.HTTPFlow) -> str | None:
+    if flow.error is None:
+        return None
+    category = error_category(flow.error.msg)
+    if category == "upstream_disconnected" and not flow.request.timestamp_end:
+        return "client_disconnected"  # the same words, but the request never arrived whole
+    return category
 
 
 def _decision(flow: http.HTTPFlow) -> str | None:

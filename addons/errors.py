@@ -186,3 +186,35 @@ def _classify(status: int) -> tuple[str, str]:
     if status == 400:
         return "invalid_request", "The request could not be parsed as HTTP."
     return "gateway_error", f"The gateway could not complete the request (HTTP {status})."
+
+
+# mitmproxy's error texts quote what it choked on ("illegal chunk header: bytearray(b'...')",
+# "invalid content-length header: b'...'"): client bytes, prompts and keys among them. They are
+# never logged; only the first category whose words they contain is.
+_CATEGORIES = (
+    ("body_too_large", ("body_size_limit", "too large")),
+    ("killed", ("killed",)),
+    ("client_disconnected", ("client disconnected", "client closed")),
+    ("timeout", ("timed out", "timeout")),
+    ("tls_failed", ("tls", "ssl", "certificate", "handshake")),
+    (
+        "upstream_unreachable",
+        ("connect call failed", "refused", "unreachable", "no route", "getaddrinfo", "name or"),
+    ),
+    (
+        "upstream_disconnected",
+        ("server disconnected", "server closed", "peer closed", "incomplete", "reset"),
+    ),
+    ("invalid_http", ("protocol error", "invalid", "illegal", "malformed", "smuggling", "peer")),
+)
+
+
+def error_category(message: str | None) -> str | None:
+    """A fixed word for one of mitmproxy's error messages; never any of the message itself."""
+    if message is None:
+        return None
+    text = message.lower()
+    for category, words in _CATEGORIES:
+        if any(w in text for w in words):
+            return category
+    return "other"

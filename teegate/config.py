@@ -208,6 +208,16 @@ class RateLimitSettings(_Section):
     """Per API key, unless the key was created with its own --rate-limit."""
 
 
+class LimitSettings(_Section):
+    """Bounds on what one request may make the gateway hold (see proxy.toml)."""
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """Largest request body, as sent and after Content-Encoding is undone (413 beyond)."""
+    max_json_depth: int = Field(400, ge=8, le=800)
+    """Deepest nesting of arrays/objects in a JSON body (400 beyond). Kept under CPython's
+    recursion limit (1000), which json, pydantic and re-serialization all spend."""
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -219,6 +229,7 @@ class Settings(_Section):
     ledger: LedgerSettings = LedgerSettings()
     billing: BillingSettings = BillingSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
+    limits: LimitSettings = LimitSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
 

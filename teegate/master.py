@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import gc
 import inspect
-from collections.abc import Callable
+import logging
+import traceback
+from collections.abc import Callable, Generator
 from typing import Any
 
-from mitmproxy import addonmanager, certs, exceptions, hooks, master, options
+import h11
+from h11._readers import ChunkedReader
+from mitmproxy import addonmanager, certs, exceptions, hooks, http, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -32,6 +36,11 @@ from mitmproxy.addons import (
     tlsconfig,
     update_alt_svc,
 )
+from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy.layers.http import HttpStream, RequestEndOfMessage, _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+from addons.errors import error_category
 
 
 class GatewayMaster(master.Master):
@@ -39,8 +48,10 @@ class GatewayMaster(master.Master):
 
     def __init__(self, opts: options.Options) -> None:
         super().__init__(opts, with_termlog=False)  # the flow dumper is never mounted
+        harden_mitmproxy()
         self.addons = HookIndex(self)
         self._termlog_addon = termlog.TermLog()
+        self._termlog_addon.logger.setFormatter(CategoryFormatter(self._termlog_addon.logger))
         self.addons.add(self._termlog_addon)
         self.addons.add(
             core.Core(),
@@ -147,3 +158,119 @@ class HookIndex(addonmanager.AddonManager):
                             await res
             except exceptions.AddonHalt:
                 return
+
+
+# -- narrow changes to mitmproxy, each for a measured failure -----------------------------
+
+
+def harden_mitmproxy() -> None:
+    """Apply the changes below, once, before any listener is configured."""
+    if getattr(HttpStream.check_body_size, "_teegate", False):
+        return
+    HttpStream.check_body_size = _requests_only(HttpStream.check_body_size)
+    mode_specs.ReverseMode.__post_init__ = _tcp_only(mode_specs.ReverseMode.__post_init__)
+    _http1.ChunkedReader = TrailerKeepingReader  # looked up by name per message
+    _http1.Http1Connection.read_body = _with_trailers(_http1.Http1Connection.read_body)
+
+
+def _requests_only(check: Callable[..., Any]) -> Callable[..., Any]:
+    """``body_size_limit`` for request bodies only.
+
+    mitmproxy checks it while buffering (a larger Content-Length is refused at the headers,
+    a chunked body as soon as it passes the limit: 413 to the client), which is the bound a
+    request needs before any hook runs. It applies the same limit to buffered *responses*,
+    where it would turn the confidential upstream's large answer into a 502; those are the
+    upstream's bytes, buffered only when not streamed, and are not limited.
+    """
+
+    def check_body_size(self: HttpStream, request: bool) -> Generator[Any, Any, bool]:
+        if not request:
+            return False
+        return (yield from check(self, request))
+
+    check_body_size._teegate = True  # type: ignore[attr-defined]
+    return check_body_size
+
+
+def _tcp_only(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Reverse mode to an ``https://`` upstream listens on TCP only.
+
+    mitmproxy also binds UDP on the same port for HTTP/3 (QUIC), a second protocol stack the
+    gateway's guarantees (body limit, framing, error pages) are not tested on; no such
+    listener is opened.
+    """
+
+    def __post_init__(self: mode_specs.ReverseMode) -> None:
+        post_init(self)
+        if self.transport_protocol == mode_specs.BOTH:
+            self.transport_protocol = mode_specs.TCP  # type: ignore[misc]
+
+    return __post_init__
+
+
+class TrailerKeepingReader(ChunkedReader):
+    """h11's chunked-body reader, handing trailer fields over instead of ending the message
+    with them: mitmproxy 12 raises ``NotImplementedError`` on trailers of an HTTP/1 body,
+    which crashed the client's connection handler (a traceback quoting the connection).
+    """
+
+    trailers: http.Headers | None = None
+
+    def __call__(self, buf: Any) -> Any:
+        event = super().__call__(buf)
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            self.trailers = http.Headers([(bytes(k), bytes(v)) for k, v in event.headers])
+            return h11.EndOfMessage()
+        return event
+
+
+def _with_trailers(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Put a request's trailers on the request before its end is announced, as mitmproxy's
+    HTTP/2 layer does, so an addon (addons/limits.py) refuses it with a 400. A streamed
+    request's trailers are dropped instead (HTTP/1 upstream connections cannot send them)."""
+
+    def read_body(self: Any, event: Any) -> Generator[Any, Any, None]:
+        reader = self.body_reader
+        for command in original(self, event):  # only non-blocking commands: no replies
+            if (
+                isinstance(reader, TrailerKeepingReader)
+                and reader.trailers is not None
+                and isinstance(command, ReceiveHttp)
+                and isinstance(command.event, RequestEndOfMessage)
+                and self.request is not None
+                and not self.request.stream
+            ):
+                self.request.trailers = reader.trailers
+            yield command
+
+    return read_body
+
+
+class CategoryFormatter(logging.Formatter):
+    """mitmproxy's termlog lines, with a fixed category in place of the message.
+
+    Its messages quote client bytes ("HTTP/1 protocol error: illegal chunk header:
+    bytearray(b'...')", a traceback's locals, a TLS peer's SNI); the category, the logger's
+    name, the client's address and, for an exception, its type and where it was raised, are
+    kept.
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self._inner = handler.formatter or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = ""
+        message = f"{record.name}: {error_category(text)}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}"
+            message += f" ({type(exc).__name__}{where if frames else ''})"
+        safe = logging.makeLogRecord(
+            {**record.__dict__, "msg": message, "args": (), "exc_info": None, "exc_text": None}
+        )
+        return self._inner.format(safe)

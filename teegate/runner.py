@@ -25,6 +25,7 @@ from addons.egress_ca import CAError, ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.ledgerlink import LedgerLink
+from addons.limits import ReleaseLargeBodies, Trailers
 from addons.ratelimit import RateLimit
 from addons.routes import Router
 from addons.seal import Seal
@@ -49,6 +50,7 @@ def build_addons(
     return [
         AnswerModelCheck(),  # first: its response hook must run before the log and billing read
         AccessLog(),
+        Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
         EgressAuth(link),  # egress listener only: before anything there is decided or sent
@@ -57,7 +59,11 @@ def build_addons(
         RateLimit(),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         Router(catalog, attestation),
-        ChatValidator(settings.request.allowed_extra),
+        ChatValidator(
+            settings.limits.max_body_bytes,
+            settings.limits.max_json_depth,
+            extra_fields=settings.request.allowed_extra,
+        ),
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
         Billing(link, unanswered=settings.billing.unanswered),
@@ -66,6 +72,7 @@ def build_addons(
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(),
         response_headers(attestation),  # after every addon that adds a response header
+        ReleaseLargeBodies(min(settings.limits.max_body_bytes, 1024 * 1024)),
         ready or Ready(),
     ]
 
@@ -82,6 +89,10 @@ def option_values(settings: Settings) -> dict[str, Any]:
         "connection_strategy": "lazy",
         "upstream_cert": False,  # name only the host asked for: the egress CA permits no more
         "termlog_verbosity": "warn",
+        # Request bodies only (teegate/master.py), checked while buffering: 413 before a
+        # larger body is held. Never stream_large_bodies: it would forward before the gate.
+        "body_size_limit": str(settings.limits.max_body_bytes),
+        "http3": False,  # and no UDP listener at all: teegate/master.py
         "keep_host_header": False,
         "http2": True,
         "teegate_upstream": up.origin,
