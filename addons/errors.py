@@ -30,6 +30,7 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -185,6 +186,8 @@ def _classify(status: int) -> tuple[str, str]:
         return "request_too_large", "The request body is too large."
     if status == 400:
         return "invalid_request", "The request could not be parsed as HTTP."
+    if status == 431:
+        return "request_header_fields_too_large", "The request's header section is too large."
     return "gateway_error", f"The gateway could not complete the request (HTTP {status})."
 
 

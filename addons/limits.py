@@ -1,4 +1,14 @@
-"""Refuse requests that carry trailer fields; let go of large bodies once a flow is done.
+"""Refuse requests with trailers or odd header fields; let go of large bodies once done.
+
+Header fields (``HeaderFields``): mitmproxy accepts what RFC 9112 tells a server to refuse or
+repair (a NUL or other control byte in a field, an obsolete line folding, which it keeps as
+``"\\r\\n "`` inside the value), any number of fields, and transfer codings besides
+``chunked`` that it does not undo (``gzip, chunked`` reaches the addons still gzipped). Nothing
+of a client's headers goes upstream (addons/upstream.py builds them), but a request whose
+framing or fields two parsers could read differently is refused rather than guessed at: 400,
+or 431 past :data:`MAX_HEADER_FIELDS`. The header section's size is bounded before it is
+buffered (teegate/master.py). Egress flows to hosts the gateway does not intercept are the
+client's own traffic and are not judged here.
 
 No OpenAI endpoint reads trailers, and what goes upstream is rebuilt from allow-lists,
 so a trailer is never forwarded; a client that sends one gets a 400 rather than having
@@ -22,6 +32,57 @@ import gc
 from mitmproxy import http
 
 from addons.errors import GatewayError, guarded, refuse
+
+MAX_HEADER_FIELDS = 100
+_CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}
+
+
+def _bad_field(headers: http.Headers) -> str | None:
+    """The name of the first field with a control byte in its name or value (a NUL, a CR or
+    LF of an obsolete line folding); never its value."""
+    for name, value in headers.fields:
+        if any(b in _CONTROL for b in name) or any(b in _CONTROL for b in value):
+            return name.decode("ascii", "replace")[:64]
+    return None
+
+
+class HeaderFields:
+    @guarded
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.metadata.get("teegate.route") == "passthrough":
+            return
+        headers = flow.request.headers
+        if len(headers.fields) > MAX_HEADER_FIELDS:
+            refuse(
+                flow,
+                GatewayError(
+                    431,
+                    f"The request has more than {MAX_HEADER_FIELDS} header fields.",
+                    "request_header_fields_too_large",
+                ),
+            )
+        elif (name := _bad_field(headers)) is not None:
+            refuse(
+                flow,
+                GatewayError(
+                    400,
+                    "A header field holds a control character or an obsolete line folding.",
+                    "invalid_header",
+                    param=name,
+                ),
+            )
+        elif "transfer-encoding" in headers and [
+            c.strip().lower() for c in ",".join(headers.get_all("transfer-encoding")).split(",")
+        ] != ["chunked"]:
+            refuse(
+                flow,
+                GatewayError(
+                    400,
+                    "Unsupported Transfer-Encoding: only chunked is accepted.",
+                    "unsupported_transfer_encoding",
+                    param="transfer-encoding",
+                ),
+            )
 
 
 class Trailers:

@@ -36,7 +36,7 @@ from mitmproxy.addons import (
     tlsconfig,
     update_alt_svc,
 )
-from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy import commands, events, mode_specs
 from mitmproxy.proxy.layers.http import HttpStream, RequestEndOfMessage, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
@@ -171,6 +171,35 @@ def harden_mitmproxy() -> None:
     mode_specs.ReverseMode.__post_init__ = _tcp_only(mode_specs.ReverseMode.__post_init__)
     _http1.ChunkedReader = TrailerKeepingReader  # looked up by name per message
     _http1.Http1Connection.read_body = _with_trailers(_http1.Http1Connection.read_body)
+    _http1.Http1Server.read_headers = _bounded_head(_http1.Http1Server.read_headers)
+
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def _bounded_head(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A request's header section is refused with 431 once it passes :data:`MAX_HEAD_BYTES`
+    without ending.
+
+    mitmproxy buffers a request head until its blank line, however long ("FIXME: protect
+    against header size DoS" in its HTTP/1 server): a client could hold a connection growing
+    without bound. 64 KiB is several times what any OpenAI client sends (Node's limit is 16).
+    """
+
+    def read_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
+        if isinstance(event, events.DataReceived) and len(self.buf) > MAX_HEAD_BYTES:
+            head = bytes(self.buf)[: MAX_HEAD_BYTES + 4]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head:
+                yield commands.SendData(
+                    self.conn,
+                    _http1.make_error_response(431, "request header fields too large"),
+                )
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        yield from original(self, event)
+
+    return read_headers
 
 
 def _requests_only(check: Callable[..., Any]) -> Callable[..., Any]:

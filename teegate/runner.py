@@ -25,7 +25,7 @@ from addons.egress_ca import CAError, ensure_ca
 from addons.errors import html_free_error_pages
 from addons.gate import Gate
 from addons.ledgerlink import LedgerLink
-from addons.limits import ReleaseLargeBodies, Trailers
+from addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
 from addons.ratelimit import RateLimit
 from addons.routes import Router
 from addons.seal import Seal
@@ -55,6 +55,7 @@ def build_addons(
         attestation,  # after the catalog: subscribes to its refreshes in running()
         EgressAuth(link),  # egress listener only: before anything there is decided or sent
         Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
+        HeaderFields(),  # after Egress: the client's own (passthrough) traffic is not judged
         Auth(link),
         RateLimit(),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404

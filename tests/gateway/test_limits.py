@@ -315,3 +315,79 @@ def test_an_https_upstream_opens_no_udp_listener(tmp_path):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
                 probe.bind(("127.0.0.1", port))  # free for UDP: nothing of the gateway holds it
                 assert port in _udp_ports(gw.process.pid)
+
+
+# -- header fields --------------------------------------------------------------------
+
+
+def test_a_header_section_past_64_kib_is_a_431_before_it_ends(gateway, upstream):
+    """The head never ends (no blank line): refused once past the bound, not buffered on."""
+    served = chat_count(upstream)
+    start = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {gateway.api_key}\r\n"
+    )
+    filler = [b"X-Filler: " + b"a" * 1000 + b"\r\n"] * 200  # ~200 KB, no terminating blank line
+    ex = exchange(_port(gateway), start.encode(), filler)
+    assert ex.status == 431
+    assert _error(ex.body)["code"] == "request_header_fields_too_large"
+    assert chat_count(upstream) == served
+    _still_serves(gateway)
+
+
+def test_a_head_just_under_the_bound_is_served(gateway):
+    # 60 fields of 1000 bytes: ~60 KB of header section, under 64 KiB and 100 fields.
+    resp = _post(gateway, _chat_body(), {f"x-filler-{i}": "a" * 1000 for i in range(60)})
+    assert resp.status_code == 200
+
+
+def test_more_than_100_header_fields_is_a_431(gateway, upstream):
+    served = chat_count(upstream)
+    resp = _post(gateway, _chat_body(), {f"x-h-{i}": "1" for i in range(101)})
+    assert resp.status_code == 431
+    assert _error(resp)["code"] == "request_header_fields_too_large"
+    assert chat_count(upstream) == served
+
+
+@pytest.mark.parametrize(
+    ("raw_field", "param"),
+    [
+        (b"X-Odd: a\x00b", "X-Odd"),  # NUL in a value
+        (b"X-Odd: a\x01b", "X-Odd"),  # another control byte
+        (b"X-Odd: first\r\n  folded", "X-Odd"),  # obsolete line folding
+    ],
+)
+def test_control_bytes_and_folded_fields_are_a_400(gateway, upstream, raw_field, param):
+    served = chat_count(upstream)
+    body = _chat_body()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {gateway.api_key}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n".encode()
+        + raw_field
+        + b"\r\n\r\n"
+    )
+    ex = exchange(_port(gateway), head, [body])
+    assert ex.status == 400
+    err = _error(ex.body)
+    assert err["code"] == "invalid_header" and err["param"] == param
+    assert chat_count(upstream) == served
+
+
+@pytest.mark.parametrize(
+    ("coding", "code"),
+    [
+        ("gzip, chunked", "unsupported_transfer_encoding"),
+        # mitmproxy's own parser refuses these two before any hook runs:
+        ("identity, chunked", "invalid_request"),
+        ("chunked, chunked", "invalid_request"),
+    ],
+)
+def test_transfer_codings_other_than_chunked_are_a_400(gateway, upstream, coding, code):
+    served = chat_count(upstream)
+    body = _chat_body()
+    payload = gzip.compress(body) if coding.startswith("gzip") else body
+    ex = exchange(_port(gateway), _head(gateway, {"Transfer-Encoding": coding}), chunked([payload]))
+    assert ex.status == 400
+    assert _error(ex.body)["code"] == code
+    assert chat_count(upstream) == served
