@@ -2,8 +2,9 @@
 
 The line carries metadata only (id, method, path, model, status, timings,
 sizes): never a prompt, a completion or a key. mitmproxy's error text quotes the
-bytes it choked on, so only its category is logged; the strings a client chose
-(method, path, model) are cut and escaped on the way out (teegate/logs.py).
+bytes it choked on, so only its category is logged; the model only when the catalog lists
+it ("unlisted" otherwise); the strings a client chose that are logged (method, path) are cut
+and escaped on the way out (teegate/logs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import structlog
 from mitmproxy import http
 
 from addons.errors import error_category
+from addons.gate import LISTED_MODEL
 from addons.headers import add_headers
 
 log = structlog.get_logger("teegate.access")
@@ -49,7 +51,7 @@ class AccessLog:
             decision=_decision(flow),
             method=req.method,
             path=req.path.split("?", 1)[0],
-            model=getattr(chat, "model", None),
+            model=_model(flow, chat),
             status=resp.status_code if resp is not None else None,
             error_code=flow.metadata.get("teegate.error_code"),
             error=_error(flow),
@@ -71,6 +73,14 @@ def _error(flow: http.HTTPFlow) -> str | None:
     if category == "upstream_disconnected" and not flow.request.timestamp_end:
         return "client_disconnected"  # the same words, but the request never arrived whole
     return category
+
+
+def _model(flow: http.HTTPFlow, chat: object) -> str | None:
+    """The model id when the catalog lists it; any other string a client sent as a model
+    is its text, which may be anything (a prompt pasted by mistake), so it is not logged."""
+    if chat is None:
+        return None
+    return flow.metadata.get(LISTED_MODEL, "unlisted")
 
 
 def _decision(flow: http.HTTPFlow) -> str | None:

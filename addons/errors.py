@@ -73,7 +73,10 @@ class GatewayError(Exception):
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> http.Response:
-    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # A message may echo a client's key or field name, which may hold a lone surrogate (valid
+    # as a JSON escape, not as UTF-8): written back as the escape it came in as, never a 500.
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    data = text.encode("utf-8", "backslashreplace")
     hdrs = {"content-type": "application/json", **(headers or {})}
     return http.Response.make(status, data, hdrs)
 

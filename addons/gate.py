@@ -21,6 +21,8 @@ from catalog.store import suggest
 # prompt with more than 8 bytes per token of headroom short is clearly too long.
 CONTEXT_BYTES_PER_TOKEN_MAX = 8
 
+LISTED_MODEL = "teegate.listed_model"
+
 
 class Gate:
     def __init__(self, catalog: CatalogSync) -> None:
@@ -32,7 +34,7 @@ class Gate:
             return
         req: ChatRequest = flow.metadata["teegate.chat"]
         try:
-            model = await self._lookup(req.model)
+            model = await self._lookup(flow, req.model)
             check_capabilities(req, model)
         except GatewayError as e:
             refuse(flow, e)
@@ -40,8 +42,10 @@ class Gate:
         flow.metadata["teegate.model"] = model
         passed(flow, "gate")
 
-    async def _lookup(self, model_id: str) -> CatalogModel:
+    async def _lookup(self, flow: http.HTTPFlow, model_id: str) -> CatalogModel:
         snap = await self._sync.loaded()
+        if model_id in snap.models or model_id in snap.non_confidential:
+            flow.metadata[LISTED_MODEL] = model_id  # a catalog id, not client text: loggable
         model = snap.models.get(model_id)
         if model is None:
             raise not_confidential(model_id, suggest(model_id, snap.models))

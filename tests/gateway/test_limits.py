@@ -195,9 +195,10 @@ def test_bad_or_unknown_encodings_are_refused(gateway, upstream, encoding, data,
 
 
 def _nested(depth: int) -> bytes:
+    """A chat body nesting ``depth`` levels below its top object (in an allow-listed field)."""
     body = _chat_body()
-    inner = b"[" * depth + b"]" * depth
-    return body[:-1] + b', "metadata": ' + inner + b"}"
+    inner = b"[" * (depth - 1) + b"]" * (depth - 1)
+    return body[:-1] + b', "chat_template_kwargs": {"x": ' + inner + b"}}"
 
 
 @pytest.mark.parametrize(
@@ -213,6 +214,8 @@ def _nested(depth: int) -> bytes:
         (_chat_body()[:-1] + b', "seed": 9223372036854775808}', None),
         (_chat_body()[:-1] + b', "max_tokens": -' + b"1" * 30 + b"}", None),
         (_chat_body()[:-1] + b', "temperature": NaN}', None),
+        # a repeated key is refused naming it, and this one is a lone surrogate (not UTF-8)
+        (_chat_body()[:-1] + b', "\\ud83d": 1, "\\ud83d": 2}', "\ud83d"),
     ],
     ids=[
         "depth-65",
@@ -225,6 +228,7 @@ def _nested(depth: int) -> bytes:
         "int64-overflow",
         "huge-negative",
         "nan",
+        "repeated-surrogate-key",
     ],
 )
 def test_odd_json_is_a_400(gateway, upstream, body, param):
