@@ -1,9 +1,9 @@
 """What goes upstream is built, never passed through: proven at a recording upstream.
 
-A real gateway talks to a recording pass-through process (method, raw target, headers, body of
-every request it sees) in front of the real sandbox. Refused requests must leave no record there;
-accepted ones must arrive as exactly ``POST /v1/chat/completions`` with an allow-listed body
-holding the one paid output budget. Answers naming another model are never relayed.
+A real gateway in front of the real sandbox, which records the method, raw target, headers and
+body of every request it receives (sandbox/recording.py). Refused requests must leave no record
+there; accepted ones must arrive as exactly ``POST /v1/chat/completions`` with an allow-listed
+body holding the one paid output budget. Answers naming another model are never relayed.
 """
 
 from __future__ import annotations
@@ -23,29 +23,37 @@ from tests.billing.conftest import usage_row
 from tests.gateway.conftest import TEE, sdk
 from tests.support.accounts import balance_micro
 from tests.support.gateway_proc import GatewayProc, start_gateway
-from tests.support.recorder import Recorder, start_recorder
 from tests.support.sandbox_proc import SandboxProc
 
 MSG = [{"role": "user", "content": "hi"}]
 OPERATOR_FIELD = "x_operator_hint"
 
 
-@pytest.fixture(scope="module")
-def recorder(upstream: SandboxProc) -> Iterator[Recorder]:
-    with start_recorder(upstream.base_url) as rec:
-        yield rec
+class Recorded:
+    """What reached the upstream, as the sandbox recorded it (cleared with it before each test)."""
+
+    def __init__(self, upstream: SandboxProc) -> None:
+        self._upstream = upstream
+
+    def chats(self) -> list[dict]:
+        """Records that reached the chat endpoint, however spelled."""
+        return [
+            {**r, "query": r["query"] or "", "body": r["body_text"]}
+            for r in self._upstream.requests()
+            if "chat" in r["target"]
+        ]
+
+
+@pytest.fixture
+def recorder(upstream: SandboxProc) -> Recorded:
+    return Recorded(upstream)
 
 
 @pytest.fixture(scope="module")
-def gateway(recorder: Recorder) -> Iterator[GatewayProc]:
+def gateway(upstream: SandboxProc) -> Iterator[GatewayProc]:
     extra = f'request.extra_fields = ["{OPERATOR_FIELD}", "top_k"]\n'
-    with start_gateway(recorder.base_url, extra_toml=extra) as gw:
+    with start_gateway(upstream.base_url, extra_toml=extra) as gw:
         yield gw
-
-
-@pytest.fixture(autouse=True)
-def _fresh_recorder(recorder: Recorder) -> None:
-    recorder.reset()
 
 
 def _post(http: httpx.Client, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
