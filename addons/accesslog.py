@@ -14,10 +14,9 @@ import time
 
 import structlog
 from mitmproxy import http
-
-from addons.errors import error_category
-from addons.gate import LISTED_MODEL
-from addons.headers import add_headers
+from teegate.addons.errors import error_category
+from teegate.addons.gate import LISTED_MODEL
+from teegate.addons.headers import add_headers
 
 log = structlog.get_logger("teegate.access")
 

@@ -21,10 +21,9 @@ import httpx
 import structlog
 from mitmproxy import ctx, exceptions
 from pydantic import ValidationError
-
-from addons.catalogsync import CatalogSync
-from catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
-from catalog.store import Snapshot
+from teegate.addons.catalogsync import CatalogSync
+from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
+from teegate.catalog.store import Snapshot
 
 log = structlog.get_logger("teegate.attestation")
 

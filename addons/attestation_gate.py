@@ -17,13 +17,12 @@ these names, and gives every other response the mode (:func:`response_headers`).
 from __future__ import annotations
 
 from mitmproxy import http
-
-from addons.attestation import AttestationSync
-from addons.errors import guarded, refuse
-from addons.gate import not_confidential
-from addons.headers import ResponseHeaders, add_headers
-from addons.stages import has_passed, is_chat, passed
-from catalog.attestation import Verdict
+from teegate.addons.attestation import AttestationSync
+from teegate.addons.errors import guarded, refuse
+from teegate.addons.gate import not_confidential
+from teegate.addons.headers import ResponseHeaders, add_headers
+from teegate.addons.stages import has_passed, is_chat, passed
+from teegate.catalog.attestation import Verdict
 
 MODE = "x-teegate-attestation-mode"
 ATTESTED_AT = "x-teegate-attested-at"

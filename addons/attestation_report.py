@@ -20,11 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 from mitmproxy import http
-
-from addons.attestation import AttestationSync
-from addons.catalogsync import CatalogSync
-from addons.errors import GatewayError, guarded, json_response, refuse
-from catalog.attestation import Verdict
+from teegate.addons.attestation import AttestationSync
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.catalog.attestation import Verdict
 
 REPORT_PATH = "/v1/attestation/report"
 FIRST_VERDICT_WAIT_S = 5.0

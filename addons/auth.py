@@ -8,10 +8,9 @@ not in the error message, not in the access log.
 from __future__ import annotations
 
 from mitmproxy import http
-
-from addons.errors import GatewayError, guarded, refuse
-from addons.ledgerlink import LedgerLink
-from addons.stages import passed
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.stages import passed
 
 KEY = "teegate.key"
 

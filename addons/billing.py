@@ -8,9 +8,9 @@ cannot cover it gets ``402 insufficient_balance`` and nothing goes upstream.
 Response: settle from the upstream's ``usage`` at the prices captured at
 reservation; without usage (upstream omitted it, dropped the stream, or the
 client left), from the bytes of generated text, converted by
-:func:`ledger.tokens_from_bytes`. Usage priced above the reservation is
+:func:`teegate.ledger.tokens_from_bytes`. Usage priced above the reservation is
 charged only up to the account's balance, the rest recorded as unrecovered
-(:mod:`ledger.ledger`, "Settlement policy"): no balance goes below zero.
+(:mod:`teegate.ledger.ledger`, "Settlement policy"): no balance goes below zero.
 
 No response headers (the error hook without ``flow.response``):
 
@@ -20,7 +20,7 @@ No response headers (the error hook without ``flow.response``):
   ``server_conn`` was never set up (connection refused, unreachable, TLS
   failure, client gone while connecting) -- is released;
 * otherwise the request was sent and may have run (the client disconnected,
-  or :mod:`addons.deadline` gave up with 504): with ``billing.unanswered =
+  or :mod:`teegate.addons.deadline` gave up with 504): with ``billing.unanswered =
   "hold"`` (the default) it is settled at its full reservation, the rule
   crash recovery applies; with ``"release"`` it is released.
 
@@ -38,16 +38,15 @@ from typing import Any, Literal
 
 import structlog
 from mitmproxy import http
-
-from addons.auth import KEY
-from addons.deadline import TIMED_OUT
-from addons.errors import GatewayError, guarded, refuse
-from addons.ledgerlink import LedgerLink
-from addons.schema import ChatRequest
-from addons.stages import has_passed, is_chat, passed
-from addons.streaming import TALLY, StreamTally, generated_bytes
-from catalog.models import CatalogModel
-from ledger import (
+from teegate.addons.auth import KEY
+from teegate.addons.deadline import TIMED_OUT
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.schema import ChatRequest
+from teegate.addons.stages import has_passed, is_chat, passed
+from teegate.addons.streaming import TALLY, StreamTally, generated_bytes
+from teegate.catalog.models import CatalogModel
+from teegate.ledger import (
     InsufficientBalance,
     LedgerError,
     Prices,
@@ -57,7 +56,7 @@ from ledger import (
     reservation_micro,
     tokens_from_bytes,
 )
-from ledger.money import format_usd
+from teegate.ledger.money import format_usd
 
 log = structlog.get_logger("teegate.billing")
 

@@ -11,10 +11,9 @@ from decimal import Decimal, InvalidOperation
 
 import structlog
 from mitmproxy import ctx, exceptions
-
-from addons.errors import GatewayError
-from catalog.store import Catalog, CatalogUnavailable, Snapshot
-from catalog.upstream import UpstreamCatalogClient
+from teegate.addons.errors import GatewayError
+from teegate.catalog.store import Catalog, CatalogUnavailable, Snapshot
+from teegate.catalog.upstream import UpstreamCatalogClient
 
 log = structlog.get_logger("teegate.catalog")
 

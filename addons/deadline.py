@@ -7,7 +7,7 @@ client gets ``504 upstream_timeout`` instead of waiting forever. For any
 upstream failure it picks the JSON envelope of the error page mitmproxy then
 writes (``502 upstream_unreachable`` otherwise).
 
-A timed-out request was sent and may have run: :mod:`addons.billing` settles
+A timed-out request was sent and may have run: :mod:`teegate.addons.billing` settles
 it at its reservation (``billing.unanswered``, default "hold"), reading
 ``TIMED_OUT`` only to name the reason.
 """
@@ -18,8 +18,7 @@ import asyncio
 
 import structlog
 from mitmproxy import ctx, exceptions, http
-
-from addons.errors import GatewayError, next_error_page
+from teegate.addons.errors import GatewayError, next_error_page
 
 log = structlog.get_logger("teegate")
 

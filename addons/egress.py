@@ -17,7 +17,7 @@ decision is made here, per connection and per mode:
 * Neither TLS nor HTTP (``next_layer``): raw TCP to a listed host is parsed as HTTP
   instead of relayed, so it is refused too; raw TCP elsewhere is relayed.
 
-Destinations are matched on what they are (:func:`addons.egress_hosts.canonical_host`):
+Destinations are matched on what they are (:func:`teegate.egress.hosts.canonical_host`):
 ``127.1``, ``2130706433`` or ``[::ffff:127.0.0.1]`` are the upstream at 127.0.0.1, and
 so is any name that resolves to the upstream's address, on its port. Names are resolved
 here, off the event loop (``loop.getaddrinfo``), only when the spelling alone would let
@@ -46,8 +46,8 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
-
-from addons.egress_hosts import (
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.egress.hosts import (
     DEFAULT_LLM_HOSTS,
     Decision,
     EgressPolicy,
@@ -56,7 +56,6 @@ from addons.egress_hosts import (
     canonical_host,
     ip_literal,
 )
-from addons.errors import GatewayError, guarded, refuse
 
 log = structlog.get_logger("teegate.access")
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.addons.proxyauth import parse_http_basic_auth
-
-from addons.egress import is_egress
-from addons.errors import GatewayError, guarded, refuse
-from addons.ledgerlink import LedgerLink
+from teegate.addons.egress import is_egress
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.ledgerlink import LedgerLink
 
 REALM = 'Basic realm="teegate egress"'
 

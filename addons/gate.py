@@ -8,13 +8,12 @@ Every refusal happens here, locally, before anything is sent upstream.
 from __future__ import annotations
 
 from mitmproxy import http
-
-from addons.catalogsync import CatalogSync
-from addons.errors import GatewayError, guarded, refuse
-from addons.schema import ChatRequest
-from addons.stages import is_chat, passed
-from catalog.models import CatalogModel
-from catalog.store import suggest
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.schema import ChatRequest
+from teegate.addons.stages import is_chat, passed
+from teegate.catalog.models import CatalogModel
+from teegate.catalog.store import suggest
 
 # Bytes of text per token used for the *lower* bound of a prompt's size: real
 # tokenizers average ~4 bytes per token on English and fewer elsewhere, so a

@@ -1,4 +1,4 @@
-"""The one :class:`ledger.Ledger` the request path shares.
+"""The one :class:`teegate.ledger.Ledger` the request path shares.
 
 The ledger is opened before the proxy starts listening (so a locked or too-new
 database stops the start) and closed after it stops (so every queued
@@ -7,7 +7,7 @@ settlement is committed); addons only hold this link to it.
 
 from __future__ import annotations
 
-from ledger import Ledger
+from teegate.ledger import Ledger
 
 
 class LedgerLink:

@@ -30,8 +30,7 @@ import asyncio
 import gc
 
 from mitmproxy import http
-
-from addons.errors import GatewayError, guarded, refuse
+from teegate.addons.errors import GatewayError, guarded, refuse
 
 MAX_HEADER_FIELDS = 100
 _CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import cachetools
 from mitmproxy import ctx, exceptions, http
-
-from addons.auth import KEY
-from addons.errors import GatewayError, guarded, refuse
-from addons.headers import add_headers
-from addons.stages import passed
+from teegate.addons.auth import KEY
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.headers import add_headers
+from teegate.addons.stages import passed
 
 WINDOW_S = 60
 

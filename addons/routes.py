@@ -18,11 +18,10 @@ import re
 from urllib.parse import parse_qsl, unquote
 
 from mitmproxy import http
-
-from addons.attestation import AttestationSync
-from addons.catalogsync import CatalogSync
-from addons.errors import GatewayError, guarded, json_response, refuse
-from catalog.models import CatalogModel, micro_to_usd
+from teegate.addons.attestation import AttestationSync
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.catalog.models import CatalogModel, micro_to_usd
 
 CHAT_PATH = "/v1/chat/completions"
 

@@ -23,8 +23,7 @@ from itertools import accumulate
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
-
-from addons.errors import GatewayError
+from teegate.addons.errors import GatewayError
 
 MAX_N = 128
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mitmproxy import http
-
-from addons.stages import STAGES
+from teegate.addons.stages import STAGES
 
 _FALLBACK = http.Response.make(
     500,

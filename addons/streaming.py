@@ -28,10 +28,9 @@ from typing import Any
 
 import structlog
 from mitmproxy import http
-
-from addons.errors import guarded
-from addons.sse import Event, SSESplitter
-from addons.upstream import UPSTREAM_MODEL, log_mismatch, model_mismatch
+from teegate.addons.errors import guarded
+from teegate.addons.sse import Event, SSESplitter
+from teegate.addons.upstream import UPSTREAM_MODEL, log_mismatch, model_mismatch
 
 log = structlog.get_logger("teegate")
 

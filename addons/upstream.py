@@ -20,11 +20,10 @@ from urllib.parse import urlsplit
 
 import structlog
 from mitmproxy import ctx, exceptions, http
-
-from addons.errors import GatewayError, guarded
-from addons.routes import CHAT_PATH
-from addons.schema import ChatRequest
-from addons.stages import has_passed, is_chat, passed
+from teegate.addons.errors import GatewayError, guarded
+from teegate.addons.routes import CHAT_PATH
+from teegate.addons.schema import ChatRequest
+from teegate.addons.stages import has_passed, is_chat, passed
 
 log = structlog.get_logger("teegate")
 

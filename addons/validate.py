@@ -12,10 +12,9 @@ from __future__ import annotations
 import zlib
 
 from mitmproxy import ctx, exceptions, http
-
-from addons.errors import GatewayError, guarded, refuse
-from addons.schema import MAX_JSON_DEPTH, parse_chat_request
-from addons.stages import is_chat, passed
+from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.schema import MAX_JSON_DEPTH, parse_chat_request
+from teegate.addons.stages import is_chat, passed
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
 _PIECE = 256 * 1024

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ledger import Ledger, Prices
+from teegate.ledger import Ledger, Prices
 
 PRICES = Prices(280_000, 420_000)
 

@@ -2,18 +2,18 @@
 
 The request path (the addons) uses :class:`Ledger`; operators use the
 ``teegate accounts|keys|usage|ledger`` commands, which share :class:`Store`.
-All amounts are integer micro-USD. See :mod:`ledger.ledger` for the
-durability promise and :mod:`ledger.billing` for the arithmetic.
+All amounts are integer micro-USD. See :mod:`teegate.ledger.ledger` for the
+durability promise and :mod:`teegate.ledger.billing` for the arithmetic.
 """
 
-from ledger.billing import (
+from teegate.ledger.billing import (
     Prices,
     charge_micro,
     estimate_prompt_tokens,
     reservation_micro,
     tokens_from_bytes,
 )
-from ledger.errors import (
+from teegate.ledger.errors import (
     InsufficientBalance,
     InvalidInput,
     LedgerError,
@@ -24,8 +24,8 @@ from ledger.errors import (
     UnknownAccount,
     UnknownKey,
 )
-from ledger.ledger import Ledger
-from ledger.models import (
+from teegate.ledger.ledger import Ledger
+from teegate.ledger.models import (
     Account,
     ApiKey,
     KeyInfo,
@@ -37,8 +37,8 @@ from ledger.models import (
     UsageGroup,
     VerifyReport,
 )
-from ledger.money import InvalidAmount, format_usd, parse_usd
-from ledger.store import Store
+from teegate.ledger.money import InvalidAmount, format_usd, parse_usd
+from teegate.ledger.store import Store
 
 __all__ = [
     "Account",

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ledger.money import parse_usd
+from teegate.ledger.money import parse_usd
 
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
 
@@ -143,7 +143,7 @@ def estimate_prompt_tokens(request_body: dict[str, Any]) -> int:
     Limits. This is an estimate for *holding* money, not a tokenizer:
     adversarial input (e.g. long runs of rare emoji) can exceed it. That only
     means the settled charge -- always the upstream's reported usage -- exceeds
-    the reservation; see :meth:`ledger.Ledger.settle`. It is deliberately
+    the reservation; see :meth:`teegate.ledger.Ledger.settle`. It is deliberately
     pessimistic (about 2x for English), which only affects how much balance a
     request must have available, never what it is charged.
     """

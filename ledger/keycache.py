@@ -4,14 +4,13 @@ Only *active* keys are cached (a miss falls through to one indexed lookup, so
 a key created a moment ago by the operator works at once). Entries leave the
 cache when this process revokes a key, and the whole cache is dropped when
 another process (the operator's command line) commits anything; see
-:class:`ledger.ledger.Ledger` for the bound that gives.
+:class:`teegate.ledger.ledger.Ledger` for the bound that gives.
 """
 
 from __future__ import annotations
 
 from cachetools import LRUCache
-
-from ledger.models import ApiKey
+from teegate.ledger.models import ApiKey
 
 MAX_CACHED_KEYS = 100_000
 

@@ -23,7 +23,7 @@ Durability promise
    :meth:`Ledger.reserve` returns only after the reservation's entry is in a
    committed transaction (``synchronous=FULL``: fsynced, so it survives power
    loss as well as a crash). Concurrent reservations share one commit (group
-   commit, :mod:`ledger.writer`), so the cost is amortised, not skipped.
+   commit, :mod:`teegate.ledger.writer`), so the cost is amortised, not skipped.
 2. **Settlements and releases are queued** and committed with the next
    reservation's batch, or on their own after ``settle_linger_ms`` (default
    50 ms) if no reservation comes first. The caller does not wait;
@@ -39,10 +39,10 @@ Durability promise
    every queued settlement; reservations still open then (requests in
    flight at shutdown) are treated like a crash's at the next start.
 
-Balance checks happen in memory (:mod:`ledger.balances`) with no ``await``
+Balance checks happen in memory (:mod:`teegate.ledger.balances`) with no ``await``
 between check and debit, so N concurrent reservations can never together
 exceed the available balance. Only one process may serve from a database at
-a time (:mod:`ledger.lockfile`); the operator's command line may still top up,
+a time (:mod:`teegate.ledger.lockfile`); the operator's command line may still top up,
 create and revoke keys meanwhile. Such changes from another process are
 noticed through ``PRAGMA data_version`` every ``refresh_ms`` (default 1 s):
 **a top-up becomes spendable, and a revocation takes effect, within
@@ -60,7 +60,7 @@ warning level (``ledger.charge_above_reservation``: request id, model and
 amounts). ``usage.charge_micro`` is always what was taken from the balance.
 
 Which flows are settled at their full reservation without usage (an upstream
-that never answered) is the request path's decision; see :mod:`addons.billing`.
+that never answered) is the request path's decision; see :mod:`teegate.addons.billing`.
 """
 
 from __future__ import annotations
@@ -71,15 +71,26 @@ from pathlib import Path
 from typing import Any, Self
 
 import structlog
-
-from ledger import inputs
-from ledger.balances import Balances
-from ledger.billing import Prices, charge_micro
-from ledger.errors import InsufficientBalance, LedgerError, LedgerUnavailable, UnknownAccount
-from ledger.keycache import KeyCache
-from ledger.keys import DEFAULT_PREFIX, check_prefix, hash_key, new_key, plausible, same_hash
-from ledger.lockfile import WriterLock
-from ledger.models import (
+from teegate.ledger import inputs
+from teegate.ledger.balances import Balances
+from teegate.ledger.billing import Prices, charge_micro
+from teegate.ledger.errors import (
+    InsufficientBalance,
+    LedgerError,
+    LedgerUnavailable,
+    UnknownAccount,
+)
+from teegate.ledger.keycache import KeyCache
+from teegate.ledger.keys import (
+    DEFAULT_PREFIX,
+    check_prefix,
+    hash_key,
+    new_key,
+    plausible,
+    same_hash,
+)
+from teegate.ledger.lockfile import WriterLock
+from teegate.ledger.models import (
     Account,
     ApiKey,
     Recovered,
@@ -89,9 +100,9 @@ from ledger.models import (
     UsageSource,
     VerifyReport,
 )
-from ledger.ops import Finalization, NewReservation
-from ledger.store import Store, now_ms
-from ledger.writer import GroupCommitter
+from teegate.ledger.ops import Finalization, NewReservation
+from teegate.ledger.store import Store, now_ms
+from teegate.ledger.writer import GroupCommitter
 
 log = structlog.get_logger("teegate.ledger")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from ledger.errors import LedgerLocked
+from teegate.ledger.errors import LedgerLocked
 
 
 class WriterLock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ledger.billing import Prices
+from teegate.ledger.billing import Prices
 
 UsageSource = Literal["usage", "bytes", "recovered"]
 EntryKind = Literal["topup", "reservation", "settlement", "release", "refund"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ledger.billing import Prices
-from ledger.models import Timing, UsageSource
+from teegate.ledger.billing import Prices
+from teegate.ledger.models import Timing, UsageSource
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 :class:`Store` keeps no state beyond its connection: it is what the command
 line uses directly (admin writes are safe alongside a running proxy, see
-:mod:`ledger.ledger`) and what :class:`~ledger.ledger.Ledger` drives for the
+:mod:`teegate.ledger.ledger`) and what :class:`~ledger.ledger.Ledger` drives for the
 request path. Every write happens in an explicit ``BEGIN IMMEDIATE``
 transaction that inserts entries and adjusts the cached balance together.
 """
@@ -20,11 +20,10 @@ from typing import Any
 
 import aiosqlite
 import structlog
-
-from ledger import dbthread, inputs
-from ledger.dbthread import run_on_connection
-from ledger.errors import InvalidInput, LedgerNotFound, UnknownAccount, UnknownKey
-from ledger.models import (
+from teegate.ledger import dbthread, inputs
+from teegate.ledger.dbthread import run_on_connection
+from teegate.ledger.errors import InvalidInput, LedgerNotFound, UnknownAccount, UnknownKey
+from teegate.ledger.models import (
     Account,
     ApiKey,
     KeyInfo,
@@ -34,8 +33,8 @@ from ledger.models import (
     UsageGroup,
     VerifyReport,
 )
-from ledger.ops import Finalization, NewReservation, Shortfall
-from ledger.schema import configure, migrate
+from teegate.ledger.ops import Finalization, NewReservation, Shortfall
+from teegate.ledger.schema import configure, migrate
 
 log = structlog.get_logger("teegate.ledger")
 
@@ -263,7 +262,7 @@ class Store:
         lock, so they include other processes' committed top-ups).
 
         The whole transaction runs as one call on the connection's thread
-        (:mod:`ledger.dbthread`): one hand-off per batch instead of one per
+        (:mod:`teegate.ledger.dbthread`): one hand-off per batch instead of one per
         statement, which is most of the request path's ledger CPU.
         ``on_commit(result)`` is called on that thread right after COMMIT
         (for a thread-safe early notification; anything it raises is ignored,

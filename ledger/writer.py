@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-
-from ledger.balances import Balances
-from ledger.errors import LedgerUnavailable
-from ledger.ops import Finalization, NewReservation
-from ledger.store import Store
+from teegate.ledger.balances import Balances
+from teegate.ledger.errors import LedgerUnavailable
+from teegate.ledger.ops import Finalization, NewReservation
+from teegate.ledger.store import Store
 
 log = structlog.get_logger("teegate.ledger")
 

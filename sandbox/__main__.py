@@ -1,7 +1,7 @@
-"""``python -m sandbox``: run the simulated upstream (see ``--help``)."""
+"""``python -m teegate.sandbox``: run the simulated upstream (see ``--help``)."""
 
 import sys
 
-from sandbox.server import main
+from teegate.sandbox.server import main
 
 sys.exit(main())

@@ -11,14 +11,13 @@ import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-
-from sandbox import control, evidence
-from sandbox.behaviour import Behaviour
-from sandbox.catalog_rows import load_rows
-from sandbox.chat import ChatCompletions
-from sandbox.errors import error_response
-from sandbox.options import Options
-from sandbox.state import SandboxState
+from teegate.sandbox import control, evidence
+from teegate.sandbox.behaviour import Behaviour
+from teegate.sandbox.catalog_rows import load_rows
+from teegate.sandbox.chat import ChatCompletions
+from teegate.sandbox.errors import error_response
+from teegate.sandbox.options import Options
+from teegate.sandbox.state import SandboxState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTROL_PREFIX = "/_sandbox/"

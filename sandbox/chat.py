@@ -8,11 +8,16 @@ import time
 from typing import Any
 
 from aiohttp import web
-
-from sandbox.answers import Answer, BadRequest, count_prompt_tokens, plan_answer, validate_messages
-from sandbox.errors import error_response
-from sandbox.state import SandboxState
-from sandbox.streaming import ChunkStream
+from teegate.sandbox.answers import (
+    Answer,
+    BadRequest,
+    count_prompt_tokens,
+    plan_answer,
+    validate_messages,
+)
+from teegate.sandbox.errors import error_response
+from teegate.sandbox.state import SandboxState
+from teegate.sandbox.streaming import ChunkStream
 
 
 def _usage(

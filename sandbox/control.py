@@ -7,9 +7,8 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
-
-from sandbox.errors import error_response
-from sandbox.state import SandboxState
+from teegate.sandbox.errors import error_response
+from teegate.sandbox.state import SandboxState
 
 
 def _json(payload: Any) -> web.Response:

@@ -1,4 +1,4 @@
-"""Command-line options of ``python -m sandbox``."""
+"""Command-line options of ``python -m teegate.sandbox``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.catalog_rows import DEFAULT_MODELS_PATH
+from teegate.sandbox.catalog_rows import DEFAULT_MODELS_PATH
 
 DEFAULT_API_KEY = "sandbox-upstream-key"
 
@@ -42,7 +42,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sandbox",
+        prog="python -m teegate.sandbox",
         description="Simulated confidential OpenAI-compatible upstream, for tests and benchmarks.",
     )
     p.add_argument("--host", default="127.0.0.1")

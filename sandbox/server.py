@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-
-from sandbox.app import make_app
-from sandbox.options import Options, parse_options
+from teegate.sandbox.app import make_app
+from teegate.sandbox.options import Options, parse_options
 
 SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -43,7 +42,10 @@ def write_ready_file(path: Path, url: str, port: int) -> None:
 async def serve(options: Options) -> None:
     ssl_ctx = None
     if options.tls_dir is not None:
-        from sandbox.tls import ensure_tls_files, server_context  # cryptography only when needed
+        from teegate.sandbox.tls import (  # cryptography only when needed
+            ensure_tls_files,
+            server_context,
+        )
 
         ssl_ctx = server_context(ensure_tls_files(options.tls_dir, options.tls_hostnames))
     app = make_app(options)

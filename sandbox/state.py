@@ -11,9 +11,9 @@ import json
 from collections import Counter, deque
 from typing import Any
 
-from sandbox.behaviour import Behaviour
-from sandbox.catalog_rows import malformed_rows
-from sandbox.recording import RequestLog
+from teegate.sandbox.behaviour import Behaviour
+from teegate.sandbox.catalog_rows import malformed_rows
+from teegate.sandbox.recording import RequestLog
 
 CHAT_LOG_SIZE = 200
 

@@ -11,9 +11,8 @@ import json
 from typing import Any
 
 from aiohttp import web
-
-from sandbox.answers import Answer
-from sandbox.behaviour import Behaviour
+from teegate.sandbox.answers import Answer
+from teegate.sandbox.behaviour import Behaviour
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -1,4 +1,4 @@
-"""The ``[attestation]`` table of ``proxy.toml``: :class:`catalog.attestation.Policy` as is.
+"""The ``[attestation]`` table of ``proxy.toml``: :class:`teegate.catalog.attestation.Policy` as is.
 
 Only what a config file adds is here: a relative ``test_root_ca`` is resolved beside the file
 (as ``teegate attest --policy`` does), and the file is checked to be a DER certificate at
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from catalog.attestation import Policy
+from teegate.catalog.attestation import Policy
 
 
 def resolve(policy: Policy, folder: Path) -> Policy:

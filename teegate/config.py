@@ -27,10 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-from addons.egress_hosts import DEFAULT_LLM_HOSTS, HostPattern
-from addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
-from catalog.attestation import Policy
 from teegate import attestation_settings
+from teegate.addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
+from teegate.catalog.attestation import Policy
+from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
 
 
 class _Section(BaseModel):
@@ -151,7 +151,7 @@ class EgressSettings(_Section):
     """Holds the gateway's CA (created on first start); ``teegate ca path`` prints it."""
     llm_hosts: list[str] = Field(default_factory=lambda: list(DEFAULT_LLM_HOSTS))
     """Hosts whose TLS is intercepted and whose requests are refused (replaces the shipped
-    list, ``addons/llm_hosts.txt``). Globs must keep a whole-label suffix after their last
+    list, ``egress/llm_hosts.txt``). Globs must keep a whole-label suffix after their last
     ``*`` (``*.example.com``, ``api-*.example.com``) so the CA's name constraints cover them."""
     extra_llm_hosts: list[str] = []
     """Added to ``llm_hosts`` (keeps the shipped list)."""

@@ -40,7 +40,7 @@ from mitmproxy.proxy import commands, events, mode_specs
 from mitmproxy.proxy.layers.http import HttpStream, RequestEndOfMessage, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
-from addons.errors import error_category
+from teegate.addons.errors import error_category
 
 
 class GatewayMaster(master.Master):
@@ -73,7 +73,7 @@ class TlsConfig(tlsconfig.TlsConfig):
 
     For a client that sends no SNI (it connected to an address), mitmproxy also names the
     address the client reached the proxy on. The egress CA permits only the intercepted
-    hosts (addons/egress_ca.py), so that extra name would make clients reject the
+    hosts (egress/ca.py), so that extra name would make clients reject the
     certificate; the CONNECT target is named instead.
     """
 

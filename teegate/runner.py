@@ -11,29 +11,29 @@ from urllib.parse import urlsplit
 
 from mitmproxy import ctx, options
 
-from addons.accesslog import AccessLog
-from addons.attestation import AttestationSync
-from addons.attestation_gate import AttestationGate, response_headers
-from addons.attestation_report import AttestationReport
-from addons.auth import Auth
-from addons.billing import Billing
-from addons.catalogsync import CatalogSync
-from addons.deadline import UpstreamDeadline
-from addons.egress import Egress
-from addons.egress_auth import EgressAuth
-from addons.egress_ca import CAError, ensure_ca
-from addons.errors import html_free_error_pages
-from addons.gate import Gate
-from addons.ledgerlink import LedgerLink
-from addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
-from addons.ratelimit import RateLimit
-from addons.routes import Router
-from addons.seal import Seal
-from addons.streaming import StreamRelay
-from addons.upstream import AnswerModelCheck, UpstreamRewrite
-from addons.validate import ChatValidator
-from ledger import Ledger, LedgerError
+from teegate.addons.accesslog import AccessLog
+from teegate.addons.attestation import AttestationSync
+from teegate.addons.attestation_gate import AttestationGate, response_headers
+from teegate.addons.attestation_report import AttestationReport
+from teegate.addons.auth import Auth
+from teegate.addons.billing import Billing
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.deadline import UpstreamDeadline
+from teegate.addons.egress import Egress
+from teegate.addons.egress_auth import EgressAuth
+from teegate.addons.errors import html_free_error_pages
+from teegate.addons.gate import Gate
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
+from teegate.addons.ratelimit import RateLimit
+from teegate.addons.routes import Router
+from teegate.addons.seal import Seal
+from teegate.addons.streaming import StreamRelay
+from teegate.addons.upstream import AnswerModelCheck, UpstreamRewrite
+from teegate.addons.validate import ChatValidator
 from teegate.config import Settings
+from teegate.egress.ca import CAError, ensure_ca
+from teegate.ledger import Ledger, LedgerError
 from teegate.master import GatewayMaster
 
 # Every one of these must approve a chat completion before Seal lets it leave.

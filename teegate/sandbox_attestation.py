@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from catalog.attestation import Policy
+from teegate.catalog.attestation import Policy
 
 ROOT_PATH = "/_sandbox/evidence/root_ca.der"
 ROOT_FILE = "sandbox-test-root-ca.der"

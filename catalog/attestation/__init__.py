@@ -23,14 +23,18 @@ ships collateral inside its evidence; that is used only while ``test_root_ca`` i
 upstreams ship none, and collateral then comes from ``pccs_url`` (cached until nextUpdate).
 """
 
-from catalog.attestation.collateral import CollateralCache, collateral_window, load_collateral
-from catalog.attestation.evidence import EvidenceError, NodeEvidence
-from catalog.attestation.near_ai import NearAiSource, parse_near_ai
-from catalog.attestation.policy import Policy, load_policy
-from catalog.attestation.service import AttestationService
-from catalog.attestation.source import EvidenceFetchError, EvidenceSource
-from catalog.attestation.verdict import Verdict
-from catalog.attestation.verifier import verify_evidence
+from teegate.catalog.attestation.collateral import (
+    CollateralCache,
+    collateral_window,
+    load_collateral,
+)
+from teegate.catalog.attestation.evidence import EvidenceError, NodeEvidence
+from teegate.catalog.attestation.near_ai import NearAiSource, parse_near_ai
+from teegate.catalog.attestation.policy import Policy, load_policy
+from teegate.catalog.attestation.service import AttestationService
+from teegate.catalog.attestation.source import EvidenceFetchError, EvidenceSource
+from teegate.catalog.attestation.verdict import Verdict
+from teegate.catalog.attestation.verifier import verify_evidence
 
 __all__ = [
     "AttestationService",

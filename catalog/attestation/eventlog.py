@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from catalog.attestation.evidence import EvidenceError, hex_bytes
+from teegate.catalog.attestation.evidence import EvidenceError, hex_bytes
 
 RTMR_COUNT = 4
 DSTACK_RUNTIME_EVENT = 0x08000001

@@ -17,9 +17,8 @@ import json
 from typing import Any
 
 import httpx
-
-from catalog.attestation.evidence import EvidenceError, NodeEvidence, hex_bytes
-from catalog.attestation.source import EvidenceFetchError
+from teegate.catalog.attestation.evidence import EvidenceError, NodeEvidence, hex_bytes
+from teegate.catalog.attestation.source import EvidenceFetchError
 
 MAX_EVIDENCE_BYTES = 8 * 1024 * 1024
 

@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
-
-from catalog.attestation.collateral import CollateralCache, CollateralInput
-from catalog.attestation.evidence import EvidenceError
-from catalog.attestation.policy import Policy
-from catalog.attestation.source import EvidenceFetchError, EvidenceSource
-from catalog.attestation.verdict import Verdict
-from catalog.attestation.verifier import verify_evidence
+from teegate.catalog.attestation.collateral import CollateralCache, CollateralInput
+from teegate.catalog.attestation.evidence import EvidenceError
+from teegate.catalog.attestation.policy import Policy
+from teegate.catalog.attestation.source import EvidenceFetchError, EvidenceSource
+from teegate.catalog.attestation.verdict import Verdict
+from teegate.catalog.attestation.verifier import verify_evidence
 
 log = structlog.get_logger("teegate.attestation")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from catalog.attestation.evidence import NodeEvidence
+from teegate.catalog.attestation.evidence import NodeEvidence
 
 
 class EvidenceFetchError(Exception):

@@ -20,14 +20,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dcap_qvl
-
-from catalog.attestation.binding import binds_nonce, binds_signing_key, ethereum_address
-from catalog.attestation.collateral import CollateralInput, collateral_window, load_collateral
-from catalog.attestation.eventlog import replay
-from catalog.attestation.evidence import EvidenceError, EvidenceParser, NodeEvidence
-from catalog.attestation.near_ai import parse_near_ai
-from catalog.attestation.policy import Policy
-from catalog.attestation.verdict import Verdict
+from teegate.catalog.attestation.binding import binds_nonce, binds_signing_key, ethereum_address
+from teegate.catalog.attestation.collateral import (
+    CollateralInput,
+    collateral_window,
+    load_collateral,
+)
+from teegate.catalog.attestation.eventlog import replay
+from teegate.catalog.attestation.evidence import EvidenceError, EvidenceParser, NodeEvidence
+from teegate.catalog.attestation.near_ai import parse_near_ai
+from teegate.catalog.attestation.policy import Policy
+from teegate.catalog.attestation.verdict import Verdict
 
 CollateralLookup = Callable[[bytes], CollateralInput | None]
 

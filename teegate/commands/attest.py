@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from catalog.attestation import (
+from teegate.catalog.attestation import (
     AttestationService,
     NearAiSource,
     Policy,

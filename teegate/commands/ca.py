@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from addons.egress_ca import CAError, ensure_ca
 from teegate import config
+from teegate.egress.ca import CAError, ensure_ca
 from teegate.runner import intercepted_hosts
 
 

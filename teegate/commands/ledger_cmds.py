@@ -1,9 +1,9 @@
 """Operator commands for the ledger: ``accounts``, ``keys``, ``usage``, ``ledger``.
 
-They talk to the database through :class:`ledger.Store` (the same schema,
+They talk to the database through :class:`teegate.ledger.Store` (the same schema,
 migrations and SQL the proxy uses) and are safe to run while the proxy
 serves: top-ups, new keys and revocations reach it within its refresh
-interval (see :mod:`ledger.ledger`). Only ``ledger recover`` needs the proxy
+interval (see :mod:`teegate.ledger.ledger`). Only ``ledger recover`` needs the proxy
 stopped, because it settles open reservations.
 
 Exit codes: 0 success, 1 a failed check or an unavailable ledger, 2 bad input
@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ledger import (
+from teegate.ledger import (
     Ledger,
     LedgerError,
     LedgerLocked,
@@ -39,9 +39,9 @@ from ledger import (
     inputs,
     parse_usd,
 )
-from ledger.errors import InvalidInput
-from ledger.keys import DEFAULT_PREFIX, check_prefix, new_key
-from ledger.money import InvalidAmount
+from teegate.ledger.errors import InvalidInput
+from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix, new_key
+from teegate.ledger.money import InvalidAmount
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DB = "teegate.sqlite3"

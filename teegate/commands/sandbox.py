@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def start_upstream(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", "0", "--api-key", SANDBOX_KEY, *extra],
+        [sys.executable, "-m", "teegate.sandbox", "--port", "0", "--api-key", SANDBOX_KEY, *extra],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -125,8 +125,8 @@ def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:
     """A ledger with a funded demo account and a key (a fresh temporary one by default)."""
     import asyncio
 
-    from ledger import Store
-    from ledger.keys import new_key
+    from teegate.ledger import Store
+    from teegate.ledger.keys import new_key
 
     if db is not None:
         return db, None  # the operator's own ledger: use its keys

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from sandbox.dcap_pki import DcapTestPki
-from sandbox.evidence import EvidenceMinter
+from teegate.sandbox.dcap_pki import DcapTestPki
+from teegate.sandbox.evidence import EvidenceMinter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

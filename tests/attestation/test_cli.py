@@ -10,9 +10,9 @@ from typing import Any
 import dcap_qvl
 import httpx
 import pytest
+from teegate.sandbox.dcap_pki import DcapTestPki
+from teegate.sandbox.evidence import EvidenceMinter
 
-from sandbox.dcap_pki import DcapTestPki
-from sandbox.evidence import EvidenceMinter
 from teegate.cli import main
 from tests.attestation.conftest import NOW, VECTORS, vector
 from tests.support.sandbox_proc import start_sandbox

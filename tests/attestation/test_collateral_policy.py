@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pydantic
 import pytest
-
-from catalog.attestation import (
+from teegate.catalog.attestation import (
     CollateralCache,
     Policy,
     collateral_window,
     load_collateral,
     load_policy,
 )
-from catalog.attestation.policy import INTEL_PCS_URL
-from sandbox.dcap_pki import DcapTestPki, TdMeasurements
+from teegate.catalog.attestation.policy import INTEL_PCS_URL
+from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
+
 from tests.attestation.conftest import NOW
 
 M = TdMeasurements(mrtd=bytes(48), rtmrs=(bytes(48),) * 4)

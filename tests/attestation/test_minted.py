@@ -11,11 +11,11 @@ from typing import Any
 
 import dcap_qvl
 import pytest
+from teegate.catalog.attestation import Policy, verify_evidence
+from teegate.catalog.attestation.binding import ethereum_address, expected_report_data
+from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
+from teegate.sandbox.evidence import SANDBOX_MRTD, EvidenceMinter
 
-from catalog.attestation import Policy, verify_evidence
-from catalog.attestation.binding import ethereum_address, expected_report_data
-from sandbox.dcap_pki import DcapTestPki, TdMeasurements
-from sandbox.evidence import SANDBOX_MRTD, EvidenceMinter
 from tests.attestation.conftest import NOW, REPO_ROOT
 
 MODEL = "test/model-TEE"

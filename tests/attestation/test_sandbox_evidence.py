@@ -1,6 +1,6 @@
 """The sandbox process serves NEAR AI-format evidence the gateway's verifier judges correctly.
 
-A real ``python -m sandbox`` process, reached over HTTP by ``NearAiSource``: each evidence
+A real ``python -m teegate.sandbox`` process, reached over HTTP by ``NearAiSource``: each evidence
 switch must produce its own refusal reason, and valid evidence must verify end to end.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 
-from catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
 

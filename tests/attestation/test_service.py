@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from catalog.attestation import (
+from teegate.catalog.attestation import (
     AttestationService,
     CollateralCache,
     EvidenceFetchError,
@@ -24,8 +23,9 @@ from catalog.attestation import (
     load_collateral,
     parse_near_ai,
 )
-from sandbox.dcap_pki import DcapTestPki
-from sandbox.evidence import EvidenceMinter
+from teegate.sandbox.dcap_pki import DcapTestPki
+from teegate.sandbox.evidence import EvidenceMinter
+
 from tests.attestation.conftest import NOW
 
 A, B = "org/model-a-TEE", "org/model-b-TEE"

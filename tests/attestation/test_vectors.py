@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dcap_qvl
 import pytest
+from teegate.catalog.attestation import Policy, verify_evidence
+from teegate.catalog.attestation.collateral import collateral_window, load_collateral
 
-from catalog.attestation import Policy, verify_evidence
-from catalog.attestation.collateral import collateral_window, load_collateral
 from tests.attestation.conftest import (
     MANIFEST,
     collateral_text,

@@ -15,8 +15,8 @@ import time
 import httpx
 import openai
 import pytest
+from teegate.catalog.attestation import Policy, verify_evidence
 
-from catalog.attestation import Policy, verify_evidence
 from tests.attestation_e2e.conftest import MSG, chat_count, refusal, root_ca, until
 
 VALID = "deepseek-ai/DeepSeek-V3.2-TEE"

@@ -12,10 +12,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
-
-from addons.catalogsync import CatalogSync
-from addons.egress import EGRESS, Egress, Resolver
-from addons.egress_hosts import (
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.egress import EGRESS, Egress, Resolver
+from teegate.addons.seal import Seal
+from teegate.egress.hosts import (
     DEFAULT_LLM_HOSTS,
     EgressPolicy,
     HostPattern,
@@ -23,7 +23,7 @@ from addons.egress_hosts import (
     Verdict,
     canonical_host,
 )
-from addons.seal import Seal
+
 from teegate import config
 from teegate.runner import option_values
 
@@ -119,7 +119,7 @@ def test_the_shipped_list_leaves_their_neighbours_alone(host):
 
 
 def test_the_shipped_list_is_the_data_file_without_comments():
-    text = (Path(__file__).parents[2] / "addons" / "llm_hosts.txt").read_text()
+    text = (Path(__file__).parents[2] / "egress" / "llm_hosts.txt").read_text()
     entries = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert list(DEFAULT_LLM_HOSTS) == entries and len(set(entries)) == len(entries)
 

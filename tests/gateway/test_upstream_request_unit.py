@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
+from teegate.addons.errors import GatewayError
+from teegate.addons.schema import ALLOWED_FIELDS, parse_chat_request
+from teegate.addons.streaming import StreamTally, _Relay
+from teegate.addons.upstream import UPSTREAM_MODEL, AnswerModelCheck
 
-from addons.errors import GatewayError
-from addons.schema import ALLOWED_FIELDS, parse_chat_request
-from addons.streaming import StreamTally, _Relay
-from addons.upstream import UPSTREAM_MODEL, AnswerModelCheck
 from tests.gateway.conftest import TEE
 
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "top_p": 1.0}

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from ledger import ApiKey, Ledger, Prices
+from teegate.ledger import ApiKey, Ledger, Prices
 
 # $1 per 1M input tokens, $2 per 1M output tokens, $0.50 per 1M cached tokens.
 PRICES = Prices(input=1_000_000, output=2_000_000, cache_read=500_000)

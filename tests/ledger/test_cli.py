@@ -11,8 +11,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from teegate.ledger import Ledger, Prices
 
-from ledger import Ledger, Prices
 from teegate.cli import main
 
 PRICES = Prices(1_000_000, 2_000_000)

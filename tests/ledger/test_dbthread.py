@@ -8,10 +8,9 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
-
-from ledger import Store
-from ledger.dbthread import run_on_connection, transaction
-from ledger.ops import NewReservation
+from teegate.ledger import Store
+from teegate.ledger.dbthread import run_on_connection, transaction
+from teegate.ledger.ops import NewReservation
 
 from .conftest import PRICES
 

@@ -32,8 +32,11 @@ import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ledger.billing import BASE_OVERHEAD_TOKENS, TOOLS_OVERHEAD_TOKENS, estimate_prompt_tokens
+from teegate.ledger.billing import (
+    BASE_OVERHEAD_TOKENS,
+    TOOLS_OVERHEAD_TOKENS,
+    estimate_prompt_tokens,
+)
 
 _L = r"[^\W\d_]"  # a Unicode letter
 _PRETOKEN = re.compile(

@@ -9,8 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from ledger import Ledger, Store
-from ledger.keys import hash_key, new_key
+from teegate.ledger import Ledger, Store
+from teegate.ledger.keys import hash_key, new_key
 
 from .conftest import fund
 

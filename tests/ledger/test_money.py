@@ -7,8 +7,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from ledger.billing import (
+from teegate.ledger.billing import (
     Prices,
     charge_micro,
     estimate_prompt_tokens,
@@ -16,7 +15,7 @@ from ledger.billing import (
     reservation_micro,
     tokens_from_bytes,
 )
-from ledger.money import MAX_AMOUNT_MICRO, InvalidAmount, format_usd, parse_usd
+from teegate.ledger.money import MAX_AMOUNT_MICRO, InvalidAmount, format_usd, parse_usd
 
 prices_st = st.builds(
     Prices,

@@ -16,8 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from ledger import Ledger, Store
+from teegate.ledger import Ledger, Store
 
 from .conftest import PRICES, fund
 
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = textwrap.dedent(
     """
     import asyncio, os, sys
-    from ledger import Ledger, Prices
+    from teegate.ledger import Ledger, Prices
 
     async def main():
         led = await Ledger.open(sys.argv[1])

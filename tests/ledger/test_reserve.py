@@ -6,8 +6,7 @@ import asyncio
 import sqlite3
 
 import pytest
-
-from ledger import (
+from teegate.ledger import (
     InsufficientBalance,
     Ledger,
     LedgerError,
@@ -19,7 +18,7 @@ from ledger import (
     UnknownAccount,
     charge_micro,
 )
-from ledger.models import ApiKey
+from teegate.ledger.models import ApiKey
 
 from .conftest import PRICES, fund
 

@@ -6,9 +6,8 @@ import sqlite3
 
 import aiosqlite
 import pytest
-
-from ledger import Ledger, SchemaTooNew, Store
-from ledger.schema import MIGRATIONS, SCHEMA_VERSION, configure, migrate
+from teegate.ledger import Ledger, SchemaTooNew, Store
+from teegate.ledger.schema import MIGRATIONS, SCHEMA_VERSION, configure, migrate
 
 
 def _version(path: str) -> int:

@@ -1,4 +1,4 @@
-"""Process-level behaviour of ``python -m sandbox``: options, readiness, signals, TLS."""
+"""Process-level behaviour of ``python -m teegate.sandbox``: options, readiness, signals, TLS."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_tls_with_generated_ca(tmp_path: Path) -> None:
 
 def test_help_lists_the_options() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sandbox", "--help"],
+        [sys.executable, "-m", "teegate.sandbox", "--help"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -14,17 +14,19 @@ from __future__ import annotations
 import os
 import sys
 
-from addons import stages  # imported first: the addons bind ``passed`` when they are imported
+from teegate.addons import (
+    stages,  # imported first: the addons bind ``passed`` when they are imported
+)
 
 # Which addon class approves each stage (the ``hook:`` faults replace its ``request``).
 STAGE_ADDONS = {
-    "auth": ("addons.auth", "Auth"),
-    "ratelimit": ("addons.ratelimit", "RateLimit"),
-    "validate": ("addons.validate", "ChatValidator"),
-    "gate": ("addons.gate", "Gate"),
-    "attestation": ("addons.attestation_gate", "AttestationGate"),
-    "billing": ("addons.billing", "Billing"),
-    "upstream": ("addons.upstream", "UpstreamRewrite"),
+    "auth": ("teegate.addons.auth", "Auth"),
+    "ratelimit": ("teegate.addons.ratelimit", "RateLimit"),
+    "validate": ("teegate.addons.validate", "ChatValidator"),
+    "gate": ("teegate.addons.gate", "Gate"),
+    "attestation": ("teegate.addons.attestation_gate", "AttestationGate"),
+    "billing": ("teegate.addons.billing", "Billing"),
+    "upstream": ("teegate.addons.upstream", "UpstreamRewrite"),
 }
 
 
@@ -57,7 +59,7 @@ def _fail_hook(name: str) -> None:
 
 
 def _fail_ledger() -> None:
-    from ledger import Ledger, LedgerError
+    from teegate.ledger import Ledger, LedgerError
 
     async def reserve(self, *args, **kwargs):
         raise LedgerError("injected fault")

@@ -1,4 +1,4 @@
-"""Start the sandbox upstream (``python -m sandbox``) as a real subprocess, for tests and tools.
+"""Start the sandbox upstream (``python -m teegate.sandbox``) as a subprocess, for tests and tools.
 
 A real process, not an in-process app: the gateway talks to it over TCP exactly as it would to the
 real upstream, and a crash or hang in one side cannot hide inside the other's event loop.
@@ -18,8 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-
-from sandbox.options import build_parser
+from teegate.sandbox.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "SANDBOX READY "
@@ -165,14 +164,14 @@ def _read_ready_line(process: subprocess.Popen[str], timeout: float) -> str:
 def start_sandbox(
     *args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT_S
 ) -> SandboxProc:
-    """Launch ``python -m sandbox --port 0 *args`` and return once it is listening."""
+    """Launch ``python -m teegate.sandbox --port 0 *args`` and return once it is listening."""
     options = build_parser().parse_args(["--port", "0", *args])
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", "0", *args],
+        [sys.executable, "-m", "teegate.sandbox", "--port", "0", *args],
         cwd=REPO_ROOT,
         env=child_env,
         stdout=subprocess.PIPE,

@@ -7,16 +7,15 @@ from decimal import Decimal
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
-
-from addons.catalogsync import CatalogSync
-from addons.errors import guarded
-from addons.gate import Gate
-from addons.routes import Router
-from addons.seal import Seal
-from addons.stages import passed
-from addons.upstream import UpstreamRewrite
-from addons.validate import ChatValidator
-from catalog.store import Catalog
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.errors import guarded
+from teegate.addons.gate import Gate
+from teegate.addons.routes import Router
+from teegate.addons.seal import Seal
+from teegate.addons.stages import passed
+from teegate.addons.upstream import UpstreamRewrite
+from teegate.addons.validate import ChatValidator
+from teegate.catalog.store import Catalog
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
 ROWS = [

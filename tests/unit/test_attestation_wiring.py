@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons.attestation import NOT_RUNNING, AttestationSync
+from teegate.addons.attestation_gate import AttestationGate, response_headers
+from teegate.addons.attestation_report import parse_nonce
+from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.errors import GatewayError
+from teegate.addons.seal import Seal
+from teegate.addons.stages import passed
+from teegate.catalog.attestation import Policy
+from teegate.catalog.models import CatalogModel
 
-from addons.attestation import NOT_RUNNING, AttestationSync
-from addons.attestation_gate import AttestationGate, response_headers
-from addons.attestation_report import parse_nonce
-from addons.catalogsync import CatalogSync
-from addons.errors import GatewayError
-from addons.seal import Seal
-from addons.stages import passed
-from catalog.attestation import Policy
-from catalog.models import CatalogModel
 from teegate import config
 from teegate.runner import REQUIRED_STAGES, option_values
 

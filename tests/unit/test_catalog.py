@@ -7,9 +7,8 @@ from decimal import ROUND_CEILING, Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from catalog.models import micro_to_usd, parse_rows, usd_to_micro
-from catalog.store import suggest
+from teegate.catalog.models import micro_to_usd, parse_rows, usd_to_micro
+from teegate.catalog.store import suggest
 
 ROW = {
     "id": "a/B-TEE",

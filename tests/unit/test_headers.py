@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from mitmproxy.test import tflow, tutils
-
-from addons.headers import ResponseHeaders, add_headers
+from teegate.addons.headers import ResponseHeaders, add_headers
 
 OWN = ("x-teegate-attestation-mode", "x-teegate-quote-sha256")
 

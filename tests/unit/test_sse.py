@@ -6,9 +6,8 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-from addons.sse import SSESplitter
-from addons.streaming import StreamTally, _Relay
+from teegate.addons.sse import SSESplitter
+from teegate.addons.streaming import StreamTally, _Relay
 
 payloads = st.lists(
     st.dictionaries(st.sampled_from(["a", "b", "choices"]), st.text(max_size=20), max_size=3),
@@ -108,7 +107,7 @@ def test_relay_counts_reasoning_and_tool_arguments():
 def test_relay_decodes_gzip_incrementally():
     import gzip
 
-    from addons.streaming import _Decoder
+    from teegate.addons.streaming import _Decoder
 
     plain = _chunk("zipped") + b"data: [DONE]\n\n"
     packed = gzip.compress(plain)

@@ -33,12 +33,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _load_shipped_hosts() -> tuple[str, ...]:
-    text = resources.files("addons").joinpath("llm_hosts.txt").read_text("utf-8")
+    text = resources.files("teegate.egress").joinpath("llm_hosts.txt").read_text("utf-8")
     lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return tuple(line for line in lines if line)
 
 
-# Well-known hosted LLM APIs, with their sources: addons/llm_hosts.txt.
+# Well-known hosted LLM APIs, with their sources: egress/llm_hosts.txt.
 # Editable in proxy.toml (egress.llm_hosts replaces, egress.extra_llm_hosts adds).
 DEFAULT_LLM_HOSTS: tuple[str, ...] = _load_shipped_hosts()
 
