@@ -18,9 +18,9 @@ them on the request instead.) Body size and decoding limits live elsewhere: mitm
 
 mitmproxy's per-request state (``HttpStream``) keeps bound methods of itself, a reference
 cycle: it and the flow it holds (body included) are freed only by a full garbage collection,
-which comes every several requests. Measured with a 2 MiB limit, four 2 MiB requests in a row
-raised peak RSS by ~20 MiB, growing with each; a collection soon after a flow that held a
-large body keeps the peak at a small multiple of the limit (tests/gateway/test_limits.py).
+which comes every several requests, so peak memory grew with each large body in a row; a
+collection soon after a flow that held a large body keeps the peak at a small multiple of the
+limit (tests/gateway/test_limits.py holds it there; docs/bench.md has the numbers).
 A collection walks only what requests created (teegate/master.py freezes the rest): ~ms.
 """
 

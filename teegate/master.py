@@ -4,11 +4,11 @@ mitmproxy calls every hook of every flow on every addon in its chain (and once m
 ``update`` hook), whether the addon cares or not. ``DumpMaster`` mounts some 35 built-ins:
 replay, map local/remote, header and body rewriting, sticky cookies, HAR export, the onboarding
 web app and more, none of which the gateway configures. Mounting only the ones it uses, and
-calling each hook only on the addons that define it (:class:`HookIndex`), took the gateway's
-CPU per small request at 8 concurrent connections from ~2.6 ms to ~1.5 ms, the same as plain
-mitmdump's (docs/bench.md). Leaving the built-ins out also leaves out code that could answer or
-rewrite a request beside the addon chain (the onboarding app answers ``http://mitm.it`` on a
-forward proxy).
+calling each hook only on the addons that define it (:class:`HookIndex`), brings the gateway's
+CPU per small request down to plain mitmdump's (measured in docs/bench.md, "What was changed
+for speed"). Leaving the built-ins out also leaves out code that could answer or rewrite a
+request beside the addon chain (the onboarding app answers ``http://mitm.it`` on a forward
+proxy).
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ class FreezeStartupObjects:
 
     Why: the gateway imports far more than plain mitmdump (pydantic, structlog, dcap-qvl, the
     catalog and ledger), and CPython's full collection walks every tracked object, in the event
-    loop's thread. Under 100 concurrent streams, two full collections in 600 streams took 124 ms
-    (up to 74 ms each), and every stream in flight stalled with them; frozen, one took 16 ms.
-    Modules, classes and configuration made at start-up live for the whole process, so after
-    one collection they are frozen (:func:`gc.freeze`): later collections only walk what
-    requests create. Nothing frozen is ever freed, which is what start-up objects do anyway.
+    loop's thread, stalling every stream in flight for tens of milliseconds (docs/bench.md,
+    "Second round"). Modules, classes and configuration made at start-up live for the whole
+    process, so after one collection they are frozen (:func:`gc.freeze`): later collections
+    only walk what requests create. Nothing frozen is ever freed, which is what start-up
+    objects do anyway.
     """
 
     def running(self) -> None:
