@@ -56,7 +56,8 @@ from teegate.ledger import (
     reservation_micro,
     tokens_from_bytes,
 )
-from teegate.ledger.money import format_usd
+
+from teegate.money import format_usd
 
 log = structlog.get_logger("teegate.billing")
 

@@ -41,7 +41,7 @@ from teegate.ledger import (
 )
 from teegate.ledger.errors import InvalidInput
 from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix, new_key
-from teegate.ledger.money import InvalidAmount
+from teegate.money import InvalidAmount
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DB = "teegate.sqlite3"
