@@ -61,6 +61,11 @@ amounts). ``usage.charge_micro`` is always what was taken from the balance.
 
 Which flows are settled at their full reservation without usage (an upstream
 that never answered) is the request path's decision; see :mod:`teegate.addons.billing`.
+
+Why this module is long: a third of it is the contract above, and the rest is
+one class whose methods share one lock, the in-memory balances and the map of
+open reservations; that no ``await`` falls between a balance check and its
+debit is easiest to verify with all of them in one file.
 """
 
 from __future__ import annotations
