@@ -2,7 +2,7 @@
 
 :class:`Reports` is the base of :class:`teegate.ledger.store.Store`: it owns
 the connection (and its transaction helper) and every query that only reads,
-so the write path in :mod:`teegate.ledger.store` reads without them.
+so that :mod:`teegate.ledger.store` holds the writes and nothing else long.
 """
 
 from __future__ import annotations
