@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import structlog
@@ -56,7 +57,8 @@ from teegate.ledger import (
     reservation_micro,
     tokens_from_bytes,
 )
-from teegate.ledger.money import format_usd
+
+from teegate.money import format_usd
 
 log = structlog.get_logger("teegate.billing")
 
@@ -70,6 +72,27 @@ def _ms() -> int:
 
 
 Unanswered = Literal["hold", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Hand the whole hold back; ``reason`` is a fixed text, never client bytes."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settle:
+    """Charge these token counts at the reservation's prices."""
+
+    prompt: int
+    completion: int
+    cached: int
+    source: Literal["usage", "bytes"]
+    status: str
+
+
+Plan = Release | Settle
 
 
 class Billing:
@@ -146,7 +169,7 @@ class Billing:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: dict[str, Any]) -> None:
+    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> None:
         timing = Timing(
             start_ms=flow.metadata.get(STARTED_MS, res.created_ms),
             first_byte_ms=flow.metadata.get(FIRST_BYTE_MS),
@@ -156,32 +179,33 @@ class Billing:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _finish(self, res: Reservation, plan: dict[str, Any], timing: Timing) -> None:
+    async def _finish(self, res: Reservation, plan: Plan, timing: Timing) -> None:
         ledger = self._link.get()
         try:
-            if plan["action"] == "release":
-                await ledger.release(res, plan["reason"], timing)
-            else:
-                charge = await ledger.settle(
-                    res,
-                    plan["prompt"],
-                    plan["completion"],
-                    plan["cached"],
-                    plan["source"],
-                    timing,
-                    status=plan["status"],
-                )
-                log.info(
-                    "charged",
-                    request_id=res.request_id,
-                    model=res.model,
-                    source=plan["source"],
-                    prompt_tokens=plan["prompt"],
-                    completion_tokens=plan["completion"],
-                    cached_tokens=plan["cached"],
-                    charge_micro=charge,
-                    reserved_micro=res.amount_micro,
-                )
+            match plan:
+                case Release(reason=reason):
+                    await ledger.release(res, reason, timing)
+                case Settle():
+                    charge = await ledger.settle(
+                        res,
+                        prompt_tokens=plan.prompt,
+                        completion_tokens=plan.completion,
+                        cached_tokens=plan.cached,
+                        source=plan.source,
+                        timing=timing,
+                        status=plan.status,
+                    )
+                    log.info(
+                        "charged",
+                        request_id=res.request_id,
+                        model=res.model,
+                        source=plan.source,
+                        prompt_tokens=plan.prompt,
+                        completion_tokens=plan.completion,
+                        cached_tokens=plan.cached,
+                        charge_micro=charge,
+                        reserved_micro=res.amount_micro,
+                    )
         except Exception as e:
             # The reservation stays open; the ledger's recovery rule charges it in full.
             log.error("settlement_failed", request_id=res.request_id, error=type(e).__name__)
@@ -189,23 +213,23 @@ class Billing:
 
 def _settlement(
     flow: http.HTTPFlow, res: Reservation, *, complete: bool, unanswered: Unanswered = "hold"
-) -> dict[str, Any]:
+) -> Plan:
     """What to charge for a finished (or broken-off) flow."""
     resp = flow.response
     tally: StreamTally | None = flow.metadata.get(TALLY)
     status = "ok" if complete else "aborted"
     if flow.metadata.get("teegate.error_code") == "upstream_model_mismatch":
-        return {"action": "release", "reason": "the upstream answered for another model"}
+        return Release("the upstream answered for another model")
     if resp is None:
         return _unanswered(flow, res, unanswered)
     if resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0):
-        return {"action": "release", "reason": f"upstream answered HTTP {resp.status_code}"}
+        return Release(f"upstream answered HTTP {resp.status_code}")
     if tally is not None:
         if tally.opaque:
             return _full_hold(flow, res)
         usage = _usage(tally.usage)
         if usage is not None:
-            return {**usage, "action": "settle", "source": "usage", "status": status}
+            return _from_usage(usage, status)
         return _from_bytes(flow, tally.generated_bytes, status)
     # A complete JSON answer (not streamed).
     try:
@@ -214,7 +238,7 @@ def _settlement(
         return _full_hold(flow, res)
     usage = _usage(doc.get("usage")) if isinstance(doc, dict) else None
     if usage is not None:
-        return {**usage, "action": "settle", "source": "usage", "status": status}
+        return _from_usage(usage, status)
     choices = doc.get("choices") if isinstance(doc, dict) else None
     messages = [{"delta": c.get("message")} for c in choices or () if isinstance(c, dict)]
     return _from_bytes(flow, generated_bytes(messages), status)
@@ -225,10 +249,10 @@ def _sent(flow: http.HTTPFlow) -> bool:
     return flow.server_conn is not None and flow.server_conn.timestamp_tcp_setup is not None
 
 
-def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> dict[str, Any]:
+def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> Plan:
     """No response headers: release unless the request was sent and the rule is "hold"."""
     if not _sent(flow):
-        return {"action": "release", "reason": "never reached the upstream"}
+        return Release("never reached the upstream")
     # A fixed text, never flow.error.msg: that may quote bytes the client sent.
     if flow.metadata.get(TIMED_OUT):
         why = "upstream timeout"
@@ -237,11 +261,12 @@ def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> dict
     else:
         why = "connection lost"
     if rule == "release":
-        return {"action": "release", "reason": f"unanswered ({why}); billing.unanswered = release"}
-    return {**_full_hold(flow, res), "status": f"unanswered ({why}): charged the reservation"}
+        return Release(f"unanswered ({why}); billing.unanswered = release")
+    return replace(_full_hold(flow, res), status=f"unanswered ({why}): charged the reservation")
 
 
-def _usage(usage: Any) -> dict[str, int] | None:
+def _usage(usage: Any) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) from an OpenAI usage block, or None if unusable."""
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -252,7 +277,7 @@ def _usage(usage: Any) -> dict[str, int] | None:
         return None
     if counts[2] > counts[0]:
         return None
-    return {"prompt": counts[0], "completion": counts[1], "cached": counts[2]}
+    return counts
 
 
 def _prompt_estimate(flow: http.HTTPFlow) -> int:
@@ -260,25 +285,30 @@ def _prompt_estimate(flow: http.HTTPFlow) -> int:
     return estimate_prompt_tokens(req.model_dump(mode="json", exclude_unset=True))
 
 
-def _from_bytes(flow: http.HTTPFlow, n_bytes: int, status: str) -> dict[str, Any]:
-    return {
-        "action": "settle",
-        "source": "bytes",
-        "status": status,
-        "prompt": _prompt_estimate(flow),
-        "completion": tokens_from_bytes(n_bytes),
-        "cached": 0,
-    }
+def _from_usage(usage: tuple[int, int, int], status: str) -> Settle:
+    prompt, completion, cached = usage
+    return Settle(
+        prompt=prompt, completion=completion, cached=cached, source="usage", status=status
+    )
 
 
-def _full_hold(flow: http.HTTPFlow, res: Reservation) -> dict[str, Any]:
+def _from_bytes(flow: http.HTTPFlow, n_bytes: int, status: str) -> Settle:
+    return Settle(
+        prompt=_prompt_estimate(flow),
+        completion=tokens_from_bytes(n_bytes),
+        cached=0,
+        source="bytes",
+        status=status,
+    )
+
+
+def _full_hold(flow: http.HTTPFlow, res: Reservation) -> Settle:
     """We could not read what was served: charge what was reserved (its upper bound)."""
     req: ChatRequest = flow.metadata["teegate.chat"]
-    return {
-        "action": "settle",
-        "source": "bytes",
-        "status": "unreadable",
-        "prompt": _prompt_estimate(flow),
-        "completion": req.output_budget,
-        "cached": 0,
-    }
+    return Settle(
+        prompt=_prompt_estimate(flow),
+        completion=req.output_budget,
+        cached=0,
+        source="bytes",
+        status="unreadable",
+    )

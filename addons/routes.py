@@ -21,7 +21,9 @@ from mitmproxy import http
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
-from teegate.catalog.models import CatalogModel, micro_to_usd
+from teegate.catalog.models import CatalogModel
+
+from teegate.money import format_usd
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -34,9 +36,9 @@ _NOT_AVAILABLE = re.compile(
 def model_object(m: CatalogModel) -> dict:
     """One model in OpenAI's shape, plus what makes it confidential and its price."""
     p = m.pricing
-    pricing = {"input": micro_to_usd(p.input), "output": micro_to_usd(p.output)}
+    pricing = {"input": format_usd(p.input), "output": format_usd(p.output)}
     if p.cache_read is not None:
-        pricing["input_cache_read"] = micro_to_usd(p.cache_read)
+        pricing["input_cache_read"] = format_usd(p.cache_read)
     pricing["unit"] = "USD per 1M tokens"
     return {
         "id": m.id,

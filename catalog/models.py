@@ -1,44 +1,23 @@
 """Catalog entries, parsed strictly from upstream rows.
 
 Prices become integers (micro-USD per 1M tokens) the moment they are parsed:
-the upstream's decimal string is multiplied by the markup with
-:mod:`decimal` and rounded *up* to the micro-dollar, so the provider is never
-short by a rounding error and no float ever touches money.
+the upstream's decimal string is multiplied by the markup and rounded *up* to
+the micro-dollar (:func:`teegate.money.usd_to_micro`), so the provider is
+never short by a rounding error and no float ever touches money.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MICRO = Decimal(1_000_000)
+from teegate.money import usd_to_micro
 
 # Upstreams spell features inconsistently ("json-mode", "json_mode").
 _FEATURE_ALIASES = {"json-mode": "json_mode", "structured-outputs": "structured_outputs"}
-
-
-def usd_to_micro(value: str | int | Decimal, markup: Decimal = Decimal(1)) -> int:
-    """USD (a decimal string, never a float) -> integer micro-USD, rounded up."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError("prices must be decimal strings or integers, not floats")
-    try:
-        amount = Decimal(value) * markup * MICRO
-    except InvalidOperation:
-        raise ValueError("not a decimal amount") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError("not a non-negative finite amount")
-    return int(amount.to_integral_value(rounding=ROUND_CEILING))
-
-
-def micro_to_usd(micro: int) -> str:
-    """Integer micro-USD -> a decimal string with at least two places ("0.28")."""
-    text = format(Decimal(micro) / MICRO, "f")
-    whole, _, frac = text.partition(".")
-    frac = frac.rstrip("0").ljust(2, "0")
-    return f"{whole}.{frac}"
 
 
 class Pricing(BaseModel):

@@ -37,8 +37,9 @@ from teegate.ledger.models import (
     UsageGroup,
     VerifyReport,
 )
-from teegate.ledger.money import InvalidAmount, format_usd, parse_usd
 from teegate.ledger.store import Store
+
+from teegate.money import InvalidAmount, format_usd, parse_usd
 
 __all__ = [
     "Account",

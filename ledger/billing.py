@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from teegate.ledger.money import parse_usd
+from teegate.money import parse_usd
 
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
 

@@ -7,7 +7,8 @@ Shared by the async API and the command line so both refuse the same things
 from __future__ import annotations
 
 from teegate.ledger.errors import InvalidInput
-from teegate.ledger.money import MAX_AMOUNT_MICRO
+
+from teegate.money import MAX_AMOUNT_MICRO
 
 MAX_NAME = 64
 MAX_LABEL = 100

@@ -61,6 +61,11 @@ amounts). ``usage.charge_micro`` is always what was taken from the balance.
 
 Which flows are settled at their full reservation without usage (an upstream
 that never answered) is the request path's decision; see :mod:`teegate.addons.billing`.
+
+Why this module is long: a third of it is the contract above, and the rest is
+one class whose methods share one lock, the in-memory balances and the map of
+open reservations; that no ``await`` falls between a balance check and its
+debit is easiest to verify with all of them in one file.
 """
 
 from __future__ import annotations
@@ -85,7 +90,6 @@ from teegate.ledger.keys import (
     DEFAULT_PREFIX,
     check_prefix,
     hash_key,
-    new_key,
     plausible,
     same_hash,
 )
@@ -277,9 +281,9 @@ class Ledger:
         """A new key for an account: ``(ApiKey, plaintext)``. Show the plaintext once."""
         async with self._txn_lock:
             acct = await self._store.require_account(account)
-            plaintext, digest = new_key(self._prefix)
-            key = await self._store.insert_key(acct.id, digest, label, rate_limit)
-        return key, plaintext
+            return await self._store.create_key(
+                acct.id, prefix=self._prefix, label=label, rate_limit=rate_limit
+            )
 
     async def revoke_key(self, key_id: int) -> bool:
         """Revoke at once (in this process); True if it was active."""
@@ -296,29 +300,8 @@ class Ledger:
             self._balances.set_committed(account.id, account.balance_micro)
         return account
 
-    async def topup(self, account: int | str, amount_micro: int, *, note: str | None = None) -> int:
-        """Credit an account; returns the new committed balance."""
-        return await self._credit(account, amount_micro, "topup", note)
-
-    async def refund(
-        self, account: int | str, amount_micro: int, *, note: str | None = None
-    ) -> int:
-        """An operator's goodwill credit, recorded as kind "refund"."""
-        return await self._credit(account, amount_micro, "refund", note)
-
-    async def _credit(self, account: int | str, amount: int, kind: str, note: str | None) -> int:
-        inputs.credit_amount(amount)
-        async with self._txn_lock:
-            acct = await self._store.require_account(account)
-            balance = await self._store.credit(acct.id, amount, kind, note)
-            self._balances.set_committed(acct.id, balance)
-        return balance
-
     async def account(self, account: int | str) -> Account | None:
         return await self._reader.find_account(account)
-
-    async def accounts(self) -> list[Account]:
-        return await self._reader.list_accounts()
 
     def available_micro(self, account_id: int) -> int | None:
         """What the account could reserve right now (None if not loaded yet)."""
@@ -357,7 +340,15 @@ class Ledger:
         available = self._balances.available(account_id)
         if amount > available:
             raise InsufficientBalance(available, amount)
-        op = NewReservation(request_id, account_id, key.key_id, model, prices, amount, now_ms())
+        op = NewReservation(
+            request_id=request_id,
+            account_id=account_id,
+            key_id=key.key_id,
+            model=model,
+            prices=prices,
+            amount_micro=amount,
+            created_ms=now_ms(),
+        )
         self._balances.hold(account_id, amount)
         try:
             future = self._writer.submit(op, amount, wait=True)
@@ -375,14 +366,14 @@ class Ledger:
     def _registered(self, op: NewReservation, reservation_id: int) -> Reservation:
         """Called by the writer, under the lock, as the reservation commits."""
         res = Reservation(
-            reservation_id,
-            op.request_id,
-            op.account_id,
-            op.key_id,
-            op.model,
-            op.prices,
-            op.amount_micro,
-            op.created_ms,
+            id=reservation_id,
+            request_id=op.request_id,
+            account_id=op.account_id,
+            key_id=op.key_id,
+            model=op.model,
+            prices=op.prices,
+            amount_micro=op.amount_micro,
+            created_ms=op.created_ms,
         )
         self._open[reservation_id] = res
         return res
@@ -429,20 +420,20 @@ class Ledger:
         delta = reservation.amount_micro - charge
         overrun = max(0, -delta)
         op = Finalization(
-            reservation.id,
-            reservation.account_id,
-            "settlement",
-            delta,
-            charge,
-            prompt_tokens,
-            completion_tokens,
-            cached_tokens,
-            source,
-            status,
-            timing,
-            now_ms(),
-            reservation.request_id,
-            reservation.model,
+            reservation_id=reservation.id,
+            account_id=reservation.account_id,
+            kind="settlement",
+            delta_micro=delta,
+            charge_micro=charge,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            source=source,
+            status=status,
+            timing=timing,
+            finalized_ms=now_ms(),
+            request_id=reservation.request_id,
+            model=reservation.model,
         )
         self._balances.hold(reservation.account_id, overrun)
         try:
@@ -470,18 +461,14 @@ class Ledger:
         if res.state != "open":
             return
         op = Finalization(
-            res.id,
-            res.account_id,
-            "release",
-            res.amount_micro,
-            0,
-            None,
-            None,
-            None,
-            None,
-            reason,
-            timing,
-            now_ms(),
+            reservation_id=res.id,
+            account_id=res.account_id,
+            kind="release",
+            delta_micro=res.amount_micro,
+            charge_micro=0,
+            status=reason,
+            timing=timing,
+            finalized_ms=now_ms(),
         )
         self._writer.submit(op, 0, wait=False)
         self._mark(res, "released", 0)

@@ -51,7 +51,7 @@ class Timing:
     end_ms: int | None = None
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, kw_only=True)
 class Reservation:
     """A committed hold on an account's balance for one upstream request.
 
@@ -72,7 +72,7 @@ class Reservation:
     state: Literal["open", "settled", "released"] = field(default="open", init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Recovered:
     """A reservation found open at start-up and settled at its full amount."""
 
@@ -85,7 +85,7 @@ class Recovered:
     created_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpenReservation:
     reservation_id: int
     request_id: str
@@ -94,7 +94,7 @@ class OpenReservation:
     created_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Mismatch:
     """One inconsistency found by :meth:`Ledger.verify`.
 

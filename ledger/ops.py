@@ -1,4 +1,8 @@
-"""The two writes of the request path, as plain data for one group commit."""
+"""The two writes of the request path, as plain data for one group commit.
+
+Keyword-only: a dozen same-typed fields (ids, amounts, token counts) are too
+easy to transpose by position.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from teegate.ledger.billing import Prices
 from teegate.ledger.models import Timing, UsageSource
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NewReservation:
     request_id: str
     account_id: int
@@ -20,7 +24,7 @@ class NewReservation:
     created_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Finalization:
     """A settlement or release of one reservation.
 
@@ -36,18 +40,18 @@ class Finalization:
     kind: Literal["settlement", "release"]
     delta_micro: int
     charge_micro: int
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    source: UsageSource | None
-    status: str
+    status: str  # the settlement's status, or the release's reason
     timing: Timing | None
     finalized_ms: int
+    prompt_tokens: int | None = None  # None: released, or recovered without usage
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    source: UsageSource | None = None
     request_id: str = ""
     model: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shortfall:
     """A settlement above its reservation, as committed.
 

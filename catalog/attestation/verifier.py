@@ -9,6 +9,9 @@ The quote's signature chain, QE report, collateral signatures and validity windo
 TCB level are dcap-qvl's job (``dcap_qvl.verify``, pinned to Intel's root; a test root only
 when the caller passes one explicitly). The rest is policy: TEE type, TCB status and
 advisories, debug bit, report_data binding, measurements, event log and compose hash.
+
+Why this module is long: it is the whole ordered list of checks a verdict rests on; read
+top to bottom in one file, a reviewer can see that nothing is skipped or reordered.
 """
 
 from __future__ import annotations

@@ -126,19 +126,14 @@ def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:
     import asyncio
 
     from teegate.ledger import Store
-    from teegate.ledger.keys import new_key
 
     if db is not None:
         return db, None  # the operator's own ledger: use its keys
 
     async def provision(path: Path) -> str:
-        store = await Store.open(path)
-        try:
+        async with await Store.open(path) as store:
             account = await store.create_account("demo", DEMO_BALANCE_MICRO)
-            plaintext, digest = new_key(prefix)
-            await store.insert_key(account.id, digest, "sandbox demo", None)
-        finally:
-            await store.close()
+            _, plaintext = await store.create_key(account.id, prefix=prefix, label="sandbox demo")
         return plaintext
 
     path = Path(tempfile.mkdtemp(prefix="teegate-sandbox-")) / "teegate.sqlite3"

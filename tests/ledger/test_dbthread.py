@@ -16,7 +16,15 @@ from .conftest import PRICES
 
 
 def _reservation(account_id: int, key_id: int, amount: int) -> NewReservation:
-    return NewReservation("req", account_id, key_id, "m", PRICES, amount, 1)
+    return NewReservation(
+        request_id="req",
+        account_id=account_id,
+        key_id=key_id,
+        model="m",
+        prices=PRICES,
+        amount_micro=amount,
+        created_ms=1,
+    )
 
 
 async def test_runs_on_the_connections_thread_not_the_loops(tmp_path: Path) -> None:
@@ -58,7 +66,7 @@ async def test_failed_batch_leaves_no_trace_and_the_next_one_commits(db_path: st
     store = await Store.open(db_path)
     try:
         account = await store.create_account("a", 1_000_000)
-        key = await store.insert_key(account.id, bytes(32), None, None)
+        key, _ = await store.create_key(account.id)
         before = await store.verify()
         with pytest.raises(sqlite3.IntegrityError):
             # The second reservation's entry would be positive: a CHECK rejects it.

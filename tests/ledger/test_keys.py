@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from teegate.ledger import Ledger, Store
-from teegate.ledger.keys import hash_key, new_key
+from teegate.ledger.keys import hash_key
 
 from .conftest import fund
 
@@ -97,8 +97,7 @@ async def test_a_key_created_by_another_process_works_immediately(db_path: str) 
     try:
         acct = await led.create_account("alice")
         store = await Store.open(db_path, create=False)
-        plaintext, digest = new_key()
-        key = await store.insert_key(acct.id, digest, None, None)
+        key, plaintext = await store.create_key(acct.id)
         await store.close()
         assert await led.authenticate(plaintext) == key  # a cache miss reads the database
     finally:

@@ -15,7 +15,8 @@ from teegate.ledger.billing import (
     reservation_micro,
     tokens_from_bytes,
 )
-from teegate.ledger.money import MAX_AMOUNT_MICRO, InvalidAmount, format_usd, parse_usd
+
+from teegate.money import MAX_AMOUNT_MICRO, InvalidAmount, format_usd, parse_usd
 
 prices_st = st.builds(
     Prices,

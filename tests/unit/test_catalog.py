@@ -7,8 +7,10 @@ from decimal import ROUND_CEILING, Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from teegate.catalog.models import micro_to_usd, parse_rows, usd_to_micro
+from teegate.catalog.models import parse_rows
 from teegate.catalog.store import suggest
+
+from teegate.money import format_usd, usd_to_micro
 
 ROW = {
     "id": "a/B-TEE",
@@ -69,7 +71,7 @@ def test_marked_up_micro_usd_rounds_up_by_less_than_one(price, markup):
 
 @given(st.integers(min_value=0, max_value=10**12))
 def test_micro_usd_round_trips_through_its_decimal_string(micro):
-    assert usd_to_micro(micro_to_usd(micro)) == micro
+    assert usd_to_micro(format_usd(micro)) == micro
 
 
 def test_floats_are_refused_on_the_money_path():

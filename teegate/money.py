@@ -1,17 +1,25 @@
-"""Operator-facing money amounts: decimal USD text <-> integer micro-USD.
+"""Money as text: decimal USD <-> integer micro-USD, for ``catalog`` and ``ledger`` alike.
 
-Every amount the ledger stores or computes is an ``int`` of micro-USD
-(1 USD = 1_000_000). Only the edges (the command line, reports) speak decimal
-USD, and they go through :mod:`decimal`, never ``float``, so "0.1" is exactly
-100_000 micro-USD and nothing is silently rounded: an amount with more than six
-decimal places is rejected rather than rounded, because an operator typing
-"0.0000005" has made a mistake we should not guess about.
+Every amount the gateway stores or computes is an ``int`` of micro-USD
+(1 USD = 1_000_000). Only the edges speak decimal USD -- the upstream's price
+list, the operator's command line, reports and error messages -- and they go
+through :mod:`decimal`, never ``float``. This module is shared by
+:mod:`teegate.catalog` and :mod:`teegate.ledger`, which must not import each
+other, so it imports neither (nor anything outside the standard library):
+one spelling of an amount, whichever package prints it.
+
+Two conversions from USD exist because they serve different promises:
+:func:`parse_usd` is an operator's amount and must be exact (an amount with
+more than six decimal places is refused, not rounded: someone typing
+"0.0000005" made a mistake we should not guess about); :func:`usd_to_micro`
+is an upstream price times the markup and is rounded *up*, so the provider is
+never short by a rounding error.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 MICRO_PER_USD = 1_000_000
 
@@ -66,3 +74,16 @@ def format_usd(micro: int) -> str:
     whole, frac = divmod(abs(micro), MICRO_PER_USD)
     digits = f"{frac:06d}".rstrip("0").ljust(2, "0")
     return f"{sign}{whole}.{digits}"
+
+
+def usd_to_micro(value: str | int | Decimal, markup: Decimal = Decimal(1)) -> int:
+    """A price in USD (a decimal string, never a float) times ``markup``, rounded up."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError("prices must be decimal strings or integers, not floats")
+    try:
+        amount = Decimal(value) * markup * MICRO_PER_USD
+    except InvalidOperation:
+        raise ValueError("not a decimal amount") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("not a non-negative finite amount")
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
