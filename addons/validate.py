@@ -13,7 +13,8 @@ import zlib
 
 from mitmproxy import ctx, exceptions, http
 from teegate.addons.errors import GatewayError, guarded, refuse
-from teegate.addons.schema import MAX_JSON_DEPTH, parse_chat_request
+from teegate.addons.jsonbody import MAX_JSON_DEPTH
+from teegate.addons.schema import parse_chat_request
 from teegate.addons.stages import is_chat, passed
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
