@@ -14,6 +14,11 @@ the same on every run and can be pinned in configuration.
 The layouts follow Intel's "ECDSA Quote Library API" (quote v3 for SGX, v4 for TDX) and the
 facts recorded in /work/shared/dcap-test-pki-notes.md. Sandbox code: never imported by the
 gateway (``catalog/`` and ``sandbox/`` share no code).
+
+Why this module is long: it is one chain of trust, built and used as a unit. The certificates,
+CRLs, signed TCB info and QE identity, and the quote layouts that the PCK leaf signs all refer to
+each other's keys and fields; split across files, each part would be unreadable without the
+others.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_the_shared_money_module_imports_only_the_standard_library() -> None:
     assert {n for n in names if n.split(".")[0] not in sys.stdlib_module_names} == set()
 
 
-@pytest.mark.parametrize("folder", [*sorted(POLICY_PACKAGES), "teegate"])
+@pytest.mark.parametrize("folder", [*sorted(POLICY_PACKAGES), "teegate", "addons", "sandbox"])
 def test_no_module_is_long_without_saying_why(folder: str) -> None:
     long = []
     for path in _modules(folder):
