@@ -14,20 +14,20 @@ import time
 
 import structlog
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.errors import error_category
-from teegate.addons.gate import LISTED_MODEL
+from teegate.addons.flowstate import Route
 from teegate.addons.headers import add_headers
 
 log = structlog.get_logger("teegate.access")
 
 _MODES = {"regular": "egress"}  # mitmproxy's name for the forward-proxy listener
 
-REQUEST_ID = "teegate.request_id"
-
 
 class AccessLog:
     def request(self, flow: http.HTTPFlow) -> None:
-        flow.metadata[REQUEST_ID] = rid = "req_" + secrets.token_hex(12)
+        rid = "req_" + secrets.token_hex(12)
+        flowstate.set_request_id(flow, rid)
         add_headers(flow, {"x-request-id": rid})
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -38,21 +38,20 @@ class AccessLog:
 
     def _log(self, flow: http.HTTPFlow) -> None:
         req, resp = flow.request, flow.response
-        chat = flow.metadata.get("teegate.chat")
         upstream_ms = None
         if resp is not None and flow.server_conn.timestamp_start and req.timestamp_end:
             upstream_ms = round((resp.timestamp_start - req.timestamp_end) * 1000, 1)
         log.info(
             "request",
-            request_id=flow.metadata.get(REQUEST_ID),
+            request_id=flowstate.request_id(flow),
             mode=_MODES.get(mode := flow.client_conn.proxy_mode.type_name, mode),
             host=f"{req.host}:{req.port}",
             decision=_decision(flow),
             method=req.method,
             path=req.path.split("?", 1)[0],
-            model=_model(flow, chat),
+            model=_model(flow),
             status=resp.status_code if resp is not None else None,
-            error_code=flow.metadata.get("teegate.error_code"),
+            error_code=flowstate.error_code(flow),
             error=_error(flow),
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
@@ -74,21 +73,21 @@ def _error(flow: http.HTTPFlow) -> str | None:
     return category
 
 
-def _model(flow: http.HTTPFlow, chat: object) -> str | None:
+def _model(flow: http.HTTPFlow) -> str | None:
     """The model id when the catalog lists it; any other string a client sent as a model
     is its text, which may be anything (a prompt pasted by mistake), so it is not logged."""
-    if chat is None:
+    if not flowstate.has_chat_request(flow):
         return None
-    return flow.metadata.get(LISTED_MODEL, "unlisted")
+    listed = flowstate.listed_model(flow)
+    return "unlisted" if listed is None else listed
 
 
 def _decision(flow: http.HTTPFlow) -> str | None:
     """What the gateway did with the request: refused, answered locally, forwarded to the
     confidential upstream, or (egress) passed on untouched / in audit."""
-    md = flow.metadata
-    if md.get("teegate.error_code"):
+    if flowstate.error_code(flow):
         return "refused"
-    route = md.get("teegate.route")
-    if route == "passthrough":
-        return "audit" if md.get("teegate.egress") == "audit" else "passthrough"
-    return {"chat": "forwarded", "local": "local"}.get(route)
+    route = flowstate.route(flow)
+    if route == Route.PASSTHROUGH:
+        return "audit" if flowstate.egress_verdict(flow) == "audit" else "passthrough"
+    return {Route.CHAT: "forwarded", Route.LOCAL: "local"}.get(route)

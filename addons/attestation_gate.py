@@ -17,11 +17,12 @@ these names, and gives every other response the mode (:func:`response_headers`).
 from __future__ import annotations
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.errors import guarded, refuse
+from teegate.addons.flowstate import Stage
 from teegate.addons.gate import not_confidential
 from teegate.addons.headers import ResponseHeaders, add_headers
-from teegate.addons.stages import has_passed, is_chat, passed
 from teegate.catalog.attestation import Verdict
 
 MODE = "x-teegate-attestation-mode"
@@ -58,9 +59,9 @@ class AttestationGate:
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not is_chat(flow) or not has_passed(flow, "gate"):
+        if not flowstate.is_chat(flow) or not flowstate.has_passed(flow, Stage.GATE):
             return
-        model_id: str = flow.metadata["teegate.model"].id
+        model_id = flowstate.catalog_model(flow).id
         if self._att.pending(model_id):
             await self._att.first_verdicts([model_id], FIRST_VERDICT_WAIT_S)
         # Read once, with no await in between: the verdict checked is the one reported.
@@ -70,4 +71,4 @@ class AttestationGate:
             refuse(flow, not_confidential(model_id, None, why))
             return
         add_headers(flow, verdict_headers(self._att.mode, verdict))
-        passed(flow, "attestation")
+        flowstate.passed(flow, Stage.ATTESTATION)

@@ -20,9 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.flowstate import Route
 from teegate.catalog.attestation import Verdict
 
 REPORT_PATH = "/v1/attestation/report"
@@ -53,7 +55,7 @@ class AttestationReport:
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.metadata.get("teegate.route") == "passthrough":
+        if flow.response or flowstate.route(flow) == Route.PASSTHROUGH:
             return
         path = flow.request.path.split("?", 1)[0]
         if path == "/v1/models" or path.startswith("/v1/models/"):
@@ -61,7 +63,7 @@ class AttestationReport:
             return
         if path != REPORT_PATH:
             return
-        flow.metadata["teegate.route"] = "local"
+        flowstate.set_route(flow, Route.LOCAL)
         method = flow.request.method.upper()
         if method != "GET":
             refuse(

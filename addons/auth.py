@@ -8,11 +8,10 @@ not in the error message, not in the access log.
 from __future__ import annotations
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Route, Stage
 from teegate.addons.ledgerlink import LedgerLink
-from teegate.addons.stages import passed
-
-KEY = "teegate.key"
 
 
 def invalid_api_key(message: str) -> GatewayError:
@@ -20,7 +19,7 @@ def invalid_api_key(message: str) -> GatewayError:
 
 
 def needs_key(flow: http.HTTPFlow) -> bool:
-    if flow.response is not None or flow.metadata.get("teegate.route") == "passthrough":
+    if flow.response is not None or flowstate.route(flow) == Route.PASSTHROUGH:
         return False
     return flow.request.path.startswith("/v1/")
 
@@ -47,5 +46,5 @@ class Auth:
         if key is None:
             refuse(flow, invalid_api_key("Incorrect API key provided, or the key was revoked."))
             return
-        flow.metadata[KEY] = key
-        passed(flow, "auth")
+        flowstate.set_api_key(flow, key)
+        flowstate.passed(flow, Stage.AUTH)

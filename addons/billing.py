@@ -39,14 +39,11 @@ from typing import Any, Literal
 
 import structlog
 from mitmproxy import http
-from teegate.addons.auth import KEY
-from teegate.addons.deadline import TIMED_OUT
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Stage
 from teegate.addons.ledgerlink import LedgerLink
-from teegate.addons.schema import ChatRequest
-from teegate.addons.stages import has_passed, is_chat, passed
-from teegate.addons.streaming import TALLY, StreamTally, generated_bytes
-from teegate.catalog.models import CatalogModel
+from teegate.addons.streaming import generated_bytes
 from teegate.ledger import (
     InsufficientBalance,
     LedgerError,
@@ -61,10 +58,6 @@ from teegate.ledger import (
 from teegate.money import format_usd
 
 log = structlog.get_logger("teegate.billing")
-
-RESERVATION = "teegate.reservation"
-STARTED_MS = "teegate.started_ms"
-FIRST_BYTE_MS = "teegate.first_byte_ms"
 
 
 def _ms() -> int:
@@ -103,19 +96,19 @@ class Billing:
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not is_chat(flow) or not has_passed(flow, "gate"):
+        if not flowstate.is_chat(flow) or not flowstate.has_passed(flow, Stage.GATE):
             return
-        req: ChatRequest = flow.metadata["teegate.chat"]
-        model: CatalogModel = flow.metadata["teegate.model"]
+        req = flowstate.chat_request(flow)
+        model = flowstate.catalog_model(flow)
         p = model.pricing
         prices = Prices(input=p.input, output=p.output, cache_read=p.cache_read)
         body = req.model_dump(mode="json", exclude_unset=True)
         amount = reservation_micro(prices, body, req.output_budget)
-        flow.metadata[STARTED_MS] = _ms()
+        flowstate.set_started_ms(flow, _ms())
+        rid = flowstate.need(flowstate.request_id(flow), "request id")
+        key = flowstate.need(flowstate.api_key(flow), "api key")
         try:
-            res = await self._link.get().reserve(
-                flow.metadata["teegate.request_id"], flow.metadata[KEY], model.id, prices, amount
-            )
+            res = await self._link.get().reserve(rid, key, model.id, prices, amount)
         except InsufficientBalance as e:
             refuse(
                 flow,
@@ -140,12 +133,12 @@ class Billing:
                 ),
             )
             return
-        flow.metadata[RESERVATION] = res
-        passed(flow, "billing")
+        flowstate.set_reservation(flow, res)
+        flowstate.passed(flow, Stage.BILLING)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if RESERVATION in flow.metadata:
-            flow.metadata[FIRST_BYTE_MS] = _ms()
+        if flowstate.reservation(flow) is not None:
+            flowstate.set_first_byte_ms(flow, _ms())
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._close(flow, complete=True)
@@ -155,7 +148,7 @@ class Billing:
 
     def _close(self, flow: http.HTTPFlow, *, complete: bool) -> None:
         """Settle or release the flow's reservation, however the flow ended."""
-        res = flow.metadata.get(RESERVATION)
+        res = flowstate.reservation(flow)
         if res is None:
             return
         try:
@@ -170,9 +163,10 @@ class Billing:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> None:
+        started = flowstate.started_ms(flow)
         timing = Timing(
-            start_ms=flow.metadata.get(STARTED_MS, res.created_ms),
-            first_byte_ms=flow.metadata.get(FIRST_BYTE_MS),
+            start_ms=res.created_ms if started is None else started,
+            first_byte_ms=flowstate.first_byte_ms(flow),
             end_ms=_ms(),
         )
         task = asyncio.ensure_future(self._finish(res, plan, timing))
@@ -216,9 +210,9 @@ def _settlement(
 ) -> Plan:
     """What to charge for a finished (or broken-off) flow."""
     resp = flow.response
-    tally: StreamTally | None = flow.metadata.get(TALLY)
+    tally = flowstate.stream_tally(flow)
     status = "ok" if complete else "aborted"
-    if flow.metadata.get("teegate.error_code") == "upstream_model_mismatch":
+    if flowstate.error_code(flow) == "upstream_model_mismatch":
         return Release("the upstream answered for another model")
     if resp is None:
         return _unanswered(flow, res, unanswered)
@@ -254,7 +248,7 @@ def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> Plan
     if not _sent(flow):
         return Release("never reached the upstream")
     # A fixed text, never flow.error.msg: that may quote bytes the client sent.
-    if flow.metadata.get(TIMED_OUT):
+    if flowstate.timed_out(flow):
         why = "upstream timeout"
     elif flow.error is not None and flow.error.msg == "Client disconnected.":
         why = "client disconnected"
@@ -281,7 +275,7 @@ def _usage(usage: Any) -> tuple[int, int, int] | None:
 
 
 def _prompt_estimate(flow: http.HTTPFlow) -> int:
-    req: ChatRequest = flow.metadata["teegate.chat"]
+    req = flowstate.chat_request(flow)
     return estimate_prompt_tokens(req.model_dump(mode="json", exclude_unset=True))
 
 
@@ -304,7 +298,7 @@ def _from_bytes(flow: http.HTTPFlow, n_bytes: int, status: str) -> Settle:
 
 def _full_hold(flow: http.HTTPFlow, res: Reservation) -> Settle:
     """We could not read what was served: charge what was reserved (its upper bound)."""
-    req: ChatRequest = flow.metadata["teegate.chat"]
+    req = flowstate.chat_request(flow)
     return Settle(
         prompt=_prompt_estimate(flow),
         completion=req.output_budget,

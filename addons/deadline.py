@@ -9,7 +9,7 @@ writes (``502 upstream_unreachable`` otherwise).
 
 A timed-out request was sent and may have run: :mod:`teegate.addons.billing` settles
 it at its reservation (``billing.unanswered``, default "hold"), reading
-``TIMED_OUT`` only to name the reason.
+:func:`~teegate.addons.flowstate.timed_out` only to name the reason.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import asyncio
 
 import structlog
 from mitmproxy import ctx, exceptions, http
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, next_error_page
+from teegate.addons.flowstate import Route
 
 log = structlog.get_logger("teegate")
-
-TIMER = "teegate.deadline"
-TIMED_OUT = "teegate.timed_out"
 
 
 class UpstreamDeadline:
@@ -40,11 +39,11 @@ class UpstreamDeadline:
             raise exceptions.OptionsError("teegate_upstream_timeout_s must be at least 1")
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.metadata.get("teegate.route") != "chat":
+        if flow.response is not None or flowstate.route(flow) != Route.CHAT:
             return
         loop = asyncio.get_running_loop()
-        flow.metadata[TIMER] = loop.call_later(
-            ctx.options.teegate_upstream_timeout_s, self._expire, flow
+        flowstate.set_deadline(
+            flow, loop.call_later(ctx.options.teegate_upstream_timeout_s, self._expire, flow)
         )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -55,9 +54,9 @@ class UpstreamDeadline:
 
     def error(self, flow: http.HTTPFlow) -> None:
         _cancel(flow)
-        if flow.response is not None or flow.metadata.get("teegate.route") != "chat":
+        if flow.response is not None or flowstate.route(flow) != Route.CHAT:
             return
-        if flow.metadata.get(TIMED_OUT):
+        if flowstate.timed_out(flow):
             err = GatewayError(
                 504,
                 "The confidential upstream did not answer in time; the request was abandoned.",
@@ -71,20 +70,20 @@ class UpstreamDeadline:
                 "upstream_unreachable",
                 type="api_error",
             )
-        flow.metadata["teegate.error_code"] = err.code
+        flowstate.set_error_code(flow, err.code)
         next_error_page.set(err)
 
     def _expire(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not flow.live:
             return
-        flow.metadata[TIMED_OUT] = True
-        log.warning("upstream_timeout", request_id=flow.metadata.get("teegate.request_id"))
+        flowstate.set_timed_out(flow)
+        log.warning("upstream_timeout", request_id=flowstate.request_id(flow))
         handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
         if handler is not None and flow.server_conn in handler.transports:
             handler.close_connection(flow.server_conn)
 
 
 def _cancel(flow: http.HTTPFlow) -> None:
-    timer = flow.metadata.pop(TIMER, None)
+    timer = flowstate.pop_deadline(flow)
     if timer is not None:
         timer.cancel()

@@ -46,7 +46,9 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Route
 from teegate.egress.hosts import (
     DEFAULT_LLM_HOSTS,
     Decision,
@@ -59,8 +61,6 @@ from teegate.egress.hosts import (
 
 log = structlog.get_logger("teegate.access")
 
-EGRESS = "teegate.egress"  # the Verdict value, on every flow from the egress listener
-EGRESS_HOST = "teegate.egress_host"  # the "host:port" that decided it
 _HOP_BY_HOP_PROXY = ("proxy-authorization", "proxy-connection")
 
 RESOLVE_TIMEOUT_S = 2.0  # how long a connection waits for a name's addresses
@@ -254,18 +254,17 @@ class Egress:
         if flow.client_conn.sni:
             names.append((flow.client_conn.sni, r.port))
         decision, _ = await self._decide(names)
-        flow.metadata[EGRESS] = decision.verdict.value
-        flow.metadata[EGRESS_HOST] = decision.host
+        flowstate.set_egress_verdict(flow, decision.verdict.value)
         if decision.verdict is Verdict.CONFIDENTIAL:
             self._pin_to_upstream(r)
         elif decision.verdict is Verdict.REFUSE:
-            flow.metadata["teegate.route"] = "local"
+            flowstate.set_route(flow, Route.LOCAL)
             refuse(flow, provider_not_confidential(_shown(decision.host), self._base_url))
         elif decision.verdict is Verdict.UNVERIFIED:
-            flow.metadata["teegate.route"] = "local"
+            flowstate.set_route(flow, Route.LOCAL)
             refuse(flow, destination_unverified(decision.host, self._resolver.timeout))
         else:
-            flow.metadata["teegate.route"] = "passthrough"
+            flowstate.set_route(flow, Route.PASSTHROUGH)
             for name in _HOP_BY_HOP_PROXY:
                 r.headers.pop(name, None)
             if decision.verdict is Verdict.AUDIT:
@@ -280,7 +279,7 @@ class Egress:
                 r.stream = True  # not ours to read: relay without buffering
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.metadata.get("teegate.route") == "passthrough":
+        if flow.response is not None and flowstate.route(flow) == Route.PASSTHROUGH:
             flow.response.stream = True
 
     async def _decide(

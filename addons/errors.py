@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 from mitmproxy import http
+from teegate.addons import flowstate
 
 log = structlog.get_logger("teegate")
 
@@ -84,7 +85,7 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 def refuse(flow: http.HTTPFlow, err: GatewayError) -> None:
     """Answer locally; mitmproxy then never contacts the upstream for this flow."""
     flow.response = err.response()
-    flow.metadata["teegate.error_code"] = err.code
+    flowstate.set_error_code(flow, err.code)
 
 
 def internal_error() -> GatewayError:
@@ -128,12 +129,11 @@ def _fail(addon: Any, hook: Callable[..., Any], flow: http.HTTPFlow, e: Exceptio
     # Refuse first: nothing below (not even a broken log sink) may stop that.
     if flow.response is None or hook.__name__ == "request":
         refuse(flow, internal_error())
-    flow.metadata["teegate.failed"] = True
     try:
         frame = traceback.extract_tb(e.__traceback__)[-1]
         log.error(
             "addon_failed_closed",
-            request_id=flow.metadata.get("teegate.request_id"),
+            request_id=flowstate.request_id(flow),
             addon=type(addon).__name__,
             hook=hook.__name__,
             error=type(e).__name__,

@@ -8,10 +8,11 @@ Every refusal happens here, locally, before anything is sent upstream.
 from __future__ import annotations
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Stage
 from teegate.addons.schema import ChatRequest
-from teegate.addons.stages import is_chat, passed
 from teegate.catalog.models import CatalogModel
 from teegate.catalog.store import suggest
 
@@ -20,8 +21,6 @@ from teegate.catalog.store import suggest
 # prompt with more than 8 bytes per token of headroom short is clearly too long.
 CONTEXT_BYTES_PER_TOKEN_MAX = 8
 
-LISTED_MODEL = "teegate.listed_model"
-
 
 class Gate:
     def __init__(self, catalog: CatalogSync) -> None:
@@ -29,22 +28,22 @@ class Gate:
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not is_chat(flow):
+        if not flowstate.is_chat(flow):
             return
-        req: ChatRequest = flow.metadata["teegate.chat"]
+        req = flowstate.chat_request(flow)
         try:
             model = await self._lookup(flow, req.model)
             check_capabilities(req, model)
         except GatewayError as e:
             refuse(flow, e)
             return
-        flow.metadata["teegate.model"] = model
-        passed(flow, "gate")
+        flowstate.set_catalog_model(flow, model)
+        flowstate.passed(flow, Stage.GATE)
 
     async def _lookup(self, flow: http.HTTPFlow, model_id: str) -> CatalogModel:
         snap = await self._sync.loaded()
         if model_id in snap.models or model_id in snap.non_confidential:
-            flow.metadata[LISTED_MODEL] = model_id  # a catalog id, not client text: loggable
+            flowstate.set_listed_model(flow, model_id)  # a catalog id, not client text: loggable
         model = snap.models.get(model_id)
         if model is None:
             raise not_confidential(model_id, suggest(model_id, snap.models))

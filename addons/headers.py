@@ -3,7 +3,7 @@
 Several addons have something to say in every response: the request id, the
 caller's rate limit, what attestation backed the answer. Each records its
 headers in the flow as soon as it knows them (:func:`add_headers`), and
-:class:`ResponseHeaders`, last in the chain, writes them all in one pass over
+:class:`ResponseHeaders`, after every addon that adds one, writes them all in one pass over
 the response's headers: in ``responseheaders``, before a streamed response's
 head leaves, or in ``response`` for answers made locally (refusals,
 ``/v1/models``), which have no ``responseheaders`` hook. Writing them from each
@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from mitmproxy import http
-
-ADDED = "teegate.response_headers"
-_WRITTEN = "teegate.response_headers_written"
+from teegate.addons import flowstate
+from teegate.addons.flowstate import Route
 
 
 def add_headers(flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
     """Have ``headers`` set on the flow's response, replacing any of the same names."""
-    flow.metadata.setdefault(ADDED, {}).update(headers)
+    flowstate.response_headers(flow).update(headers)
 
 
 class ResponseHeaders:
@@ -49,12 +48,12 @@ class ResponseHeaders:
 
     def _write(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or flow.metadata.get(_WRITTEN) is resp:
+        if resp is None or flowstate.headers_written(flow) is resp:
             return  # nothing yet, or done (a refusal after responseheaders is a new response)
-        flow.metadata[_WRITTEN] = resp
-        added: Mapping[str, str] = flow.metadata.get(ADDED) or {}
+        flowstate.set_headers_written(flow, resp)
+        added: Mapping[str, str] = flowstate.response_headers(flow)
         drop: set[str] = set()
-        if flow.metadata.get("teegate.route") != "passthrough":
+        if flowstate.route(flow) != Route.PASSTHROUGH:
             added = {**self._defaults(), **added}
             drop |= self._own
         drop |= {name.lower() for name in added}  # whatever is written replaces the upstream's

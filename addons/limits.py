@@ -30,7 +30,9 @@ import asyncio
 import gc
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Route
 
 MAX_HEADER_FIELDS = 100
 _CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}
@@ -48,7 +50,7 @@ def _bad_field(headers: http.Headers) -> str | None:
 class HeaderFields:
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.metadata.get("teegate.route") == "passthrough":
+        if flow.response is not None or flowstate.route(flow) == Route.PASSTHROUGH:
             return
         headers = flow.request.headers
         if len(headers.fields) > MAX_HEADER_FIELDS:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import cachetools
 from mitmproxy import ctx, exceptions, http
-from teegate.addons.auth import KEY
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
-from teegate.addons.stages import passed
 
 WINDOW_S = 60
 
@@ -51,7 +51,7 @@ class RateLimit:
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
-        key = flow.metadata.get(KEY)
+        key = flowstate.api_key(flow)
         if key is not None:
             bucket, limit = (
                 f"key:{key.key_id}",
@@ -91,4 +91,4 @@ class RateLimit:
             )
             return
         if key is not None:
-            passed(flow, "ratelimit")
+            flowstate.passed(flow, Stage.RATELIMIT)

@@ -18,9 +18,11 @@ import re
 from urllib.parse import parse_qsl, unquote
 
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.flowstate import Route
 from teegate.catalog.models import CatalogModel
 
 from teegate.money import format_usd
@@ -67,7 +69,7 @@ class Router:
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.metadata.get("teegate.route") == "passthrough":
+        if flow.response or flowstate.route(flow) == Route.PASSTHROUGH:
             return  # passthrough: an egress flow to a host that is not an LLM API
         path, has_query, query = flow.request.path.partition("?")
         method = flow.request.method.upper()
@@ -77,9 +79,9 @@ class Router:
             elif has_query:
                 refuse(flow, _query_refused(query))
             else:
-                flow.metadata["teegate.route"] = "chat"
+                flowstate.set_route(flow, Route.CHAT)
             return
-        flow.metadata["teegate.route"] = "local"
+        flowstate.set_route(flow, Route.LOCAL)
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 refuse(flow, _method_not_allowed(method, path, "GET"))

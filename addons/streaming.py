@@ -28,13 +28,13 @@ from typing import Any
 
 import structlog
 from mitmproxy import http
+from teegate.addons import flowstate
 from teegate.addons.errors import guarded
+from teegate.addons.flowstate import Route
 from teegate.addons.sse import Event, SSESplitter
-from teegate.addons.upstream import UPSTREAM_MODEL, log_mismatch, model_mismatch
+from teegate.addons.upstream import log_mismatch, model_mismatch
 
 log = structlog.get_logger("teegate")
-
-TALLY = "teegate.stream"
 
 
 @dataclass
@@ -195,13 +195,13 @@ def generated_bytes(choices: list[Any]) -> int:
 class StreamRelay:
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get("teegate.route") != "chat" or flow.response is None:
+        if flowstate.route(flow) != Route.CHAT or flow.response is None:
             return
         ctype = flow.response.headers.get("content-type", "")
         if not ctype.lower().startswith("text/event-stream"):
             return  # a plain JSON answer: buffered, read whole in the response hook
         tally = StreamTally()
-        flow.metadata[TALLY] = tally
+        flowstate.set_stream_tally(flow, tally)
         decoder = None
         encoding = flow.response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -210,8 +210,8 @@ class StreamRelay:
                 del flow.response.headers["content-encoding"]
             except (ValueError, ImportError):
                 tally.opaque = True
-        strip = not flow.metadata.get("teegate.client_wants_usage", False)
-        model = flow.metadata.get(UPSTREAM_MODEL)
+        strip = not flowstate.client_wants_usage(flow)
+        model = flowstate.upstream_model(flow)
         if not isinstance(model, str):
             tally.opaque = True  # cannot be checked: the relay refuses it
             model = ""

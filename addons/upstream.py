@@ -20,14 +20,13 @@ from urllib.parse import urlsplit
 
 import structlog
 from mitmproxy import ctx, exceptions, http
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded
+from teegate.addons.flowstate import Stage
 from teegate.addons.routes import CHAT_PATH
-from teegate.addons.schema import ChatRequest
-from teegate.addons.stages import has_passed, is_chat, passed
 
 log = structlog.get_logger("teegate")
 
-UPSTREAM_MODEL = "teegate.upstream_model"
 MISMATCH = "upstream_model_mismatch"
 
 
@@ -49,15 +48,13 @@ class UpstreamRewrite:
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
-        if not is_chat(flow) or not has_passed(flow, "gate"):
+        if not flowstate.is_chat(flow) or not flowstate.has_passed(flow, Stage.GATE):
             return
-        req: ChatRequest = flow.metadata["teegate.chat"]
+        req = flowstate.chat_request(flow)
         opts = req.stream_options
-        flow.metadata["teegate.client_wants_usage"] = bool(
-            req.stream and opts and opts.include_usage
-        )
+        flowstate.set_client_wants_usage(flow, bool(req.stream and opts and opts.include_usage))
         body = req.upstream_body(include_usage=True)
-        flow.metadata[UPSTREAM_MODEL] = req.model
+        flowstate.set_upstream_model(flow, req.model)
 
         self._pin(flow)
         flow.request.headers = http.Headers(
@@ -67,10 +64,10 @@ class UpstreamRewrite:
             accept_encoding="identity",
             authorization=f"Bearer {ctx.options.teegate_upstream_key}",
             user_agent="teegate",
-            x_request_id=flow.metadata.get("teegate.request_id", ""),
+            x_request_id=flowstate.request_id(flow) or "",
         )
         flow.request.content = body
-        passed(flow, "upstream")
+        flowstate.passed(flow, Stage.UPSTREAM)
 
     def _pin(self, flow: http.HTTPFlow) -> None:
         """Send to the configured upstream, whatever address the flow arrived for."""
@@ -97,12 +94,12 @@ def model_mismatch() -> GatewayError:
 
 
 def log_mismatch(flow: http.HTTPFlow, answered: Any) -> None:
-    flow.metadata["teegate.error_code"] = MISMATCH
+    flowstate.set_error_code(flow, MISMATCH)
     shown = answered[:200] if isinstance(answered, str) else type(answered).__name__
     log.error(
         MISMATCH,
-        request_id=flow.metadata.get("teegate.request_id"),
-        requested=flow.metadata.get(UPSTREAM_MODEL),
+        request_id=flowstate.request_id(flow),
+        requested=flowstate.upstream_model(flow),
         answered=shown,
     )
 
@@ -117,16 +114,18 @@ class AnswerModelCheck:
 
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if not has_passed(flow, "upstream") or resp is None or resp.status_code >= 400:
+        if resp is None or resp.status_code >= 400:
             return
-        if "teegate.stream" in flow.metadata:  # streaming.TALLY: the relay checked it
+        if not flowstate.has_passed(flow, Stage.UPSTREAM):
+            return
+        if flowstate.stream_tally(flow) is not None:  # a stream: the relay checked it
             return
         try:
             doc = resp.json()
             answered = doc.get("model") if isinstance(doc, dict) else doc
         except Exception:  # undecodable: cannot be shown to be the attested model's answer
             answered = None
-        if isinstance(answered, str) and answered == flow.metadata.get(UPSTREAM_MODEL):
+        if isinstance(answered, str) and answered == flowstate.upstream_model(flow):
             return
         flow.response = model_mismatch().response()
         log_mismatch(flow, answered)

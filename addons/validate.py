@@ -12,10 +12,11 @@ from __future__ import annotations
 import zlib
 
 from mitmproxy import ctx, exceptions, http
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.flowstate import Stage
 from teegate.addons.jsonbody import MAX_JSON_DEPTH
 from teegate.addons.schema import parse_chat_request
-from teegate.addons.stages import is_chat, passed
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
 _PIECE = 256 * 1024
@@ -65,17 +66,18 @@ class ChatValidator:
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
-        if not is_chat(flow):
+        if not flowstate.is_chat(flow):
             return
         try:
             raw = decoded_body(flow.request, self._max_body)
-            flow.metadata["teegate.chat"] = parse_chat_request(
+            req = parse_chat_request(
                 raw, **self._defaults, max_depth=self._max_depth, extra_fields=self._extra_fields
             )
         except GatewayError as e:
             refuse(flow, e)
             return
-        passed(flow, "validate")
+        flowstate.set_chat_request(flow, req)
+        flowstate.passed(flow, Stage.VALIDATE)
 
 
 def too_large(limit: int) -> GatewayError:

@@ -22,6 +22,7 @@ from teegate.addons.deadline import UpstreamDeadline
 from teegate.addons.egress import Egress
 from teegate.addons.egress_auth import EgressAuth
 from teegate.addons.errors import html_free_error_pages
+from teegate.addons.flowstate import Stage
 from teegate.addons.gate import Gate
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
@@ -36,8 +37,8 @@ from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
 from teegate.master import GatewayMaster
 
-# Every one of these must approve a chat completion before Seal lets it leave.
-REQUIRED_STAGES = ("auth", "ratelimit", "validate", "gate", "attestation", "billing", "upstream")
+# Every stage must approve a chat completion before Seal lets it leave.
+REQUIRED_STAGES = tuple(Stage)
 
 
 def build_addons(

@@ -14,10 +14,10 @@ import pytest
 from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.test import tflow
+from teegate.addons import flowstate
 from teegate.addons.billing import Release, Settle, _settlement
-from teegate.addons.deadline import TIMED_OUT
 from teegate.addons.schema import ChatRequest
-from teegate.addons.streaming import TALLY, StreamTally
+from teegate.addons.streaming import StreamTally
 from teegate.ledger import Prices, Reservation, estimate_prompt_tokens
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
@@ -52,13 +52,13 @@ def _flow(
         f.server_conn.timestamp_tcp_setup = None
     if error is not None:
         f.error = mflow.Error(error)
-    f.metadata["teegate.chat"] = ChatRequest.model_validate(BODY)
+    flowstate.set_chat_request(f, ChatRequest.model_validate(BODY))
     if tally is not None:
-        f.metadata[TALLY] = tally
+        flowstate.set_stream_tally(f, tally)
     if timed_out:
-        f.metadata[TIMED_OUT] = True
+        flowstate.set_timed_out(f)
     if error_code is not None:
-        f.metadata["teegate.error_code"] = error_code
+        flowstate.set_error_code(f, error_code)
     return f
 
 

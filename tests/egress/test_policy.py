@@ -12,8 +12,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons import flowstate
 from teegate.addons.catalogsync import CatalogSync
-from teegate.addons.egress import EGRESS, Egress, Resolver
+from teegate.addons.egress import Egress, Resolver
+from teegate.addons.flowstate import Route
 from teegate.addons.seal import Seal
 from teegate.egress.hosts import (
     DEFAULT_LLM_HOSTS,
@@ -414,7 +416,7 @@ def test_ignore_hosts_is_refused_at_start():
 async def test_reverse_mode_flows_are_not_touched(egress):
     f = _flow("api.openai.com", 443, mode="reverse:https://confidential.example")
     await egress.requestheaders(f)
-    assert f.response is None and EGRESS not in f.metadata and "teegate.route" not in f.metadata
+    assert f.response is None and flowstate.egress_verdict(f) is None and flowstate.route(f) is None
 
 
 async def test_listed_host_is_refused_before_the_body(egress):
@@ -425,7 +427,7 @@ async def test_listed_host_is_refused_before_the_body(egress):
     assert body["error"]["code"] == "provider_not_confidential"
     assert "api.openai.com " in body["error"]["message"]
     assert "https://confidential.example/v1" in body["error"]["message"]
-    assert f.metadata["teegate.route"] == "local"
+    assert flowstate.route(f) == Route.LOCAL
 
 
 async def test_listed_sni_refuses_whatever_the_address(egress):
@@ -439,38 +441,38 @@ async def test_upstream_flows_are_pinned_to_the_configured_origin(egress):
     f = _flow("confidential.example", 80, scheme=b"http", proxy_authorization="Basic x")
     await egress.requestheaders(f)
     r = f.request
-    assert f.response is None and f.metadata[EGRESS] == "confidential"
+    assert f.response is None and flowstate.egress_verdict(f) == "confidential"
     assert (r.scheme, r.host, r.port, r.host_header) == (
         "https",
         "confidential.example",
         443,
         "confidential.example",
     )
-    assert "teegate.route" not in f.metadata  # the Router decides, as for reverse flows
+    assert flowstate.route(f) is None  # the Router decides, as for reverse flows
 
 
 async def test_unlisted_hosts_pass_through_streamed_without_proxy_credentials(egress):
     f = _flow("example.org", 80, scheme=b"http", proxy_authorization="Basic x")
     await egress.requestheaders(f)
-    assert f.response is None and f.metadata["teegate.route"] == "passthrough"
+    assert f.response is None and flowstate.route(f) == Route.PASSTHROUGH
     assert f.request.stream is True and "proxy-authorization" not in f.request.headers
 
 
 async def test_audit_hosts_pass_through_unstreamed(egress):
     f = _flow("api.groq.com", 443)
     await egress.requestheaders(f)
-    assert f.response is None and f.metadata[EGRESS] == "audit"
-    assert f.metadata["teegate.route"] == "passthrough" and not f.request.stream
+    assert f.response is None and flowstate.egress_verdict(f) == "audit"
+    assert flowstate.route(f) == Route.PASSTHROUGH and not f.request.stream
 
 
 def test_seal_honours_passthrough_only_from_the_egress_listener():
     seal = Seal(("validate", "gate", "upstream"))
     f = _flow("example.org", 80, mode="reverse:https://confidential.example")
-    f.metadata["teegate.route"] = "passthrough"
+    flowstate.set_route(f, Route.PASSTHROUGH)
     seal.request(f)
     assert f.response is not None and f.response.status_code == 500
     g = _flow("example.org", 80)
-    g.metadata["teegate.route"] = "passthrough"
+    flowstate.set_route(g, Route.PASSTHROUGH)
     seal.request(g)
     assert g.response is None
 
@@ -486,7 +488,7 @@ async def test_a_name_that_resolves_to_the_upstream_is_gated(egress, dns):
     dns.table["alias.example"] = "203.0.113.10"
     f = _flow("alias.example", 443)
     await egress.requestheaders(f)
-    assert f.response is None and f.metadata[EGRESS] == "confidential"
+    assert f.response is None and flowstate.egress_verdict(f) == "confidential"
     assert f.request.host == "confidential.example"  # pinned to the configured origin
 
 

@@ -8,10 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
+from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError
+from teegate.addons.flowstate import Route, Stage
 from teegate.addons.schema import ALLOWED_FIELDS, parse_chat_request
 from teegate.addons.streaming import StreamTally, _Relay
-from teegate.addons.upstream import UPSTREAM_MODEL, AnswerModelCheck
+from teegate.addons.upstream import AnswerModelCheck
 
 from tests.gateway.conftest import TEE
 
@@ -62,8 +64,9 @@ def _answered(model: object, status: int = 200, content_type: str = "application
             headers=((b"content-type", content_type.encode()),),
         ),
     )
-    f.metadata.update({"teegate.route": "chat", "teegate.stages": {"upstream"}})
-    f.metadata[UPSTREAM_MODEL] = TEE
+    flowstate.set_route(f, Route.CHAT)
+    flowstate.passed(f, Stage.UPSTREAM)
+    flowstate.set_upstream_model(f, TEE)
     AnswerModelCheck().response(f)
     return f
 
@@ -73,7 +76,7 @@ def test_a_plain_answer_naming_another_model_becomes_502(model):
     f = _answered(model)
     assert f.response.status_code == 502
     assert f.response.json()["error"]["code"] == "upstream_model_mismatch"
-    assert f.metadata["teegate.error_code"] == "upstream_model_mismatch"
+    assert flowstate.error_code(f) == "upstream_model_mismatch"
 
 
 def test_a_matching_answer_and_upstream_errors_are_left_alone():

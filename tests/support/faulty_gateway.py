@@ -14,19 +14,18 @@ from __future__ import annotations
 import os
 import sys
 
-from teegate.addons import (
-    stages,  # imported first: the addons bind ``passed`` when they are imported
-)
+from teegate.addons import flowstate  # the addons call ``flowstate.passed`` through the module
+from teegate.addons.flowstate import Stage
 
 # Which addon class approves each stage (the ``hook:`` faults replace its ``request``).
 STAGE_ADDONS = {
-    "auth": ("teegate.addons.auth", "Auth"),
-    "ratelimit": ("teegate.addons.ratelimit", "RateLimit"),
-    "validate": ("teegate.addons.validate", "ChatValidator"),
-    "gate": ("teegate.addons.gate", "Gate"),
-    "attestation": ("teegate.addons.attestation_gate", "AttestationGate"),
-    "billing": ("teegate.addons.billing", "Billing"),
-    "upstream": ("teegate.addons.upstream", "UpstreamRewrite"),
+    Stage.AUTH: ("teegate.addons.auth", "Auth"),
+    Stage.RATELIMIT: ("teegate.addons.ratelimit", "RateLimit"),
+    Stage.VALIDATE: ("teegate.addons.validate", "ChatValidator"),
+    Stage.GATE: ("teegate.addons.gate", "Gate"),
+    Stage.ATTESTATION: ("teegate.addons.attestation_gate", "AttestationGate"),
+    Stage.BILLING: ("teegate.addons.billing", "Billing"),
+    Stage.UPSTREAM: ("teegate.addons.upstream", "UpstreamRewrite"),
 }
 
 
@@ -35,20 +34,21 @@ class InjectedFault(RuntimeError):
 
 
 def _fail_stage(name: str) -> None:
-    real = stages.passed
+    broken = Stage(name)
+    real = flowstate.passed
 
-    def passed(flow, stage: str) -> None:
-        if stage == name:
+    def passed(flow, stage: Stage) -> None:
+        if stage == broken:
             raise InjectedFault(stage)
         real(flow, stage)
 
-    stages.passed = passed
+    flowstate.passed = passed
 
 
 def _fail_hook(name: str) -> None:
     import importlib
 
-    module, cls = STAGE_ADDONS[name]
+    module, cls = STAGE_ADDONS[Stage(name)]
     addon = getattr(importlib.import_module(module), cls)
     assert hasattr(addon, "request"), f"{cls}.request is gone: update the fault injection"
 

@@ -7,12 +7,13 @@ from decimal import Decimal
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons import flowstate
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import guarded
+from teegate.addons.flowstate import Route, Stage
 from teegate.addons.gate import Gate
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
-from teegate.addons.stages import passed
 from teegate.addons.upstream import UpstreamRewrite
 from teegate.addons.validate import ChatValidator
 from teegate.catalog.store import Catalog
@@ -123,16 +124,16 @@ async def test_stale_catalog_fails_closed():
 
 def test_seal_refuses_a_chat_flow_missing_a_stage():
     flow = chat_flow({"model": TEE})
-    flow.metadata["teegate.route"] = "chat"
-    passed(flow, "validate")
-    passed(flow, "upstream")  # "gate" never approved it
-    Seal(("validate", "gate", "upstream")).request(flow)
+    flowstate.set_route(flow, Route.CHAT)
+    flowstate.passed(flow, Stage.VALIDATE)
+    flowstate.passed(flow, Stage.UPSTREAM)  # the gate never approved it
+    Seal((Stage.VALIDATE, Stage.GATE, Stage.UPSTREAM)).request(flow)
     assert flow.response.status_code == 500
 
 
 def test_seal_refuses_an_unrouted_flow():
     flow = chat_flow({"model": TEE})
-    Seal(("validate",)).request(flow)
+    Seal((Stage.VALIDATE,)).request(flow)
     assert flow.response.status_code == 500
 
 

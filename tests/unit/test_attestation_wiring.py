@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons import flowstate
 from teegate.addons.attestation import NOT_RUNNING, AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
 from teegate.addons.attestation_report import parse_nonce
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError
+from teegate.addons.flowstate import Route, Stage
 from teegate.addons.seal import Seal
-from teegate.addons.stages import passed
 from teegate.catalog.attestation import Policy
 from teegate.catalog.models import CatalogModel
 
@@ -26,13 +27,13 @@ from teegate.runner import REQUIRED_STAGES, option_values
 TEE = "org/model-TEE"
 
 
-def _chat_flow(approved_by: tuple[str, ...] = ("gate",)):
+def _chat_flow(approved_by: tuple[Stage, ...] = (Stage.GATE,)):
     req = tutils.treq(method=b"POST", path=b"/v1/chat/completions", content=b"{}")
     flow = tflow.tflow(req=req)
-    flow.metadata["teegate.route"] = "chat"
-    flow.metadata["teegate.model"] = CatalogModel.model_construct(id=TEE)
+    flowstate.set_route(flow, Route.CHAT)
+    flowstate.set_catalog_model(flow, CatalogModel.model_construct(id=TEE))
     for stage in approved_by:
-        passed(flow, stage)
+        flowstate.passed(flow, stage)
     return flow
 
 
@@ -70,8 +71,8 @@ def test_upstream_attestation_headers_are_dropped_in_flag_mode():
 
 
 def test_seal_refuses_a_chat_the_attestation_stage_did_not_approve():
-    assert "attestation" in REQUIRED_STAGES
-    others = tuple(s for s in REQUIRED_STAGES if s != "attestation")
+    assert Stage.ATTESTATION in REQUIRED_STAGES
+    others = tuple(s for s in REQUIRED_STAGES if s != Stage.ATTESTATION)
     flow = _chat_flow(approved_by=others)
     Seal(REQUIRED_STAGES).request(flow)
     assert flow.response.status_code == 500

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from mitmproxy.test import tflow, tutils
+from teegate.addons import flowstate
+from teegate.addons.flowstate import Route
 from teegate.addons.headers import ResponseHeaders, add_headers
 
 OWN = ("x-teegate-attestation-mode", "x-teegate-quote-sha256")
@@ -12,9 +14,9 @@ def _writer() -> ResponseHeaders:
     return ResponseHeaders(own=OWN, defaults=lambda: {"x-teegate-attestation-mode": "dcap"})
 
 
-def _flow(route: str = "chat", upstream_headers: list[tuple[bytes, bytes]] | None = None):
+def _flow(route: Route = Route.CHAT, upstream_headers: list[tuple[bytes, bytes]] | None = None):
     flow = tflow.tflow(resp=tutils.tresp(headers=upstream_headers or []))
-    flow.metadata["teegate.route"] = route
+    flowstate.set_route(flow, route)
     return flow
 
 
@@ -52,7 +54,7 @@ def test_written_once_per_response_and_again_for_a_replacement() -> None:
 
 
 def test_egress_passthrough_keeps_the_sites_headers() -> None:
-    flow = _flow("passthrough", [(b"x-teegate-quote-sha256", b"theirs")])
+    flow = _flow(Route.PASSTHROUGH, [(b"x-teegate-quote-sha256", b"theirs")])
     add_headers(flow, {"x-request-id": "req_1"})
     _writer().response(flow)
     h = flow.response.headers

@@ -1,0 +1,279 @@
+"""What the request-path addons tell each other about a flow, under one owner.
+
+mitmproxy gives each flow a ``metadata`` dict and no schema. The addons pass their
+decisions through it (the route, each stage's approval, the validated request, the
+reservation, ...); a key mistyped in one addon would read as "absent" and refuse every
+chat, or worse, skip a check, and only an end-to-end test would notice. So every key is
+written here once, behind a typed getter and setter, and the route and the stage names
+are enums: a typo is an ``AttributeError`` on import or a ``ValueError`` at once, never
+a silent miss.
+
+Approvals (:func:`passed`) are what :class:`~teegate.addons.seal.Seal` checks: a chat
+completion leaves only if every :class:`Stage` recorded one. An addon that raised, or was
+skipped, leaves its stage missing, and the flow is refused. Addons call ``passed``
+through this module (``flowstate.passed``), so the fault injector of the failure-mode
+tests (``tests/support/faulty_gateway.py``) can replace it.
+
+Getters of what an earlier stage must have recorded (:func:`chat_request`,
+:func:`catalog_model`) raise :class:`MissingState` rather than return ``None``: they are
+called only after that stage approved, and the guard turns the exception into a 500.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from mitmproxy import http
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from teegate.addons.schema import ChatRequest
+    from teegate.addons.streaming import StreamTally
+    from teegate.catalog.models import CatalogModel
+    from teegate.ledger import ApiKey, Reservation
+
+
+class Route(StrEnum):
+    """Where a flow is going; set by the Router (or, on the egress listener, by Egress)."""
+
+    CHAT = "chat"  # a chat completion on its way through the gate to the upstream
+    LOCAL = "local"  # answered by the gateway itself (model list, report, refusal)
+    PASSTHROUGH = "passthrough"  # egress: a host the gateway does not gate, relayed as is
+
+
+class Stage(StrEnum):
+    """The approvals a chat completion needs before Seal lets it leave, one per addon."""
+
+    AUTH = "auth"
+    RATELIMIT = "ratelimit"
+    VALIDATE = "validate"
+    GATE = "gate"
+    ATTESTATION = "attestation"
+    BILLING = "billing"
+    UPSTREAM = "upstream"
+
+
+class MissingState(RuntimeError):
+    """A value an earlier stage must have recorded is absent: an internal error."""
+
+
+def need[T](value: T | None, what: str) -> T:
+    """``value``, or :class:`MissingState` naming ``what`` when it was never recorded."""
+    if value is None:
+        raise MissingState(f"no {what} recorded for this flow")
+    return value
+
+
+_ROUTE = "teegate.route"
+_STAGES = "teegate.stages"
+_REQUEST_ID = "teegate.request_id"
+_ERROR_CODE = "teegate.error_code"
+_API_KEY = "teegate.key"
+_CHAT = "teegate.chat"
+_MODEL = "teegate.model"
+_LISTED_MODEL = "teegate.listed_model"
+_UPSTREAM_MODEL = "teegate.upstream_model"
+_CLIENT_WANTS_USAGE = "teegate.client_wants_usage"
+_RESERVATION = "teegate.reservation"
+_STARTED_MS = "teegate.started_ms"
+_FIRST_BYTE_MS = "teegate.first_byte_ms"
+_TALLY = "teegate.stream"
+_DEADLINE = "teegate.deadline"
+_TIMED_OUT = "teegate.timed_out"
+_EGRESS = "teegate.egress"
+_RESPONSE_HEADERS = "teegate.response_headers"
+_HEADERS_WRITTEN = "teegate.response_headers_written"
+
+
+# -- route and approvals -------------------------------------------------------------------
+
+
+def route(flow: http.HTTPFlow) -> Route | None:
+    return flow.metadata.get(_ROUTE)
+
+
+def set_route(flow: http.HTTPFlow, value: Route) -> None:
+    flow.metadata[_ROUTE] = Route(value)
+
+
+def is_chat(flow: http.HTTPFlow) -> bool:
+    """A chat completion still on its way (not yet answered locally)."""
+    return flow.response is None and route(flow) == Route.CHAT
+
+
+def passed(flow: http.HTTPFlow, stage: Stage) -> None:
+    """Record ``stage``'s approval (a name that is no :class:`Stage` raises ``ValueError``)."""
+    flow.metadata.setdefault(_STAGES, set()).add(Stage(stage))
+
+
+def has_passed(flow: http.HTTPFlow, stage: Stage) -> bool:
+    return Stage(stage) in flow.metadata.get(_STAGES, ())
+
+
+def approvals(flow: http.HTTPFlow) -> frozenset[Stage]:
+    return frozenset(flow.metadata.get(_STAGES, ()))
+
+
+# -- request identity and outcome ----------------------------------------------------------
+
+
+def request_id(flow: http.HTTPFlow) -> str | None:
+    """The id AccessLog gave the request (None before its request hook ran)."""
+    return flow.metadata.get(_REQUEST_ID)
+
+
+def set_request_id(flow: http.HTTPFlow, value: str) -> None:
+    flow.metadata[_REQUEST_ID] = value
+
+
+def error_code(flow: http.HTTPFlow) -> str | None:
+    """The code of the error the gateway answered (or will answer) with."""
+    return flow.metadata.get(_ERROR_CODE)
+
+
+def set_error_code(flow: http.HTTPFlow, code: str) -> None:
+    flow.metadata[_ERROR_CODE] = code
+
+
+def api_key(flow: http.HTTPFlow) -> ApiKey | None:
+    """The key Auth accepted (never the presented secret: ids and limits only)."""
+    return flow.metadata.get(_API_KEY)
+
+
+def set_api_key(flow: http.HTTPFlow, key: ApiKey) -> None:
+    flow.metadata[_API_KEY] = key
+
+
+# -- the chat completion -------------------------------------------------------------------
+
+
+def has_chat_request(flow: http.HTTPFlow) -> bool:
+    return flow.metadata.get(_CHAT) is not None
+
+
+def chat_request(flow: http.HTTPFlow) -> ChatRequest:
+    """The validated request; only for flows the validator approved."""
+    return need(flow.metadata.get(_CHAT), "validated chat request")
+
+
+def set_chat_request(flow: http.HTTPFlow, req: ChatRequest) -> None:
+    flow.metadata[_CHAT] = req
+
+
+def catalog_model(flow: http.HTTPFlow) -> CatalogModel:
+    """The confidential catalog entry the gate approved; only for flows it approved."""
+    return need(flow.metadata.get(_MODEL), "catalog model")
+
+
+def set_catalog_model(flow: http.HTTPFlow, model: CatalogModel) -> None:
+    flow.metadata[_MODEL] = model
+
+
+def listed_model(flow: http.HTTPFlow) -> str | None:
+    """The requested model id when the catalog lists it: a catalog id, so loggable."""
+    return flow.metadata.get(_LISTED_MODEL)
+
+
+def set_listed_model(flow: http.HTTPFlow, model_id: str) -> None:
+    flow.metadata[_LISTED_MODEL] = model_id
+
+
+def upstream_model(flow: http.HTTPFlow) -> str | None:
+    """The model id sent upstream, which its answer must name."""
+    return flow.metadata.get(_UPSTREAM_MODEL)
+
+
+def set_upstream_model(flow: http.HTTPFlow, model_id: str) -> None:
+    flow.metadata[_UPSTREAM_MODEL] = model_id
+
+
+def client_wants_usage(flow: http.HTTPFlow) -> bool:
+    """Whether the client asked for the stream's usage chunk (the gateway always does)."""
+    return flow.metadata.get(_CLIENT_WANTS_USAGE, False)
+
+
+def set_client_wants_usage(flow: http.HTTPFlow, value: bool) -> None:
+    flow.metadata[_CLIENT_WANTS_USAGE] = value
+
+
+# -- billing -------------------------------------------------------------------------------
+
+
+def reservation(flow: http.HTTPFlow) -> Reservation | None:
+    return flow.metadata.get(_RESERVATION)
+
+
+def set_reservation(flow: http.HTTPFlow, res: Reservation) -> None:
+    flow.metadata[_RESERVATION] = res
+
+
+def started_ms(flow: http.HTTPFlow) -> int | None:
+    return flow.metadata.get(_STARTED_MS)
+
+
+def set_started_ms(flow: http.HTTPFlow, ms: int) -> None:
+    flow.metadata[_STARTED_MS] = ms
+
+
+def first_byte_ms(flow: http.HTTPFlow) -> int | None:
+    return flow.metadata.get(_FIRST_BYTE_MS)
+
+
+def set_first_byte_ms(flow: http.HTTPFlow, ms: int) -> None:
+    flow.metadata[_FIRST_BYTE_MS] = ms
+
+
+def stream_tally(flow: http.HTTPFlow) -> StreamTally | None:
+    """What a relayed stream delivered; None for an answer that was not streamed."""
+    return flow.metadata.get(_TALLY)
+
+
+def set_stream_tally(flow: http.HTTPFlow, tally: StreamTally) -> None:
+    flow.metadata[_TALLY] = tally
+
+
+# -- the upstream deadline -----------------------------------------------------------------
+
+
+def set_deadline(flow: http.HTTPFlow, timer: asyncio.TimerHandle) -> None:
+    flow.metadata[_DEADLINE] = timer
+
+
+def pop_deadline(flow: http.HTTPFlow) -> asyncio.TimerHandle | None:
+    return flow.metadata.pop(_DEADLINE, None)
+
+
+def timed_out(flow: http.HTTPFlow) -> bool:
+    return bool(flow.metadata.get(_TIMED_OUT))
+
+
+def set_timed_out(flow: http.HTTPFlow) -> None:
+    flow.metadata[_TIMED_OUT] = True
+
+
+# -- egress and response headers -----------------------------------------------------------
+
+
+def egress_verdict(flow: http.HTTPFlow) -> str | None:
+    """The egress policy's verdict (``teegate.egress.hosts.Verdict`` value), egress flows only."""
+    return flow.metadata.get(_EGRESS)
+
+
+def set_egress_verdict(flow: http.HTTPFlow, verdict: str) -> None:
+    flow.metadata[_EGRESS] = verdict
+
+
+def response_headers(flow: http.HTTPFlow) -> dict[str, str]:
+    """The headers the addons want on the response (a bag :mod:`.headers` writes)."""
+    return flow.metadata.setdefault(_RESPONSE_HEADERS, {})
+
+
+def headers_written(flow: http.HTTPFlow) -> http.Response | None:
+    """The response the bag was last written to."""
+    return flow.metadata.get(_HEADERS_WRITTEN)
+
+
+def set_headers_written(flow: http.HTTPFlow, resp: http.Response) -> None:
+    flow.metadata[_HEADERS_WRITTEN] = resp
