@@ -1,11 +1,11 @@
 """Run a plain function on an aiosqlite connection's own thread, in one hand-off.
 
 Why: every ``await db.execute(...)`` is a round trip to aiosqlite's worker
-thread and back through the event loop (tens of microseconds of CPU each). The
-request path's write batch made about eight of them per commit; running the
-whole transaction as one function on the thread makes it one (bench/ledger_cost.py,
-docs/bench.md). It also means the transaction can no longer be left open
-half-way by a cancelled ``await``: once queued, the function runs to its end.
+thread and back through the event loop (tens of microseconds of CPU each), and a
+write batch is several statements; running the whole transaction as one function
+on the thread makes it one hand-off (bench/ledger_cost.py, docs/bench.md). It also
+means the transaction cannot be left open half-way by a cancelled ``await``: once
+queued, the function runs to its end.
 
 aiosqlite has no public "run this on the connection's thread" call. Its
 ``Connection._execute(fn, *args)`` (long-standing; as used here in the

@@ -5,10 +5,9 @@ drain at a time takes everything queued, up to ``batch_max`` operations, and
 commits it in one transaction, so N concurrent requests pay for one fsync
 instead of N. While one commit is in flight the next batch accumulates, so
 under load batches grow by themselves: the batch window is the duration of the
-previous commit. An extra linger (``batch_ms``) can be configured, but
-measurements (bench/ledger_cost.py: ~59 requests per commit at 64 concurrent
-requests without it, and +2-3 ms on every lone reservation with it) make the
-default 0. Settlements and releases, which nobody waits for, ride along with
+previous commit. An extra linger (``batch_ms``) can be configured, but it costs
+every lone reservation its full length while batches already grow under load by
+themselves (bench/ledger_cost.py, docs/bench.md), so it defaults to 0. Settlements and releases, which nobody waits for, ride along with
 the next reservation's commit, or go on their own after ``settle_linger_ms``
 (see :meth:`GroupCommitter._kick`).
 
