@@ -8,8 +8,8 @@ under load batches grow by themselves: the batch window is the duration of the
 previous commit. An extra linger (``batch_ms``) can be configured, but it costs
 every lone reservation its full length while batches already grow under load by
 themselves (bench/ledger_cost.py, docs/bench.md), so it defaults to 0. Settlements
-and releases, which nobody waits for, ride along with the next reservation's commit, or go on their own after ``settle_linger_ms``
-(see :meth:`GroupCommitter._kick`).
+and releases, which nobody waits for, ride along with the next reservation's commit,
+or go on their own after ``settle_linger_ms`` (see :meth:`GroupCommitter._kick`).
 
 Failure handling (fail closed, never lose a charge):
 
