@@ -238,8 +238,6 @@ class ChatRequest(BaseModel):
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-MAX_JSON_DEPTH = 400  # [limits] max_json_depth's default (teegate/config.py)
-
 # After escaped backslashes and quotes are dropped, every '"' left delimits a string.
 _STRING = re.compile(rb'"[^"]*"')
 _NOT_QUOTES_OR_BRACKETS = bytes(b for b in range(256) if b not in b'"[]{}')
@@ -330,7 +328,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def parse_json_object(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
     """A JSON object, strictly: every refusal is a 400 envelope, never another exception.
 
     The body's size is bounded before this runs (addons/validate.py).
@@ -378,8 +376,8 @@ def parse_chat_request(
     max_tokens: int,
     temperature: float,
     top_p: float,
+    max_depth: int,
     extra_fields: frozenset[str] = frozenset(),
-    max_depth: int = MAX_JSON_DEPTH,
 ) -> ChatRequest:
     doc = parse_json_object(raw, max_depth=max_depth)
     allowed = (ALLOWED_FIELDS | extra_fields) - NEVER_ALLOWED

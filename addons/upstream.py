@@ -15,8 +15,8 @@ the hold. Streamed answers are checked on their first chunk by the stream relay.
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import urlsplit
+import functools
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import ctx, exceptions, http
@@ -25,6 +25,9 @@ from teegate.addons.routes import CHAT_PATH
 from teegate.addons.schema import ChatRequest
 from teegate.addons.stages import has_passed, is_chat, passed
 
+if TYPE_CHECKING:
+    from teegate.config import UpstreamSettings
+
 log = structlog.get_logger("teegate")
 
 UPSTREAM_MODEL = "teegate.upstream_model"
@@ -32,20 +35,23 @@ MISMATCH = "upstream_model_mismatch"
 
 
 class UpstreamRewrite:
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._upstream = upstream
+        o = upstream.origin_parts
+        self._origin = (o.scheme, o.host, o.port)
+        self._host_header = o.host_header
+
+    @functools.cached_property
+    def _authorization(self) -> str:
+        # On first use, not at construction: a chain is built (to be listed) without a key.
+        return f"Bearer {self._upstream.resolved_api_key()}"
+
     def configure(self, updated: set[str]) -> None:
         if getattr(ctx.options, "stream_large_bodies", None):
             # Streamed request bodies go upstream before the request hook runs: no gate.
             raise exceptions.OptionsError(
                 "stream_large_bodies would bypass the gate; leave it unset"
             )
-        if "teegate_upstream" in updated or not hasattr(self, "_origin"):
-            parts = urlsplit(ctx.options.teegate_upstream)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise exceptions.OptionsError("teegate_upstream must be an http(s) origin")
-            default_port = 443 if parts.scheme == "https" else 80
-            port = parts.port or default_port
-            self._origin = (parts.scheme, parts.hostname, port)
-            self._host_header = parts.netloc if port != default_port else parts.hostname
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
@@ -65,7 +71,7 @@ class UpstreamRewrite:
             content_type="application/json",
             accept="text/event-stream" if req.stream else "application/json",
             accept_encoding="identity",
-            authorization=f"Bearer {ctx.options.teegate_upstream_key}",
+            authorization=self._authorization,
             user_agent="teegate",
             x_request_id=flow.metadata.get("teegate.request_id", ""),
         )

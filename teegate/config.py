@@ -13,7 +13,7 @@ import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -87,9 +87,36 @@ class UpstreamSettings(_Section):
         return key
 
     @property
-    def origin(self) -> str:
+    def origin_parts(self) -> Origin:
+        """``base_url`` taken apart, the one place it is parsed."""
         parts = urlsplit(str(self.base_url))
-        return f"{parts.scheme}://{parts.netloc}"
+        scheme, host = parts.scheme, parts.hostname or ""
+        default_port = 443 if scheme == "https" else 80
+        port = parts.port or default_port
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if port == default_port else f"{shown}:{port}"
+        return Origin(scheme, host, port, host_header)
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port]``, as mitmproxy's reverse mode and the HTTP clients take it."""
+        o = self.origin_parts
+        return f"{o.scheme}://{o.host_header}"
+
+    @property
+    def verify(self) -> str | bool:
+        """httpx's ``verify`` for the upstream's TLS: ``ca_file``, else the system's store."""
+        return str(self.ca_file) if self.ca_file else True
+
+
+class Origin(NamedTuple):
+    scheme: str
+    host: str
+    """Lower-case, IPv6 without brackets."""
+    port: int
+    """As given, else the scheme's default."""
+    host_header: str
+    """The ``Host`` header: the port only when not the scheme's default."""
 
 
 class CatalogSettings(_Section):
