@@ -15,7 +15,6 @@ the hold. Streamed answers are checked on their first chunk by the stream relay.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -40,11 +39,14 @@ class UpstreamRewrite:
         o = upstream.origin_parts
         self._origin = (o.scheme, o.host, o.port)
         self._host_header = o.host_header
+        self._bearer: str | None = None
 
-    @functools.cached_property
     def _authorization(self) -> str:
-        # On first use, not at construction: a chain is built (to be listed) without a key.
-        return f"Bearer {self._upstream.resolved_api_key()}"
+        # Resolved on first use, not at construction: a chain is also built just to be
+        # listed, without a key (``teegate.runner.serve`` checks there is one before it runs).
+        if self._bearer is None:
+            self._bearer = f"Bearer {self._upstream.resolved_api_key()}"
+        return self._bearer
 
     def configure(self, updated: set[str]) -> None:
         if getattr(ctx.options, "stream_large_bodies", None):
@@ -71,7 +73,7 @@ class UpstreamRewrite:
             content_type="application/json",
             accept="text/event-stream" if req.stream else "application/json",
             accept_encoding="identity",
-            authorization=self._authorization,
+            authorization=self._authorization(),
             user_agent="teegate",
             x_request_id=flow.metadata.get("teegate.request_id", ""),
         )
