@@ -31,6 +31,7 @@ from teegate import attestation_settings
 from teegate.addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
 from teegate.catalog.attestation import Policy
 from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
+from teegate.ledger.keys import DEFAULT_PREFIX
 
 
 class _Section(BaseModel):
@@ -216,7 +217,8 @@ def _pattern_key(text: str) -> tuple[str, int | None]:
 class LedgerSettings(_Section):
     path: Path = Path("teegate.sqlite3")
     """SQLite file of accounts, keys and usage; a relative path is beside the config file."""
-    key_prefix: str = Field("vgpu_sk_", pattern=r"^[A-Za-z0-9_]{1,32}$")
+    key_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_]{1,32}$")
+    """Prefix of the gateway's API keys; the default is the ledger's own (teegate.ledger.keys)."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL: each reservation is fsynced before its request leaves (survives power loss).
     NORMAL: written to the WAL but not fsynced (survives a crash of teegate, not of the

@@ -69,7 +69,7 @@ def build_addons(
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),
         response_headers(attestation),  # after every addon that adds a response header
-        ReleaseLargeBodies(min(settings.limits.max_body_bytes, 1024 * 1024)),
+        ReleaseLargeBodies(settings.limits),
         ready or Ready(),
     ]
 
