@@ -1,11 +1,11 @@
 """Owns the attestation service: one cached verdict per confidential model.
 
-Built in ``running`` from the ``teegate_attestation`` option (the ``[attestation]`` table as
-JSON), fed the catalog's model ids after every refresh, stopped in ``done``. The request path
-only reads what it cached (:meth:`refusal`, :meth:`verdict`); no attestation I/O happens
-there, except for a client who explicitly asks for fresh evidence (the report endpoint).
+Built in ``running`` from the ``[attestation]`` table (a :class:`Policy`), fed the catalog's
+model ids after every refresh, stopped in ``done``. The request path only reads what it
+cached (:meth:`refusal`, :meth:`verdict`); no attestation I/O happens there, except for a
+client who explicitly asks for fresh evidence (the report endpoint).
 
-Fail closed: until the service runs, or when the option is unreadable, every model is refused.
+Fail closed: until the service runs, every model is refused.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
-from mitmproxy import ctx, exceptions
-from pydantic import ValidationError
 from teegate.addons.catalogsync import CatalogSync
 from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 from teegate.catalog.store import Snapshot
+
+if TYPE_CHECKING:
+    from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate.attestation")
 
@@ -37,41 +38,24 @@ TEST_ROOT_WARNING = (
 
 
 class AttestationSync:
-    def __init__(self, catalog: CatalogSync) -> None:
+    def __init__(self, policy: Policy, upstream: UpstreamSettings, catalog: CatalogSync) -> None:
+        self.policy = policy
+        self._upstream = upstream
         self._catalog = catalog
-        self.policy = Policy()
         self.service: AttestationService | None = None
         self._client: httpx.AsyncClient | None = None
         self._stored = asyncio.Event()  # set (and replaced) whenever a verdict is stored
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_attestation",
-            str,
-            "",
-            "The [attestation] settings as JSON (empty: defaults, i.e. dcap against Intel's root).",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if "teegate_attestation" not in updated:
-            return
-        text = ctx.options.teegate_attestation
-        try:
-            self.policy = Policy.model_validate_json(text) if text else Policy()
-        except ValidationError as e:
-            raise exceptions.OptionsError(f"teegate_attestation: {e}") from None
 
     @property
     def mode(self) -> str:
         return self.policy.mode
 
     async def running(self) -> None:
-        opts = ctx.options
-        verify: str | bool = opts.ssl_verify_upstream_trusted_ca or True
+        up = self._upstream
         self._client = httpx.AsyncClient(
-            verify=verify, timeout=self.policy.fetch_timeout_s, trust_env=False
+            verify=up.verify, timeout=self.policy.fetch_timeout_s, trust_env=False
         )
-        source = NearAiSource(opts.teegate_upstream, opts.teegate_upstream_key, self._client)
+        source = NearAiSource(up.origin, up.resolved_api_key(), self._client)
         if self.policy.mode == "dcap" and self.policy.test_root_ca is not None:
             # Loud on purpose, and not subject to the log level: this setting is for tests.
             print(

@@ -15,36 +15,29 @@ it at its reservation (``billing.unanswered``, default "hold"), reading
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import structlog
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, next_error_page
 from teegate.addons.flowstate import Route
+
+if TYPE_CHECKING:
+    from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate")
 
 
 class UpstreamDeadline:
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_upstream_timeout_s",
-            int,
-            300,
-            "Seconds to wait for the upstream's response headers before answering 504.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if ctx.options.teegate_upstream_timeout_s < 1:
-            raise exceptions.OptionsError("teegate_upstream_timeout_s must be at least 1")
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._timeout_s = upstream.timeout_s
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flowstate.route(flow) != Route.CHAT:
             return
         loop = asyncio.get_running_loop()
-        flowstate.set_deadline(
-            flow, loop.call_later(ctx.options.teegate_upstream_timeout_s, self._expire, flow)
-        )
+        flowstate.set_deadline(flow, loop.call_later(self._timeout_s, self._expire, flow))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         _cancel(flow)

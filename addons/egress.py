@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from urllib.parse import urlsplit
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 from cachetools import TTLCache
@@ -50,7 +50,6 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route
 from teegate.egress.hosts import (
-    DEFAULT_LLM_HOSTS,
     Decision,
     EgressPolicy,
     Upstream,
@@ -58,6 +57,9 @@ from teegate.egress.hosts import (
     canonical_host,
     ip_literal,
 )
+
+if TYPE_CHECKING:
+    from teegate.config import EgressSettings, UpstreamSettings
 
 log = structlog.get_logger("teegate.access")
 
@@ -161,46 +163,23 @@ def destination_unverified(host: str, timeout: float) -> GatewayError:
 
 
 class Egress:
-    def __init__(self, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self, egress: EgressSettings, upstream: UpstreamSettings, resolver: Resolver | None = None
+    ) -> None:
         self._resolver = resolver or Resolver()
-        self._policy: EgressPolicy | None = None
-        self._origin: tuple[str, str, int] | None = None
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_egress_llm_hosts",
-            Sequence[str],
-            list(DEFAULT_LLM_HOSTS),
-            "LLM API hosts the egress listener intercepts and refuses (name, name:port or glob).",
+        o = upstream.origin_parts
+        self._policy = EgressPolicy(
+            Upstream(o.host, o.port), egress.all_llm_hosts, egress.audit_hosts
         )
-        loader.add_option(
-            "teegate_egress_audit_hosts",
-            Sequence[str],
-            [],
-            "Listed hosts forwarded as is, with a metadata-only log line, instead of refused.",
-        )
+        self._origin = o
+        self._base_url = f"{upstream.origin}/v1"
 
     def configure(self, updated: set[str]) -> None:
-        opts = ctx.options
-        if opts.ignore_hosts or opts.allow_hosts:
+        if ctx.options.ignore_hosts or ctx.options.allow_hosts:
             raise exceptions.OptionsError(
                 "ignore_hosts/allow_hosts apply to every listener and would tunnel the "
                 "reverse listener past the gate; egress decides per connection instead"
             )
-        parts = urlsplit(opts.teegate_upstream)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise exceptions.OptionsError("teegate_upstream must be an http(s) origin")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            self._policy = EgressPolicy(
-                Upstream(parts.hostname, port),
-                opts.teegate_egress_llm_hosts,
-                opts.teegate_egress_audit_hosts,
-            )
-        except ValueError as e:
-            raise exceptions.OptionsError(f"egress hosts: {e}") from None
-        self._origin = (parts.scheme, parts.hostname, port)
-        self._base_url = f"{parts.scheme}://{parts.netloc}/v1"
 
     # -- per connection ---------------------------------------------------------------
 
@@ -285,18 +264,14 @@ class Egress:
     async def _decide(
         self, names: list[tuple[str, int]]
     ) -> tuple[Decision, Mapping[str, frozenset[str] | None]]:
-        policy = self._policy
-        if policy is None:
-            raise RuntimeError("egress policy not configured")
-        resolved = await self._resolver.resolve(policy.lookups(names))
-        return policy.classify(names, resolved), resolved
+        resolved = await self._resolver.resolve(self._policy.lookups(names))
+        return self._policy.classify(names, resolved), resolved
 
     def _pin_to_upstream(self, r: http.Request) -> None:
         """Make the flow look exactly like one from the reverse listener."""
-        assert self._origin is not None
-        scheme, host, port = self._origin
-        r.scheme, r.host, r.port = scheme, host, port
-        r.host_header = url.hostport(scheme, host, port)
+        o = self._origin
+        r.scheme, r.host, r.port = o.scheme, o.host, o.port
+        r.host_header = o.host_header
 
 
 def _pin(server, resolved: Mapping[str, frozenset[str] | None]) -> None:

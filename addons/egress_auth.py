@@ -12,11 +12,16 @@ bearer key (hash lookup, revocation), stripped before anything is forwarded, nev
 
 from __future__ import annotations
 
-from mitmproxy import connection, ctx, http
+from typing import TYPE_CHECKING
+
+from mitmproxy import connection, http
 from mitmproxy.addons.proxyauth import parse_http_basic_auth
 from teegate.addons.egress import is_egress
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.ledgerlink import LedgerLink
+
+if TYPE_CHECKING:
+    from teegate.config import EgressSettings
 
 REALM = 'Basic realm="teegate egress"'
 
@@ -33,17 +38,10 @@ def proxy_authentication_required() -> GatewayError:
 
 
 class EgressAuth:
-    def __init__(self, link: LedgerLink) -> None:
+    def __init__(self, link: LedgerLink, egress: EgressSettings) -> None:
         self._link = link
+        self._on = egress.proxy_auth == "api_key"
         self._authenticated: set[str] = set()  # client connection ids that passed CONNECT
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_egress_proxy_auth",
-            bool,
-            False,
-            "Require a gateway API key as proxy credentials on the egress listener.",
-        )
 
     @guarded
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -61,9 +59,7 @@ class EgressAuth:
 
     def _required(self, flow: http.HTTPFlow) -> bool:
         return (
-            ctx.options.teegate_egress_proxy_auth
-            and flow.response is None
-            and is_egress(flow.client_conn.proxy_mode.type_name)
+            self._on and flow.response is None and is_egress(flow.client_conn.proxy_mode.type_name)
         )
 
     async def _check(self, flow: http.HTTPFlow) -> bool:

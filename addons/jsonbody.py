@@ -18,8 +18,6 @@ from typing import Any
 
 from teegate.addons.errors import GatewayError
 
-MAX_JSON_DEPTH = 400  # [limits] max_json_depth's default (teegate/config.py)
-
 # After escaped backslashes and quotes are dropped, every '"' left delimits a string.
 _STRING = re.compile(rb'"[^"]*"')
 _NOT_QUOTES_OR_BRACKETS = bytes(b for b in range(256) if b not in b'"[]{}')
@@ -110,7 +108,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def parse_json_object(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+def parse_json_object(raw: bytes, *, max_depth: int) -> dict[str, Any]:
     """A JSON object, strictly: every refusal is a 400 envelope, never another exception.
 
     The body's size is bounded before this runs (addons/validate.py).

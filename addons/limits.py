@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route
+
+if TYPE_CHECKING:
+    from teegate.config import LimitSettings
 
 MAX_HEADER_FIELDS = 100
 _CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}
@@ -101,13 +105,13 @@ class Trailers:
             )
 
 
-LARGE_BODY = 1024 * 1024
+LARGE_BODY = 1024 * 1024  # or the body limit, if lower: what counts as large enough to collect
 COLLECT_AFTER_S = 0.05  # once mitmproxy has answered and dropped the flow's state
 
 
 class ReleaseLargeBodies:
-    def __init__(self, large: int = LARGE_BODY) -> None:
-        self._large = large
+    def __init__(self, limits: LimitSettings) -> None:
+        self._large = min(limits.max_body_bytes, LARGE_BODY)
         self._pending: asyncio.TimerHandle | None = None
 
     def response(self, flow: http.HTTPFlow) -> None:

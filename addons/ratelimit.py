@@ -12,13 +12,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cachetools
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
+
+if TYPE_CHECKING:
+    from teegate.config import RateLimitSettings
 
 WINDOW_S = 60
 
@@ -30,35 +34,21 @@ class _Window:
 
 
 class RateLimit:
-    def __init__(self, clock=time.time) -> None:
+    def __init__(self, settings: RateLimitSettings, clock=time.time) -> None:
+        self._default = settings.requests_per_minute
         self._clock = clock
         # Idle buckets fall out after two windows; the size bound caps memory under a flood.
         self._windows: cachetools.TTLCache[str, _Window] = cachetools.TTLCache(
             maxsize=200_000, ttl=2 * WINDOW_S, timer=clock
         )
 
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_rate_limit_rpm",
-            int,
-            1000,
-            "Requests per minute per API key, unless the key sets its own limit.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if ctx.options.teegate_rate_limit_rpm < 1:
-            raise exceptions.OptionsError("teegate_rate_limit_rpm must be at least 1")
-
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         key = flowstate.api_key(flow)
         if key is not None:
-            bucket, limit = (
-                f"key:{key.key_id}",
-                key.rate_limit or ctx.options.teegate_rate_limit_rpm,
-            )
+            bucket, limit = f"key:{key.key_id}", key.rate_limit or self._default
         elif flow.response is not None and flow.response.status_code == 401:
-            bucket, limit = f"ip:{flow.client_conn.peername[0]}", ctx.options.teegate_rate_limit_rpm
+            bucket, limit = f"ip:{flow.client_conn.peername[0]}", self._default
         else:
             return
         now = self._clock()

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from teegate.addons.errors import GatewayError
-from teegate.addons.jsonbody import MAX_JSON_DEPTH, param_name, parse_json_object
+from teegate.addons.jsonbody import param_name, parse_json_object
 
 MAX_N = 128
 
@@ -242,8 +242,8 @@ def parse_chat_request(
     max_tokens: int,
     temperature: float,
     top_p: float,
+    max_depth: int,
     extra_fields: frozenset[str] = frozenset(),
-    max_depth: int = MAX_JSON_DEPTH,
 ) -> ChatRequest:
     doc = parse_json_object(raw, max_depth=max_depth)
     allowed = (ALLOWED_FIELDS | extra_fields) - NEVER_ALLOWED

@@ -15,8 +15,7 @@ the hold. Streamed answers are checked on their first chunk by the stream relay.
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import ctx, exceptions, http
@@ -25,26 +24,35 @@ from teegate.addons.errors import GatewayError, guarded
 from teegate.addons.flowstate import Stage
 from teegate.addons.routes import CHAT_PATH
 
+if TYPE_CHECKING:
+    from teegate.config import UpstreamSettings
+
 log = structlog.get_logger("teegate")
 
 MISMATCH = "upstream_model_mismatch"
 
 
 class UpstreamRewrite:
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._upstream = upstream
+        o = upstream.origin_parts
+        self._origin = (o.scheme, o.host, o.port)
+        self._host_header = o.host_header
+        self._bearer: str | None = None
+
+    def _authorization(self) -> str:
+        # Resolved on first use, not at construction: a chain is also built just to be
+        # listed, without a key (``teegate.runner.serve`` checks there is one before it runs).
+        if self._bearer is None:
+            self._bearer = f"Bearer {self._upstream.resolved_api_key()}"
+        return self._bearer
+
     def configure(self, updated: set[str]) -> None:
         if getattr(ctx.options, "stream_large_bodies", None):
             # Streamed request bodies go upstream before the request hook runs: no gate.
             raise exceptions.OptionsError(
                 "stream_large_bodies would bypass the gate; leave it unset"
             )
-        if "teegate_upstream" in updated or not hasattr(self, "_origin"):
-            parts = urlsplit(ctx.options.teegate_upstream)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise exceptions.OptionsError("teegate_upstream must be an http(s) origin")
-            default_port = 443 if parts.scheme == "https" else 80
-            port = parts.port or default_port
-            self._origin = (parts.scheme, parts.hostname, port)
-            self._host_header = parts.netloc if port != default_port else parts.hostname
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
@@ -62,7 +70,7 @@ class UpstreamRewrite:
             content_type="application/json",
             accept="text/event-stream" if req.stream else "application/json",
             accept_encoding="identity",
-            authorization=f"Bearer {ctx.options.teegate_upstream_key}",
+            authorization=self._authorization(),
             user_agent="teegate",
             x_request_id=flowstate.request_id(flow) or "",
         )

@@ -10,59 +10,32 @@ same limit. Brotli and zstd are refused: their decoders hold a window of up to 1
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
-from teegate.addons.jsonbody import MAX_JSON_DEPTH
 from teegate.addons.schema import parse_chat_request
 
-MAX_BODY_BYTES = 16 * 1024 * 1024  # [limits] max_body_bytes's default (teegate/config.py)
+if TYPE_CHECKING:
+    from teegate.config import LimitSettings, RequestDefaults, RequestSettings
+
 _PIECE = 256 * 1024
 
 
 class ChatValidator:
     def __init__(
-        self,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        max_json_depth: int = MAX_JSON_DEPTH,
-        extra_fields: frozenset[str] = frozenset(),
+        self, defaults: RequestDefaults, request: RequestSettings, limits: LimitSettings
     ) -> None:
-        self._max_body = max_body_bytes
-        self._max_depth = max_json_depth
-        self._extra_fields = extra_fields  # [request] extra_fields, checked by the config
-
-    def load(self, loader) -> None:
-        loader.add_option(
-            "teegate_default_max_tokens",
-            int,
-            1024,
-            "max_tokens applied when a request sets neither max_tokens nor max_completion_tokens.",
-        )
-        loader.add_option(
-            "teegate_default_temperature",
-            str,
-            "0.7",
-            "temperature applied when a request leaves it out.",
-        )
-        loader.add_option(
-            "teegate_default_top_p", str, "1", "top_p applied when a request leaves it out."
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        try:
-            t = float(ctx.options.teegate_default_temperature)
-            p = float(ctx.options.teegate_default_top_p)
-        except ValueError:
-            raise exceptions.OptionsError("default temperature/top_p must be numbers") from None
-        if not (0 <= t <= 2 and 0 <= p <= 1 and ctx.options.teegate_default_max_tokens >= 1):
-            raise exceptions.OptionsError("request defaults out of range")
         self._defaults = {
-            "max_tokens": ctx.options.teegate_default_max_tokens,
-            "temperature": t,
-            "top_p": p,
+            "max_tokens": defaults.max_tokens,
+            "temperature": defaults.temperature,
+            "top_p": defaults.top_p,
         }
+        self._extra_fields = request.allowed_extra
+        self._max_body = limits.max_body_bytes
+        self._max_depth = limits.max_json_depth
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:

@@ -13,7 +13,7 @@ import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -31,6 +31,7 @@ from teegate import attestation_settings
 from teegate.addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
 from teegate.catalog.attestation import Policy
 from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
+from teegate.ledger.keys import DEFAULT_PREFIX
 
 
 class _Section(BaseModel):
@@ -87,9 +88,36 @@ class UpstreamSettings(_Section):
         return key
 
     @property
-    def origin(self) -> str:
+    def origin_parts(self) -> Origin:
+        """``base_url`` taken apart, the one place it is parsed."""
         parts = urlsplit(str(self.base_url))
-        return f"{parts.scheme}://{parts.netloc}"
+        scheme, host = parts.scheme, parts.hostname or ""
+        default_port = 443 if scheme == "https" else 80
+        port = parts.port or default_port
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if port == default_port else f"{shown}:{port}"
+        return Origin(scheme, host, port, host_header)
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port]``, as mitmproxy's reverse mode and the HTTP clients take it."""
+        o = self.origin_parts
+        return f"{o.scheme}://{o.host_header}"
+
+    @property
+    def verify(self) -> str | bool:
+        """httpx's ``verify`` for the upstream's TLS: ``ca_file``, else the system's store."""
+        return str(self.ca_file) if self.ca_file else True
+
+
+class Origin(NamedTuple):
+    scheme: str
+    host: str
+    """Lower-case, IPv6 without brackets."""
+    port: int
+    """As given, else the scheme's default."""
+    host_header: str
+    """The ``Host`` header: the port only when not the scheme's default."""
 
 
 class CatalogSettings(_Section):
@@ -189,7 +217,8 @@ def _pattern_key(text: str) -> tuple[str, int | None]:
 class LedgerSettings(_Section):
     path: Path = Path("teegate.sqlite3")
     """SQLite file of accounts, keys and usage; a relative path is beside the config file."""
-    key_prefix: str = Field("vgpu_sk_", pattern=r"^[A-Za-z0-9_]{1,32}$")
+    key_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_]{1,32}$")
+    """Prefix of the gateway's API keys; the default is the ledger's own (teegate.ledger.keys)."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL: each reservation is fsynced before its request leaves (survives power loss).
     NORMAL: written to the WAL but not fsynced (survives a crash of teegate, not of the

@@ -7,7 +7,6 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from mitmproxy import ctx, options
 
@@ -44,42 +43,40 @@ REQUIRED_STAGES = tuple(Stage)
 def build_addons(
     settings: Settings, ledger: LedgerLink | None = None, ready: Ready | None = None
 ) -> list[Any]:
-    """The request path, in hook order."""
-    catalog = CatalogSync()
+    """The request path, in hook order, each addon given the settings it reads."""
+    up = settings.upstream
+    catalog = CatalogSync(settings.catalog, up)
     link = ledger or LedgerLink()
-    attestation = AttestationSync(catalog)
+    attestation = AttestationSync(settings.attestation, up, catalog)
     return [
         AnswerModelCheck(),  # first: its response hook must run before the log and billing read
         AccessLog(),
         Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
-        EgressAuth(link),  # egress listener only: before anything there is decided or sent
-        Egress(),  # egress listener only; before Router so its flows arrive like reverse ones
+        EgressAuth(link, settings.egress),  # egress listener only: before anything is decided
+        Egress(settings.egress, up),  # egress only; before Router so its flows arrive like reverse
         HeaderFields(),  # after Egress: the client's own (passthrough) traffic is not judged
         Auth(link),
-        RateLimit(),
+        RateLimit(settings.ratelimit),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         Router(catalog, attestation),
-        ChatValidator(
-            settings.limits.max_body_bytes,
-            settings.limits.max_json_depth,
-            extra_fields=settings.request.allowed_extra,
-        ),
+        ChatValidator(settings.defaults, settings.request, settings.limits),
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
         Billing(link, unanswered=settings.billing.unanswered),
-        UpstreamRewrite(),
+        UpstreamRewrite(up),
         StreamRelay(),
         Seal(REQUIRED_STAGES),
-        UpstreamDeadline(),
+        UpstreamDeadline(up),
         response_headers(attestation),  # after every addon that adds a response header
-        ReleaseLargeBodies(min(settings.limits.max_body_bytes, 1024 * 1024)),
+        ReleaseLargeBodies(settings.limits),
         ready or Ready(),
     ]
 
 
 def option_values(settings: Settings) -> dict[str, Any]:
+    """mitmproxy's own options; teegate's settings go to the addons' constructors."""
     up = settings.upstream
     modes = []
     if settings.listen.reverse:
@@ -97,24 +94,10 @@ def option_values(settings: Settings) -> dict[str, Any]:
         "http3": False,  # and no UDP listener at all: teegate/master.py
         "keep_host_header": False,
         "http2": True,
-        "teegate_upstream": up.origin,
-        "teegate_upstream_key": up.resolved_api_key(),
-        "teegate_catalog_refresh_s": settings.catalog.refresh_interval_s,
-        "teegate_catalog_max_staleness_s": settings.catalog.max_staleness_s,
-        "teegate_markup": str(settings.catalog.markup),
-        "teegate_upstream_timeout_s": up.timeout_s,
-        "teegate_rate_limit_rpm": settings.ratelimit.requests_per_minute,
-        "teegate_default_max_tokens": settings.defaults.max_tokens,
-        "teegate_default_temperature": repr(settings.defaults.temperature),
-        "teegate_default_top_p": repr(settings.defaults.top_p),
-        "teegate_attestation": settings.attestation.model_dump_json(),
+        "confdir": str(settings.egress.confdir.expanduser()),
     }
     if up.ca_file:
         values["ssl_verify_upstream_trusted_ca"] = str(up.ca_file)
-    values["confdir"] = str(settings.egress.confdir.expanduser())
-    values["teegate_egress_llm_hosts"] = settings.egress.all_llm_hosts
-    values["teegate_egress_proxy_auth"] = settings.egress.proxy_auth == "api_key"
-    values["teegate_egress_audit_hosts"] = list(settings.egress.audit_hosts)
     return values
 
 
@@ -138,6 +121,7 @@ def _fmt_host(host: str) -> str:
 
 
 async def serve(settings: Settings, ready: Ready | None = None) -> None:
+    settings.upstream.resolved_api_key()  # none: stop here, not at the first request
     html_free_error_pages()
     # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
     ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
@@ -162,8 +146,7 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
 
 def intercepted_hosts(settings: Settings) -> list[str]:
     """What the egress listener may intercept: the confidential upstream and the LLM hosts."""
-    upstream = urlsplit(settings.upstream.origin).hostname or ""
-    return [upstream, *settings.egress.all_llm_hosts]
+    return [settings.upstream.origin_parts.host, *settings.egress.all_llm_hosts]
 
 
 def run(settings: Settings, ready: Ready | None = None) -> int:

@@ -28,6 +28,7 @@ from teegate.catalog.attestation import (
     load_policy,
     verify_evidence,
 )
+from teegate.config import UpstreamSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -169,7 +170,7 @@ def _fetch(args: argparse.Namespace) -> int:
     api_key = (
         args.api_key
         or upstream.get("api_key")
-        or os.environ.get(upstream.get("api_key_env", "TEEGATE_UPSTREAM_KEY"))
+        or os.environ.get(upstream.get("api_key_env", UpstreamSettings().api_key_env))
     )
     ca_file = args.ca_file or upstream.get("ca_file")
     verify: str | bool = str(ca_file) if ca_file else True

@@ -13,7 +13,6 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 from teegate.addons import flowstate
-from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.egress import Egress, Resolver
 from teegate.addons.flowstate import Route
 from teegate.addons.seal import Seal
@@ -27,7 +26,7 @@ from teegate.egress.hosts import (
 )
 
 from teegate import config
-from teegate.runner import option_values
+from teegate.runner import build_addons, option_values
 
 # Hosts the hardening issue names, each of which the shipped list must match.
 ISSUE_HOSTS = (
@@ -334,20 +333,25 @@ def test_bad_settings_name_the_key(tmp_path, toml, key):
     assert f"  {key}:" in str(e.value)
 
 
-def test_option_values_map_listeners_confdir_and_hosts(monkeypatch):
+def test_option_values_map_listeners_and_confdir(monkeypatch):
     monkeypatch.setenv("HOME", "/home/op")
-    s = _settings(
-        'upstream.api_key = "k"\negress.extra_llm_hosts = ["127.0.0.3"]\n'
-        'egress.audit_hosts = ["api.groq.com"]'
-    )
-    v = option_values(s)
+    v = option_values(_settings('upstream.api_key = "k"'))
     assert v["mode"] == ["reverse:http://127.0.0.1:8000@127.0.0.1:8080", "regular@127.0.0.1:8081"]
     assert v["confdir"] == "/home/op/.teegate"
-    assert v["teegate_egress_llm_hosts"][-1] == "127.0.0.3"
-    assert v["teegate_egress_audit_hosts"] == ["api.groq.com"]
+    assert not [k for k in v if k.startswith("teegate")]  # teegate's own go to the addons
     assert option_values(_settings('upstream.api_key = "k"\nlisten.reverse = ""'))["mode"] == [
         "regular@127.0.0.1:8081"
     ]
+
+
+def test_the_addon_decides_by_the_egress_settings():
+    s = _settings('egress.extra_llm_hosts = ["127.0.0.3"]\negress.audit_hosts = ["api.groq.com"]')
+    (addon,) = (a for a in build_addons(s) if isinstance(a, Egress))
+    decide = addon._policy.classify
+    assert decide([("127.0.0.3", 443)], {}).verdict is Verdict.REFUSE
+    assert decide([("api.groq.com", 443)], {}).verdict is Verdict.AUDIT
+    assert decide([("api.openai.com", 443)], {}).verdict is Verdict.REFUSE
+    assert decide([("example.org", 443)], {}).verdict is Verdict.OTHER
 
 
 # -- the addon on real flows --------------------------------------------------------------
@@ -379,14 +383,11 @@ def dns() -> FakeDNS:
 
 @pytest.fixture
 def egress(dns):
-    addon = Egress(Resolver(timeout=0.2, getaddrinfo=dns))
-    with taddons.context(CatalogSync(), addon) as tctx:
-        tctx.configure(
-            addon,
-            teegate_upstream="https://confidential.example",
-            teegate_egress_llm_hosts=list(DEFAULT_LLM_HOSTS),
-            teegate_egress_audit_hosts=["api.groq.com"],
-        )
+    s = _settings(
+        'upstream.base_url = "https://confidential.example"\negress.audit_hosts = ["api.groq.com"]'
+    )
+    addon = Egress(s.egress, s.upstream, Resolver(timeout=0.2, getaddrinfo=dns))
+    with taddons.context(addon):
         yield addon
 
 
@@ -408,7 +409,8 @@ def _flow(host: str, port: int, scheme: bytes = b"https", mode: str = "regular",
 
 
 def test_ignore_hosts_is_refused_at_start():
-    with taddons.context(CatalogSync(), Egress()) as tctx:
+    s = config.Settings()
+    with taddons.context(Egress(s.egress, s.upstream)) as tctx:
         with pytest.raises(exceptions.OptionsError, match="tunnel the reverse listener"):
             tctx.options.update(ignore_hosts=["api\\.openai\\.com"])
 

@@ -17,7 +17,7 @@ from teegate.addons.upstream import AnswerModelCheck
 
 from tests.gateway.conftest import TEE
 
-DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "top_p": 1.0}
+DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "top_p": 1.0, "max_depth": 400}
 MSG = [{"role": "user", "content": "hi"}]
 
 

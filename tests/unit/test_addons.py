@@ -18,6 +18,8 @@ from teegate.addons.upstream import UpstreamRewrite
 from teegate.addons.validate import ChatValidator
 from teegate.catalog.store import Catalog
 
+from teegate.config import Settings
+
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
 ROWS = [
     {
@@ -57,25 +59,32 @@ def chat_flow(body: dict | bytes, path: bytes = b"/v1/chat/completions"):
     return tflow.tflow(req=req)
 
 
+DEFAULTS = Settings()
+
+
+def catalog_sync() -> CatalogSync:
+    return CatalogSync(DEFAULTS.catalog, DEFAULTS.upstream)
+
+
 async def _loaded_sync() -> CatalogSync:
-    sync = CatalogSync()
+    sync = catalog_sync()
     sync.catalog = Catalog(Rows(ROWS), markup=Decimal("1.85"), max_staleness_s=60)
     await sync.catalog.refresh()
     return sync
 
 
 async def run_chain(flow, sync: CatalogSync):
+    upstream = DEFAULTS.upstream.model_validate(
+        {"base_url": "https://up.example:8443", "api_key": "up-key"}
+    )
     chain = [
         Router(sync),
-        ChatValidator(),
+        ChatValidator(DEFAULTS.defaults, DEFAULTS.request, DEFAULTS.limits),
         Gate(sync),
-        UpstreamRewrite(),
+        UpstreamRewrite(upstream),
         Seal(("validate", "gate", "upstream")),
     ]
-    with taddons.context(sync, *chain) as tctx:
-        tctx.configure(
-            chain[3], teegate_upstream="https://up.example:8443", teegate_upstream_key="up-key"
-        )
+    with taddons.context(sync, *chain):
         for addon in chain:
             result = addon.request(flow)
             if result is not None:
@@ -109,7 +118,7 @@ async def test_refused_chat_never_reaches_the_rewrite():
 
 
 async def test_stale_catalog_fails_closed():
-    sync = CatalogSync()
+    sync = catalog_sync()
     now = [0.0]
     sync.catalog = Catalog(Rows(ROWS), markup=Decimal(1), max_staleness_s=5, timer=lambda: now[0])
     await sync.catalog.refresh()
@@ -164,7 +173,7 @@ def test_streamed_request_bodies_are_refused_at_configuration():
     from mitmproxy import exceptions
     from mitmproxy.addons.proxyserver import Proxyserver
 
-    rewrite = UpstreamRewrite()
-    with taddons.context(CatalogSync(), Proxyserver(), rewrite) as tctx:
+    rewrite = UpstreamRewrite(DEFAULTS.upstream)
+    with taddons.context(catalog_sync(), Proxyserver(), rewrite) as tctx:
         with pytest.raises(exceptions.OptionsError, match="bypass the gate"):
             tctx.configure(rewrite, stream_large_bodies="1m")

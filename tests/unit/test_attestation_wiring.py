@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 from teegate.addons import flowstate
 from teegate.addons.attestation import NOT_RUNNING, AttestationSync
@@ -22,9 +21,16 @@ from teegate.catalog.attestation import Policy
 from teegate.catalog.models import CatalogModel
 
 from teegate import config
-from teegate.runner import REQUIRED_STAGES, option_values
+from teegate.runner import REQUIRED_STAGES, build_addons
+
+DEFAULTS = config.Settings()
 
 TEE = "org/model-TEE"
+
+
+def _sync(policy: Policy = DEFAULTS.attestation) -> AttestationSync:
+    catalog = CatalogSync(DEFAULTS.catalog, DEFAULTS.upstream)
+    return AttestationSync(policy, DEFAULTS.upstream, catalog)
 
 
 def _chat_flow(approved_by: tuple[Stage, ...] = (Stage.GATE,)):
@@ -38,7 +44,7 @@ def _chat_flow(approved_by: tuple[Stage, ...] = (Stage.GATE,)):
 
 
 async def test_without_a_running_service_every_model_is_refused():
-    sync = AttestationSync(CatalogSync())
+    sync = _sync()
     gate = AttestationGate(sync)
     flow = _chat_flow()
     with taddons.context(sync, gate):
@@ -52,7 +58,7 @@ async def test_without_a_running_service_every_model_is_refused():
 
 
 def test_upstream_attestation_headers_are_dropped_in_flag_mode():
-    sync = AttestationSync(CatalogSync())
+    sync = _sync(Policy(mode="flag"))
     gate = AttestationGate(sync)
     flow = _chat_flow()
     flow.response = tutils.tresp(
@@ -62,8 +68,7 @@ def test_upstream_attestation_headers_are_dropped_in_flag_mode():
             (b"x-teegate-attestation-mode", b"dcap"),
         ]
     )
-    with taddons.context(sync, gate) as tctx:
-        tctx.configure(sync, teegate_attestation=Policy(mode="flag").model_dump_json())
+    with taddons.context(sync, gate):
         response_headers(sync).responseheaders(flow)
     assert flow.response.headers["x-teegate-attestation-mode"] == "flag"
     assert "x-teegate-quote-sha256" not in flow.response.headers
@@ -93,17 +98,14 @@ def test_the_attestation_table_reaches_the_addon_intact(tmp_path: Path):
     )
     settings = config.load(tmp_path / "proxy.toml")
     assert settings.attestation.test_root_ca == der.resolve()  # beside the file
-    sync = AttestationSync(CatalogSync())
-    with taddons.context(sync) as tctx:
-        value = option_values(
-            settings.model_copy(
-                update={"upstream": settings.upstream.model_copy(update={"api_key": "k"})}
-            )
-        )["teegate_attestation"]
-        tctx.configure(sync, teegate_attestation=value)
-        assert sync.policy == settings.attestation
-        with pytest.raises(exceptions.OptionsError):
-            tctx.configure(sync, teegate_attestation='{"mode": "trust-me"}')
+    (sync,) = (a for a in build_addons(settings) if isinstance(a, AttestationSync))
+    assert sync.policy == settings.attestation
+
+
+def test_an_unknown_mode_stops_the_load(tmp_path: Path):
+    (tmp_path / "proxy.toml").write_text('attestation.mode = "trust-me"\n')
+    with pytest.raises(config.ConfigError, match=r"attestation\.mode"):
+        config.load(tmp_path / "proxy.toml")
 
 
 def test_defaults_are_dcap_under_intels_root():

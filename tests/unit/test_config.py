@@ -76,3 +76,20 @@ def test_the_sandbox_keeps_its_name_constrained_ca_apart_from_the_default_one(tm
     assert _sandbox_egress(default).confdir == default.confdir / "sandbox"
     chosen = _load(tmp_path, f"[egress]\nconfdir = '{tmp_path}'\n").egress
     assert _sandbox_egress(chosen).confdir == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("base_url", "parts"),
+    [
+        ("http://127.0.0.1:8000", ("http", "127.0.0.1", 8000, "127.0.0.1:8000")),
+        ("https://Up.Example", ("https", "up.example", 443, "up.example")),
+        ("https://up.example:443/", ("https", "up.example", 443, "up.example")),
+        ("http://up.example:443", ("http", "up.example", 443, "up.example:443")),
+        ("https://[::1]:8443", ("https", "::1", 8443, "[::1]:8443")),
+        ("http://[::1]", ("http", "::1", 80, "[::1]")),
+    ],
+)
+def test_the_upstream_origin_is_parsed_once(base_url, parts):
+    up = config.UpstreamSettings(base_url=base_url)
+    assert tuple(up.origin_parts) == parts
+    assert up.origin == f"{parts[0]}://{parts[3]}"
