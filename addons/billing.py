@@ -89,7 +89,7 @@ Plan = Release | Settle
 
 
 class Billing:
-    def __init__(self, link: LedgerLink, *, unanswered: Unanswered = "hold") -> None:
+    def __init__(self, link: LedgerLink, *, unanswered: Unanswered) -> None:
         self._link = link
         self._unanswered: Unanswered = unanswered
         self._pending: set[asyncio.Task[None]] = set()
