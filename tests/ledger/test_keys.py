@@ -12,7 +12,7 @@ from pathlib import Path
 from teegate.ledger import Ledger, Store
 from teegate.ledger.keys import hash_key, new_key
 
-from .conftest import fund
+from tests.support.ledger import fund
 
 
 def _all_db_bytes(db_path: str) -> bytes:

@@ -19,7 +19,7 @@ from teegate.ledger import (
 )
 from teegate.ledger.models import ApiKey
 
-from .conftest import PRICES, fund
+from tests.support.ledger import PRICES, fund
 
 
 def _db_balance(db_path: str, account_id: int) -> tuple[int, int]:
