@@ -1,6 +1,6 @@
 """Billing, hook by hook, on mitmproxy test flows over a fake ledger.
 
-The fake sits below :class:`LedgerLink` and only records what the addon asked of it
+The fake sits in a real :class:`LedgerLink` and only records what the addon asked of it
 (reserve, settle, release); the arithmetic and durability of those calls are the
 ledger's own tests. Expected amounts are worked by hand from the request below, so
 a change in the estimate or the fallback shows here as a number, not a tautology.
@@ -8,7 +8,9 @@ a change in the estimate or the fallback shows here as a number, not a tautology
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from teegate.addons.auth import KEY
 from teegate.addons.billing import Billing
 from teegate.addons.deadline import TIMED_OUT
+from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.schema import ChatRequest
 from teegate.addons.stages import has_passed, passed
 from teegate.addons.streaming import TALLY, StreamTally
@@ -46,8 +49,8 @@ class FakeLedger:
     def __init__(self, refuse_with: Exception | None = None) -> None:
         self.refuse_with = refuse_with
         self.reserved: list[tuple[str, ApiKey, str, Prices, int]] = []
-        self.settled: list[dict[str, Any]] = []
-        self.released: list[str] = []
+        # ("release", reason) or ("settle", (prompt, completion, cached, source, status))
+        self.finished: list[tuple[str, Any]] = []
 
     async def reserve(
         self, request_id: str, key: ApiKey, model: str, prices: Prices, amount_micro: int
@@ -55,15 +58,9 @@ class FakeLedger:
         self.reserved.append((request_id, key, model, prices, amount_micro))
         if self.refuse_with is not None:
             raise self.refuse_with
+        # id, request_id, account_id, key_id, model, prices, amount_micro, created_ms
         return Reservation(
-            id=1,
-            request_id=request_id,
-            account_id=key.account_id,
-            key_id=key.key_id,
-            model=model,
-            prices=prices,
-            amount_micro=amount_micro,
-            created_ms=0,
+            1, request_id, key.account_id, key.key_id, model, prices, amount_micro, 0
         )
 
     async def settle(
@@ -77,35 +74,18 @@ class FakeLedger:
         *,
         status: str = "ok",
     ) -> int:
-        self.settled.append(
-            {
-                "prompt": prompt_tokens,
-                "completion": completion_tokens,
-                "cached": cached_tokens,
-                "source": source,
-                "status": status,
-            }
-        )
+        counts = (prompt_tokens, completion_tokens, cached_tokens)
+        self.finished.append(("settle", (*counts, source, status)))
         return 0
 
     async def release(self, reservation: Reservation, reason: str, timing: Any = None) -> None:
-        self.released.append(reason)
-
-
-class Link:
-    """A :class:`teegate.addons.ledgerlink.LedgerLink` holding the fake."""
-
-    def __init__(self, ledger: FakeLedger) -> None:
-        self.ledger = ledger
-
-    def get(self) -> FakeLedger:
-        return self.ledger
+        self.finished.append(("release", reason))
 
 
 def gated_chat(body: dict[str, Any] = BODY, *, route: str = "chat", gate: bool = True) -> Any:
     """A chat completion as it reaches Billing: routed, parsed, keyed, approved by the gate.
 
-    The one place this module writes the earlier addons' flow state."""
+    With :func:`later_state`, the only places this module writes other addons' flow state."""
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/v1/chat/completions"))
     f.metadata["teegate.route"] = route
     f.metadata["teegate.request_id"] = "req_test"
@@ -127,12 +107,29 @@ def gated_chat(body: dict[str, Any] = BODY, *, route: str = "chat", gate: bool =
     return f
 
 
+def later_state(
+    f: Any,
+    *,
+    tally: StreamTally | None = None,
+    timed_out: bool = False,
+    error_code: str | None = None,
+) -> None:
+    """What the addons after Billing record on the flow: StreamRelay's tally of a stream,
+    UpstreamDeadline's timeout, AnswerModelCheck's refusal of an answer for another model."""
+    if tally is not None:
+        f.metadata[TALLY] = tally
+    if timed_out:
+        f.metadata[TIMED_OUT] = True
+    if error_code is not None:
+        f.metadata["teegate.error_code"] = error_code
+
+
 def json_response(doc: Any, status: int = 200) -> Any:
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     return tutils.tresp(status_code=status, content=body)
 
 
-async def reserved_flow(ledger: FakeLedger, billing: Billing, body: dict[str, Any] = BODY):
+async def reserved_flow(billing: Billing, body: dict[str, Any] = BODY):
     f = gated_chat(body)
     await billing.request(f)
     assert f.response is None and has_passed(f, "billing")
@@ -149,10 +146,17 @@ def ledger() -> FakeLedger:
     return FakeLedger()
 
 
-@pytest.fixture
-def billing(ledger: FakeLedger):
-    addon = Billing(Link(ledger))  # type: ignore[arg-type]
+@contextlib.contextmanager
+def running(ledger: FakeLedger, unanswered: str = "hold") -> Iterator[Billing]:
+    """Billing over the fake, in mitmproxy's test context."""
+    addon = Billing(LedgerLink(ledger), unanswered=unanswered)  # type: ignore[arg-type]
     with taddons.context(addon):
+        yield addon
+
+
+@pytest.fixture
+def billing(ledger: FakeLedger) -> Iterator[Billing]:
+    with running(ledger) as addon:
         yield addon
 
 
@@ -160,14 +164,14 @@ def billing(ledger: FakeLedger):
 
 
 async def test_reserves_the_estimate_at_the_model_prices(ledger, billing):
-    await reserved_flow(ledger, billing)
+    await reserved_flow(billing)
     assert ledger.reserved == [("req_test", KEY_ROW, TEE, PRICES, RESERVED)]
 
 
 async def test_n_choices_reserve_the_budget_of_each():
     ledger = FakeLedger()
-    with taddons.context(billing := Billing(Link(ledger))):  # type: ignore[arg-type]
-        await reserved_flow(ledger, billing, {**BODY, "n": 3})
+    with running(ledger) as billing:
+        await reserved_flow(billing, {**BODY, "n": 3})
     # The body grows by ,"n":3 -- 1 letter and 5 other bytes: 41 letters round up to 21
     # tokens, so the prompt is 64 + 21 + 33 + 5 = 123; the output 3 choices * 10 = 30 tokens.
     # 123 * $1/M + 30 * $2/M = 123 + 60 = 183 micro-USD.
@@ -207,7 +211,7 @@ async def test_nothing_is_reserved_for_a_flow_it_does_not_own(ledger, billing, s
 )
 async def test_a_refused_reservation_answers_locally(error, status, code, words):
     ledger = FakeLedger(refuse_with=error)
-    with taddons.context(billing := Billing(Link(ledger))):  # type: ignore[arg-type]
+    with running(ledger) as billing:
         f = gated_chat()
         await billing.request(f)
     assert f.response.status_code == status
@@ -218,7 +222,7 @@ async def test_a_refused_reservation_answers_locally(error, status, code, words)
     # Nothing to settle or release later: no reservation was made.
     billing.response(f)
     await billing.done()
-    assert ledger.settled == ledger.released == []
+    assert ledger.finished == []
 
 
 # --- response: the usage table ------------------------------------------------------
@@ -263,22 +267,22 @@ USAGE_TABLE = [
 async def test_usage_is_charged_only_when_every_count_is_a_sound_integer(
     ledger, billing, usage, expected
 ):
-    f = await reserved_flow(ledger, billing)
+    f = await reserved_flow(billing)
     answer = {"choices": [{"message": {"role": "assistant", "content": "hello"}}]}
     if usage is not None:
         answer["usage"] = usage
     f.response = json_response(answer)
     await finish(billing, f, "response")
     if expected is None:
-        settled = {"prompt": PROMPT_ESTIMATE, "completion": 2, "cached": 0, "source": "bytes"}
+        assert ledger.finished == [("settle", (PROMPT_ESTIMATE, 2, 0, "bytes", "ok"))]
     else:
-        prompt, completion, cached = expected
-        settled = {"prompt": prompt, "completion": completion, "cached": cached, "source": "usage"}
-    assert ledger.settled == [{**settled, "status": "ok"}]
-    assert ledger.released == []
+        assert ledger.finished == [("settle", (*expected, "usage", "ok"))]
 
 
 # --- response: other answers --------------------------------------------------------
+
+# Unreadable: the whole reservation, the prompt estimate and all 10 max_tokens.
+WHOLE_HOLD = ("settle", (PROMPT_ESTIMATE, 10, 0, "bytes", "unreadable"))
 
 
 @pytest.mark.parametrize(
@@ -293,7 +297,7 @@ async def test_usage_is_charged_only_when_every_count_is_a_sound_integer(
         pytest.param(
             json_response(b"<html>not json</html>"),
             None,
-            ("settle", (PROMPT_ESTIMATE, 10, 0, "bytes", "unreadable")),
+            WHOLE_HOLD,
             id="unreadable body: the whole hold (completion = max_tokens)",
         ),
         pytest.param(
@@ -317,38 +321,36 @@ async def test_usage_is_charged_only_when_every_count_is_a_sound_integer(
         pytest.param(
             json_response(b""),
             StreamTally(opaque=True, generated_bytes=3),
-            ("settle", (PROMPT_ESTIMATE, 10, 0, "bytes", "unreadable")),
+            WHOLE_HOLD,
             id="opaque stream: the whole hold",
         ),
     ],
 )
 async def test_a_response_settles_or_releases(ledger, billing, response, tally, expected):
-    f = await reserved_flow(ledger, billing)
+    f = await reserved_flow(billing)
     f.response = response
-    if tally is not None:
-        f.metadata[TALLY] = tally
+    later_state(f, tally=tally)
     await finish(billing, f, "response")
-    assert calls(ledger) == [expected]
+    assert ledger.finished == [expected]
 
 
 async def test_an_answer_for_another_model_is_released(ledger, billing):
-    f = await reserved_flow(ledger, billing)
+    f = await reserved_flow(billing)
     f.response = json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-    f.metadata["teegate.error_code"] = "upstream_model_mismatch"
+    later_state(f, error_code="upstream_model_mismatch")
     await finish(billing, f, "response")
-    assert calls(ledger) == [("release", "the upstream answered for another model")]
-
-
-def calls(ledger: FakeLedger) -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = [("release", r) for r in ledger.released]
-    for s in ledger.settled:
-        out.append(
-            ("settle", (s["prompt"], s["completion"], s["cached"], s["source"], s["status"]))
-        )
-    return out
+    assert ledger.finished == [("release", "the upstream answered for another model")]
 
 
 # --- error: no response headers -----------------------------------------------------
+
+
+def held(why: str) -> tuple[str, Any]:
+    """The whole reservation charged: the prompt estimate and all 10 max_tokens."""
+    return (
+        "settle",
+        (PROMPT_ESTIMATE, 10, 0, "bytes", f"unanswered ({why}): charged the reservation"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -356,54 +358,9 @@ def calls(ledger: FakeLedger) -> list[tuple[str, Any]]:
     [
         (False, "Connection refused", False, "hold", ("release", "never reached the upstream")),
         (False, "Client disconnected.", False, "hold", ("release", "never reached the upstream")),
-        (
-            True,
-            "Client disconnected.",
-            False,
-            "hold",
-            (
-                "settle",
-                (
-                    PROMPT_ESTIMATE,
-                    10,
-                    0,
-                    "bytes",
-                    "unanswered (client disconnected): charged the reservation",
-                ),
-            ),
-        ),
-        (
-            True,
-            "peer closed connection: b'secret'",
-            False,
-            "hold",
-            (
-                "settle",
-                (
-                    PROMPT_ESTIMATE,
-                    10,
-                    0,
-                    "bytes",
-                    "unanswered (connection lost): charged the reservation",
-                ),
-            ),
-        ),
-        (
-            True,
-            "Connection killed.",
-            True,
-            "hold",
-            (
-                "settle",
-                (
-                    PROMPT_ESTIMATE,
-                    10,
-                    0,
-                    "bytes",
-                    "unanswered (upstream timeout): charged the reservation",
-                ),
-            ),
-        ),
+        (True, "Client disconnected.", False, "hold", held("client disconnected")),
+        (True, "peer closed connection: b'secret'", False, "hold", held("connection lost")),
+        (True, "Connection killed.", True, "hold", held("upstream timeout")),
         (
             True,
             "Client disconnected.",
@@ -417,15 +374,14 @@ async def test_an_unanswered_request_is_held_only_if_it_was_sent(
     connected, error, timed_out, rule, expected
 ):
     ledger = FakeLedger()
-    with taddons.context(billing := Billing(Link(ledger), unanswered=rule)):  # type: ignore[arg-type]
-        f = await reserved_flow(ledger, billing)
+    with running(ledger, unanswered=rule) as billing:
+        f = await reserved_flow(billing)
         if not connected:
             f.server_conn.timestamp_tcp_setup = None
-        if timed_out:
-            f.metadata[TIMED_OUT] = True
+        later_state(f, timed_out=timed_out)
         f.error = mflow.Error(error)
         await finish(billing, f, "error")
-    assert calls(ledger) == [expected]
+    assert ledger.finished == [expected]
 
 
 async def test_a_flow_without_a_reservation_is_left_alone(ledger, billing):
@@ -434,4 +390,4 @@ async def test_a_flow_without_a_reservation_is_left_alone(ledger, billing):
     await finish(billing, f, "response")
     f.error = mflow.Error("Client disconnected.")
     await finish(billing, f, "error")
-    assert calls(ledger) == []
+    assert ledger.finished == []
