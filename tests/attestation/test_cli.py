@@ -14,8 +14,8 @@ from teegate.sandbox.dcap_pki import DcapTestPki
 from teegate.sandbox.evidence import EvidenceMinter
 
 from teegate.cli import main
-from tests.attestation.conftest import NOW, VECTORS, vector
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.tdx_vectors import NOW, VECTORS, vector
 
 
 def _verify_args(name: str, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ from teegate.catalog.attestation import (
 from teegate.catalog.attestation.policy import INTEL_PCS_URL
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 
-from tests.attestation.conftest import NOW
+from tests.support.tdx_vectors import NOW
 
 M = TdMeasurements(mrtd=bytes(48), rtmrs=(bytes(48),) * 4)
 

@@ -16,7 +16,8 @@ from teegate.catalog.attestation.binding import ethereum_address, expected_repor
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import SANDBOX_MRTD, EvidenceMinter
 
-from tests.attestation.conftest import NOW, REPO_ROOT
+from tests.support.tdx_vectors import NOW
+from tests.support.testdata import REPO_ROOT
 
 MODEL = "test/model-TEE"
 

@@ -20,7 +20,7 @@ from teegate.catalog.attestation import AttestationService, CollateralCache, Pol
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import EvidenceMinter
 
-from tests.attestation.conftest import NOW
+from tests.support.tdx_vectors import NOW
 
 VALID_FOR = 3600
 

@@ -26,7 +26,7 @@ from teegate.catalog.attestation import (
 from teegate.sandbox.dcap_pki import DcapTestPki
 from teegate.sandbox.evidence import EvidenceMinter
 
-from tests.attestation.conftest import NOW
+from tests.support.tdx_vectors import NOW
 
 A, B = "org/model-a-TEE", "org/model-b-TEE"
 

@@ -7,12 +7,7 @@ import pytest
 from teegate.catalog.attestation import Policy, verify_evidence
 from teegate.catalog.attestation.collateral import collateral_window, load_collateral
 
-from tests.attestation.conftest import (
-    MANIFEST,
-    collateral_text,
-    quote_bytes,
-    vector,
-)
+from tests.support.tdx_vectors import MANIFEST, collateral_text, quote_bytes, vector
 
 HEADER_AND_BODY = 48 + 584  # what the attestation key signs in a TDX quote
 

@@ -1,12 +1,10 @@
 """A sandbox upstream and a gateway verifying its evidence (dcap, the sandbox's test root),
-as real processes, shared per module; helpers to flip a model's evidence and wait for the
-gateway to notice (polling with a deadline: re-attestation runs in another process)."""
+as real processes, shared per module, and a switch for what the sandbox attests (the
+helpers that wait for the gateway to notice: tests/support/reattest.py)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,28 +12,9 @@ import openai
 import pytest
 
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.reattest import FAST
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
-
-TEST_MODELS = Path(__file__).resolve().parents[1] / "data" / "models.json"
-MSG = [{"role": "user", "content": "hi"}]
-# Re-attest every second, and retry failures as often, so a flip shows within seconds.
-FAST = (
-    "catalog.refresh_interval_s = 1\n"
-    "attestation.reattest_interval_s = 1\n"
-    "attestation.retry_interval_s = 1\n"
-)
-
-
-def until[T](predicate: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    """Poll another process's state until ``predicate`` is truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from tests.support.testdata import TEST_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +63,3 @@ def evidence(upstream: SandboxProc) -> Iterator[Callable[[str, str], dict[str, A
             json=dict.fromkeys(touched, "valid"),
             timeout=10,
         ).raise_for_status()
-
-
-def refusal(client: openai.OpenAI, model: str) -> dict[str, Any] | None:
-    """The error body if a chat completion for ``model`` is refused, None when served."""
-    try:
-        client.chat.completions.create(model=model, messages=MSG)
-    except openai.APIStatusError as e:
-        return {"status": e.status_code, **(e.body if isinstance(e.body, dict) else {})}
-    return None
-
-
-def chat_count(upstream: SandboxProc) -> int:
-    return upstream.stats()["by_route"].get("POST /v1/chat/completions", 0)
-
-
-def root_ca(upstream: SandboxProc) -> httpx.Response:
-    """The sandbox's test root (DER) with its MRTD and compose hash in the headers."""
-    resp = httpx.get(f"{upstream.base_url}/_sandbox/evidence/root_ca.der", timeout=10)
-    resp.raise_for_status()
-    return resp

@@ -17,7 +17,8 @@ import openai
 import pytest
 from teegate.catalog.attestation import Policy, verify_evidence
 
-from tests.attestation_e2e.conftest import MSG, chat_count, refusal, root_ca, until
+from tests.support.clients import chat_count
+from tests.support.reattest import MSG, refusal, root_ca, until
 
 VALID = "deepseek-ai/DeepSeek-V3.2-TEE"
 NON_TEE = "deepseek-ai/DeepSeek-V3"

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.attestation_e2e.conftest import FAST, MSG, refusal, until
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.reattest import FAST, MSG, refusal, until
 from tests.support.sandbox_proc import SandboxProc
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"

@@ -20,8 +20,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.attestation_e2e.conftest import MSG
 from tests.support.gateway_proc import REPO_ROOT, GatewayProc, start_gateway
+from tests.support.reattest import MSG
 from tests.support.sandbox_proc import SandboxProc
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"

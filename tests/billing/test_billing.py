@@ -9,10 +9,11 @@ import httpx
 import openai
 import pytest
 
-from tests.billing.conftest import MSG, TEE, expected_charge, rows, usage_row
-from tests.gateway.conftest import chat_count, sdk
 from tests.support.accounts import balance_micro, create_account, create_key, teegate
+from tests.support.billing import MSG, expected_charge, rows, usage_row
+from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import start_gateway
+from tests.support.testdata import TEE
 
 SHARED_PRICE_OUT_MICRO = 420_000  # tee-models.json: DeepSeek-V3.2-TEE output, $0.42 / 1M
 

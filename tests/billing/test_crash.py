@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from tests.billing.conftest import MSG, TEE, rows, usage_row
-from tests.gateway.conftest import TEST_MODELS, sdk
 from tests.support.accounts import balance_micro, teegate
+from tests.support.billing import MSG, rows, usage_row
+from tests.support.clients import sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 
 def test_sigkill_mid_stream_then_restart_settles_the_reservation():

@@ -21,11 +21,12 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from tests.billing.conftest import MSG, TEE, expected_charge, usage_row
-from tests.gateway.conftest import TEST_MODELS, chat_count, sdk
 from tests.support.accounts import balance_micro, create_account, create_key, teegate
+from tests.support.billing import MSG, expected_charge, usage_row
+from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 
 @pytest.fixture(scope="module", params=["hold", "release"])

@@ -14,31 +14,20 @@ connections; the gateway's own CA is a different one, made on its first start.
 
 from __future__ import annotations
 
-import json
-import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 
-from tests.support.accounts import balance_micro
+from tests.support.egress import AUDITED, LISTED, UNLISTED
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
-
-REPO = Path(__file__).resolve().parents[2]
-TEST_MODELS = REPO / "tests" / "data" / "models.json"
-TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
-NON_TEE = "deepseek-ai/DeepSeek-V3"
-LISTED, AUDITED, UNLISTED = "127.0.0.3", "127.0.0.5", "127.0.0.4"
+from tests.support.testdata import REPO_ROOT, TEST_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +113,7 @@ def gateway_ca(gateway: GatewayProc) -> Path:
         capture_output=True,
         text=True,
         check=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         timeout=30,
     )
     return Path(out.stdout.strip())
@@ -154,67 +143,3 @@ def egress_openai(gateway: GatewayProc, gateway_ca: Path) -> Callable[..., opena
         )
 
     return make
-
-
-def balance(gw: GatewayProc) -> int:
-    """The test account's balance, micro-USD, read with the operator command line."""
-    return balance_micro(gw.db, "test")
-
-
-def wait_for_balance_change(gw: GatewayProc, before: int, timeout: float = 10.0) -> int:
-    """Poll (with a deadline) until a charge has landed and nothing is still held for a
-    request in flight (settlements are committed shortly after the response); return how
-    much was charged."""
-    deadline = time.monotonic() + timeout
-    while (now := balance(gw)) == before or _open_reservations(gw.db):
-        if time.monotonic() > deadline:
-            raise AssertionError("no charge landed")
-        time.sleep(0.05)
-    return before - now
-
-
-def _open_reservations(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT COUNT(*) FROM usage WHERE state = 'open'").fetchone()[0]
-
-
-def chat_count(proc: SandboxProc) -> int:
-    return proc.stats()["by_route"].get("POST /v1/chat/completions", 0)
-
-
-def log_events(gw: GatewayProc) -> list[dict[str, Any]]:
-    events = []
-    for line in gw.log_text().splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events
-
-
-def wait_for_event(
-    gw: GatewayProc, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-) -> dict[str, Any]:
-    """Poll the gateway's log (another process) until a line matches, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in log_events(gw):
-            if match(event):
-                return event
-        time.sleep(0.05)
-    raise AssertionError("no matching log line")
-
-
-def connect_tunnel(gateway: GatewayProc, host: str, port: int) -> socket.socket:
-    """A CONNECT tunnel through the egress listener, as HTTPS_PROXY clients open one."""
-    proxy = urlsplit(gateway.urls["regular"])
-    s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
-    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        assert chunk, "proxy closed the connection during CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s

@@ -13,9 +13,10 @@ from cryptography.x509.oid import NameOID
 from teegate.egress.ca import ensure_ca, name_constraints
 from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
 
-from tests.egress.conftest import REPO, TEST_MODELS, connect_tunnel
+from tests.support.egress import connect_tunnel
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.testdata import REPO_ROOT, TEST_MODELS
 
 
 def _ca_path(config: Path) -> subprocess.CompletedProcess[str]:
@@ -23,7 +24,7 @@ def _ca_path(config: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "teegate", "ca", "path", "-c", str(config)],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         timeout=30,
     )
 
@@ -146,7 +147,7 @@ def test_a_ca_that_does_not_cover_a_newly_listed_host_stops_the_start(tmp_path):
         [sys.executable, "-m", "teegate", "run", "-c", str(config)],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         timeout=60,
     )
     assert run.returncode == 2 and "does not permit api.newcomer.ai" in run.stderr

@@ -17,16 +17,15 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.egress.conftest import (
-    NON_TEE,
-    TEE,
+from tests.support.clients import chat_count
+from tests.support.egress import (
     balance,
-    chat_count,
     connect_tunnel,
     log_events,
     wait_for_balance_change,
     wait_for_event,
 )
+from tests.support.testdata import NON_TEE, TEE
 
 PROMPT = "egress-secret-prompt-7f3a"
 MSG = [{"role": "user", "content": PROMPT}]

@@ -12,9 +12,11 @@ import httpx
 import openai
 import pytest
 
-from tests.egress.conftest import LISTED, TEE, chat_count
+from tests.support.clients import chat_count
+from tests.support.egress import LISTED
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
+from tests.support.testdata import TEE
 
 MSG = [{"role": "user", "content": "Say hello"}]
 

@@ -7,7 +7,8 @@ import json
 import openai
 import pytest
 
-from tests.gateway.conftest import TEE, chat_count
+from tests.support.clients import chat_count
+from tests.support.testdata import TEE
 
 MSG = [{"role": "user", "content": "Say hello"}]
 

@@ -9,9 +9,10 @@ import openai
 import pytest
 
 from teegate.runner import REQUIRED_STAGES
-from tests.gateway.conftest import TEE, TEST_MODELS, chat_count, sdk
+from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.conftest import TEE, TEST_MODELS, chat_count
 from tests.gateway.rawhttp import chunked, exchange, request_head
+from tests.support.clients import chat_count
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 LIMIT = 2 << 20  # deflate inflates at most ~1032x: a body under it can still make 2 GiB
 MIB = 1 << 20

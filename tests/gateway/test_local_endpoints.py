@@ -8,7 +8,7 @@ from decimal import Decimal
 import openai
 import pytest
 
-from tests.gateway.conftest import TEE, TEST_MODELS
+from tests.support.testdata import TEE, TEST_MODELS
 
 # The 16 models of ../shared/tee-models.json, as copied into the test catalog (with its public
 # prices); the copy is checked against the shared file in tests/sandbox where that is present.

@@ -28,11 +28,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.conftest import TEE, TEST_MODELS
 from tests.gateway.rawhttp import chunked, exchange, request_head, until
 from tests.support.accounts import create_account, create_key
 from tests.support.gateway_proc import REPO_ROOT, write_config
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 MARKER = "MARK" + secrets.token_hex(8)
 M = MARKER.encode()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.gateway.conftest import TEE, TEST_MODELS, sdk
+from tests.support.clients import sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
 PROMPT_MARKER = "PROMPT-MARKER-7d2c91"
 KEY_MARKER = "KEY-MARKER-5b8e04"

@@ -19,11 +19,12 @@ import pytest
 from teegate.addons.schema import ALLOWED_FIELDS, MESSAGE_FIELDS, NEVER_ALLOWED
 
 from teegate.config import ConfigError, load
-from tests.billing.conftest import usage_row
-from tests.gateway.conftest import TEE, sdk
 from tests.support.accounts import balance_micro
+from tests.support.billing import usage_row
+from tests.support.clients import sdk
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
+from tests.support.testdata import TEE
 
 MSG = [{"role": "user", "content": "hi"}]
 OPERATOR_FIELD = "x_operator_hint"

@@ -15,7 +15,7 @@ from teegate.addons.schema import ALLOWED_FIELDS, parse_chat_request
 from teegate.addons.streaming import StreamTally, _Relay
 from teegate.addons.upstream import AnswerModelCheck
 
-from tests.gateway.conftest import TEE
+from tests.support.testdata import TEE
 
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "top_p": 1.0, "max_depth": 400}
 MSG = [{"role": "user", "content": "hi"}]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gateway.conftest import TEE, chat_count
+from tests.support.clients import chat_count
+from tests.support.testdata import TEE
 
 OK_MSG = [{"role": "user", "content": "hi"}]
 

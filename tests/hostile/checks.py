@@ -16,9 +16,9 @@ from urllib.parse import parse_qsl
 import httpx
 from teegate.addons import schema
 
-from tests.hostile.conftest import CONFIDENTIAL
 from tests.support.gateway_proc import GatewayProc
 from tests.support.sandbox_proc import SandboxProc
+from tests.support.testdata import CONFIDENTIAL
 
 MARKER = "HOSTILE-MARKER-4e1b7c"
 

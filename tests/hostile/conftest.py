@@ -8,21 +8,16 @@ record, and the gateway's whole output, after every attack.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
+from tests.support.testdata import TEE, TEST_MODELS
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-TEST_MODELS = DATA / "models.json"
-TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
-CONFIDENTIAL = frozenset(m["id"] for m in json.loads(TEST_MODELS.read_text())["models"])
 READY_TIMEOUT_S = 30.0
 
 # Generous enough that no attack is refused for rate or money rather than for what it is.

@@ -35,9 +35,9 @@ from tests.hostile.checks import (
     assert_output_clean,
     assert_upstream_clean,
 )
-from tests.hostile.conftest import TEE
 from tests.support.gateway_proc import GatewayProc
 from tests.support.sandbox_proc import SandboxProc
+from tests.support.testdata import TEE
 
 CI = settings(
     deadline=None,

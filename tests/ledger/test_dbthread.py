@@ -12,7 +12,7 @@ from teegate.ledger import Store
 from teegate.ledger.dbthread import run_on_connection, transaction
 from teegate.ledger.ops import NewReservation
 
-from .conftest import PRICES
+from tests.support.ledger import PRICES
 
 
 def _reservation(account_id: int, key_id: int, amount: int) -> NewReservation:

@@ -12,7 +12,7 @@ from pathlib import Path
 from teegate.ledger import Ledger, Store
 from teegate.ledger.keys import hash_key
 
-from .conftest import fund
+from tests.support.ledger import fund
 
 
 def _all_db_bytes(db_path: str) -> bytes:
@@ -70,24 +70,25 @@ async def test_revocation_in_process_is_immediate(ledger: Ledger) -> None:
     assert await ledger.authenticate(other) == other_key  # the sibling key still works
 
 
-async def test_revocation_by_another_process_takes_effect_within_the_refresh_bound(
-    db_path: str,
-) -> None:
+async def test_revocation_by_another_process_reaches_the_serving_ledger(db_path: str) -> None:
+    """The cache is refreshed from the database: a key revoked elsewhere stops working.
+
+    How soon is the benchmark's question; this waits on the observable condition, with a
+    deadline only so that a refresh that never comes fails instead of hanging."""
     led = await Ledger.open(db_path, refresh_ms=50)
     try:
         f = await fund(led, "alice", 1000)
+        other_key, other = await led.create_key(f.account_id)
         assert await led.authenticate(f.plaintext) == f.key  # cached
         # The operator's command line uses its own connection (another process's view).
         store = await Store.open(db_path, create=False)
-        revoked_at = time.monotonic()
         assert await store.revoke_key(f.key.key_id)
         await store.close()
-        deadline = revoked_at + 5.0
+        deadline = time.monotonic() + 30.0
         while await led.authenticate(f.plaintext) is not None:
             assert time.monotonic() < deadline, "revocation never reached the serving ledger"
             await asyncio.sleep(0.01)
-        # Bound: refresh interval plus scheduling slack, far below the deadline.
-        assert time.monotonic() - revoked_at < 2.0
+        assert await led.authenticate(other) == other_key  # only that key was dropped
     finally:
         await led.close()
 

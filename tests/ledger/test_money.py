@@ -11,7 +11,6 @@ from teegate.ledger.billing import (
     Prices,
     charge_micro,
     estimate_prompt_tokens,
-    exact_cost_scaled,
     reservation_micro,
     tokens_from_bytes,
 )
@@ -140,12 +139,31 @@ def test_tokens_from_bytes_is_ceil_of_a_third(n: int) -> None:
     assert 3 * t >= n > 3 * (t - 1)
 
 
+HELLO = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+# Its compact JSON {"model":"m","messages":[{"role":"user","content":"hello there"}]}, by hand:
+# letters and spaces, half a token each: model m messages role user content "hello there"
+#   = 5+1+8+4+4+7+11 = 40 -> 20 tokens;
+# other bytes, one each: 7 quoted strings (14 quotes), 4 colons, 2 commas, { [ { } ] } (6) = 26;
+# plus the 64-token template overhead: 64 + 20 + 26 = 110.
+HELLO_TOKENS = 110
+
+
+def test_prompt_estimate_of_a_known_body() -> None:
+    assert estimate_prompt_tokens(HELLO) == HELLO_TOKENS
+
+
 @given(prices_st, st.integers(0, 200_000))
 def test_reservation_covers_prompt_estimate_and_max_tokens(prices: Prices, max_tokens: int) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
-    held = reservation_micro(prices, body, max_tokens)
+    held = reservation_micro(prices, HELLO, max_tokens)
     # Whatever the real prompt (at most the estimate) and completion (at most
-    # max_tokens), the hold covers the charge.
-    est = estimate_prompt_tokens(body)
-    assert held == charge_micro(prices, est, max_tokens)
-    assert held * 1_000_000 >= exact_cost_scaled(prices, est, max_tokens)
+    # max_tokens), the hold covers the charge: the estimate at the input price plus the
+    # whole budget at the output price, rounded up to a whole micro-USD.
+    scaled = HELLO_TOKENS * prices.input + max_tokens * prices.output
+    assert held == -(-scaled // 1_000_000)
+
+
+def test_reservation_of_a_known_body() -> None:
+    # 110 tokens * $1/M + 1000 tokens * $2/M = 110 + 2000 micro-USD.
+    assert reservation_micro(Prices(input=1_000_000, output=2_000_000), HELLO, 1000) == 2110
+    # $0.30/M in, $0.50/M out: (110 * 300_000 + 7 * 500_000) / 1M = 36.5 -> 37 micro-USD.
+    assert reservation_micro(Prices(input=300_000, output=500_000), HELLO, 7) == 37

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from teegate.ledger import Ledger, Store
 
-from .conftest import PRICES, fund
+from tests.support.ledger import PRICES, fund
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,172 @@
+"""UpstreamDeadline on mitmproxy test flows, with the event loop's clock moved by hand.
+
+The timer is the loop's own (``call_later``); moving ``loop.time`` past it makes the
+loop run it on its next turn, so no test waits for a real second to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import structlog
+from mitmproxy import exceptions
+from mitmproxy import flow as mflow
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons.deadline import TIMED_OUT, UpstreamDeadline
+from teegate.addons.errors import next_error_page
+
+TIMEOUT_S = 30
+
+
+class Handler:
+    """Stands in for mitmproxy's connection handler of the flow's client."""
+
+    def __init__(self, server_conn: Any) -> None:
+        self.transports = {server_conn: object()}
+        self.closed: list[Any] = []
+
+    def close_connection(self, conn: Any) -> None:
+        self.closed.append(conn)
+
+
+def chat(route: str = "chat", request_id: str = "req_1"):
+    """A flow as the chain hands it over: routed (``route``) and given its request id.
+
+    The one place this module writes the earlier addons' flow state."""
+    f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/v1/chat/completions"))
+    f.metadata["teegate.route"] = route
+    f.metadata["teegate.request_id"] = request_id
+    return f
+
+
+class Harness:
+    def __init__(self, addon: UpstreamDeadline, proxyserver: Proxyserver) -> None:
+        self.addon = addon
+        self._proxyserver = proxyserver
+        self._loop = asyncio.get_running_loop()
+        self._real_time = self._loop.time
+        self._offset = 0.0
+
+    def connect(self, f) -> Handler:
+        handler = Handler(f.server_conn)
+        self._proxyserver.connections[f.client_conn.id] = handler  # type: ignore[assignment]
+        return handler
+
+    async def advance(self, seconds: float) -> None:
+        """Move the loop's clock on and let it run whatever fell due."""
+        self._offset += seconds
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    def time(self) -> float:
+        return self._real_time() + self._offset
+
+
+@pytest.fixture
+async def harness(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    addon, proxyserver = UpstreamDeadline(), Proxyserver()
+    with taddons.context(proxyserver, addon) as tctx:
+        tctx.configure(addon, teegate_upstream_timeout_s=TIMEOUT_S)
+        h = Harness(addon, proxyserver)
+        monkeypatch.setattr(asyncio.get_running_loop(), "time", h.time)
+        next_error_page.set(None)
+        yield h
+
+
+async def test_silence_past_the_deadline_closes_the_upstream_and_answers_504(harness):
+    f = chat()
+    handler = harness.connect(f)
+    with structlog.testing.capture_logs() as logs:
+        harness.addon.request(f)
+        await harness.advance(TIMEOUT_S - 1)
+        assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+        await harness.advance(2)
+    assert handler.closed == [f.server_conn]
+    assert f.metadata.get(TIMED_OUT) is True
+    assert logs == [{"event": "upstream_timeout", "log_level": "warning", "request_id": "req_1"}]
+    # mitmproxy then reports the flow's error; the page it writes is ours.
+    f.error = mflow.Error("Connection killed.")
+    harness.addon.error(f)
+    err = next_error_page.get()
+    assert (err.status, err.code, err.type) == (504, "upstream_timeout", "api_error")
+    assert f.metadata["teegate.error_code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
+async def test_any_answer_or_failure_stops_the_timer(harness, hook):
+    f = chat()
+    handler = harness.connect(f)
+    harness.addon.request(f)
+    if hook != "error":
+        f.response = tutils.tresp()
+    getattr(harness.addon, hook)(f)
+    await harness.advance(TIMEOUT_S * 10)
+    assert handler.closed == []
+    assert not f.metadata.get(TIMED_OUT)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pytest.param("local", id="answered locally"),
+        pytest.param("passthrough", id="egress passthrough"),
+        pytest.param("refused", id="a refused chat"),
+    ],
+)
+async def test_only_a_chat_going_upstream_is_timed(harness, state):
+    f = chat(route="chat" if state == "refused" else state)
+    if state == "refused":
+        f.response = tutils.tresp(status_code=402)
+    handler = harness.connect(f)
+    harness.addon.request(f)
+    await harness.advance(TIMEOUT_S * 10)
+    assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+
+
+async def test_a_flow_no_longer_live_is_not_touched(harness):
+    f = chat()
+    handler = harness.connect(f)
+    harness.addon.request(f)
+    f.live = False
+    await harness.advance(TIMEOUT_S + 1)
+    assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+
+
+async def test_a_failure_without_the_deadline_is_a_502(harness):
+    f = chat()
+    harness.addon.request(f)
+    f.error = mflow.Error("Connection refused: b'client bytes'")
+    harness.addon.error(f)
+    err = next_error_page.get()
+    assert (err.status, err.code) == (502, "upstream_unreachable")
+    assert "client bytes" not in err.message
+    assert f.metadata["teegate.error_code"] == "upstream_unreachable"
+
+
+@pytest.mark.parametrize("route", ["local", "passthrough", None])
+async def test_other_failures_keep_mitmproxy_s_own_page(harness, route):
+    f = chat(route=route)
+    f.error = mflow.Error("Connection refused")
+    harness.addon.error(f)
+    assert next_error_page.get() is None
+    assert "teegate.error_code" not in f.metadata
+
+
+async def test_a_failure_after_the_response_keeps_mitmproxy_s_own_page(harness):
+    f = chat()
+    f.response = tutils.tresp()
+    f.error = mflow.Error("Client disconnected.")
+    harness.addon.error(f)
+    assert next_error_page.get() is None
+
+
+@pytest.mark.parametrize("seconds", [0, -5])
+def test_a_timeout_below_one_second_is_refused_at_configuration(seconds):
+    addon = UpstreamDeadline()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="at least 1"):
+            tctx.configure(addon, teegate_upstream_timeout_s=seconds)
