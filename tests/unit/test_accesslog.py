@@ -15,8 +15,9 @@ import structlog
 from mitmproxy import flow as mflow
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
+from teegate.addons import flowstate
 from teegate.addons.accesslog import AccessLog
-from teegate.addons.gate import LISTED_MODEL
+from teegate.addons.flowstate import Route
 from teegate.addons.headers import ResponseHeaders
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
@@ -42,14 +43,16 @@ def flow(
     req = tutils.treq(method=b"POST", path=path, content=content)
     f = tflow.tflow(req=req, resp=resp, err=mflow.Error(error) if error else False)
     f.client_conn.proxy_mode = ProxyMode.parse(mode)
-    md = {
-        "teegate.route": route,
-        "teegate.chat": object() if chat else None,  # parsed: its content is never read here
-        LISTED_MODEL: listed_model,
-        "teegate.error_code": error_code,
-        "teegate.egress": egress,
-    }
-    f.metadata.update({k: v for k, v in md.items() if v is not None})
+    if route is not None:
+        flowstate.set_route(f, Route(route))
+    if chat:  # parsed: its content is never read here
+        flowstate.set_chat_request(f, object())  # type: ignore[arg-type]
+    if listed_model is not None:
+        flowstate.set_listed_model(f, listed_model)
+    if error_code is not None:
+        flowstate.set_error_code(f, error_code)
+    if egress is not None:
+        flowstate.set_egress_verdict(f, egress)
     return f
 
 

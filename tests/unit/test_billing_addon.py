@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 from mitmproxy import flow as mflow
 from mitmproxy.test import taddons, tflow, tutils
-from teegate.addons.auth import KEY
+from teegate.addons import flowstate
 from teegate.addons.billing import Billing
-from teegate.addons.deadline import TIMED_OUT
+from teegate.addons.flowstate import Route, Stage
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.schema import ChatRequest
-from teegate.addons.stages import has_passed, passed
-from teegate.addons.streaming import TALLY, StreamTally
+from teegate.addons.streaming import StreamTally
 from teegate.catalog.models import CatalogModel, Pricing
 from teegate.ledger import ApiKey, InsufficientBalance, LedgerUnavailable, Prices, Reservation
 
@@ -58,9 +57,15 @@ class FakeLedger:
         self.reserved.append((request_id, key, model, prices, amount_micro))
         if self.refuse_with is not None:
             raise self.refuse_with
-        # id, request_id, account_id, key_id, model, prices, amount_micro, created_ms
         return Reservation(
-            1, request_id, key.account_id, key.key_id, model, prices, amount_micro, 0
+            id=1,
+            request_id=request_id,
+            account_id=key.account_id,
+            key_id=key.key_id,
+            model=model,
+            prices=prices,
+            amount_micro=amount_micro,
+            created_ms=0,
         )
 
     async def settle(
@@ -87,10 +92,10 @@ def gated_chat(body: dict[str, Any] = BODY, *, route: str = "chat", gate: bool =
 
     With :func:`later_state`, the only places this module writes other addons' flow state."""
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/v1/chat/completions"))
-    f.metadata["teegate.route"] = route
-    f.metadata["teegate.request_id"] = "req_test"
-    f.metadata["teegate.chat"] = ChatRequest.model_validate(body)
-    f.metadata["teegate.model"] = CatalogModel(
+    flowstate.set_route(f, Route(route))
+    flowstate.set_request_id(f, "req_test")
+    flowstate.set_chat_request(f, ChatRequest.model_validate(body))
+    model = CatalogModel(
         id=TEE,
         created=0,
         owned_by="test",
@@ -101,9 +106,10 @@ def gated_chat(body: dict[str, Any] = BODY, *, route: str = "chat", gate: bool =
         output_modalities=("text",),
         pricing=Pricing(input=PRICES.input, output=PRICES.output, cache_read=PRICES.cache_read),
     )
-    f.metadata[KEY] = KEY_ROW
+    flowstate.set_catalog_model(f, model)
+    flowstate.set_api_key(f, KEY_ROW)
     if gate:
-        passed(f, "gate")
+        flowstate.passed(f, Stage.GATE)
     return f
 
 
@@ -117,11 +123,11 @@ def later_state(
     """What the addons after Billing record on the flow: StreamRelay's tally of a stream,
     UpstreamDeadline's timeout, AnswerModelCheck's refusal of an answer for another model."""
     if tally is not None:
-        f.metadata[TALLY] = tally
+        flowstate.set_stream_tally(f, tally)
     if timed_out:
-        f.metadata[TIMED_OUT] = True
+        flowstate.set_timed_out(f)
     if error_code is not None:
-        f.metadata["teegate.error_code"] = error_code
+        flowstate.set_error_code(f, error_code)
 
 
 def json_response(doc: Any, status: int = 200) -> Any:
@@ -132,7 +138,7 @@ def json_response(doc: Any, status: int = 200) -> Any:
 async def reserved_flow(billing: Billing, body: dict[str, Any] = BODY):
     f = gated_chat(body)
     await billing.request(f)
-    assert f.response is None and has_passed(f, "billing")
+    assert f.response is None and flowstate.has_passed(f, Stage.BILLING)
     return f
 
 
@@ -192,7 +198,7 @@ async def test_nothing_is_reserved_for_a_flow_it_does_not_own(ledger, billing, s
         f.response = json_response({})
     await billing.request(f)
     assert ledger.reserved == []
-    assert not has_passed(f, "billing")
+    assert not flowstate.has_passed(f, Stage.BILLING)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +224,7 @@ async def test_a_refused_reservation_answers_locally(error, status, code, words)
     envelope = json.loads(f.response.content)["error"]
     assert envelope["code"] == code
     assert words in envelope["message"]
-    assert not has_passed(f, "billing")
+    assert not flowstate.has_passed(f, Stage.BILLING)
     # Nothing to settle or release later: no reservation was made.
     billing.response(f)
     await billing.done()

@@ -12,12 +12,16 @@ from typing import Any
 
 import pytest
 import structlog
-from mitmproxy import exceptions
 from mitmproxy import flow as mflow
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
-from teegate.addons.deadline import TIMED_OUT, UpstreamDeadline
+from pydantic import ValidationError
+from teegate.addons import flowstate
+from teegate.addons.deadline import UpstreamDeadline
 from teegate.addons.errors import next_error_page
+from teegate.addons.flowstate import Route
+
+from teegate.config import UpstreamSettings
 
 TIMEOUT_S = 30
 
@@ -33,13 +37,14 @@ class Handler:
         self.closed.append(conn)
 
 
-def chat(route: str = "chat", request_id: str = "req_1"):
+def chat(route: str | None = "chat", request_id: str = "req_1"):
     """A flow as the chain hands it over: routed (``route``) and given its request id.
 
     The one place this module writes the earlier addons' flow state."""
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/v1/chat/completions"))
-    f.metadata["teegate.route"] = route
-    f.metadata["teegate.request_id"] = request_id
+    if route is not None:
+        flowstate.set_route(f, Route(route))
+    flowstate.set_request_id(f, request_id)
     return f
 
 
@@ -68,9 +73,8 @@ class Harness:
 
 @pytest.fixture
 async def harness(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
-    addon, proxyserver = UpstreamDeadline(), Proxyserver()
-    with taddons.context(proxyserver, addon) as tctx:
-        tctx.configure(addon, teegate_upstream_timeout_s=TIMEOUT_S)
+    addon, proxyserver = UpstreamDeadline(UpstreamSettings(timeout_s=TIMEOUT_S)), Proxyserver()
+    with taddons.context(proxyserver, addon):
         h = Harness(addon, proxyserver)
         monkeypatch.setattr(asyncio.get_running_loop(), "time", h.time)
         next_error_page.set(None)
@@ -83,17 +87,17 @@ async def test_silence_past_the_deadline_closes_the_upstream_and_answers_504(har
     with structlog.testing.capture_logs() as logs:
         harness.addon.request(f)
         await harness.advance(TIMEOUT_S - 1)
-        assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+        assert handler.closed == [] and not flowstate.timed_out(f)
         await harness.advance(2)
     assert handler.closed == [f.server_conn]
-    assert f.metadata.get(TIMED_OUT) is True
+    assert flowstate.timed_out(f) is True
     assert logs == [{"event": "upstream_timeout", "log_level": "warning", "request_id": "req_1"}]
     # mitmproxy then reports the flow's error; the page it writes is ours.
     f.error = mflow.Error("Connection killed.")
     harness.addon.error(f)
     err = next_error_page.get()
     assert (err.status, err.code, err.type) == (504, "upstream_timeout", "api_error")
-    assert f.metadata["teegate.error_code"] == "upstream_timeout"
+    assert flowstate.error_code(f) == "upstream_timeout"
 
 
 @pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
@@ -106,7 +110,7 @@ async def test_any_answer_or_failure_stops_the_timer(harness, hook):
     getattr(harness.addon, hook)(f)
     await harness.advance(TIMEOUT_S * 10)
     assert handler.closed == []
-    assert not f.metadata.get(TIMED_OUT)
+    assert not flowstate.timed_out(f)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +128,7 @@ async def test_only_a_chat_going_upstream_is_timed(harness, state):
     handler = harness.connect(f)
     harness.addon.request(f)
     await harness.advance(TIMEOUT_S * 10)
-    assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+    assert handler.closed == [] and not flowstate.timed_out(f)
 
 
 async def test_a_flow_no_longer_live_is_not_touched(harness):
@@ -133,7 +137,7 @@ async def test_a_flow_no_longer_live_is_not_touched(harness):
     harness.addon.request(f)
     f.live = False
     await harness.advance(TIMEOUT_S + 1)
-    assert handler.closed == [] and not f.metadata.get(TIMED_OUT)
+    assert handler.closed == [] and not flowstate.timed_out(f)
 
 
 async def test_a_failure_without_the_deadline_is_a_502(harness):
@@ -144,7 +148,7 @@ async def test_a_failure_without_the_deadline_is_a_502(harness):
     err = next_error_page.get()
     assert (err.status, err.code) == (502, "upstream_unreachable")
     assert "client bytes" not in err.message
-    assert f.metadata["teegate.error_code"] == "upstream_unreachable"
+    assert flowstate.error_code(f) == "upstream_unreachable"
 
 
 @pytest.mark.parametrize("route", ["local", "passthrough", None])
@@ -153,7 +157,7 @@ async def test_other_failures_keep_mitmproxy_s_own_page(harness, route):
     f.error = mflow.Error("Connection refused")
     harness.addon.error(f)
     assert next_error_page.get() is None
-    assert "teegate.error_code" not in f.metadata
+    assert flowstate.error_code(f) is None
 
 
 async def test_a_failure_after_the_response_keeps_mitmproxy_s_own_page(harness):
@@ -165,8 +169,6 @@ async def test_a_failure_after_the_response_keeps_mitmproxy_s_own_page(harness):
 
 
 @pytest.mark.parametrize("seconds", [0, -5])
-def test_a_timeout_below_one_second_is_refused_at_configuration(seconds):
-    addon = UpstreamDeadline()
-    with taddons.context(addon) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="at least 1"):
-            tctx.configure(addon, teegate_upstream_timeout_s=seconds)
+def test_a_timeout_below_one_second_is_refused_by_the_settings(seconds):
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        UpstreamSettings(timeout_s=seconds)

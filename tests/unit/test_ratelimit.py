@@ -10,13 +10,15 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
-from teegate.addons.auth import KEY
+from pydantic import ValidationError
+from teegate.addons import flowstate
+from teegate.addons.flowstate import Stage
 from teegate.addons.headers import ResponseHeaders
 from teegate.addons.ratelimit import RateLimit
-from teegate.addons.stages import has_passed
 from teegate.ledger import ApiKey
+
+from teegate.config import RateLimitSettings
 
 T0 = 1_000.0
 
@@ -38,7 +40,8 @@ def keyed(key_id: int | None = 1, rate_limit: int | None = None, ip: str = "10.0
     if key_id is None:
         f.response = tutils.tresp(status_code=401, content=b"{}")
     else:
-        f.metadata[KEY] = ApiKey(key_id=key_id, account_id=1, label=None, rate_limit=rate_limit)
+        key = ApiKey(key_id=key_id, account_id=1, label=None, rate_limit=rate_limit)
+        flowstate.set_api_key(f, key)
     return f
 
 
@@ -58,9 +61,8 @@ def clock() -> Clock:
 @pytest.fixture
 def limit(clock: Clock) -> Iterator[RateLimit]:
     """A RateLimit allowing 2 requests per minute per key by default."""
-    addon = RateLimit(clock=clock)
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, teegate_rate_limit_rpm=2)
+    addon = RateLimit(RateLimitSettings(requests_per_minute=2), clock=clock)
+    with taddons.context(addon):
         yield addon
 
 
@@ -72,7 +74,9 @@ def test_counts_down_then_refuses_with_retry_after(limit, clock):
     clock.now = T0 + 10.5
     limit.request(third)
     assert first.response is None and second.response is None
-    assert has_passed(first, "ratelimit") and has_passed(second, "ratelimit")
+    assert flowstate.has_passed(first, Stage.RATELIMIT) and flowstate.has_passed(
+        second, Stage.RATELIMIT
+    )
     # The window opened at T0 = 1000 and resets at 1060.
     assert seen(first) == {
         "x-ratelimit-limit": "2",
@@ -81,7 +85,7 @@ def test_counts_down_then_refuses_with_retry_after(limit, clock):
     }
     assert seen(second)["x-ratelimit-remaining"] == "0"
     assert third.response.status_code == 429
-    assert not has_passed(third, "ratelimit")
+    assert not flowstate.has_passed(third, Stage.RATELIMIT)
     error = json.loads(third.response.content)["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "rate_limit_error")
     # 1060 - 1010.5 = 49.5 s, rounded up.
@@ -143,7 +147,9 @@ def test_unauthenticated_attempts_are_counted_per_client_address(limit):
     for f in guesses:
         limit.request(f)
     assert [f.response.status_code for f in guesses] == [401, 401, 429]
-    assert not any(has_passed(f, "ratelimit") for f in guesses)  # still refused, never passed
+    assert not any(
+        flowstate.has_passed(f, Stage.RATELIMIT) for f in guesses
+    )  # still refused, never passed
     elsewhere = keyed(key_id=None, ip="10.0.0.2")
     limit.request(elsewhere)
     assert elsewhere.response.status_code == 401
@@ -156,13 +162,11 @@ def test_unauthenticated_attempts_are_counted_per_client_address(limit):
 def test_a_flow_with_no_key_and_no_401_is_not_counted(limit):
     f = tflow.tflow(req=tutils.treq(method=b"GET", path=b"/health"))
     limit.request(f)
-    assert f.response is None and not has_passed(f, "ratelimit")
+    assert f.response is None and not flowstate.has_passed(f, Stage.RATELIMIT)
     assert seen(f) == {}
 
 
 @pytest.mark.parametrize("rpm", [0, -1])
-def test_a_limit_below_one_is_refused_at_configuration(rpm):
-    addon = RateLimit()
-    with taddons.context(addon) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="at least 1"):
-            tctx.configure(addon, teegate_rate_limit_rpm=rpm)
+def test_a_limit_below_one_is_refused_by_the_settings(rpm):
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        RateLimitSettings(requests_per_minute=rpm)
