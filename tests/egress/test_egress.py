@@ -90,11 +90,18 @@ def test_non_tee_model_is_refused_by_the_same_gate(egress_openai, upstream, gate
     assert balance(gateway) == before
 
 
-def test_model_list_is_answered_locally_like_reverse_mode(egress_openai, upstream):
+def test_model_list_is_answered_locally_like_reverse_mode(egress_openai, upstream, gateway):
+    seen = upstream.requests_seen()
     with egress_openai(upstream.api_base) as client:
         ids = [m.id for m in client.models.list()]
     assert TEE in ids and NON_TEE not in ids
-    assert "GET /v1/models" not in upstream.stats()["by_route"]  # served from the catalog
+    # Served from the catalog: the upstream saw only the gateway's own catalog polls (it polls
+    # every second here), each with the upstream's key, never the app's request.
+    for r in upstream.requests(since=seen):
+        assert (r["method"], r["path"]) == ("GET", "/v1/models")
+        assert dict((k.lower(), v) for k, v in r["headers"])["authorization"] == (
+            f"Bearer {upstream.api_key}"
+        )
 
 
 def test_streaming_through_egress(egress_openai, upstream):
