@@ -20,6 +20,9 @@ Wire facts (``chutesai/chutes-api``; cross-checked against the reference verifie
 Everything else (chain to Intel's root, TCB, debug bit, measurement allow-lists) is the same
 ordered list of checks as for NEAR AI / Phala, in :mod:`verifier`, with this module's binding
 plugged in. GPU evidence is recorded, not verified (as for NEAR), until a GPU verifier exists.
+
+Why this module is long: the wire format, the binding and the fetch/verify steps of one
+upstream's evidence belong together; a reviewer checks the parse against the binding here.
 """
 
 from __future__ import annotations
