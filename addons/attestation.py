@@ -32,7 +32,7 @@ from teegate.catalog.store import Snapshot
 
 if TYPE_CHECKING:
     from teegate.catalog.chutes.pool import InstancePool
-    from teegate.catalog.models import CatalogModel
+
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate.attestation")
@@ -132,7 +132,7 @@ class AttestationSync:
             await self._client.aclose()
 
     @property
-    def running(self) -> bool:
+    def started(self) -> bool:
         return self.service is not None or self.fleet is not None
 
     async def attest_now(self, model: str, nonce: bytes) -> Verdict:

@@ -55,9 +55,7 @@ def verdict_headers(mode: str, verdict: Verdict | None) -> dict[str, str]:
 
 def response_headers(attestation: AttestationSync) -> ResponseHeaders:
     """The header writer, speaking alone for the attestation headers."""
-    return ResponseHeaders(
-        own=ALL, defaults=lambda: {MODE: attestation.mode, E2EE_HEADER: "false"}
-    )
+    return ResponseHeaders(own=ALL, defaults=lambda: {MODE: attestation.mode, E2EE_HEADER: "false"})
 
 
 class AttestationGate:

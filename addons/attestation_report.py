@@ -115,7 +115,7 @@ class AttestationReport:
             raise _invalid("signing_algo", "Invalid value for 'signing_algo': only 'ecdsa'.")
         nonce = parse_nonce(query.get("nonce"))
         model = self._model(model_id)
-        if not self._att.running:
+        if not self._att.started:
             raise GatewayError(503, self._att.refusal(model) or "", "attestation_unavailable")
         if nonce is not None:
             verdict: Verdict | None = await self._att.attest_now(model, nonce)

@@ -44,7 +44,6 @@ from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, 
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
-
     from teegate.catalog.chutes.pool import InstancePool, Ticket
 
 log = structlog.get_logger("teegate")
@@ -119,7 +118,7 @@ def seal(
     host_header: str,
     stream: bool,
 ) -> None:
-    """Replace the flow's request by the sealed ``POST /e2e/invoke`` (the path pinned by the caller)."""
+    """Make the flow's request the sealed ``POST /e2e/invoke`` (origin pinned by the caller)."""
     sealed = seal_request(json.loads(body), ticket.e2e_pubkey)
     flowstate.set_e2ee(
         flow, E2EEFlow(pool=pool, ticket=ticket, response_key=sealed.response_key, stream=stream)

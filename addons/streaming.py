@@ -41,7 +41,6 @@ from teegate.addons.errors import guarded
 from teegate.addons.flowstate import Route
 from teegate.addons.sse import Event, SSESplitter
 from teegate.addons.upstream import log_mismatch, model_mismatch
-
 from teegate.catalog.chutes.e2ee import E2EEError
 
 if TYPE_CHECKING:

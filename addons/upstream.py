@@ -28,12 +28,13 @@ import structlog
 from mitmproxy import ctx, exceptions, http
 from teegate.addons import chutes, flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
-from teegate.addons.headers import add_headers
 from teegate.addons.flowstate import Stage
+from teegate.addons.headers import add_headers
 from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
     from teegate.addons.attestation import AttestationSync
+
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate")
