@@ -105,12 +105,10 @@ class AttestationSync:
                 self.service.set_models(catalog.snapshot.models)
 
     async def _start_fleet(self) -> None:
-        from teegate.addons.chutes_pools import pool_factory
-
         assert self._client is not None
-        up = self._upstream
-        self.fleet = ChutesFleet(pool_factory(self.policy, up, self._client))
+        self.fleet = ChutesFleet(self.policy, self._upstream, self._client)
         self.fleet.on_verdict(self._on_verdict)
+        await self.fleet.start()
         catalog = self._catalog.catalog
         if catalog is None:
             return

@@ -75,13 +75,18 @@ class E2EEFlow:
         return StreamOpener(self.response_key)
 
 
-def no_attested_instance(model: str, why: str | None = None) -> GatewayError:
+def no_attested_instance(
+    model: str, why: str | None = None, code: str = NO_INSTANCE
+) -> GatewayError:
+    """503: no verified instance can take the request (``attested_instance_busy``: verified
+    instances exist but every nonce token is in use); nothing was sent."""
     detail = f" ({why})" if why else ""
+    busy = code != NO_INSTANCE
+    what = "has an unused nonce token" if busy else "passed hardware attestation"
     return GatewayError(
         503,
-        f"No instance of model '{model}' passed hardware attestation{detail}; "
-        "nothing was sent. Retry shortly.",
-        NO_INSTANCE,
+        f"No instance of model '{model}' {what}{detail}; nothing was sent. Retry shortly.",
+        code,
         type="api_error",
     )
 

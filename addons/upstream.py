@@ -111,7 +111,7 @@ class UpstreamRewrite:
         try:
             ticket = await pool.acquire()
         except NoAttestedInstance as e:
-            refuse(flow, chutes.no_attested_instance(model.id, str(e) or None))
+            refuse(flow, chutes.no_attested_instance(model.id, str(e) or None, e.code))
             return False
         chutes.seal(
             flow,
