@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import structlog
 from teegate.addons.catalogsync import CatalogSync
-from teegate.addons.chutes_fleet import ChutesFleet
 from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 from teegate.catalog.store import Snapshot
 
 if TYPE_CHECKING:
+    from teegate.addons.chutes_fleet import ChutesFleet
     from teegate.catalog.chutes.pool import InstancePool
 
     from teegate.config import UpstreamSettings
@@ -105,6 +105,8 @@ class AttestationSync:
                 self.service.set_models(catalog.snapshot.models)
 
     async def _start_fleet(self) -> None:
+        from teegate.addons.chutes_fleet import ChutesFleet  # only for a Chutes upstream
+
         assert self._client is not None
         self.fleet = ChutesFleet(self.policy, self._upstream, self._client)
         self.fleet.on_verdict(self._on_verdict)
