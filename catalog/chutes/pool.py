@@ -15,6 +15,10 @@ Invariants (fail closed):
 - No verified instance: :class:`NoAttestedInstance`, and nothing is sent anywhere.
 
 Clock, sleep, fetcher and verifier are injected, so tests drive the pool without sleeping.
+
+Why this module is long: the invariants above are kept jointly by ``acquire``, ``failed``,
+``refill`` and the upkeep loop over one shared state (keys, tokens, verdicts); split apart,
+each part would have to be read with the others to see that no stale key is ever used.
 """
 
 from __future__ import annotations
@@ -23,13 +27,22 @@ import asyncio
 import contextlib
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+import httpx
 import structlog
-from teegate.catalog.attestation.chutes import Discovery, model_verdict
+from teegate.catalog.attestation.chutes import (
+    ChutesEvidenceClient,
+    ChutesVerifier,
+    Discovery,
+    model_verdict,
+)
+from teegate.catalog.attestation.collateral import CollateralCache
+from teegate.catalog.attestation.policy import Policy
 from teegate.catalog.attestation.source import EvidenceFetchError
 from teegate.catalog.attestation.verdict import InstanceVerdict, Verdict
 
@@ -109,6 +122,7 @@ class InstancePool:
         settings: PoolSettings | None = None,
         root: Literal["intel", "test"] = "intel",
         retry_interval_s: int = 60,
+        on_verdict: Callable[[Verdict], None] | None = None,
     ) -> None:
         self.model = model
         self.chute_id = chute_id
@@ -128,6 +142,11 @@ class InstancePool:
         self._last_evidence = -math.inf
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._on_verdict = on_verdict
+        self._attempted = False
+        self._emitted: tuple[Any, ...] | None = None
+        self._last_demand = -math.inf
         self.discoveries = 0
         self.evidence_fetches = 0
         self.last_error: str | None = None
@@ -137,6 +156,7 @@ class InstancePool:
     async def acquire(self) -> Ticket:
         """A ticket for one request; raises :class:`NoAttestedInstance` (nothing to use)."""
         deadline = self._clock() + self.settings.max_wait_s
+        self._last_demand = self._clock()
         while True:
             ticket = self._take()
             if ticket is not None:
@@ -196,7 +216,12 @@ class InstancePool:
             out.append(v)
         return out
 
-    def verdict(self) -> Verdict:
+    @property
+    def verdict(self) -> Verdict | None:
+        """The model's verdict (ok while an instance is usable); None before the first
+        discovery and verification have been tried (pending)."""
+        if not self._attempted:
+            return None
         now = int(self._clock())
         verdict = model_verdict(
             self.model,
@@ -214,6 +239,22 @@ class InstancePool:
 
     async def refill(self) -> None:
         """One discovery call (rate-bounded), then an evidence fetch if any key needs it."""
+        try:
+            await self._refill()
+        finally:
+            self._attempted = True
+            self._emit()
+
+    def _emit(self) -> None:
+        v = self.verdict
+        if v is None or self._on_verdict is None:
+            return
+        shown = (v.ok, v.reason, tuple((i.instance_id, i.ok, i.verified_at) for i in v.instances))
+        if shown != self._emitted:
+            self._emitted = shown
+            self._on_verdict(v)
+
+    async def _refill(self) -> None:
         async with self._lock:
             now = self._clock()
             if not self._discovery_allowed(now):
@@ -307,11 +348,44 @@ class InstancePool:
                 self.refill(), name=f"chutes-refill:{self.chute_id}"
             )
 
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Verify at once, then keep verdicts fresh and, while requests come, tokens ahead."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._maintain(), name=f"chutes-pool:{self.chute_id}"
+            )
+
+    async def stop(self) -> None:
+        for task in (self._loop_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._task = None
+
+    aclose = stop
+
+    async def maintain_once(self) -> None:
+        """One maintenance step: refill when verification is due, or when recent demand
+        (within a token lifetime) has left fewer tokens than the low-water mark. An idle
+        pool does not spend the upstream's discovery budget on tokens nobody uses."""
+        now = self._clock()
+        busy = now - self._last_demand < 60 and self.available() < self.settings.low_water
+        if not self._attempted or busy or self._verification_due(now):
+            await self.refill()
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self.maintain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never let a surprise end the pool's upkeep
+                self.last_error = f"internal error: {type(e).__name__}"
+                log.exception("chutes_pool_error", model=self.model, error=type(e).__name__)
+            await self._sleep(self.settings.discovery_interval_s)
 
     # -- choosing ------------------------------------------------------------------------
 
@@ -350,3 +424,36 @@ class InstancePool:
         if self.last_error:
             return f"no attested instance for {self.model}: {self.last_error}"
         return f"no attested instance for {self.model}"
+
+
+def build_pool(
+    model: str,
+    chute_id: str,
+    *,
+    policy: Policy,
+    client: httpx.AsyncClient,
+    api_url: str,
+    api_key: str | None,
+    on_verdict: Callable[[Verdict], None] | None = None,
+    collateral: CollateralCache | None = None,
+    settings: PoolSettings | None = None,
+    clock: Callable[[], float] = time.time,
+) -> InstancePool:
+    """A pool against the real (or sandbox) Chutes API at ``api_url``, verified under
+    ``policy``. Share one ``collateral`` cache between pools: quotes from one platform share
+    collateral."""
+    verifier = ChutesVerifier(policy, collateral=collateral, clock=clock)
+    base = settings or PoolSettings()
+    return InstancePool(
+        model,
+        chute_id,
+        fetcher=ChutesEvidenceClient(api_url, api_key, client),
+        verifier=verifier,
+        clock=clock,
+        settings=replace(base, reverify_interval_s=float(policy.reattest_interval_s))
+        if settings is None
+        else base,
+        root=verifier.root,  # type: ignore[arg-type]
+        retry_interval_s=policy.retry_interval_s,
+        on_verdict=on_verdict,
+    )

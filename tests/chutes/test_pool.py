@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from teegate.catalog.attestation.chutes import DiscoveredInstance, Discovery
 from teegate.catalog.attestation.source import EvidenceFetchError
-from teegate.catalog.attestation.verdict import InstanceVerdict
+from teegate.catalog.attestation.verdict import InstanceVerdict, Verdict
 from teegate.catalog.chutes.pool import (
     InstancePool,
     NoAttestedInstance,
@@ -85,11 +85,18 @@ class FakeChutes:
         ]
 
 
-def _pool(api: FakeChutes, clock: Clock, **settings: Any) -> InstancePool:
+def _v(pool: InstancePool) -> Verdict:
+    v = pool.verdict
+    assert v is not None
+    return v
+
+
+def _pool(api: FakeChutes, clock: Clock, on_verdict: Any = None, **settings: Any) -> InstancePool:
     api.clock = clock  # type: ignore[attr-defined]
     return InstancePool(
         "m-TEE",
         CHUTE,
+        on_verdict=on_verdict,
         fetcher=api,
         verifier=api.verify,
         clock=clock,
@@ -106,7 +113,7 @@ async def test_first_acquire_discovers_verifies_and_spreads_round_robin() -> Non
     assert {t.e2e_pubkey for t in tickets} == {"KA", "KB"}
     assert len({t.nonce for t in tickets}) == 4
     assert api.discoveries == 1 and api.evidence_calls == 1
-    v = pool.verdict()
+    v = _v(pool)
     assert v.ok and v.evidence_kind == "chutes" and len(v.instances) == 2
 
 
@@ -116,7 +123,7 @@ async def test_unverified_instance_is_never_used() -> None:
     pool = _pool(api, clock)
     for _ in range(3):
         assert (await pool.acquire()).instance_id == "good"
-    by_id = {i.instance_id: i for i in pool.verdict().instances}
+    by_id = {i.instance_id: i for i in _v(pool).instances}
     assert by_id["good"].ok and not by_id["rogue"].ok
 
 
@@ -127,7 +134,7 @@ async def test_no_verified_instance_refuses() -> None:
     with pytest.raises(NoAttestedInstance) as e:
         await pool.acquire()
     assert e.value.code == "no_attested_instance" and "unbound key" in str(e.value)
-    assert not pool.verdict().ok
+    assert not _v(pool).ok
 
 
 async def test_discovery_failure_refuses_and_is_reported() -> None:
@@ -136,7 +143,7 @@ async def test_discovery_failure_refuses_and_is_reported() -> None:
     pool = _pool(api, clock)
     with pytest.raises(NoAttestedInstance):
         await pool.acquire()
-    assert "HTTP 429" in pool.verdict().reason
+    assert "HTTP 429" in _v(pool).reason
 
 
 async def test_refill_below_low_water_and_rate_bound() -> None:
@@ -184,7 +191,7 @@ async def test_rotated_key_is_unusable_until_verified_again() -> None:
     clock.now += 10
     await pool.refill()
     assert all(t.instance_id == "b" for t in [await pool.acquire() for _ in range(3)])
-    assert any(i.instance_id == "a" and not i.ok for i in pool.verdict().instances)
+    assert any(i.instance_id == "a" and not i.ok for i in _v(pool).instances)
     api.good_keys.add("KA2")  # the new key verifies once the refusal's retry time is up
     clock.now += 61
     await pool.refill()
@@ -202,7 +209,7 @@ async def test_key_change_without_new_evidence_never_pairs_old_verdict_with_new_
     await pool.refill()  # discovery sees the new key; evidence may not be fetched yet
     with pytest.raises(NoAttestedInstance):
         await pool.acquire()
-    assert "key changed" in pool.verdict().instances[0].reason
+    assert "key changed" in _v(pool).instances[0].reason
 
 
 @pytest.mark.parametrize("sent", [False, True])
@@ -241,3 +248,44 @@ async def test_concurrent_demand_respects_the_discovery_rate() -> None:
     assert len({t.nonce for t in tickets}) == 8
     gaps = [b - a for a, b in zip(api.discovered_at, api.discovered_at[1:], strict=False)]
     assert api.discoveries == 4 and all(g >= 6.0 for g in gaps), api.discovered_at
+
+
+async def test_pending_until_tried_then_verdicts_are_announced_on_change() -> None:
+    clock, api = Clock(), FakeChutes({"a": "KA"})
+    seen: list[Verdict] = []
+    pool = _pool(api, clock, on_verdict=seen.append)
+    assert pool.verdict is None  # pending: nothing tried yet
+    await pool.maintain_once()
+    assert [v.ok for v in seen] == [True] and seen[0].instances[0].instance_id == "a"
+    await pool.maintain_once()  # nothing due, nothing new to announce
+    assert len(seen) == 1 and api.discoveries == 1
+
+
+async def test_idle_pool_does_not_spend_discovery_budget() -> None:
+    clock, api = Clock(), FakeChutes({"a": "KA"}, tokens=1)
+    pool = _pool(api, clock, reverify_interval_s=600.0)
+    await pool.maintain_once()
+    for _ in range(20):  # two idle minutes of upkeep, tokens long expired
+        clock.now += 6
+        await pool.maintain_once()
+    assert api.discoveries == 1
+    await pool.acquire()  # demand: the pool now keeps tokens ahead
+    clock.now += 6
+    await pool.maintain_once()
+    assert api.discoveries == 3
+
+
+async def test_start_and_stop() -> None:
+    clock, api = Clock(), FakeChutes({"a": "KA"})
+    seen: list[Verdict] = []
+    announced = asyncio.Event()
+
+    def note(v: Verdict) -> None:
+        seen.append(v)
+        announced.set()
+
+    pool = _pool(api, clock, on_verdict=note)
+    await pool.start()
+    await asyncio.wait_for(announced.wait(), 5)
+    await pool.stop()
+    assert seen[0].ok
