@@ -16,13 +16,14 @@ What this module adds to the path, in hook order:
 * :class:`E2EEOpen` (first in the chain, so its ``response`` hook runs before the model check,
   the access log and billing read the answer): a non-streamed answer is opened and its body
   replaced by the plaintext JSON. An answer that does not open is never relayed: ``502
-  e2ee_failed`` (released, like any answer the client did not get). A plaintext API error
-  means the body was refused before any instance read it (stale key, token refused, instance
-  gone): the ticket is reported failed with ``sent=False`` so the pool moves on, and the client
-  gets ``503 e2ee_instance_unavailable`` to retry. It is not retried here: mitmproxy sends one
-  request per flow, and re-sending from a response hook would bypass the relay, the deadline
-  and the stream path; an honest 503 that the next attempt (on another verified instance)
-  answers is the simpler guarantee.
+  e2ee_failed`` (released, like any answer the client did not get); an error the model sealed
+  is ``502 upstream_error``. A front-door refusal that comes before any instance reads the body
+  (403 token refused, 404 instance gone, 400 stale key) reports the ticket failed with
+  ``sent=False`` so the pool moves on, and the client gets ``503 e2ee_instance_unavailable``
+  to retry; other plaintext errors (429, an instance's 5xx) are relayed as today. The request
+  is not retried here: mitmproxy sends one request per flow, and re-sending from a response
+  hook would bypass the relay, the deadline and the stream path; an honest 503 that the next
+  attempt (on another verified instance) answers is the simpler guarantee.
 * Streams: :class:`~teegate.addons.streaming.StreamRelay` runs every SSE event through the
   flow's :class:`StreamOpener` before its usual handling (usage then comes from inside the
   encrypted payload, never from the relay's plaintext ``usage`` events); a frame that does not
@@ -44,7 +45,7 @@ from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, 
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
-    from teegate.catalog.chutes.pool import InstancePool, Ticket
+    from teegate.catalog.chutes.pool import FailureKind, InstancePool, Ticket
 
 log = structlog.get_logger("teegate")
 
@@ -65,11 +66,12 @@ class E2EEFlow:
     stream: bool
     reported: bool = False
 
-    def failed(self, *, sent: bool) -> None:
-        """Tell the pool once that this ticket's instance failed."""
+    def failed(self, *, sent: bool, kind: FailureKind = "instance") -> None:
+        """Tell the pool once that this ticket failed (``token``: only its nonce token was
+        refused; ``instance``: withdraw the instance until it is verified again)."""
         if not self.reported:
             self.reported = True
-            self.pool.failed(self.ticket, sent=sent)
+            self.pool.failed(self.ticket, sent=sent, kind=kind)
 
     def opener(self) -> StreamOpener:
         return StreamOpener(self.response_key)
@@ -171,31 +173,51 @@ class E2EEOpen:
 
     def _open(self, flow: http.HTTPFlow, state: E2EEFlow, resp: http.Response) -> None:
         ctype = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        encrypted = ctype == "application/octet-stream"
-        if resp.status_code >= 400 and not encrypted:
-            # A plaintext API error: the front door refused before any instance read the body.
-            if resp.status_code == 429:
-                return  # the upstream's rate limit: relayed as is, the instance is fine
-            state.failed(sent=False)
-            log.warning(
-                "e2ee_instance_refused",
-                request_id=flowstate.request_id(flow),
-                status=resp.status_code,
-            )
-            refuse(flow, instance_unavailable(resp.status_code))
+        if resp.status_code >= 400 and ctype != "application/octet-stream":
+            self._refused(flow, state, resp.status_code)
             return
         try:
             plain = open_response(resp.content or b"", state.response_key)
-            json.loads(plain)
+            doc = json.loads(plain)
         except (E2EEError, ValueError):
             state.failed(sent=True)
             log.error("e2ee_open_failed", request_id=flowstate.request_id(flow))
             refuse(flow, e2ee_failed())
             return
+        if isinstance(doc, dict) and "error" in doc and "choices" not in doc:
+            # The model failed inside the enclave and said so under our key.
+            refuse(flow, upstream_error())
+            return
         if "content-encoding" in resp.headers:
             del resp.headers["content-encoding"]
         resp.headers["content-type"] = "application/json"
         resp.content = plain
+
+    def _refused(self, flow: http.HTTPFlow, state: E2EEFlow, status: int) -> None:
+        """A plaintext error from the front door (or an instance error it relayed)."""
+        kind = REFUSED_BEFORE_READING.get(status)
+        if kind is None:
+            return  # the upstream's own answer (rate limit, instance error): relayed as today
+        state.failed(sent=False, kind=kind)
+        log.warning("e2ee_instance_refused", request_id=flowstate.request_id(flow), status=status)
+        refuse(flow, instance_unavailable(status))
+
+
+# Front-door refusals that come before any instance reads the body (Chutes' e2e router):
+# 403 the nonce token (used, expired, not this instance's), 404 the instance is gone,
+# 400 the blob does not open under the key the instance serves now (it restarted with a
+# new one) or the instance is not of this chute.
+REFUSED_BEFORE_READING: dict[int, FailureKind] = {403: "token", 404: "instance", 400: "instance"}
+
+
+def upstream_error() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model failed inside the attested instance (its error arrived end-to-end "
+        "encrypted); nothing else was relayed.",
+        "upstream_error",
+        type="api_error",
+    )
 
 
 def describe_instances(instances: list[Any]) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from mitmproxy import http
 from teegate.addons import flowstate
-from teegate.addons.chutes import e2ee_failed
+from teegate.addons.chutes import e2ee_failed, upstream_error
 from teegate.addons.errors import guarded
 from teegate.addons.flowstate import Route
 from teegate.addons.sse import Event, SSESplitter
@@ -95,7 +95,7 @@ class _Relay:
         model: str | None = None,
         on_mismatch: Callable[[Any], None] | None = None,
         opener: StreamOpener | None = None,
-        on_e2ee_failure: Callable[[], None] | None = None,
+        on_e2ee_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._tally = tally
         self._strip_usage = strip_usage
@@ -153,13 +153,16 @@ class _Relay:
             tally.opaque = True
             return [self._mismatch(None)] if self._unverified else [data]
 
-    def _e2ee_failed(self) -> bytes:
-        """An encrypted frame did not open: one error event now, nothing after it."""
+    def _e2ee_failed(self, e: E2EEError) -> bytes:
+        """A frame did not open, or the enclave sent an error: one error event now, nothing
+        after it. The error's detail is never logged (it may quote the prompt)."""
         self._tally.e2ee_failed = True
         self._model = None
+        model_error = e.reason == "upstream_error" and e.authenticated
         if self._on_e2ee_failure is not None:
-            self._on_e2ee_failure()
-        body = json.dumps(e2ee_failed().body(), separators=(",", ":")).encode()
+            self._on_e2ee_failure(e.reason)
+        err = upstream_error() if model_error else e2ee_failed()
+        body = json.dumps(err.body(), separators=(",", ":")).encode()
         return b"data: " + body + b"\n\n"
 
     def _on_event(self, ev: Event) -> bytes:
@@ -169,8 +172,8 @@ class _Relay:
         if self._opener is not None and ev.data is not None:
             try:
                 plain = self._opener.open_event(ev.data)
-            except E2EEError:
-                return self._e2ee_failed()
+            except E2EEError as e:
+                return self._e2ee_failed(e)
             if plain is None:
                 return b""  # e2e_init, or the front door's own plaintext usage
             ev = Event(raw=sse_data(plain), data=plain)
@@ -267,13 +270,15 @@ class StreamRelay:
             model=model,
             on_mismatch=lambda got: log_mismatch(flow, got),
             opener=e2ee.opener() if e2ee is not None else None,
-            on_e2ee_failure=(lambda: _e2ee_frame_failed(flow)) if e2ee is not None else None,
+            on_e2ee_failure=(lambda why: _e2ee_frame_failed(flow, why)) if e2ee else None,
         )
 
 
-def _e2ee_frame_failed(flow: http.HTTPFlow) -> None:
+def _e2ee_frame_failed(flow: http.HTTPFlow, reason: str) -> None:
+    """An encrypted stream ended early: say why (a fixed reason, never the error's detail)."""
+    model_error = reason == "upstream_error"
     state = flowstate.e2ee(flow)
-    if state is not None:
-        state.failed(sent=True)
-    flowstate.set_error_code(flow, "e2ee_failed")
-    log.error("e2ee_frame_failed", request_id=flowstate.request_id(flow))
+    if state is not None and not model_error:
+        state.failed(sent=True)  # nothing is retried; the pool re-verifies the instance
+    flowstate.set_error_code(flow, "upstream_error" if model_error else "e2ee_failed")
+    log.error("e2ee_stream_ended", request_id=flowstate.request_id(flow), reason=reason)

@@ -50,7 +50,7 @@ class FakePool:
         return Ticket(CHUTE, "inst-1", self.enclave.pubkey_b64, "tok-1")
 
     def failed(self, ticket: Ticket, *, sent: bool, kind: str = "instance") -> bool:
-        self.failures.append((ticket.instance_id, sent))
+        self.failures.append((ticket.instance_id, sent, kind))
         return not sent
 
 
@@ -185,28 +185,49 @@ def test_an_answer_that_does_not_open_is_never_relayed(tamper):
     assert flowstate.error_code(f) == "e2ee_failed"
 
 
-def test_a_plaintext_refusal_reports_the_instance_unsent_and_asks_for_a_retry():
+@pytest.mark.parametrize(("status", "kind"), [(403, "token"), (404, "instance"), (400, "instance")])
+def test_a_refusal_before_reading_reports_the_ticket_unsent_and_asks_for_a_retry(status, kind):
     enclave, pool = Enclave(), FakePool(None)
     f, _ = _sealed_flow(enclave, pool)
-    _answer(f, 409, b'{"detail":"nonce already used"}', "application/json")
+    _answer(f, status, b'{"detail":"Invalid, expired, or already-used nonce"}', "application/json")
     E2EEOpen().response(f)
     assert f.response.status_code == 503
     assert json.loads(f.response.content)["error"]["code"] == "e2ee_instance_unavailable"
-    assert pool.failures == [("inst-1", False)]
+    assert pool.failures == [("inst-1", False, kind)]
+
+
+@pytest.mark.parametrize("status", [429, 500, 502])
+def test_other_plaintext_errors_are_relayed_as_today(status):
+    enclave, pool = Enclave(), FakePool(None)
+    f, _ = _sealed_flow(enclave, pool)
+    _answer(f, status, b'{"detail":"Instance returned status 500"}', "application/json")
+    E2EEOpen().response(f)
+    assert f.response.status_code == status and pool.failures == []
+
+
+def test_an_error_the_model_sealed_is_a_502_without_its_detail():
+    enclave, pool = Enclave(), FakePool(None)
+    f, pk = _sealed_flow(enclave, pool)
+    sealed = Enclave.seal_response({"error": {"message": "secret " + MARKER}}, pk)
+    _answer(f, 200, sealed, "application/octet-stream")
+    E2EEOpen().response(f)
+    assert f.response.status_code == 502
+    assert json.loads(f.response.content)["error"]["code"] == "upstream_error"
+    assert MARKER.encode() not in f.response.content
 
 
 def _relay(enclave: Enclave, strip_usage: bool = True):
     f, pk = _sealed_flow(enclave, FakePool(None))
     tally = StreamTally()
     opener = flowstate.e2ee(f).opener()
-    failures: list[int] = []
+    failures: list[str] = []
     relay = _Relay(
         tally,
         strip_usage,
         None,
         model=TEE,
         opener=opener,
-        on_e2ee_failure=lambda: failures.append(1),
+        on_e2ee_failure=failures.append,
     )
     return relay, tally, pk, failures
 
@@ -249,7 +270,7 @@ def test_a_stream_is_opened_event_by_event_and_billed_from_inside(strip_usage):
         pytest.param(lambda w: [w[0], w[1], '{"e2e":"AAAA' + w[2][10:], *w[3:]], id="corrupt"),
         pytest.param(lambda w: [w[1], *w[2:]], id="no-init"),
         pytest.param(lambda w: [w[0], w[1], "[DONE]"], id="cut-with-plain-done"),
-        pytest.param(lambda w: [w[0], w[1], '{"e2e_error":"boom"}'], id="error"),
+        pytest.param(lambda w: [w[0], w[1], '{"e2e_error":"boom"}'], id="unsealed-error"),
     ],
 )
 def test_a_frame_that_does_not_open_ends_the_stream_with_an_error(where):
@@ -260,6 +281,6 @@ def test_a_frame_that_does_not_open_ends_the_stream_with_an_error(where):
     events = _events(out)
     last = json.loads(events[-1])
     assert last["error"]["code"] == "e2ee_failed"
-    assert tally.e2ee_failed and failures == [1]
+    assert tally.e2ee_failed and len(failures) == 1
     assert tally.usage is None  # billed from what was delivered before the failure
     assert all("e2e" not in e for e in events[:-1])
