@@ -174,3 +174,35 @@ def test_no_verified_instance_refuses_with_nothing_sent(upstream):
     assert exc.value.status_code == 503
     assert exc.value.body["code"] == "no_attested_instance"
     assert _invokes(upstream, since) == []
+
+
+def test_an_error_the_model_sealed_reaches_the_client_as_an_error(client, sandbox):
+    sandbox.behaviour(chutes_encrypted_error=True)
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model=TEE, messages=msg)
+    assert (exc.value.status_code, exc.value.body["code"]) == (502, "upstream_error")
+    with pytest.raises(openai.APIError) as exc2:
+        list(client.chat.completions.create(model=TEE, messages=msg, stream=True))
+    assert "inside the attested instance" in str(exc2.value.message)
+
+
+@pytest.mark.parametrize(
+    ("toml", "e2ee", "evidence"),
+    [
+        pytest.param("upstream.e2ee = false\n", False, "chutes", id="dcap-without-e2ee"),
+        pytest.param('attestation.mode = "flag"\n', False, None, id="flag"),
+    ],
+)
+def test_without_e2ee_chats_go_plain_and_say_so(upstream, toml, e2ee, evidence):
+    since = door_mark(upstream)
+    mode = "flag" if "flag" in toml else "sandbox"
+    with start_gateway(upstream.base_url, extra_toml=CHUTES + toml, attestation=mode) as gw:
+        with openai.OpenAI(base_url=gw.api_base, api_key=gw.api_key, max_retries=0) as c:
+            raw = c.chat.completions.with_raw_response.create(
+                model=TEE, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert raw.headers["x-teegate-e2ee"] == "false" and raw.parse().choices
+            listed = c.models.retrieve(TEE).model_extra["attestation"]
+    assert (listed["e2ee"], listed["evidence"]) == (e2ee, evidence)
+    assert _invokes(upstream, since) == []  # plain TLS to the API, not the E2EE path
