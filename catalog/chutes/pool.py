@@ -235,6 +235,27 @@ class InstancePool:
             verdict = verdict.model_copy(update={"reason": reason})
         return verdict
 
+    async def attest_now(self, nonce: bytes) -> Verdict:
+        """Evidence bound to a client's ``nonce`` (32 bytes), verified for the instances we
+        know, with the evidence as received; it answers that client only and is not stored
+        (freshness we rely on comes from nonces we chose)."""
+        if len(nonce) != 32:
+            raise ValueError("nonce must be 32 bytes")
+        now = int(self._clock())
+        keys = dict(self._keys)
+        try:
+            doc = await self._fetcher.evidence(self.chute_id, nonce.hex())
+        except EvidenceFetchError as e:
+            verdict = model_verdict(self.model, [], now=now, root=self._root, retry_s=self._retry_s)
+            return verdict.model_copy(
+                update={"reason": f"attestation failed: evidence unavailable: {e}"}
+            )
+        verdicts = await self._verify(self.model, keys, doc, nonce.hex())
+        verdict = model_verdict(
+            self.model, verdicts, now=now, root=self._root, retry_s=self._retry_s
+        )
+        return verdict.model_copy(update={"evidence": doc, "nonce": nonce.hex()})
+
     # -- filling ---------------------------------------------------------------------------
 
     async def refill(self) -> None:

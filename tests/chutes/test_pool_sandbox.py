@@ -135,3 +135,17 @@ async def test_a_rotated_key_is_used_only_once_its_new_quote_verifies(
             != (before[t.instance_id] if t.instance_id in rotated else None)
         )
     await pool.stop()
+
+
+async def test_client_nonce_evidence_is_verified_and_not_stored(
+    sandbox: SandboxProc, policy: Policy, http: httpx.AsyncClient
+) -> None:
+    pool = _pool(sandbox, policy, http)
+    await pool.acquire()
+    stored = pool.verdict
+    nonce = bytes(range(32))
+    v = await pool.attest_now(nonce)
+    assert v.ok and v.nonce == nonce.hex() and v.evidence["evidence"]
+    assert all(i.checks["report_data_nonce_and_key"] for i in v.instances)
+    assert pool.verdict == stored
+    await pool.stop()
