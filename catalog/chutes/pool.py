@@ -340,7 +340,12 @@ class InstancePool:
             self.last_error = str(e)
             log.warning("chutes_evidence_failed", model=self.model, error=str(e))
             return
-        verdicts = await self._verify(self.model, keys, doc, nonce_hex)
+        try:
+            verdicts = await self._verify(self.model, keys, doc, nonce_hex)
+        except Exception as e:  # a verifier surprise refuses (nothing verified), never crashes
+            self.last_error = f"internal error: {type(e).__name__}"
+            log.exception("chutes_verify_error", model=self.model, error=type(e).__name__)
+            return
         self.last_error = None
         for v in verdicts:
             if v.instance_id not in keys or v.e2e_pubkey != keys[v.instance_id]:
