@@ -235,6 +235,27 @@ class InstancePool:
             verdict = verdict.model_copy(update={"reason": reason})
         return verdict
 
+    async def attest_now(self, nonce: bytes) -> Verdict:
+        """Evidence bound to a client's ``nonce`` (32 bytes), verified for the instances we
+        know, with the evidence as received; it answers that client only and is not stored
+        (freshness we rely on comes from nonces we chose)."""
+        if len(nonce) != 32:
+            raise ValueError("nonce must be 32 bytes")
+        now = int(self._clock())
+        keys = dict(self._keys)
+        try:
+            doc = await self._fetcher.evidence(self.chute_id, nonce.hex())
+        except EvidenceFetchError as e:
+            verdict = model_verdict(self.model, [], now=now, root=self._root, retry_s=self._retry_s)
+            return verdict.model_copy(
+                update={"reason": f"attestation failed: evidence unavailable: {e}"}
+            )
+        verdicts = await self._verify(self.model, keys, doc, nonce.hex())
+        verdict = model_verdict(
+            self.model, verdicts, now=now, root=self._root, retry_s=self._retry_s
+        )
+        return verdict.model_copy(update={"evidence": doc, "nonce": nonce.hex()})
+
     # -- filling ---------------------------------------------------------------------------
 
     async def refill(self) -> None:
@@ -319,7 +340,12 @@ class InstancePool:
             self.last_error = str(e)
             log.warning("chutes_evidence_failed", model=self.model, error=str(e))
             return
-        verdicts = await self._verify(self.model, keys, doc, nonce_hex)
+        try:
+            verdicts = await self._verify(self.model, keys, doc, nonce_hex)
+        except Exception as e:  # a verifier surprise refuses (nothing verified), never crashes
+            self.last_error = f"internal error: {type(e).__name__}"
+            log.exception("chutes_verify_error", model=self.model, error=type(e).__name__)
+            return
         self.last_error = None
         for v in verdicts:
             if v.instance_id not in keys or v.e2e_pubkey != keys[v.instance_id]:

@@ -289,3 +289,17 @@ async def test_start_and_stop() -> None:
     await asyncio.wait_for(announced.wait(), 5)
     await pool.stop()
     assert seen[0].ok
+
+
+async def test_a_verifier_surprise_refuses_instead_of_crashing() -> None:
+    clock, api = Clock(), FakeChutes({"a": "KA"})
+    api.clock = clock  # type: ignore[attr-defined]
+
+    async def broken(*_args: Any) -> list[InstanceVerdict]:
+        raise KeyError("surprise")
+
+    pool = InstancePool(
+        "m-TEE", CHUTE, fetcher=api, verifier=broken, clock=clock, sleep=clock.sleep
+    )
+    with pytest.raises(NoAttestedInstance, match="internal error: KeyError"):
+        await pool.acquire()
