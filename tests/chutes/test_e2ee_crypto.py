@@ -463,3 +463,13 @@ def test_plaintext_error_is_raised_unauthenticated(value: object, keyed: bool, d
         detail,
         False,
     )
+
+
+def test_sealed_length_depends_on_the_prompt_length_only() -> None:
+    """Nothing is compressed before encryption: how well a prompt compresses (against text an
+    attacker planted beside it) cannot show in the length the front door sees."""
+    inst = Instance.new()
+    repetitive = {**BODY, "messages": [{"role": "user", "content": "a" * 4000}]}
+    random_text = {**BODY, "messages": [{"role": "user", "content": os.urandom(2000).hex()}]}
+    lengths = {len(seal_request(b, inst.pubkey_b64).payload) for b in (repetitive, random_text)}
+    assert len(lengths) == 1
