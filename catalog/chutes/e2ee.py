@@ -30,6 +30,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -58,7 +59,11 @@ RESPONSE_PK_FIELD = "e2e_response_pk"
 # Inference answers are far smaller; this caps a gzip bomb from an attested-but-hostile instance.
 MAX_PLAINTEXT = 64 * 1024 * 1024
 
-_GZIP_LEVEL = 6  # zlib's default: level 9 costs more time than it saves bytes on chat JSON
+# Requests go out as gzip "stored" blocks (level 0): valid gzip, which the instance requires,
+# but not compressed. Compressing before encrypting would let whoever sees ciphertext lengths
+# (the front door) learn about a prompt from how well attacker-chosen text in it compresses
+# against the rest (CRIME); it is also ~20x the CPU of the whole seal on small bodies.
+_GZIP_LEVEL = 0
 
 
 class E2EEError(Exception):
@@ -93,8 +98,13 @@ def derive_key(shared_secret: bytes, kem_ct: bytes, info: bytes) -> bytes:
     ).derive(shared_secret)
 
 
+@lru_cache(maxsize=256)
 def load_public_key(pubkey_b64: str) -> MLKEM768PublicKey:
-    """An instance's ``e2e_pubkey`` exactly as ``/e2e/instances`` gives it (standard base64)."""
+    """An instance's ``e2e_pubkey`` exactly as ``/e2e/instances`` gives it (standard base64).
+
+    Cached: the pool hands out the same few verified keys for many requests; refusals are
+    not cached (an exception leaves nothing behind).
+    """
     try:
         raw = base64.b64decode(pubkey_b64, validate=True)
         if len(raw) != PUBKEY_LEN:
