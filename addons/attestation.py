@@ -110,7 +110,6 @@ class AttestationSync:
         assert self._client is not None
         self.fleet = ChutesFleet(self.policy, self._upstream, self._client)
         self.fleet.on_verdict(self._on_verdict)
-        await self.fleet.start()
         catalog = self._catalog.catalog
         if catalog is None:
             return

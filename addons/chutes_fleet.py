@@ -14,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
-from teegate.catalog.attestation import Policy, Verdict
+from teegate.catalog.attestation import CollateralCache, Policy, Verdict
 from teegate.catalog.attestation.chutes import (
     ChutesEvidenceClient,
     ChutesVerifier,
     model_verdict,
 )
 from teegate.catalog.attestation.source import EvidenceFetchError
-from teegate.catalog.chutes.pool import InstancePool, PoolSettings
+from teegate.catalog.chutes.pool import InstancePool, PoolSettings, build_pool
 
 if TYPE_CHECKING:
     from teegate.catalog.models import CatalogModel
@@ -41,7 +41,7 @@ NOT_LISTED = "attestation failed: model is not attested"
 
 
 class ChutesFleet:
-    """The pools of a Chutes upstream, by model id, and the loop that keeps them verified."""
+    """The pools of a Chutes upstream, by model id."""
 
     def __init__(
         self,
@@ -51,9 +51,12 @@ class ChutesFleet:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._policy = policy
+        self._upstream = upstream
+        self._client = client
         self._clock = clock
+        self._collateral = CollateralCache(policy.pccs_url, timeout_s=policy.fetch_timeout_s)
         self._fetcher = ChutesEvidenceClient(upstream.origin, upstream.resolved_api_key(), client)
-        self._verifier = ChutesVerifier(policy, clock=clock)
+        self._verifier = ChutesVerifier(policy, collateral=self._collateral, clock=clock)
         # Re-verify on the attestation schedule; call the upstream no more often than it
         # allows (about 10 discoveries a minute), or than retry_interval_s when that is shorter.
         every = min(6.0, float(policy.retry_interval_s))
@@ -64,28 +67,24 @@ class ChutesFleet:
         )
         self._pools: dict[str, InstancePool] = {}
         self._chutes: dict[str, str | None] = {}
-        self._settled: set[str] = set()  # pools that finished their first refill
         self._listeners: list[Callable[[Verdict], None]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def on_verdict(self, listener: Callable[[Verdict], None]) -> None:
         self._listeners.append(listener)
 
+    def _stored(self, verdict: Verdict) -> None:
+        for listener in self._listeners:
+            listener(verdict)
+
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="chutes-fleet")
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for pool in self._pools.values():
-            await pool.aclose()
+        for model_id in list(self._chutes):
+            self._drop(model_id)
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
 
     def set_models(self, models: Iterable[CatalogModel]) -> None:
         """The catalog's confidential models: a pool for each new one (or changed chute_id),
@@ -101,45 +100,31 @@ class ChutesFleet:
             if model.chute_id is None:
                 log.warning("chutes_model_without_chute_id", model=model.id)
                 continue
-            self._pools[model.id] = InstancePool(
+            pool = build_pool(
                 model.id,
                 model.chute_id,
-                fetcher=self._fetcher,
-                verifier=self._verifier,
-                clock=self._clock,
+                policy=self._policy,
+                client=self._client,
+                api_url=self._upstream.origin,
+                api_key=self._upstream.resolved_api_key(),
+                on_verdict=self._stored,
+                collateral=self._collateral,
                 settings=self._settings,
-                root=self._verifier.root,  # type: ignore[arg-type]
-                retry_interval_s=self._policy.retry_interval_s,
+                clock=self._clock,
             )
-        self._wake.set()
+            self._pools[model.id] = pool
+            self._spawn(pool.start())
 
     def _drop(self, model_id: str) -> None:
         self._chutes.pop(model_id, None)
-        self._settled.discard(model_id)
         pool = self._pools.pop(model_id, None)
         if pool is not None:
-            asyncio.ensure_future(pool.aclose())
+            self._spawn(pool.stop())
 
-    async def _run(self) -> None:
-        """Refill (discovery, then evidence when due) each pool: new pools at once, the
-        others every ``retry_interval_s``, so idle models keep a current verdict too. The
-        pool bounds its own discovery and evidence calls."""
-        while True:
-            self._wake.clear()
-            for model_id, pool in list(self._pools.items()):
-                try:
-                    await pool.refill()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # one chute's surprise must not stop the others
-                    log.error("chutes_refill_error", model=model_id, error=type(e).__name__)
-                if self._pools.get(model_id) is pool:
-                    self._settled.add(model_id)
-                    verdict = pool.verdict()
-                    for listener in self._listeners:
-                        listener(verdict)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._policy.retry_interval_s)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -148,9 +133,7 @@ class ChutesFleet:
 
     def verdict(self, model_id: str) -> Verdict | None:
         pool = self._pools.get(model_id)
-        if pool is None or model_id not in self._settled:
-            return None
-        return pool.verdict()
+        return pool.verdict if pool is not None else None
 
     def refusal(self, model_id: str) -> str | None:
         if model_id not in self._chutes:
@@ -158,45 +141,29 @@ class ChutesFleet:
         pool = self._pools.get(model_id)
         if pool is None:
             return NO_CHUTE
-        if model_id not in self._settled:
-            return PENDING
-        return pool.verdict().refusal(self._clock())
+        v = pool.verdict
+        return PENDING if v is None else v.refusal(self._clock())
 
     def pending(self, model_id: str) -> bool:
-        return model_id in self._pools and model_id not in self._settled
+        pool = self._pools.get(model_id)
+        return pool is not None and pool.verdict is None
 
     async def attest_now(self, model_id: str, nonce: bytes) -> Verdict:
         """Every known instance re-verified against a client's ``nonce``: answers that client
         only (the pool keeps relying on nonces the gateway chose)."""
         pool = self._pools.get(model_id)
         now = int(self._clock())
+        retry = self._policy.retry_interval_s
+        root = self._verifier.root
         if pool is None:
-            return model_verdict(
-                model_id,
-                [],
-                now=now,
-                root=self._verifier.root,
-                retry_s=self._policy.retry_interval_s,
-            )
+            return model_verdict(model_id, [], now=now, root=root, retry_s=retry)
         keys = {v.instance_id: v.e2e_pubkey for v in pool.instance_verdicts()}
         nonce_hex = nonce.hex()
         try:
             doc = await self._fetcher.evidence(pool.chute_id, nonce_hex)
         except EvidenceFetchError as e:
-            v = model_verdict(
-                model_id,
-                [],
-                now=now,
-                root=self._verifier.root,
-                retry_s=self._policy.retry_interval_s,
-            )
+            v = model_verdict(model_id, [], now=now, root=root, retry_s=retry)
             return v.model_copy(update={"reason": f"attestation failed: evidence unavailable: {e}"})
         verdicts = await self._verifier(model_id, keys, doc, nonce_hex)
-        v = model_verdict(
-            model_id,
-            verdicts,
-            now=now,
-            root=self._verifier.root,
-            retry_s=self._policy.retry_interval_s,
-        )
+        v = model_verdict(model_id, verdicts, now=now, root=root, retry_s=retry)
         return v.model_copy(update={"nonce": nonce_hex, "evidence": doc})

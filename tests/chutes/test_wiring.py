@@ -82,7 +82,9 @@ def _model() -> CatalogModel:
 def _approved(stream: bool = False):
     body = {"model": TEE, "messages": [{"role": "user", "content": MARKER}], "stream": stream}
     f = tflow.tflow(
-        req=tutils.treq(method=b"POST", path=b"/v1/chat/completions", content=json.dumps(body).encode())
+        req=tutils.treq(
+            method=b"POST", path=b"/v1/chat/completions", content=json.dumps(body).encode()
+        )
     )
     f.request.headers["authorization"] = "Bearer client-secret"
     flowstate.set_route(f, Route.CHAT)
@@ -169,7 +171,7 @@ def test_a_plain_answer_is_opened_before_anything_reads_it():
     "tamper",
     [
         pytest.param(lambda b: b[:-1] + bytes([b[-1] ^ 1]), id="flipped-tag"),
-        pytest.param(lambda b: b[:1500], id="truncated"),
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
         pytest.param(lambda b: json.dumps(ANSWER).encode(), id="plaintext"),
     ],
 )
