@@ -20,12 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import structlog
 from teegate.catalog.attestation import CollateralCache, Policy, Verdict
-from teegate.catalog.attestation.chutes import (
-    ChutesEvidenceClient,
-    ChutesVerifier,
-    model_verdict,
-)
-from teegate.catalog.attestation.source import EvidenceFetchError
+from teegate.catalog.attestation.chutes import model_verdict
 from teegate.catalog.chutes.pool import InstancePool, PoolSettings, build_pool
 
 if TYPE_CHECKING:
@@ -55,8 +50,7 @@ class ChutesFleet:
         self._client = client
         self._clock = clock
         self._collateral = CollateralCache(policy.pccs_url, timeout_s=policy.fetch_timeout_s)
-        self._fetcher = ChutesEvidenceClient(upstream.origin, upstream.resolved_api_key(), client)
-        self._verifier = ChutesVerifier(policy, collateral=self._collateral, clock=clock)
+        self._root = "intel" if policy.test_root_ca is None else "test"
         # Re-verify on the attestation schedule; call the upstream no more often than it
         # allows (about 10 discoveries a minute), or than retry_interval_s when that is shorter.
         every = min(6.0, float(policy.retry_interval_s))
@@ -152,18 +146,10 @@ class ChutesFleet:
         """Every known instance re-verified against a client's ``nonce``: answers that client
         only (the pool keeps relying on nonces the gateway chose)."""
         pool = self._pools.get(model_id)
-        now = int(self._clock())
-        retry = self._policy.retry_interval_s
-        root = self._verifier.root
         if pool is None:
-            return model_verdict(model_id, [], now=now, root=root, retry_s=retry)
-        keys = {v.instance_id: v.e2e_pubkey for v in pool.instance_verdicts()}
-        nonce_hex = nonce.hex()
-        try:
-            doc = await self._fetcher.evidence(pool.chute_id, nonce_hex)
-        except EvidenceFetchError as e:
-            v = model_verdict(model_id, [], now=now, root=root, retry_s=retry)
-            return v.model_copy(update={"reason": f"attestation failed: evidence unavailable: {e}"})
-        verdicts = await self._verifier(model_id, keys, doc, nonce_hex)
-        v = model_verdict(model_id, verdicts, now=now, root=root, retry_s=retry)
-        return v.model_copy(update={"nonce": nonce_hex, "evidence": doc})
+            now = int(self._clock())
+            verdict = model_verdict(
+                model_id, [], now=now, root=self._root, retry_s=self._policy.retry_interval_s
+            )
+            return verdict.model_copy(update={"reason": self.refusal(model_id) or NO_CHUTE})
+        return await pool.attest_now(nonce)

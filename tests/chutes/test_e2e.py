@@ -206,3 +206,18 @@ def test_without_e2ee_chats_go_plain_and_say_so(upstream, toml, e2ee, evidence):
             listed = c.models.retrieve(TEE).model_extra["attestation"]
     assert (listed["e2ee"], listed["evidence"]) == (e2ee, evidence)
     assert _invokes(upstream, since) == []  # plain TLS to the API, not the E2EE path
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_report_lists_the_instances_and_says_chats_are_sealed(http, fresh):
+    until(lambda: _attested(http)["verified"], "a verdict")
+    nonce = "ab" * 32
+    params = {"model": TEE, **({"nonce": nonce} if fresh else {})}
+    report = http.get("/v1/attestation/report", params=params).json()
+    assert report["verified"] is True and report["served"] is True
+    att = report["attestation"]
+    assert att["evidence"] == "chutes" and att["e2ee"] is True
+    assert any(i["usable"] for i in att["instances"])
+    assert report["verdict"]["evidence_kind"] == "chutes"
+    assert (report["nonce"] == nonce) is fresh
+    assert all("e2e_pubkey" not in i for i in report["verdict"]["instances"])
