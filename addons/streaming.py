@@ -142,7 +142,11 @@ class _Relay:
         try:
             if data == b"":
                 tally.complete = True
-                return [self._on_event(e) for e in self._sse.flush()]
+                out = [self._on_event(e) for e in self._sse.flush()]
+                if self._opener is not None and not self._opener.finished and not self._ended:
+                    # Cut before the enclave's own end marker: say so, never end it quietly.
+                    out.append(self._e2ee_failed(E2EEError("unauthenticated_end")))
+                return out
             if self._decoder is not None:
                 data = self._decoder(data)
             if tally.opaque:

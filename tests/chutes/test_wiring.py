@@ -270,6 +270,7 @@ def test_a_stream_is_opened_event_by_event_and_billed_from_inside(strip_usage):
         pytest.param(lambda w: [w[0], w[1], '{"e2e":"AAAA' + w[2][10:], *w[3:]], id="corrupt"),
         pytest.param(lambda w: [w[1], *w[2:]], id="no-init"),
         pytest.param(lambda w: [w[0], w[1], "[DONE]"], id="cut-with-plain-done"),
+        pytest.param(lambda w: [w[0], w[1]], id="cut"),
         pytest.param(lambda w: [w[0], w[1], '{"e2e_error":"boom"}'], id="unsealed-error"),
     ],
 )
