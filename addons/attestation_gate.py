@@ -14,7 +14,8 @@ headers; :class:`~addons.headers.ResponseHeaders` writes them, drops any the ups
 these names, and gives every other response the mode (:func:`response_headers`).
 
 Every response also says whether it was end-to-end encrypted (``x-teegate-e2ee``): ``true``
-only for a chat sealed to a verified Chutes instance, ``false`` everywhere else. With a Chutes
+only for a chat sealed to a verified Chutes instance (which also names that instance,
+``x-teegate-instance-id``, and its own quote's hash), ``false`` everywhere else. With a Chutes
 upstream a model none of whose instances verified is refused ``503 no_attested_instance``.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
-from teegate.addons.chutes import E2EE_HEADER, no_attested_instance
+from teegate.addons.chutes import E2EE_HEADER, INSTANCE_HEADER, no_attested_instance
 from teegate.addons.errors import guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.gate import not_confidential
@@ -35,7 +36,7 @@ ATTESTED_AT = "x-teegate-attested-at"
 QUOTE_SHA256 = "x-teegate-quote-sha256"
 SIGNING_ADDRESS = "x-teegate-signing-address"
 ROOT = "x-teegate-attestation-root"
-ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER)
+ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER, INSTANCE_HEADER)
 FIRST_VERDICT_WAIT_S = 5.0
 
 

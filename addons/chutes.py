@@ -41,6 +41,7 @@ from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, refuse
 from teegate.addons.flowstate import Route
+from teegate.addons.headers import add_headers
 from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, seal_request
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ log = structlog.get_logger("teegate")
 
 INVOKE_PATH = "/e2e/invoke"
 E2EE_HEADER = "x-teegate-e2ee"
+INSTANCE_HEADER = "x-teegate-instance-id"
 FAILED = "e2ee_failed"
 UNAVAILABLE = "e2ee_instance_unavailable"
 NO_INSTANCE = "no_attested_instance"
@@ -147,6 +149,20 @@ def seal(
     h["X-E2E-Stream"] = "true" if stream else "false"
     h["X-E2E-Path"] = "/v1/chat/completions"
     flow.request.content = sealed.payload
+    add_headers(flow, instance_headers(pool, ticket.instance_id))
+
+
+def instance_headers(pool: InstancePool, instance_id: str) -> dict[str, str]:
+    """The exact instance a sealed chat went to, and the verdict it was sent under: its own
+    quote's hash and verification time replace the model-level ones."""
+    headers = {E2EE_HEADER: "true", INSTANCE_HEADER: instance_id}
+    verdicts = getattr(pool, "instance_verdicts", None)
+    for v in verdicts() if callable(verdicts) else ():
+        if v.instance_id == instance_id and v.ok:
+            headers["x-teegate-attested-at"] = str(v.verified_at)
+            if v.quote_sha256:
+                headers["x-teegate-quote-sha256"] = v.quote_sha256
+    return headers
 
 
 class E2EEOpen:

@@ -123,7 +123,6 @@ class UpstreamRewrite:
             host_header=self._host_header,
             stream=stream,
         )
-        add_headers(flow, {chutes.E2EE_HEADER: "true"})
         return True
 
     def _pin(self, flow: http.HTTPFlow) -> None:

@@ -66,6 +66,13 @@ def test_a_chat_is_sealed_to_a_verified_instance_and_the_front_door_reads_nothin
     )
     chat = raw.parse()
     assert raw.headers["x-teegate-e2ee"] == "true"
+    instance = raw.headers["x-teegate-instance-id"]
+    assert [e["instance_id"] for e in _invokes(sandbox, since)] == [instance]
+    listed = {
+        i["instance_id"]: i
+        for i in client.models.retrieve(TEE).model_extra["attestation"]["instances"]
+    }
+    assert raw.headers["x-teegate-quote-sha256"] == listed[instance]["quote_sha256"]
     assert chat.model == TEE and chat.choices[0].message.content
     assert front_door(sandbox)["plaintext_seen"] is False
     assert len(_invokes(sandbox, since)) == 1
