@@ -131,6 +131,7 @@ def summary(small: dict[str, list], stream: dict[str, list]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.chutes_cost", description=__doc__)
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best kept)")
+    p.add_argument("--out", type=Path, help="where to write the JSON (default bench/results/)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="teegate-bench-chutes-") as tmp:
         work = Path(tmp)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             stream = _measure(slow, "stream", args.rounds, work)
     doc = {"summary": summary(small, stream), "small": small, "stream": stream}
     print(json.dumps(doc["summary"], indent=2))
-    out = Path(__file__).parent / "results" / time.strftime("chutes-%Y%m%d-%H%M%S.json")
+    out = args.out or Path(__file__).parent / "results" / time.strftime("chutes-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     log(f"results written to {out}")
