@@ -182,10 +182,16 @@ class E2EEOpen:
             refuse(flow, e2ee_failed())
 
     def error(self, flow: http.HTTPFlow) -> None:
+        """No answer from the instance (unreachable, reset, timed out): withdraw it until it is
+        verified again. A client that left, or a stream already answered, says nothing about
+        the instance."""
         state = flowstate.e2ee(flow)
-        if state is not None:
-            conn = flow.server_conn
-            state.failed(sent=conn is not None and conn.timestamp_tcp_setup is not None)
+        if state is None or flow.response is not None:
+            return
+        if flow.error is not None and flow.error.msg == "Client disconnected.":
+            return
+        conn = flow.server_conn
+        state.failed(sent=conn is not None and conn.timestamp_tcp_setup is not None)
 
     def _open(self, flow: http.HTTPFlow, state: E2EEFlow, resp: http.Response) -> None:
         ctype = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()

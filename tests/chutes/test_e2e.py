@@ -228,3 +228,35 @@ def test_the_report_lists_the_instances_and_says_chats_are_sealed(http, fresh):
     assert report["verdict"]["evidence_kind"] == "chutes"
     assert (report["nonce"] == nonce) is fresh
     assert all("e2e_pubkey" not in i for i in report["verdict"]["instances"])
+
+
+def test_a_refused_token_is_a_503_to_retry_and_nothing_is_charged(gateway, client, sandbox):
+    sandbox.behaviour(chutes_refuse_tokens=True)
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.with_raw_response.create(
+            model=TEE, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert (exc.value.status_code, exc.value.body["code"]) == (503, "e2ee_instance_unavailable")
+    row = usage_row(gateway.db, exc.value.response.headers["x-request-id"])
+    assert row["state"] == "released"
+    sandbox.behaviour(chutes_refuse_tokens=False)
+    assert client.chat.completions.create(model=TEE, messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("switch", ["chutes_unbound_key", "chutes_no_tee_instance"])
+def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(client, http, sandbox, switch):
+    sandbox.behaviour(**{switch: True})
+
+    def refused() -> set[str]:
+        return {i["instance_id"] for i in _attested(http)["instances"] if not i["usable"]}
+
+    bad = until(refused, f"an instance refused under {switch}")
+    since = door_mark(sandbox)
+    used = set()
+    for _ in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=TEE, messages=[{"role": "user", "content": "hi"}]
+        )
+        used.add(raw.headers["x-teegate-instance-id"])
+    assert used and not used & bad
+    assert not {e["instance_id"] for e in _invokes(sandbox, since)} & bad

@@ -285,3 +285,23 @@ def test_a_frame_that_does_not_open_ends_the_stream_with_an_error(where):
     assert tally.e2ee_failed and len(failures) == 1
     assert tally.usage is None  # billed from what was delivered before the failure
     assert all("e2e" not in e for e in events[:-1])
+
+
+@pytest.mark.parametrize(
+    ("msg", "answered", "reported"),
+    [
+        ("Client disconnected.", False, False),
+        ("Connection reset by peer", True, False),
+        ("Connection reset by peer", False, True),
+    ],
+)
+def test_only_an_unanswered_request_withdraws_its_instance(msg, answered, reported):
+    from mitmproxy.flow import Error
+
+    enclave, pool = Enclave(), FakePool(None)
+    f, _ = _sealed_flow(enclave, pool)
+    if answered:
+        _answer(f, 200, b"", "text/event-stream")
+    f.error = Error(msg)
+    E2EEOpen().error(f)
+    assert bool(pool.failures) is reported
