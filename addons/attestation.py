@@ -6,6 +6,12 @@ cached (:meth:`refusal`, :meth:`verdict`); no attestation I/O happens there, exc
 client who explicitly asks for fresh evidence (the report endpoint).
 
 Fail closed: until the service runs, every model is refused.
+
+With a Chutes upstream (``upstream.kind = "chutes"``) in dcap mode, the verdicts come from
+per-instance verification instead (:mod:`teegate.addons.chutes_fleet`, one instance pool per
+model): a model is served while at least one of its instances verified, and its attestation
+object lists them. In flag mode nothing is verified whatever the upstream kind, and nothing is
+end-to-end encrypted (there is no verified key to encrypt to): flag never claims more.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from teegate.catalog.attestation import AttestationService, NearAiSource, Policy
 from teegate.catalog.store import Snapshot
 
 if TYPE_CHECKING:
+    from teegate.addons.chutes_fleet import ChutesFleet
+    from teegate.catalog.chutes.pool import InstancePool
+
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate.attestation")
@@ -43,6 +52,7 @@ class AttestationSync:
         self._upstream = upstream
         self._catalog = catalog
         self.service: AttestationService | None = None
+        self.fleet: ChutesFleet | None = None
         self._client: httpx.AsyncClient | None = None
         self._stored = asyncio.Event()  # set (and replaced) whenever a verdict is stored
 
@@ -50,12 +60,24 @@ class AttestationSync:
     def mode(self) -> str:
         return self.policy.mode
 
+    @property
+    def per_instance(self) -> bool:
+        """Chutes evidence, verified instance by instance (dcap mode only)."""
+        return self._upstream.kind == "chutes" and self.policy.mode == "dcap"
+
+    @property
+    def sealed(self) -> bool:
+        """Whether chats are end-to-end encrypted to a verified instance's key."""
+        return self.per_instance and self._upstream.e2ee
+
+    def pool(self, model: str) -> InstancePool | None:
+        return self.fleet.pool(model) if self.fleet is not None else None
+
     async def running(self) -> None:
         up = self._upstream
         self._client = httpx.AsyncClient(
             verify=up.verify, timeout=self.policy.fetch_timeout_s, trust_env=False
         )
-        source = NearAiSource(up.origin, up.resolved_api_key(), self._client)
         if self.policy.mode == "dcap" and self.policy.test_root_ca is not None:
             # Loud on purpose, and not subject to the log level: this setting is for tests.
             print(
@@ -63,39 +85,81 @@ class AttestationSync:
                 file=sys.stderr,
                 flush=True,
             )
-        self.service = AttestationService(source, self.policy)
-        self.service.on_verdict(self._on_verdict)
-        await self.service.start()
         log.info(
             "attestation_started",
             mode=self.policy.mode,
+            evidence=up.kind,
             root="test" if self.policy.test_root_ca else "intel",
         )
+        if self.per_instance:
+            await self._start_fleet()
+            return
+        source = NearAiSource(up.origin, up.resolved_api_key(), self._client)
+        self.service = AttestationService(source, self.policy)
+        self.service.on_verdict(self._on_verdict)
+        await self.service.start()
         catalog = self._catalog.catalog
         if catalog is not None:
             catalog.on_change(self.service.set_models)
             if catalog.snapshot is not None:
                 self.service.set_models(catalog.snapshot.models)
 
+    async def _start_fleet(self) -> None:
+        from teegate.addons.chutes_fleet import ChutesFleet  # only for a Chutes upstream
+
+        assert self._client is not None
+        self.fleet = ChutesFleet(self.policy, self._upstream, self._client)
+        self.fleet.on_verdict(self._on_verdict)
+        catalog = self._catalog.catalog
+        if catalog is None:
+            return
+
+        def changed(_ids: Iterable[str]) -> None:
+            snap = catalog.snapshot
+            if snap is not None and self.fleet is not None:
+                self.fleet.set_models(snap.models.values())
+
+        catalog.on_change(changed)
+        changed(())
+
     async def done(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.service is not None:
             await self.service.stop()
         if self._client is not None:
             await self._client.aclose()
 
+    @property
+    def started(self) -> bool:
+        return self.service is not None or self.fleet is not None
+
+    async def attest_now(self, model: str, nonce: bytes) -> Verdict:
+        """Fresh evidence bound to a client's ``nonce``, verified now (answers that client)."""
+        if self.fleet is not None:
+            return await self.fleet.attest_now(model, nonce)
+        assert self.service is not None
+        return await self.service.attest_now(model, nonce)
+
     # -- reads for the request path -----------------------------------------------------
 
     def verdict(self, model: str) -> Verdict | None:
+        if self.fleet is not None:
+            return self.fleet.verdict(model)
         return self.service.verdict(model) if self.service is not None else None
 
     def refusal(self, model: str) -> str | None:
         """Why ``model`` must be refused now (None: it may be served)."""
+        if self.fleet is not None:
+            return self.fleet.refusal(model)
         if self.service is None:
             return NOT_RUNNING
         return self.service.refusal(model)
 
     def pending(self, model: str) -> bool:
         """Known to the service but not attested even once yet (it was just listed)."""
+        if self.fleet is not None:
+            return self.fleet.pending(model)
         return self.service is not None and self.service.verdict(model) is None
 
     async def first_verdicts(self, models: Iterable[str], within_s: float) -> None:
@@ -136,6 +200,9 @@ class AttestationSync:
                 "signing_address": None,
                 "root": None,
                 "gpu": "unverified",
+                "evidence": None,
+                "instances": [],
+                "e2ee": False,
             }
         refusal = v.refusal(time.time())
         return {
@@ -150,4 +217,18 @@ class AttestationSync:
             "signing_address": v.signing_address,
             "root": v.root,
             "gpu": v.gpu,
+            **self.instances(v),
+        }
+
+    def instances(self, v: Verdict) -> dict[str, Any]:
+        """Which evidence verified the model, which instances, and whether chats are sealed."""
+        now = time.time()
+        shown = [
+            i.summary() | {"usable": i.ok and now < i.expires_at}
+            for i in getattr(v, "instances", ())
+        ]
+        return {
+            "evidence": getattr(v, "evidence_kind", "near"),
+            "instances": shown,
+            "e2ee": self.sealed,
         }

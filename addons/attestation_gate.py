@@ -12,6 +12,11 @@ and the root the quote chained to. A gateway in flag mode sends none of those, s
 appears to claim a hardware verification it did not make. The gate records a served chat's
 headers; :class:`~addons.headers.ResponseHeaders` writes them, drops any the upstream sent under
 these names, and gives every other response the mode (:func:`response_headers`).
+
+Every response also says whether it was end-to-end encrypted (``x-teegate-e2ee``): ``true``
+only for a chat sealed to a verified Chutes instance (which also names that instance,
+``x-teegate-instance-id``, and its own quote's hash), ``false`` everywhere else. With a Chutes
+upstream a model none of whose instances verified is refused ``503 no_attested_instance``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
+from teegate.addons.chutes import E2EE_HEADER, INSTANCE_HEADER, no_attested_instance
 from teegate.addons.errors import guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.gate import not_confidential
@@ -30,7 +36,7 @@ ATTESTED_AT = "x-teegate-attested-at"
 QUOTE_SHA256 = "x-teegate-quote-sha256"
 SIGNING_ADDRESS = "x-teegate-signing-address"
 ROOT = "x-teegate-attestation-root"
-ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT)
+ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER, INSTANCE_HEADER)
 FIRST_VERDICT_WAIT_S = 5.0
 
 
@@ -50,7 +56,7 @@ def verdict_headers(mode: str, verdict: Verdict | None) -> dict[str, str]:
 
 def response_headers(attestation: AttestationSync) -> ResponseHeaders:
     """The header writer, speaking alone for the attestation headers."""
-    return ResponseHeaders(own=ALL, defaults=lambda: {MODE: attestation.mode})
+    return ResponseHeaders(own=ALL, defaults=lambda: {MODE: attestation.mode, E2EE_HEADER: "false"})
 
 
 class AttestationGate:
@@ -68,7 +74,10 @@ class AttestationGate:
         verdict = self._att.verdict(model_id)
         why = self._att.refusal(model_id)
         if why is not None:
-            refuse(flow, not_confidential(model_id, None, why))
+            if self._att.per_instance:  # Chutes: the model is listed, no instance verified
+                refuse(flow, no_attested_instance(model_id, why))
+            else:
+                refuse(flow, not_confidential(model_id, None, why))
             return
         add_headers(flow, verdict_headers(self._att.mode, verdict))
         flowstate.passed(flow, Stage.ATTESTATION)

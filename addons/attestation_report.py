@@ -7,6 +7,9 @@ for fresh evidence bound to the client's own nonce instead: proof of freshness t
 not have to take from us. That verdict answers the client only; the gate keeps relying on
 nonces the gateway chose.
 
+With a Chutes upstream the verdict lists every instance checked (``attestation.instances``),
+and ``&nonce=`` re-verifies them all against the client's nonce.
+
 In flag mode nothing is verified, so the report carries no verdict (``verified`` is false) and
 any evidence it carries is the upstream's, unchecked.
 
@@ -112,14 +115,13 @@ class AttestationReport:
             raise _invalid("signing_algo", "Invalid value for 'signing_algo': only 'ecdsa'.")
         nonce = parse_nonce(query.get("nonce"))
         model = self._model(model_id)
-        service = self._att.service
-        if service is None:
+        if not self._att.started:
             raise GatewayError(503, self._att.refusal(model) or "", "attestation_unavailable")
         if nonce is not None:
-            verdict: Verdict | None = await service.attest_now(model, nonce)
+            verdict: Verdict | None = await self._att.attest_now(model, nonce)
         else:
             await self._att.first_verdicts([model], FIRST_VERDICT_WAIT_S)
-            verdict = service.verdict(model)
+            verdict = self._att.verdict(model)
             if verdict is None:
                 raise GatewayError(
                     503,
@@ -144,4 +146,6 @@ class AttestationReport:
             # flag mode verified nothing: no verdict to show, only what the upstream sent.
             "verdict": verdict.summary() if dcap else None,
             "evidence": verdict.evidence,
+            # Which evidence format verified it, which instances, whether chats are sealed.
+            "attestation": self._att.instances(verdict) if dcap else None,
         }

@@ -29,6 +29,7 @@ from mitmproxy import http
 if TYPE_CHECKING:
     import asyncio
 
+    from teegate.addons.chutes import E2EEFlow
     from teegate.addons.schema import ChatRequest
     from teegate.addons.streaming import StreamTally
     from teegate.catalog.models import CatalogModel
@@ -85,6 +86,7 @@ _TIMED_OUT = "teegate.timed_out"
 _EGRESS = "teegate.egress"
 _RESPONSE_HEADERS = "teegate.response_headers"
 _HEADERS_WRITTEN = "teegate.response_headers_written"
+_E2EE = "teegate.e2ee"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -232,6 +234,15 @@ def stream_tally(flow: http.HTTPFlow) -> StreamTally | None:
 
 def set_stream_tally(flow: http.HTTPFlow, tally: StreamTally) -> None:
     flow.metadata[_TALLY] = tally
+
+
+def e2ee(flow: http.HTTPFlow) -> E2EEFlow | None:
+    """The sealed request's instance ticket and response key (Chutes E2EE flows only)."""
+    return flow.metadata.get(_E2EE)
+
+
+def set_e2ee(flow: http.HTTPFlow, state: E2EEFlow) -> None:
+    flow.metadata[_E2EE] = state
 
 
 # -- the upstream deadline -----------------------------------------------------------------

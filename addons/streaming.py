@@ -15,6 +15,13 @@ the ``upstream_model_mismatch`` envelope (the OpenAI SDKs raise ``APIError`` on
 an ``error`` event) instead of the chunk, relays nothing after it, and billing
 releases the hold. A stream that cannot be read before that check (unknown
 encoding, parse fault) fails the same way.
+
+An end-to-end encrypted stream (a Chutes upstream, :mod:`teegate.addons.chutes`) is opened
+event by event before any of this: the ``e2e_init`` event and the front door's plaintext
+``usage`` events are dropped, each ``e2e`` frame becomes the plaintext event it carries, so
+the model check, the usage tally and the usage stripping all read what the enclave wrote. A
+frame that does not open ends the stream like a mismatch (one error event, nothing after), but
+is billed by the usual rules from what was delivered before it.
 """
 
 from __future__ import annotations
@@ -24,15 +31,20 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import http
 from teegate.addons import flowstate
+from teegate.addons.chutes import e2ee_failed, upstream_error
 from teegate.addons.errors import guarded
 from teegate.addons.flowstate import Route
 from teegate.addons.sse import Event, SSESplitter
 from teegate.addons.upstream import log_mismatch, model_mismatch
+from teegate.catalog.chutes.e2ee import E2EEError
+
+if TYPE_CHECKING:
+    from teegate.catalog.chutes.e2ee import StreamOpener
 
 log = structlog.get_logger("teegate")
 
@@ -49,6 +61,7 @@ class StreamTally:
     opaque: bool = False  # we could not read the stream (unknown encoding, parse fault)
     first_byte_at: float | None = None
     model_mismatch: bool = False  # the answer named another model: nothing of it was relayed
+    e2ee_failed: bool = False  # an encrypted frame did not open: nothing after it was relayed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,6 +94,8 @@ class _Relay:
         *,
         model: str | None = None,
         on_mismatch: Callable[[Any], None] | None = None,
+        opener: StreamOpener | None = None,
+        on_e2ee_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._tally = tally
         self._strip_usage = strip_usage
@@ -88,6 +103,12 @@ class _Relay:
         self._sse = SSESplitter()
         self._model = model  # None: not checked (unit tests of the relay's other duties)
         self._on_mismatch = on_mismatch
+        self._opener = opener
+        self._on_e2ee_failure = on_e2ee_failure
+
+    @property
+    def _ended(self) -> bool:
+        return self._tally.model_mismatch or self._tally.e2ee_failed
 
     @property
     def _unverified(self) -> bool:
@@ -114,14 +135,18 @@ class _Relay:
         tally = self._tally
         if tally.first_byte_at is None:
             tally.first_byte_at = time.time()
-        if tally.model_mismatch:
+        if self._ended:
             if data == b"":
                 tally.complete = True
             return []
         try:
             if data == b"":
                 tally.complete = True
-                return [self._on_event(e) for e in self._sse.flush()]
+                out = [self._on_event(e) for e in self._sse.flush()]
+                if self._opener is not None and not self._opener.finished and not self._ended:
+                    # Cut before the enclave's own end marker: say so, never end it quietly.
+                    out.append(self._e2ee_failed(E2EEError("unauthenticated_end")))
+                return out
             if self._decoder is not None:
                 data = self._decoder(data)
             if tally.opaque:
@@ -132,10 +157,30 @@ class _Relay:
             tally.opaque = True
             return [self._mismatch(None)] if self._unverified else [data]
 
+    def _e2ee_failed(self, e: E2EEError) -> bytes:
+        """A frame did not open, or the enclave sent an error: one error event now, nothing
+        after it. The error's detail is never logged (it may quote the prompt)."""
+        self._tally.e2ee_failed = True
+        self._model = None
+        model_error = e.reason == "upstream_error" and e.authenticated
+        if self._on_e2ee_failure is not None:
+            self._on_e2ee_failure(e.reason)
+        err = upstream_error() if model_error else e2ee_failed()
+        body = json.dumps(err.body(), separators=(",", ":")).encode()
+        return b"data: " + body + b"\n\n"
+
     def _on_event(self, ev: Event) -> bytes:
         tally = self._tally
-        if tally.model_mismatch:
+        if self._ended:
             return b""
+        if self._opener is not None and ev.data is not None:
+            try:
+                plain = self._opener.open_event(ev.data)
+            except E2EEError as e:
+                return self._e2ee_failed(e)
+            if plain is None:
+                return b""  # e2e_init, or the front door's own plaintext usage
+            ev = Event(raw=sse_data(plain), data=plain)
         tally.events += 1
         if ev.data is None:
             return ev.raw  # a comment: carries no answer
@@ -169,6 +214,12 @@ class _Relay:
                 del chunk["usage"]
                 return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
         return ev.raw
+
+
+def sse_data(payload: str) -> bytes:
+    """One SSE event carrying ``payload`` (a line break in it starts another data line)."""
+    lines = payload.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
 
 
 def generated_bytes(choices: list[Any]) -> int:
@@ -215,6 +266,23 @@ class StreamRelay:
         if not isinstance(model, str):
             tally.opaque = True  # cannot be checked: the relay refuses it
             model = ""
+        e2ee = flowstate.e2ee(flow)
         flow.response.stream = _Relay(
-            tally, strip, decoder, model=model, on_mismatch=lambda got: log_mismatch(flow, got)
+            tally,
+            strip,
+            decoder,
+            model=model,
+            on_mismatch=lambda got: log_mismatch(flow, got),
+            opener=e2ee.opener() if e2ee is not None else None,
+            on_e2ee_failure=(lambda why: _e2ee_frame_failed(flow, why)) if e2ee else None,
         )
+
+
+def _e2ee_frame_failed(flow: http.HTTPFlow, reason: str) -> None:
+    """An encrypted stream ended early: say why (a fixed reason, never the error's detail)."""
+    model_error = reason == "upstream_error"
+    state = flowstate.e2ee(flow)
+    if state is not None and not model_error:
+        state.failed(sent=True)  # nothing is retried; the pool re-verifies the instance
+    flowstate.set_error_code(flow, "upstream_error" if model_error else "e2ee_failed")
+    log.error("e2ee_stream_ended", request_id=flowstate.request_id(flow), reason=reason)

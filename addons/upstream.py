@@ -11,6 +11,13 @@ holds even if it did not), with no request trailers.
 relayed only if its ``model`` is the one that was requested, gated and attested;
 otherwise the client gets ``502 upstream_model_mismatch`` and billing releases
 the hold. Streamed answers are checked on their first chunk by the stream relay.
+
+With a Chutes upstream and E2EE on (``upstream.kind = "chutes"``, ``upstream.e2ee``), the
+rebuilt body is not sent as is: a ticket (a verified instance, the key its quote binds, one
+nonce token) is taken from the model's instance pool and the body sealed to that key as
+``POST /e2e/invoke`` (:mod:`teegate.addons.chutes`). No ticket: ``503 no_attested_instance``
+and nothing leaves. Every chat response says whether it was end-to-end encrypted
+(``x-teegate-e2ee``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import ctx, exceptions, http
-from teegate.addons import flowstate
-from teegate.addons.errors import GatewayError, guarded
+from teegate.addons import chutes, flowstate
+from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
+from teegate.addons.headers import add_headers
 from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
+    from teegate.addons.attestation import AttestationSync
+
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate")
@@ -33,12 +43,21 @@ MISMATCH = "upstream_model_mismatch"
 
 
 class UpstreamRewrite:
-    def __init__(self, upstream: UpstreamSettings) -> None:
+    def __init__(
+        self, upstream: UpstreamSettings, attestation: AttestationSync | None = None
+    ) -> None:
         self._upstream = upstream
+        self._attestation = attestation
         o = upstream.origin_parts
         self._origin = (o.scheme, o.host, o.port)
         self._host_header = o.host_header
         self._bearer: str | None = None
+
+    @property
+    def _sealed(self) -> bool:
+        if self._attestation is not None:
+            return self._attestation.sealed
+        return self._upstream.kind == "chutes" and self._upstream.e2ee  # no pool: refused
 
     def _authorization(self) -> str:
         # Resolved on first use, not at construction: a chain is also built just to be
@@ -55,9 +74,10 @@ class UpstreamRewrite:
             )
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if not flowstate.is_chat(flow) or not flowstate.has_passed(flow, Stage.GATE):
             return
+        add_headers(flow, {chutes.E2EE_HEADER: "false"})
         req = flowstate.chat_request(flow)
         opts = req.stream_options
         flowstate.set_client_wants_usage(flow, bool(req.stream and opts and opts.include_usage))
@@ -75,7 +95,35 @@ class UpstreamRewrite:
             x_request_id=flowstate.request_id(flow) or "",
         )
         flow.request.content = body
+        if self._sealed and not await self._seal(flow, body, bool(req.stream)):
+            return
         flowstate.passed(flow, Stage.UPSTREAM)
+
+    async def _seal(self, flow: http.HTTPFlow, body: bytes, stream: bool) -> bool:
+        """Seal the rebuilt request to a verified instance; False: refused, nothing leaves."""
+        from teegate.catalog.chutes.pool import NoAttestedInstance
+
+        model = flowstate.catalog_model(flow)
+        pool = self._attestation.pool(model.id) if self._attestation is not None else None
+        if pool is None or model.chute_id is None:
+            refuse(flow, chutes.no_attested_instance(model.id, "no instance pool"))
+            return False
+        try:
+            ticket = await pool.acquire()
+        except NoAttestedInstance as e:
+            refuse(flow, chutes.no_attested_instance(model.id, str(e) or None, e.code))
+            return False
+        chutes.seal(
+            flow,
+            body,
+            pool=pool,
+            ticket=ticket,
+            chute_id=model.chute_id,
+            authorization=self._authorization(),
+            host_header=self._host_header,
+            stream=stream,
+        )
+        return True
 
     def _pin(self, flow: http.HTTPFlow) -> None:
         """Send to the configured upstream, whatever address the flow arrived for."""

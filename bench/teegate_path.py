@@ -69,7 +69,8 @@ def _cli(*args: str) -> str:
 class TeegatePath:
     name, label = "teegate", "teegate (full)"
 
-    def __init__(self) -> None:
+    def __init__(self, extra_toml: str = "") -> None:
+        self.extra_toml = extra_toml  # added to the gateway's proxy.toml (e.g. the upstream kind)
         sections = _sections()
         self.ledger_section = next((s for s in ("ledger", "billing") if s in sections), None)
         self.attestation = "attestation" in sections
@@ -111,6 +112,7 @@ class TeegatePath:
             extra, key = self._ledger(workdir)
         if self.attestation:
             extra += _attestation_toml(upstream)
+        extra += self.extra_toml
         gw = start_gateway(upstream.base_url, upstream.api_key, extra_toml=extra, workdir=workdir)
         return Running(gw.base_url + CHAT, key, gw.process.pid, gw.stop)
 

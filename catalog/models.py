@@ -44,6 +44,9 @@ class CatalogModel(BaseModel):
     input_modalities: tuple[str, ...]
     output_modalities: tuple[str, ...]
     pricing: Pricing
+    chute_id: str | None = None
+    """Chutes' id of the deployment serving this model (a UUID), when the upstream lists one:
+    where a Chutes upstream's per-instance evidence and E2EE path are found."""
 
     @property
     def supports_tools(self) -> bool:
@@ -85,6 +88,7 @@ class UpstreamRow(BaseModel):
     input_modalities: list[str] = ["text"]
     output_modalities: list[str] = ["text"]
     pricing: _UpstreamPricing
+    chute_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = None
 
     @field_validator("id")
     @classmethod
@@ -107,6 +111,7 @@ class UpstreamRow(BaseModel):
             features=frozenset(_FEATURE_ALIASES.get(f, f) for f in self.supported_features),
             input_modalities=tuple(self.input_modalities),
             output_modalities=tuple(self.output_modalities),
+            chute_id=self.chute_id,
             pricing=Pricing(
                 input=usd_to_micro(p.prompt, markup),
                 output=usd_to_micro(p.completion, markup),

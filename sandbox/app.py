@@ -84,6 +84,10 @@ def register_routes(app: web.Application, options: Options) -> None:
     control.add_routes(app)
     # Attestation evidence (sandbox/evidence.py) registers here, before the catch-all.
     evidence.add_routes(app)
+    if options.upstream == "chutes":
+        from teegate.sandbox.chutes.routes import install
+
+        install(app, options.chutes_instances, options.chutes_discovery_per_minute)
     app.router.add_route("*", "/v1/{tail:.*}", other_v1)  # keep last
 
 
@@ -91,7 +95,12 @@ def make_app(options: Options) -> web.Application:
     """Build the application; its state lives in ``app["state"]`` (a SandboxState)."""
     baseline = Behaviour(delay_ms=options.delay_ms, chunk_delay_ms=options.chunk_delay_ms)
     app = web.Application(middlewares=[make_guard(options.api_key)], client_max_size=MAX_BODY_BYTES)
-    app["state"] = SandboxState(load_rows(options.models), baseline)
+    rows = load_rows(options.models)
+    if options.upstream == "chutes":
+        from teegate.sandbox.chutes.routes import with_chute_ids
+
+        rows = with_chute_ids(rows)
+    app["state"] = SandboxState(rows, baseline)
     app["options"] = options
     register_routes(app, options)
     return app

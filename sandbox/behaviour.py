@@ -35,6 +35,26 @@ class Behaviour(BaseModel):
     # The ``model`` chat answers name (plain and every streamed chunk); None: the requested one.
     answer_model: str | None = None
 
+    # The Chutes flavour (``--upstream chutes``, sandbox/chutes/); ignored by the default one.
+    # The first instance of every chute gets a quote over a key it does not serve.
+    chutes_unbound_key: bool = False
+    # The last instance of every chute has no TEE evidence: /e2e/instances still lists it
+    # (as the real API does), /chutes/{id}/evidence names it in ``failed_instance_ids``.
+    chutes_no_tee_instance: bool = False
+    # The first instance of every chute restarts with a new E2EE key (while on): discovery and
+    # evidence show the new key; requests sealed to the old one no longer decrypt.
+    chutes_rotate_key: bool = False
+    # /e2e/invoke refuses every nonce token (403); /e2e/instances answers 429 (no tokens).
+    chutes_refuse_tokens: bool = False
+    chutes_exhaust_tokens: bool = False
+    # The front door tampers with the N-th encrypted frame (0 = the first after e2e_init):
+    # leaves it out, sends it twice, or flips a byte of its ciphertext.
+    chutes_drop_frame: int | None = Field(default=None, ge=0)
+    chutes_replay_frame: int | None = Field(default=None, ge=0)
+    chutes_corrupt_frame: int | None = Field(default=None, ge=0)
+    # The model fails: an encrypted error (``e2e_error`` event, or an encrypted error body).
+    chutes_encrypted_error: bool = False
+
     def merged(self, patch: dict[str, Any]) -> Behaviour:
         """A new behaviour with ``patch`` applied on top (validated as a whole)."""
         return Behaviour.model_validate({**self.model_dump(), **patch})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,80 @@ def _message(answer: Answer, tool_call_id: str) -> dict[str, Any]:
     return {"role": "assistant", "content": None, "tool_calls": [call]}
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One planned chat answer, before it is sent (plainly, streamed, or encrypted)."""
+
+    body: dict[str, Any]  # the request, as the model received it
+    head: dict[str, Any]  # id, object, created, model (the chunk object for streams)
+    answer: Answer
+    usage: dict[str, Any] | None
+    tool_call_id: str
+    completion_id: str
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def stream_usage(self) -> dict[str, Any] | None:
+        """The usage a stream reports: only when ``stream_options.include_usage`` asks."""
+        options = self.body.get("stream_options")
+        wants = isinstance(options, dict) and options.get("include_usage") is True
+        return self.usage if wants else None
+
+    def payload(self) -> dict[str, Any]:
+        """The non-streamed ``chat.completion`` object."""
+        choice = {
+            "index": 0,
+            "message": _message(self.answer, self.tool_call_id),
+            "logprobs": None,
+            "finish_reason": self.answer.finish_reason,
+        }
+        payload: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": "chat.completion",
+            **self.head,
+            "choices": [choice],
+        }
+        if self.usage is not None:
+            payload["usage"] = self.usage
+        return payload
+
+
+def plan_reply(state: SandboxState, body: Any, chunks: int) -> Reply | web.Response:
+    """Validate ``body`` and plan its answer (raises BadRequest; a 404 comes back as a
+    response). Shared by the plain route and the Chutes flavour's ``/e2e/invoke``."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required", "model")
+    messages = validate_messages(body)
+    if model not in state.all_rows:
+        return error_response(
+            404, f"The model '{model}' does not exist", "model_not_found", "model"
+        )
+    answer = plan_answer(body, model, chunks)
+    completion_id = state.next_completion_id()
+    tool_call_id = f"call_sbx_{state.completion_counter}"
+    behaviour = state.behaviour
+    usage = (
+        None
+        if behaviour.omit_usage
+        else _usage(
+            count_prompt_tokens(messages),
+            answer,
+            behaviour.cached_tokens,
+            behaviour.usage_completion_tokens,
+        )
+    )
+    head: dict[str, Any] = {"created": int(time.time()), "model": behaviour.answer_model or model}
+    if body.get("stream") is True:
+        head = {"id": completion_id, "object": "chat.completion.chunk", **head}
+    return Reply(body, head, answer, usage, tool_call_id, completion_id)
+
+
 class ChatCompletions:
     """The chat handler; ``chunks`` is the number of pieces of a full plain answer."""
 
@@ -67,54 +142,21 @@ class ChatCompletions:
                 behaviour.status, "sandbox: forced error status", "sandbox_forced"
             )
         try:
-            return await self._answer(request, state, body)
+            reply = plan_reply(state, body, self.chunks)
         except BadRequest as e:
             return error_response(400, e.message, "invalid_request", e.param)
-
-    async def _answer(
-        self, request: web.Request, state: SandboxState, body: Any
-    ) -> web.StreamResponse:
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' is required", "model")
-        messages = validate_messages(body)
-        if model not in state.all_rows:
-            return error_response(
-                404, f"The model '{model}' does not exist", "model_not_found", "model"
-            )
-        answer = plan_answer(body, model, self.chunks)
-        completion_id = state.next_completion_id()
-        tool_call_id = f"call_sbx_{state.completion_counter}"
-        behaviour = state.behaviour
-        usage = (
-            None
-            if behaviour.omit_usage
-            else _usage(
-                count_prompt_tokens(messages),
-                answer,
-                behaviour.cached_tokens,
-                behaviour.usage_completion_tokens,
-            )
-        )
-        head = {"created": int(time.time()), "model": behaviour.answer_model or model}
-        if body.get("stream") is True:
-            options = body.get("stream_options")
-            wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-            head = {"id": completion_id, "object": "chat.completion.chunk", **head}
+        if isinstance(reply, web.Response):
+            return reply
+        if reply.stream:
             stream = ChunkStream(
-                request, head, answer, usage if wants_usage else None, behaviour, tool_call_id
+                request,
+                reply.head,
+                reply.answer,
+                reply.stream_usage,
+                state.behaviour,
+                reply.tool_call_id,
             )
             return await stream.send()
-        choice = {
-            "index": 0,
-            "message": _message(answer, tool_call_id),
-            "logprobs": None,
-            "finish_reason": answer.finish_reason,
-        }
-        payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion", **head}
-        payload["choices"] = [choice]
-        if usage is not None:
-            payload["usage"] = usage
-        return web.Response(body=json.dumps(payload).encode(), content_type="application/json")
+        return web.Response(
+            body=json.dumps(reply.payload()).encode(), content_type="application/json"
+        )

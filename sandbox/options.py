@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from teegate.sandbox.catalog_rows import DEFAULT_MODELS_PATH
 
@@ -24,6 +25,10 @@ class Options:
     tls_hostnames: tuple[str, ...] = field(default_factory=tuple)
     ready_file: Path | None = None
     verbose: bool = False
+    # Which upstream the sandbox imitates: NEAR AI / Phala (today's) or Chutes (sandbox/chutes/).
+    upstream: Literal["near", "chutes"] = "near"
+    chutes_instances: int = 3
+    chutes_discovery_per_minute: int = 0  # 0: no limit (the real API allows about 10)
 
 
 def _non_negative(text: str) -> int:
@@ -60,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-file", type=Path, default=None, help="write {base_url, port} here")
     p.add_argument("--verbose", action="store_true", help="log every request (access log)")
+    p.add_argument(
+        "--upstream",
+        choices=("near", "chutes"),
+        default="near",
+        help="imitate NEAR AI/Phala (default) or Chutes (per-instance evidence, E2EE)",
+    )
+    p.add_argument("--chutes-instances", type=_positive, default=3, help="instances per chute")
+    p.add_argument(
+        "--chutes-discovery-per-minute",
+        type=_non_negative,
+        default=0,
+        help="limit /e2e/instances calls per minute (0: none)",
+    )
     return p
 
 
@@ -77,4 +95,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         tls_hostnames=tuple(a.tls_hostname),
         ready_file=a.ready_file,
         verbose=a.verbose,
+        upstream=a.upstream,
+        chutes_instances=a.chutes_instances,
+        chutes_discovery_per_minute=a.chutes_discovery_per_minute,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from teegate.sandbox.behaviour import Behaviour
@@ -36,6 +37,9 @@ class SandboxState:
         self.completion_counter = 0
         self.held = 0  # streams currently waiting for a release
         self.release_event = asyncio.Event()
+        # A flavour's own counters (merged into stats) and what it clears on reset.
+        self.extra_stats: list[Callable[[], dict[str, Any]]] = []
+        self.on_reset: list[Callable[[], None]] = []
         self._rebuild()
 
     def release(self) -> None:
@@ -54,6 +58,8 @@ class SandboxState:
         self.chat_log.clear()
         self.requests.clear()
         self.completion_counter = 0
+        for clear in self.on_reset:
+            clear()
         self.release()
         self.set_behaviour(self.baseline)
 
@@ -67,7 +73,7 @@ class SandboxState:
 
     def stats(self, since: int = 0) -> dict[str, Any]:
         """Counters and records; ``requests`` only after the ``since``-th request."""
-        return {
+        stats: dict[str, Any] = {
             "total": self.total,
             "by_route": dict(self.by_route),
             "chat": list(self.chat_log),
@@ -75,6 +81,9 @@ class SandboxState:
             "requests_seen": self.requests.seen,
             "held": self.held,
         }
+        for extra in self.extra_stats:
+            stats |= extra()
+        return stats
 
     def _rebuild(self) -> None:
         b = self.behaviour

@@ -2,6 +2,8 @@
 
 Each chunk is written (and drained) on its own so a proxy in front sees real incremental
 delivery; ``stop_after_chunks`` cuts the TCP connection mid-stream to imitate an upstream crash.
+Every event goes through ``emit`` (and the stream opens with ``begin``), so the Chutes flavour
+(``sandbox/chutes/``) can encrypt the very same events without a second copy of this logic.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class ChunkStream:
         self.usage = usage  # None: no usage to report
         self.behaviour = behaviour
         self.tool_call_id = tool_call_id
+        self.response: web.StreamResponse | None = None
+
+    async def begin(self) -> None:
+        """Called once the response is prepared, before the first event (a hook)."""
+
+    async def emit(self, data: bytes) -> None:
+        """Write one SSE event (``data: ...\\n\\n``) as produced by the upstream."""
+        assert self.response is not None
+        await self.response.write(data)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -64,9 +75,11 @@ class ChunkStream:
     async def send(self) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(self.request)
+        self.response = response
+        await self.begin()
         b = self.behaviour
         delay = b.chunk_delay_ms / 1000
-        await response.write(_event(self._chunk(self._first_delta())))
+        await self.emit(_event(self._chunk(self._first_delta())))
         pieces = self.answer.pieces
         last = len(pieces) - 1
         for i, piece in enumerate(pieces):
@@ -81,12 +94,12 @@ class ChunkStream:
             )
             if i == last and self.usage is not None and b.usage_with_choices:
                 chunk["usage"] = self.usage
-            await response.write(_event(chunk))
+            await self.emit(_event(chunk))
         if b.stop_after_chunks is not None and len(pieces) <= b.stop_after_chunks:
             return self._abort(response)
         if self.usage is not None and not b.usage_with_choices:
-            await response.write(_event({**self.head, "choices": [], "usage": self.usage}))
-        await response.write(DONE)
+            await self.emit(_event({**self.head, "choices": [], "usage": self.usage}))
+        await self.emit(DONE)
         await response.write_eof()
         return response
 

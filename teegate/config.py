@@ -71,6 +71,12 @@ class UpstreamSettings(_Section):
     ca_file: Path | None = None
     timeout_s: int = Field(300, ge=1, le=3600)
     """Seconds to wait for the upstream's response headers before answering 504."""
+    kind: Literal["near", "chutes"] = "near"
+    """The upstream's evidence format: "near" (NEAR/Phala reports, one verdict per model) or
+    "chutes" (per-instance evidence, chats sent to one verified instance)."""
+    e2ee: bool = True
+    """kind = "chutes" only: encrypt each chat to the key the chosen instance's quote binds
+    (Chutes' E2EE protocol). False: plain TLS to the front door."""
 
     @field_validator("base_url")
     @classmethod

@@ -17,6 +17,7 @@ from teegate.addons.attestation_report import AttestationReport
 from teegate.addons.auth import Auth
 from teegate.addons.billing import Billing
 from teegate.addons.catalogsync import CatalogSync
+from teegate.addons.chutes import E2EEOpen
 from teegate.addons.deadline import UpstreamDeadline
 from teegate.addons.egress import Egress
 from teegate.addons.egress_auth import EgressAuth
@@ -49,7 +50,8 @@ def build_addons(
     link = ledger or LedgerLink()
     attestation = AttestationSync(settings.attestation, up, catalog)
     return [
-        AnswerModelCheck(),  # first: its response hook must run before the log and billing read
+        E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
+        AnswerModelCheck(),  # its response hook must run before the log and billing read
         AccessLog(),
         Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
@@ -65,7 +67,7 @@ def build_addons(
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
         Billing(link, unanswered=settings.billing.unanswered),
-        UpstreamRewrite(up),
+        UpstreamRewrite(up, attestation),
         StreamRelay(),
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),

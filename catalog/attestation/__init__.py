@@ -21,8 +21,20 @@ Against the sandbox: fetch ``GET /_sandbox/evidence/root_ca.der`` into a file, s
 ``test_root_ca`` to it (and ``mrtd_allowlist`` to its ``X-Sandbox-Mrtd`` header). The sandbox
 ships collateral inside its evidence; that is used only while ``test_root_ca`` is set. Real
 upstreams ship none, and collateral then comes from ``pccs_url`` (cached until nextUpdate).
+
+Chutes (``upstream.kind = "chutes"``) is attested per instance instead: :mod:`.chutes` verifies
+each instance's quote with the same checks plus Chutes' binding (our nonce and the instance's
+E2EE key, its certificate), and :class:`teegate.catalog.chutes.pool.InstancePool` keeps the
+verified instances of one chute and hands out per-request tickets.
 """
 
+from teegate.catalog.attestation.chutes import (
+    ChutesEvidenceClient,
+    ChutesVerifier,
+    parse_evidence,
+    parse_instances,
+    verify_instances,
+)
 from teegate.catalog.attestation.collateral import (
     CollateralCache,
     collateral_window,
@@ -33,15 +45,18 @@ from teegate.catalog.attestation.near_ai import NearAiSource, parse_near_ai
 from teegate.catalog.attestation.policy import Policy, load_policy
 from teegate.catalog.attestation.service import AttestationService
 from teegate.catalog.attestation.source import EvidenceFetchError, EvidenceSource
-from teegate.catalog.attestation.verdict import Verdict
+from teegate.catalog.attestation.verdict import InstanceVerdict, Verdict
 from teegate.catalog.attestation.verifier import verify_evidence
 
 __all__ = [
     "AttestationService",
+    "ChutesEvidenceClient",
+    "ChutesVerifier",
     "CollateralCache",
     "EvidenceError",
     "EvidenceFetchError",
     "EvidenceSource",
+    "InstanceVerdict",
     "NearAiSource",
     "NodeEvidence",
     "Policy",
@@ -49,6 +64,9 @@ __all__ = [
     "collateral_window",
     "load_collateral",
     "load_policy",
+    "parse_evidence",
+    "parse_instances",
     "parse_near_ai",
     "verify_evidence",
+    "verify_instances",
 ]

@@ -52,6 +52,9 @@ class Policy(BaseModel):
     rtmr0_allowlist: tuple[Hex48, ...] | None = None
     rtmr1_allowlist: tuple[Hex48, ...] | None = None
     rtmr2_allowlist: tuple[Hex48, ...] | None = None
+    rtmr3_allowlist: tuple[Hex48, ...] | None = None
+    """RTMR3 is extended at runtime (dstack: app id, compose hash, ...), so NEAR AI / Phala
+    evidence checks it by replaying the event log; Chutes publishes fixed values to pin."""
     compose_hash_allowlist: tuple[Hex32, ...] | None = None
     """sha256 of dstack's app_compose, as measured in ``mr_config_id = 0x01 || hash``."""
 

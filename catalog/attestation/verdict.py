@@ -11,6 +11,39 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["dcap", "flag"]
+EvidenceKind = Literal["near", "chutes"]
+
+
+class InstanceVerdict(BaseModel):
+    """One Chutes instance's attestation: whether it may be sent prompts, under which key.
+
+    Instances are verified individually; only an ``ok`` one, with exactly the ``e2e_pubkey``
+    its quote binds, is ever used."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance_id: str
+    ok: bool
+    reason: str
+    e2e_pubkey: str = Field(default="", repr=False)
+    """The base64 ML-KEM-768 key exactly as ``/e2e/instances`` gave it (bound by the quote)."""
+    key_sha256: str | None = None
+    quote_sha256: str | None = None
+    certificate_spki_sha256: str | None = None
+    tcb_status: str | None = None
+    mrtd: str | None = None
+    verified_at: int
+    expires_at: int
+    gpu: Literal["unverified", "absent"] = "unverified"
+    checks: dict[str, bool] = Field(default_factory=dict)
+
+    def usable(self, now: float, e2e_pubkey: str) -> bool:
+        """May a request be sealed to ``e2e_pubkey`` on this instance at ``now``?"""
+        return self.ok and now < self.expires_at and e2e_pubkey == self.e2e_pubkey
+
+    def summary(self) -> dict[str, Any]:
+        """What clients and logs are shown (the key itself only by its hash)."""
+        return self.model_dump(mode="json", exclude={"e2e_pubkey"})
 
 
 class Verdict(BaseModel):
@@ -50,6 +83,10 @@ class Verdict(BaseModel):
     """Checks not made, and why (e.g. no allow-list configured)."""
     evidence: dict[str, Any] = Field(default_factory=dict)
     """The evidence as received, for handing to clients who want to verify it themselves."""
+    evidence_kind: EvidenceKind = "near"
+    """Which evidence format verified it: NEAR AI / Phala reports, or Chutes' per-instance."""
+    instances: tuple[InstanceVerdict, ...] = ()
+    """Chutes: every instance checked, verified or not (``ok``), newest verdict each."""
 
     def refusal(self, now: float) -> str | None:
         """Why the gate must refuse this model at ``now``, or None when it may serve it."""
@@ -61,4 +98,6 @@ class Verdict(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         """The verdict without the raw evidence: what a CLI or a log line shows."""
-        return self.model_dump(mode="json", exclude={"evidence"})
+        return self.model_dump(
+            mode="json", exclude={"evidence": True, "instances": {"__all__": {"e2e_pubkey"}}}
+        )

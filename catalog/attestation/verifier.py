@@ -17,7 +17,7 @@ top to bottom in one file, a reviewer can see that nothing is skipped or reorder
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +36,11 @@ from teegate.catalog.attestation.policy import Policy
 from teegate.catalog.attestation.verdict import Verdict
 
 CollateralLookup = Callable[[bytes], CollateralInput | None]
+
+BindingCheck = Callable[[bytes], Iterable[tuple[str, bool, str]]]
+"""An upstream's own ``report_data`` layout: given the quote's 64 bytes, the named checks
+(name, passed, failure reason) that tie it to our nonce and the upstream's keys. None (the
+default) is NEAR AI / Phala's layout, checked by :meth:`_NodeVerifier._binding`."""
 
 
 @dataclass
@@ -88,6 +93,7 @@ class _NodeVerifier:
         root_ca_der: bytes | None,
         tls_fingerprint: bytes | None,
         require_binding: bool,
+        binding: BindingCheck | None = None,
     ) -> None:
         self.node = node
         self.nonce = nonce
@@ -97,6 +103,7 @@ class _NodeVerifier:
         self.root_ca_der = root_ca_der
         self.tls_fingerprint = tls_fingerprint
         self.require_binding = require_binding
+        self.binding = binding
         self.r = _NodeResult()
 
     def run(self) -> _NodeResult:
@@ -118,7 +125,11 @@ class _NodeVerifier:
             debug = bool(report.td_attributes[0] & 1)
             r.check("not_debug", not debug, "debug TD (td_attributes debug bit set)")
         self._dcap()
-        self._binding()
+        if self.binding is None:
+            self._binding()
+        else:
+            for name, passed, failure in self.binding(r.facts["report_data"]):
+                r.check(name, passed, failure)
         if is_tdx:
             self._measurements()
             self._event_log_and_compose()
@@ -238,6 +249,7 @@ class _NodeVerifier:
             "rtmr0": (p.rtmr0_allowlist, r.facts["rtmrs"][0]),
             "rtmr1": (p.rtmr1_allowlist, r.facts["rtmrs"][1]),
             "rtmr2": (p.rtmr2_allowlist, r.facts["rtmrs"][2]),
+            "rtmr3": (p.rtmr3_allowlist, r.facts["rtmrs"][3]),
         }
         for name, (allowed, value) in lists.items():
             if allowed is None:
@@ -333,6 +345,7 @@ def verify_evidence(
     parse: EvidenceParser = parse_near_ai,
     tls_fingerprint: bytes | None = None,
     require_binding: bool = True,
+    binding: BindingCheck | None = None,
 ) -> Verdict:
     """Verify ``evidence`` (as received) for ``model`` at unix time ``now``.
 
@@ -340,7 +353,8 @@ def verify_evidence(
     every quote, or a function from a quote to its collateral. ``root_ca_der``: None for
     Intel's root (always, outside tests). ``require_binding=False`` (offline inspection of a
     bare quote only) turns a missing nonce or signing key into a skipped check instead of a
-    failure.
+    failure. ``binding``: the upstream's own report_data checks (Chutes); None for NEAR AI /
+    Phala's layout.
     """
     if nonce is not None and len(nonce) != 32:
         raise ValueError("nonce must be 32 bytes")
@@ -376,6 +390,7 @@ def verify_evidence(
             root_ca_der=root_ca_der,
             tls_fingerprint=tls_fingerprint,
             require_binding=require_binding,
+            binding=binding,
         )
         try:
             results.append(verifier.run())

@@ -3,6 +3,10 @@
 The developer's local playground: no upstream account and no TDX hardware
 needed. The sandbox upstream runs as its own process (as a real upstream
 would); the gateway runs in this one. Ctrl-C stops both.
+
+``--upstream chutes`` runs the sandbox in its Chutes flavour (per-instance evidence, end-to-end
+encrypted ``/e2e/invoke``) and sets ``upstream.kind = "chutes"`` for the gateway, so every chat
+is encrypted to one verified instance (``--no-e2ee``: plain TLS to the front door instead).
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--listen", default=None, help="gateway address (default: listen.reverse, 127.0.0.1:8080)"
     )
     p.add_argument("--chunk-delay-ms", type=int, default=40, help="pace of simulated streams")
+    p.add_argument(
+        "--upstream",
+        choices=("near", "chutes"),
+        default="near",
+        help="which confidential upstream to simulate: NEAR AI/Phala (default) or Chutes",
+    )
+    p.add_argument(
+        "--no-e2ee",
+        action="store_true",
+        help="with --upstream chutes: send chats over plain TLS, not end-to-end encrypted",
+    )
     p.add_argument(
         "--db",
         type=Path,
@@ -69,7 +84,9 @@ def _sandbox(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log.level)
     db, demo_key = _demo_ledger(args.db, settings.ledger.key_prefix)
-    upstream, base_url = start_upstream(["--chunk-delay-ms", str(args.chunk_delay_ms)])
+    upstream, base_url = start_upstream(
+        ["--chunk-delay-ms", str(args.chunk_delay_ms), "--upstream", args.upstream]
+    )
     try:
         # The sandbox's quotes chain to its own test root: trust that root (and pin its TD's
         # measurements), loudly, in this process only.
@@ -78,9 +95,7 @@ def _sandbox(args: argparse.Namespace) -> int:
             update={
                 "attestation": sandbox_policy(settings.attestation, trust),
                 "ledger": settings.ledger.model_copy(update={"path": db}),
-                "upstream": settings.upstream.model_copy(
-                    update={"base_url": base_url, "api_key": SANDBOX_KEY}
-                ),
+                "upstream": settings.upstream.model_copy(update=_upstream_update(args, base_url)),
                 "listen": settings.listen.model_copy(
                     update={"reverse": args.listen or settings.listen.reverse}
                 ),
@@ -103,6 +118,17 @@ def _sandbox(args: argparse.Namespace) -> int:
             upstream.wait(5)
         except subprocess.TimeoutExpired:
             upstream.kill()
+
+
+def _upstream_update(args: argparse.Namespace, base_url: str) -> dict[str, object]:
+    """The gateway's ``[upstream]`` for the sandbox: its address and key, and for the Chutes
+    flavour its kind (``e2ee`` stays as configured unless ``--no-e2ee``)."""
+    update: dict[str, object] = {"base_url": base_url, "api_key": SANDBOX_KEY}
+    if args.upstream == "chutes":
+        update["kind"] = "chutes"
+        if args.no_e2ee:
+            update["e2ee"] = False
+    return update
 
 
 def _sandbox_egress(egress: EgressSettings) -> EgressSettings:

@@ -493,3 +493,10 @@ def test_long_prompt_is_accepted_and_counted(api: httpx.Client) -> None:
     messages = [{"role": "user", "content": "é" * 1_500_000}]  # 3 MB of UTF-8
     body = api.post("/chat/completions", json={"model": MODEL, "messages": messages}).json()
     assert body["usage"]["prompt_tokens"] == 3_000_000 // 4 + 4
+
+
+def test_default_flavour_is_not_chutes(api: httpx.Client) -> None:
+    rows = api.get("/models").json()["data"]
+    assert all("chute_id" not in row for row in rows)
+    base = str(api.base_url).removesuffix("/v1/")
+    assert httpx.get(f"{base}/e2e/instances/x", headers=api.headers).status_code == 404
