@@ -35,7 +35,7 @@ from teegate.sandbox.dcap_pki import (
     TdMeasurements,
 )
 
-from tests.attestation.conftest import NOW
+from tests.support.tdx_vectors import NOW
 
 MODEL = "test/chute-TEE"
 MRTD = hashlib.sha384(b"chutes td").digest()

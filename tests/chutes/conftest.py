@@ -3,33 +3,16 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
+from tests.support.chutes import CHUTES, FAST
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
-
-TEST_MODELS = Path(__file__).resolve().parents[1] / "data" / "models.json"
-TEE = "deepseek-ai/DeepSeek-V3.2-TEE"
-CHUTES = 'upstream.kind = "chutes"\n'
-FAST = "attestation.reattest_interval_s = 2\nattestation.retry_interval_s = 1\n"
-
-
-def until[T](predicate: Callable[[], T], what: str, timeout: float = 20.0) -> T:
-    """Poll another process's state until ``predicate`` is truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from tests.support.testdata import TEST_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +49,3 @@ def sandbox(upstream: SandboxProc) -> Iterator[SandboxProc]:
     before = upstream.behaviour()
     yield upstream
     upstream.behaviour(**before)
-
-
-def front_door(upstream: SandboxProc, since: int = 0) -> dict:
-    """What the sandbox's front door relayed (entries after the ``since``-th), and whether any
-    of it was ever readable."""
-    resp = httpx.get(f"{upstream.base_url}/_sandbox/chutes", timeout=10)
-    resp.raise_for_status()
-    doc = resp.json()
-    doc["front_door"] = [e for e in doc["front_door"] if e["seq"] > since]
-    return doc
-
-
-def door_mark(upstream: SandboxProc) -> int:
-    """The front door's last entry number now (a ``since`` for :func:`front_door`)."""
-    return max((e["seq"] for e in front_door(upstream)["front_door"]), default=0)
-
-
-def mark(upstream: SandboxProc, marker: str) -> None:
-    """Have the front door flag any relayed body containing ``marker``."""
-    httpx.post(
-        f"{upstream.base_url}/_sandbox/chutes/marker", json={"marker": marker}, timeout=10
-    ).raise_for_status()

@@ -10,8 +10,8 @@ import uuid
 import openai
 import pytest
 
-from tests.billing.conftest import expected_charge, usage_row
-from tests.chutes.conftest import CHUTES, TEE, door_mark, front_door, mark, until
+from tests.support.billing import expected_charge, usage_row
+from tests.support.chutes import CHUTES, TEE, door_mark, front_door, mark, until
 from tests.support.gateway_proc import start_gateway
 
 TOOLS = [

@@ -51,3 +51,15 @@ def test_no_module_imports_a_source_folder_by_its_bare_name() -> None:
                 if top in bare:
                     offenders.append(f"{path.relative_to(REPO)}:{n}")
     assert offenders == []
+
+
+def test_no_test_imports_a_conftest() -> None:
+    """Shared fixtures live in tests/conftest.py, shared helpers in tests/support/: a conftest
+    imported from elsewhere runs twice under two names and hides which fixtures apply."""
+    offenders = []
+    for path in (REPO / "tests").rglob("*.py"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words = line.split()
+            if words[:1] in (["from"], ["import"]) and words[1].split(".")[-1] == "conftest":
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
