@@ -14,6 +14,7 @@ import time
 
 import structlog
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import error_category
 from teegate.addons.flowstate import Route

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
+
 from teegate.addons.catalogsync import CatalogSync
 from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 from teegate.catalog.store import Snapshot
@@ -32,7 +33,6 @@ from teegate.catalog.store import Snapshot
 if TYPE_CHECKING:
     from teegate.addons.chutes_fleet import ChutesFleet
     from teegate.catalog.chutes.pool import InstancePool
-
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate.attestation")

@@ -22,6 +22,7 @@ upstream a model none of whose instances verified is refused ``503 no_attested_i
 from __future__ import annotations
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.chutes import E2EE_HEADER, INSTANCE_HEADER, no_attested_instance

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync

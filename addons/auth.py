@@ -8,6 +8,7 @@ not in the error message, not in the access log.
 from __future__ import annotations
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route, Stage

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import structlog
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
@@ -54,7 +55,6 @@ from teegate.ledger import (
     reservation_micro,
     tokens_from_bytes,
 )
-
 from teegate.money import format_usd
 
 log = structlog.get_logger("teegate.billing")

@@ -10,6 +10,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
+
 from teegate.addons.errors import GatewayError
 from teegate.catalog.store import Catalog, CatalogUnavailable, Snapshot
 from teegate.catalog.upstream import UpstreamCatalogClient

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, refuse
 from teegate.addons.flowstate import Route
@@ -46,6 +47,7 @@ from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, 
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+
     from teegate.catalog.chutes.pool import FailureKind, InstancePool, Ticket
 
 log = structlog.get_logger("teegate")

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
+
 from teegate.catalog.attestation import CollateralCache, Policy, Verdict
 from teegate.catalog.attestation.chutes import model_verdict
 from teegate.catalog.chutes.pool import InstancePool, PoolSettings, build_pool
 
 if TYPE_CHECKING:
     from teegate.catalog.models import CatalogModel
-
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate.attestation")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from mitmproxy import ctx, http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, next_error_page
 from teegate.addons.flowstate import Route

@@ -46,6 +46,7 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.net.http import url
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route

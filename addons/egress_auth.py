@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import connection, http
 from mitmproxy.addons.proxyauth import parse_http_basic_auth
+
 from teegate.addons.egress import is_egress
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.ledgerlink import LedgerLink

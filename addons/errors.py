@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 from mitmproxy import http
+
 from teegate.addons import flowstate
 
 log = structlog.get_logger("teegate")

@@ -8,6 +8,7 @@ Every refusal happens here, locally, before anything is sent upstream.
 from __future__ import annotations
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, refuse

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.flowstate import Route
 

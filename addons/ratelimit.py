@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import cachetools
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage

@@ -18,13 +18,13 @@ import re
 from urllib.parse import parse_qsl, unquote
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
 from teegate.addons.flowstate import Route
 from teegate.catalog.models import CatalogModel
-
 from teegate.money import format_usd
 
 CHAT_PATH = "/v1/chat/completions"

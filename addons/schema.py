@@ -20,6 +20,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
 from teegate.addons.errors import GatewayError
 from teegate.addons.jsonbody import param_name, parse_json_object
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.flowstate import Route, Stage
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.chutes import e2ee_failed, upstream_error
 from teegate.addons.errors import guarded

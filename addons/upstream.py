@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from mitmproxy import ctx, exceptions, http
+
 from teegate.addons import chutes, flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
@@ -34,7 +35,6 @@ from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
     from teegate.addons.attestation import AttestationSync
-
     from teegate.config import UpstreamSettings
 
 log = structlog.get_logger("teegate")

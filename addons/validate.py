@@ -13,6 +13,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage

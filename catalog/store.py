@@ -18,6 +18,7 @@ from typing import Protocol
 
 import cachetools
 import structlog
+
 from teegate.catalog.models import CatalogModel, parse_rows
 
 log = structlog.get_logger("teegate.catalog")

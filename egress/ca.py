@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from mitmproxy import certs
 from mitmproxy.options import CONF_BASENAME, KEY_SIZE
+
 from teegate.egress.hosts import HostPattern, ip_literal
 
 log = structlog.get_logger("teegate")

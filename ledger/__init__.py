@@ -38,7 +38,6 @@ from teegate.ledger.models import (
     VerifyReport,
 )
 from teegate.ledger.store import Store
-
 from teegate.money import InvalidAmount, format_usd, parse_usd
 
 __all__ = [

@@ -7,7 +7,6 @@ Shared by the async API and the command line so both refuse the same things
 from __future__ import annotations
 
 from teegate.ledger.errors import InvalidInput
-
 from teegate.money import MAX_AMOUNT_MICRO
 
 MAX_NAME = 64

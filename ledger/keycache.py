@@ -10,6 +10,7 @@ another process (the operator's command line) commits anything; see
 from __future__ import annotations
 
 from cachetools import LRUCache
+
 from teegate.ledger.models import ApiKey
 
 MAX_CACHED_KEYS = 100_000

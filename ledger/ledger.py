@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import structlog
+
 from teegate.ledger import inputs
 from teegate.ledger.balances import Balances
 from teegate.ledger.billing import Prices, charge_micro

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiosqlite
+
 from teegate.ledger.models import Mismatch, OpenReservation, UsageGroup, VerifyReport
 
 # Reservations with neither settlement nor release: what a crash leaves behind.

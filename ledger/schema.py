@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import aiosqlite
+
 from teegate.ledger.errors import SchemaTooNew
 
 Migration = tuple[str, ...]  # statements, executed in order

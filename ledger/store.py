@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import aiosqlite
 import structlog
+
 from teegate.ledger import dbthread, inputs
 from teegate.ledger.batch import (
     ADD_BALANCE,

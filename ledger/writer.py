@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+
 from teegate.ledger.balances import Balances
 from teegate.ledger.errors import LedgerUnavailable
 from teegate.ledger.ops import Finalization, NewReservation

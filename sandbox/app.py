@@ -11,6 +11,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+
 from teegate.sandbox import control, evidence
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.catalog_rows import load_rows

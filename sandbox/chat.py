@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
 from teegate.sandbox.answers import (
     Answer,
     BadRequest,

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+
 from teegate.sandbox.errors import error_response
 from teegate.sandbox.state import SandboxState
 

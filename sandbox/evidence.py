@@ -36,6 +36,7 @@ from aiohttp import web
 from Crypto.Hash import keccak
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from teegate.sandbox.dcap_pki import (
     DEFAULT_TD_ATTRIBUTES,
     TD_ATTR_DEBUG,

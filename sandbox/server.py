@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+
 from teegate.sandbox.app import make_app
 from teegate.sandbox.options import Options, parse_options
 

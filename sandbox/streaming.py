@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+
 from teegate.sandbox.answers import Answer
 from teegate.sandbox.behaviour import Behaviour
 

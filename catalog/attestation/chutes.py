@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from teegate.catalog.attestation.collateral import CollateralCache, CollateralInput
 from teegate.catalog.attestation.evidence import EvidenceError, NodeEvidence
 from teegate.catalog.attestation.policy import Policy

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 import httpx
+
 from teegate.catalog.attestation.evidence import EvidenceError, NodeEvidence, hex_bytes
 from teegate.catalog.attestation.source import EvidenceFetchError
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
+
 from teegate.catalog.attestation.collateral import CollateralCache, CollateralInput
 from teegate.catalog.attestation.evidence import EvidenceError
 from teegate.catalog.attestation.policy import Policy

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dcap_qvl
+
 from teegate.catalog.attestation.binding import binds_nonce, binds_signing_key, ethereum_address
 from teegate.catalog.attestation.collateral import (
     CollateralInput,

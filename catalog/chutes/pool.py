@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 import structlog
+
 from teegate.catalog.attestation.chutes import (
     ChutesEvidenceClient,
     ChutesVerifier,

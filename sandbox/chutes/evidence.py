@@ -27,6 +27,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chutes.fleet import Fleet, Instance
 from teegate.sandbox.evidence import EvidenceMinter

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chutes.crypto import InstanceKey
 

@@ -29,6 +29,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+
 from teegate.sandbox.answers import BadRequest
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chat import Reply, plan_reply

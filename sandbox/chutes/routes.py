@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from aiohttp import web
+
 from teegate.sandbox.chutes.evidence import NONCE_RE, chute_evidence
 from teegate.sandbox.chutes.fleet import Fleet, RateLimited, chute_id_for
 from teegate.sandbox.chutes.frontdoor import FrontDoor

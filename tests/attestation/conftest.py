@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from teegate.sandbox.dcap_pki import DcapTestPki
 from teegate.sandbox.evidence import EvidenceMinter
-
 from tests.support.tdx_vectors import NOW
 
 

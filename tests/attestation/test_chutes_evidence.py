@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.x509.oid import NameOID
+
 from teegate.catalog.attestation import Policy
 from teegate.catalog.attestation.chutes import (
     key_binding_digest,
@@ -34,7 +35,6 @@ from teegate.sandbox.dcap_pki import (
     DcapTestPki,
     TdMeasurements,
 )
-
 from tests.support.tdx_vectors import NOW
 
 MODEL = "test/chute-TEE"

@@ -10,10 +10,10 @@ from typing import Any
 import dcap_qvl
 import httpx
 import pytest
-from teegate.sandbox.dcap_pki import DcapTestPki
-from teegate.sandbox.evidence import EvidenceMinter
 
 from teegate.cli import main
+from teegate.sandbox.dcap_pki import DcapTestPki
+from teegate.sandbox.evidence import EvidenceMinter
 from tests.support.sandbox_proc import start_sandbox
 from tests.support.tdx_vectors import NOW, VECTORS, vector
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+
 from teegate.catalog.attestation import (
     CollateralCache,
     Policy,
@@ -16,7 +17,6 @@ from teegate.catalog.attestation import (
 )
 from teegate.catalog.attestation.policy import INTEL_PCS_URL
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
-
 from tests.support.tdx_vectors import NOW
 
 M = TdMeasurements(mrtd=bytes(48), rtmrs=(bytes(48),) * 4)

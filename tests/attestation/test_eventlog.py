@@ -9,9 +9,9 @@ from typing import Any
 
 import dcap_qvl
 import pytest
+
 from teegate.catalog.attestation import EvidenceError, Policy, verify_evidence
 from teegate.catalog.attestation.eventlog import replay, runtime_event_digest
-
 from tests.support.tdx_vectors import VECTORS, collateral_text, quote_bytes, vector
 
 NAME = "dstack-nearai"

@@ -11,11 +11,11 @@ from typing import Any
 
 import dcap_qvl
 import pytest
+
 from teegate.catalog.attestation import Policy, verify_evidence
 from teegate.catalog.attestation.binding import ethereum_address, expected_report_data
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import SANDBOX_MRTD, EvidenceMinter
-
 from tests.support.tdx_vectors import NOW
 from tests.support.testdata import REPO_ROOT
 

@@ -16,10 +16,10 @@ from typing import Any
 import dcap_qvl
 import pytest
 from aiohttp import test_utils, web
+
 from teegate.catalog.attestation import AttestationService, CollateralCache, Policy, parse_near_ai
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import EvidenceMinter
-
 from tests.support.tdx_vectors import NOW
 
 VALID_FOR = 3600

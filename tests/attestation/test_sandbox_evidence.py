@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 
+from teegate.catalog.attestation import AttestationService, NearAiSource, Policy, Verdict
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
 

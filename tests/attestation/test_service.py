@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from teegate.catalog.attestation import (
     AttestationService,
     CollateralCache,
@@ -25,7 +26,6 @@ from teegate.catalog.attestation import (
 )
 from teegate.sandbox.dcap_pki import DcapTestPki
 from teegate.sandbox.evidence import EvidenceMinter
-
 from tests.support.tdx_vectors import NOW
 
 A, B = "org/model-a-TEE", "org/model-b-TEE"

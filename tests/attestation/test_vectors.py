@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dcap_qvl
 import pytest
+
 from teegate.catalog.attestation import Policy, verify_evidence
 from teegate.catalog.attestation.collateral import collateral_window, load_collateral
-
 from tests.support.tdx_vectors import MANIFEST, collateral_text, quote_bytes, vector
 
 HEADER_AND_BODY = 48 + 584  # what the attestation key signs in a TDX quote

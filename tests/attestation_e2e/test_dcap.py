@@ -15,8 +15,8 @@ import time
 import httpx
 import openai
 import pytest
-from teegate.catalog.attestation import Policy, verify_evidence
 
+from teegate.catalog.attestation import Policy, verify_evidence
 from tests.support.clients import chat_count
 from tests.support.reattest import MSG, refusal, root_ca, until
 

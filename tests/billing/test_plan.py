@@ -14,6 +14,7 @@ import pytest
 from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.test import tflow
+
 from teegate.addons import flowstate
 from teegate.addons.billing import Release, Settle, _settlement
 from teegate.addons.schema import ChatRequest

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pqcrypto.kem import ml_kem_768 as pq
+
 from teegate.catalog.chutes import e2ee
 from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, seal_request
 

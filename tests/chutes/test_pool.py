@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+
 from teegate.catalog.attestation.chutes import DiscoveredInstance, Discovery
 from teegate.catalog.attestation.source import EvidenceFetchError
 from teegate.catalog.attestation.verdict import InstanceVerdict, Verdict

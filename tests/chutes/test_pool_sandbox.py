@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from teegate.catalog.attestation import Policy
 from teegate.catalog.chutes.pool import (
     InstancePool,
@@ -20,7 +21,6 @@ from teegate.catalog.chutes.pool import (
     PoolSettings,
     build_pool,
 )
-
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
 

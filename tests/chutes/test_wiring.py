@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.chutes import E2EEFlow, E2EEOpen
 from teegate.addons.flowstate import Route, Stage
@@ -16,7 +17,6 @@ from teegate.addons.streaming import StreamTally, _Relay
 from teegate.addons.upstream import UpstreamRewrite
 from teegate.catalog.chutes.e2ee import seal_request
 from teegate.catalog.models import CatalogModel, Pricing
-
 from teegate.config import UpstreamSettings
 from tests.chutes.enclave import Enclave
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
 from teegate.egress.ca import ensure_ca, name_constraints
 from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
-
 from tests.support.egress import connect_tunnel
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox

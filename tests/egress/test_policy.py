@@ -12,6 +12,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
+
+from teegate import config
 from teegate.addons import flowstate
 from teegate.addons.egress import Egress, Resolver
 from teegate.addons.flowstate import Route
@@ -24,8 +26,6 @@ from teegate.egress.hosts import (
     Verdict,
     canonical_host,
 )
-
-from teegate import config
 from teegate.runner import build_addons, option_values
 
 # Hosts the hardening issue names, each of which the shipped list must match.

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-from teegate.addons.schema import ALLOWED_FIELDS, MESSAGE_FIELDS, NEVER_ALLOWED
 
+from teegate.addons.schema import ALLOWED_FIELDS, MESSAGE_FIELDS, NEVER_ALLOWED
 from teegate.config import ConfigError, load
 from tests.support.accounts import balance_micro
 from tests.support.billing import usage_row

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.schema import ALLOWED_FIELDS, parse_chat_request
 from teegate.addons.streaming import StreamTally, _Relay
 from teegate.addons.upstream import AnswerModelCheck
-
 from tests.support.testdata import TEE
 
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.7, "top_p": 1.0, "max_depth": 400}

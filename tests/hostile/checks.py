@@ -14,8 +14,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-from teegate.addons import schema
 
+from teegate.addons import schema
 from tests.support.gateway_proc import GatewayProc
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import CONFIDENTIAL

@@ -11,9 +11,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from teegate.ledger import Ledger, Prices
 
 from teegate.cli import main
+from teegate.ledger import Ledger, Prices
 
 PRICES = Prices(1_000_000, 2_000_000)
 

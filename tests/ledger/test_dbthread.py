@@ -8,10 +8,10 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
+
 from teegate.ledger import Store
 from teegate.ledger.dbthread import run_on_connection, transaction
 from teegate.ledger.ops import NewReservation
-
 from tests.support.ledger import PRICES
 
 

@@ -32,6 +32,7 @@ import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from teegate.ledger.billing import (
     BASE_OVERHEAD_TOKENS,
     TOOLS_OVERHEAD_TOKENS,

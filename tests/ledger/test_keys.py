@@ -11,7 +11,6 @@ from pathlib import Path
 
 from teegate.ledger import Ledger, Store
 from teegate.ledger.keys import hash_key
-
 from tests.support.ledger import fund
 
 

@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from teegate.ledger.billing import (
     Prices,
     charge_micro,
@@ -14,7 +15,6 @@ from teegate.ledger.billing import (
     reservation_micro,
     tokens_from_bytes,
 )
-
 from teegate.money import MAX_AMOUNT_MICRO, InvalidAmount, format_usd, parse_usd
 
 prices_st = st.builds(

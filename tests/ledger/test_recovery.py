@@ -16,8 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from teegate.ledger import Ledger, Store
 
+from teegate.ledger import Ledger, Store
 from tests.support.ledger import PRICES, fund
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 
 import pytest
+
 from teegate.ledger import (
     InsufficientBalance,
     Ledger,
@@ -18,7 +19,6 @@ from teegate.ledger import (
     UnknownAccount,
 )
 from teegate.ledger.models import ApiKey
-
 from tests.support.ledger import PRICES, fund
 
 

@@ -6,6 +6,7 @@ import sqlite3
 
 import aiosqlite
 import pytest
+
 from teegate.ledger import Ledger, SchemaTooNew, Store
 from teegate.ledger.schema import MIGRATIONS, SCHEMA_VERSION, configure, migrate
 

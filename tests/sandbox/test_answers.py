@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from teegate.sandbox.answers import sentence_pieces, split_even, value_for_schema
 
 

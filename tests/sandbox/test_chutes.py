@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
+
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chutes.fleet import Fleet, RateLimited, chute_id_for
 from teegate.sandbox.chutes.frontdoor import FrontDoor
-
 from tests.sandbox.chutes_client import MODEL, USER, ChutesClient, b64len
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+
 from teegate.sandbox.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

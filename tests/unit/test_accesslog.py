@@ -15,6 +15,7 @@ import structlog
 from mitmproxy import flow as mflow
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.accesslog import AccessLog
 from teegate.addons.flowstate import Route

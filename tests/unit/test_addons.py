@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import guarded
@@ -17,7 +18,6 @@ from teegate.addons.seal import Seal
 from teegate.addons.upstream import UpstreamRewrite
 from teegate.addons.validate import ChatValidator
 from teegate.catalog.store import Catalog
-
 from teegate.config import Settings
 
 TEE = "deepseek-ai/DeepSeek-V3.2-TEE"

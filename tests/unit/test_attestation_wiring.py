@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
+
+from teegate import config
 from teegate.addons import flowstate
 from teegate.addons.attestation import NOT_RUNNING, AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
@@ -19,8 +21,6 @@ from teegate.addons.flowstate import Route, Stage
 from teegate.addons.seal import Seal
 from teegate.catalog.attestation import Policy
 from teegate.catalog.models import CatalogModel
-
-from teegate import config
 from teegate.runner import REQUIRED_STAGES, build_addons
 
 DEFAULTS = config.Settings()

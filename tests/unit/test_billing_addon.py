@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from mitmproxy import flow as mflow
 from mitmproxy.test import taddons, tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.billing import Billing
 from teegate.addons.flowstate import Route, Stage

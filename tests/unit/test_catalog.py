@@ -7,9 +7,9 @@ from decimal import ROUND_CEILING, Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from teegate.catalog.models import parse_rows
 from teegate.catalog.store import suggest
-
 from teegate.money import format_usd, usd_to_micro
 
 ROW = {

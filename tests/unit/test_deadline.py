@@ -16,11 +16,11 @@ from mitmproxy import flow as mflow
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 from pydantic import ValidationError
+
 from teegate.addons import flowstate
 from teegate.addons.deadline import UpstreamDeadline
 from teegate.addons.errors import next_error_page
 from teegate.addons.flowstate import Route
-
 from teegate.config import UpstreamSettings
 
 TIMEOUT_S = 30

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.flowstate import MissingState, Route, Stage
 from teegate.addons.seal import Seal
 from teegate.catalog.models import CatalogModel
 from teegate.ledger import ApiKey
-
 from teegate.runner import REQUIRED_STAGES
 
 ADDONS = Path(flowstate.__file__).parent

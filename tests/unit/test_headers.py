@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mitmproxy.test import tflow, tutils
+
 from teegate.addons import flowstate
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import ResponseHeaders, add_headers

@@ -7,10 +7,10 @@ import zlib
 
 import pytest
 from mitmproxy.test import tutils
+
 from teegate.addons.errors import GatewayError, error_category
 from teegate.addons.jsonbody import json_depth_exceeds
 from teegate.addons.validate import decoded_body
-
 from teegate.logs import _safe_strings
 
 

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 from pydantic import ValidationError
+
 from teegate.addons import flowstate
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import ResponseHeaders
 from teegate.addons.ratelimit import RateLimit
-from teegate.ledger import ApiKey
-
 from teegate.config import RateLimitSettings
+from teegate.ledger import ApiKey
 
 T0 = 1_000.0
 

@@ -6,6 +6,7 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from teegate.addons.sse import SSESplitter
 from teegate.addons.streaming import StreamTally, _Relay
 
