@@ -41,6 +41,8 @@ def exchange(
             while data := sock.recv(65536):
                 got.append(data)
                 answered.set()
+                if _complete(b"".join(got)):
+                    break  # a whole response: no need to wait for the connection to close
         except OSError:
             pass
         answered.set()
@@ -60,6 +62,23 @@ def exchange(
     reader.join(DEADLINE_S)
     sock.close()
     return Exchange(b"".join(got), sent)
+
+
+def _complete(response: bytes) -> bool:
+    """Whether ``response`` holds one whole HTTP/1.1 response (by Content-Length, or a chunked
+    body's last chunk); one that ends only with the connection is never "complete" here."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    fields = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        fields[name.strip().lower()] = value.strip().lower()
+    if b"content-length" in fields and fields[b"content-length"].isdigit():
+        return len(body) >= int(fields[b"content-length"])
+    if fields.get(b"transfer-encoding") == b"chunked":
+        return body.endswith(b"0\r\n\r\n")
+    return False
 
 
 def request_head(
