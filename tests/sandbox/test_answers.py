@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from teegate.sandbox.answers import sentence_pieces, split_even, value_for_schema
+from teegate.sandbox.answers import sentence_pieces, split_even
+from teegate.sandbox.schema_values import value_for_schema
 
 
 @given(st.text(), st.integers(min_value=1, max_value=64))
