@@ -129,7 +129,16 @@ def _chosen_tool(body: dict[str, Any]) -> dict[str, Any] | None:
         raise BadRequest(
             "'tool_choice' must be none, auto, required or a named function", "tool_choice"
         )
-    return functions[0]
+    called = {
+        call.get("function", {}).get("name")
+        for message in body.get("messages") or []
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list)
+        for call in message["tool_calls"]
+        if isinstance(call, dict) and isinstance(call.get("function"), dict)
+    }
+    # A tool not called yet, first: after a text answer, an agent that wants its output as a
+    # tool call (pydantic-ai's ``final_result``) asks again, and gets that tool, not a loop.
+    return next((f for f in functions if f["name"] not in called), functions[0])
 
 
 def _json_content(body: dict[str, Any], model: str) -> str | None:
@@ -182,6 +191,7 @@ def _text_pieces(
         pieces[0] += f" (choice {index + 1})"
     if seed is not None:
         rng = random.Random(f"{seed}:{index}")
+        pieces[0] += f" {rng.choice(SEED_WORDS)}"
         pieces[1:] = [f" {rng.choice(SEED_WORDS)}" for _ in pieces[1:]]
     if not pieces[-1].endswith("."):
         pieces[-1] += "."
