@@ -306,8 +306,3 @@ def plan_answers(
         pieces, _ = _cut_at_stop(pieces, stops)
         answers.append(_limited(pieces, reasoning, limit, None))
     return answers
-
-
-def plan_answer(body: dict[str, Any], model: str, chunks: int) -> Answer:
-    """The first answer (kept for callers that plan a single choice)."""
-    return plan_answers(body, model, chunks)[0]
