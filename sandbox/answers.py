@@ -5,15 +5,28 @@ check the gateway's metering against it:
 
 - ``prompt_tokens`` = sum over messages of ``ceil(utf8_bytes(text content) / 4) + 4``, where the
   text content is the string content, or the concatenated ``text`` of ``{"type": "text"}`` parts.
-- ``completion_tokens`` = number of pieces in the answer (each piece is one streamed content or
-  tool-argument delta), i.e. ``--chunks`` for plain text unless ``max_tokens`` cuts it short.
+- ``completion_tokens`` = number of pieces generated across all ``n`` choices (each piece is one
+  streamed reasoning, content or tool-argument delta), i.e. ``--chunks`` for one plain answer
+  unless ``stop`` or ``max_tokens`` cuts it short.
+
+Behaving like a model (so agent loops and structured-output clients complete): a tool is called
+only when the last message is the user's; after tool results the answer is text that quotes
+them. ``seed`` picks the words (same seed, same text); ``n`` gives distinct choices; a reasoning
+model asked to reason (``reasoning_effort``) thinks in ``reasoning`` pieces first.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from typing import Any
+
+from teegate.sandbox.schema_values import value_for_schema
+
+REASONING = ["Considering", " the request", " before answering."]
+SEED_WORDS = ["alpha", "bravo", "cedar", "delta", "ember", "fjord", "gale", "harbor", "iris"]
+MAX_N = 16
 
 
 class BadRequest(Exception):
@@ -32,6 +45,12 @@ class Answer:
     pieces: list[str]
     finish_reason: str
     tool_name: str | None = None
+    reasoning: list[str] = field(default_factory=list)
+
+    @property
+    def generated(self) -> int:
+        """Pieces generated (reasoning included): what ``completion_tokens`` counts."""
+        return len(self.pieces) + len(self.reasoning)
 
     @property
     def text(self) -> str:
@@ -75,26 +94,6 @@ def sentence_pieces(model: str, chunks: int) -> list[str]:
     return pieces
 
 
-def value_for_schema(schema: Any) -> Any:
-    """A value satisfying a (simple) JSON schema: required properties only, strings "sandbox"."""
-    if not isinstance(schema, dict):
-        return "sandbox"
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        required = schema.get("required") if isinstance(schema.get("required"), list) else []
-        return {
-            name: value_for_schema(props.get(name)) for name in required if isinstance(name, str)
-        }
-    return {"integer": 1, "number": 1, "boolean": True, "array": [], "null": None}.get(
-        kind, "sandbox"
-    )
-
-
 def _positive_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
@@ -130,7 +129,16 @@ def _chosen_tool(body: dict[str, Any]) -> dict[str, Any] | None:
         raise BadRequest(
             "'tool_choice' must be none, auto, required or a named function", "tool_choice"
         )
-    return functions[0]
+    called = {
+        call.get("function", {}).get("name")
+        for message in body.get("messages") or []
+        if isinstance(message, dict) and isinstance(message.get("tool_calls"), list)
+        for call in message["tool_calls"]
+        if isinstance(call, dict) and isinstance(call.get("function"), dict)
+    }
+    # A tool not called yet, first: after a text answer, an agent that wants its output as a
+    # tool call (pydantic-ai's ``final_result``) asks again, and gets that tool, not a loop.
+    return next((f for f in functions if f["name"] not in called), functions[0])
 
 
 def _json_content(body: dict[str, Any], model: str) -> str | None:
@@ -145,8 +153,7 @@ def _json_content(body: dict[str, Any], model: str) -> str | None:
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
-        value = value_for_schema(schema) if isinstance(schema, dict) else {}
-        return json.dumps(value if isinstance(value, dict) else {"value": value})
+        return json.dumps(value_for_schema(schema) if isinstance(schema, dict) else {})
     raise BadRequest(
         "'response_format.type' must be text, json_object or json_schema", "response_format"
     )
@@ -161,16 +168,141 @@ def validate_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def plan_answer(body: dict[str, Any], model: str, chunks: int) -> Answer:
-    """Decide the answer for a validated request body (raises BadRequest on bad options)."""
+def _tool_results_pending(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tool messages after the last user message (what a text answer should use)."""
+    results: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        if message.get("role") == "tool":
+            results.insert(0, message)
+    return results
+
+
+def _text_pieces(
+    model: str, chunks: int, index: int, seed: int | None, results: list[dict[str, Any]]
+) -> list[str]:
+    pieces = sentence_pieces(model, chunks)
+    pieces[0] = pieces[0].rstrip(".")
+    if results:
+        quoted = "; ".join(_text_of(r.get("content")) for r in results)[:200]
+        pieces[0] += f", using the tool result: {quoted}"
+    if index:
+        pieces[0] += f" (choice {index + 1})"
+    if seed is not None:
+        rng = random.Random(f"{seed}:{index}")
+        pieces[0] += f" {rng.choice(SEED_WORDS)}"
+        pieces[1:] = [f" {rng.choice(SEED_WORDS)}" for _ in pieces[1:]]
+    if not pieces[-1].endswith("."):
+        pieces[-1] += "."
+    return pieces
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
+        raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
+    return [x for x in stops if x]
+
+
+def _cut_at_stop(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
+    """Pieces before the first stop string (and whether one was found)."""
+    text = "".join(pieces)
+    cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if cut < 0:
+        return pieces, False
+    kept: list[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) >= cut:
+            if cut > used:
+                kept.append(piece[: cut - used])
+            break
+        kept.append(piece)
+        used += len(piece)
+    return kept, True
+
+
+def _limited(
+    pieces: list[str], reasoning: list[str], limit: int | None, tool: str | None
+) -> Answer:
+    finish = "tool_calls" if tool else "stop"
+    if limit is not None and limit < len(reasoning) + len(pieces):
+        room = max(limit - len(reasoning), 0)
+        return Answer(pieces[:room], "length", tool, reasoning[:limit])
+    return Answer(pieces, finish, tool, reasoning)
+
+
+def requested_choices(body: dict[str, Any]) -> int:
+    n = _positive_int(body, "n") or 1
+    if n > MAX_N:
+        raise BadRequest(f"'n' must be at most {MAX_N}", "n")
+    return n
+
+
+def requested_logprobs(body: dict[str, Any]) -> int | None:
+    """None: no logprobs; otherwise how many ``top_logprobs`` each token carries."""
+    wants = body.get("logprobs")
+    top = body.get("top_logprobs")
+    if wants not in (None, True, False):
+        raise BadRequest("'logprobs' must be a boolean", "logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+            raise BadRequest("'top_logprobs' must be an integer from 0 to 20", "top_logprobs")
+        if wants is not True:
+            raise BadRequest("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    return (top or 0) if wants is True else None
+
+
+def token_logprobs(pieces: list[str], top: int) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries for ``pieces`` (deterministic values)."""
+    out = []
+    for j, piece in enumerate(pieces):
+        logprob = -round(0.01 + 0.01 * (j % 7), 4)
+        entry = {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        alternatives = [
+            {"token": f" alt{k}", "logprob": logprob - k, "bytes": list(f" alt{k}".encode())}
+            for k in range(1, top)
+        ]
+        out.append({**entry, "top_logprobs": ([dict(entry)] + alternatives)[:top]})
+    return out
+
+
+def plan_answers(
+    body: dict[str, Any], model: str, chunks: int, reasoning_model: bool = False
+) -> list[Answer]:
+    """Decide the ``n`` answers for a validated request body (BadRequest on bad options)."""
     limit = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    n = requested_choices(body)
+    requested_logprobs(body)
+    stops = _stops(body)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest("'seed' must be an integer", "seed")
     tool = _chosen_tool(body)
-    if tool is not None:
-        value = value_for_schema(tool.get("parameters") or {"type": "object"})
-        arguments = json.dumps(value if isinstance(value, dict) else {})
-        return Answer(split_even(arguments, chunks), "tool_calls", tool_name=tool["name"])
+    messages = body["messages"]
+    last_role = messages[-1].get("role")
+    effort = body.get("reasoning_effort")
+    thinks = reasoning_model and (
+        (effort is not None and effort != "none") or isinstance(body.get("reasoning"), dict)
+    )
+    reasoning = list(REASONING) if thinks else []
     json_text = _json_content(body, model)
-    pieces = sentence_pieces(model, chunks) if json_text is None else split_even(json_text, chunks)
-    if limit is not None and limit < len(pieces):
-        return Answer(pieces[:limit], "length")
-    return Answer(pieces, "stop")
+    answers = []
+    for index in range(n):
+        if tool is not None and last_role == "user":
+            value = value_for_schema(tool.get("parameters") or {"type": "object"})
+            arguments = json.dumps(value if isinstance(value, dict) else {})
+            answers.append(_limited(split_even(arguments, chunks), reasoning, limit, tool["name"]))
+            continue
+        if json_text is not None:
+            pieces = split_even(json_text, chunks)
+        else:
+            results = _tool_results_pending(messages)
+            pieces = _text_pieces(model, chunks, index, seed, results)
+        pieces, _ = _cut_at_stop(pieces, stops)
+        answers.append(_limited(pieces, reasoning, limit, None))
+    return answers

@@ -14,7 +14,9 @@ from teegate.sandbox.answers import (
     Answer,
     BadRequest,
     count_prompt_tokens,
-    plan_answer,
+    plan_answers,
+    requested_logprobs,
+    token_logprobs,
     validate_messages,
 )
 from teegate.sandbox.errors import error_response
@@ -23,38 +25,62 @@ from teegate.sandbox.streaming import ChunkStream
 
 
 def _usage(
-    prompt_tokens: int, answer: Answer, cached: int, completion: int | None = None
+    prompt_tokens: int, answers: list[Answer], cached: int, completion: int | None = None
 ) -> dict[str, Any]:
-    completion = len(answer.pieces) if completion is None else completion
-    return {
+    generated = sum(a.generated for a in answers)
+    completion = generated if completion is None else completion
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    reasoning = sum(len(a.reasoning) for a in answers)
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 def _message(answer: Answer, tool_call_id: str) -> dict[str, Any]:
-    if answer.tool_name is None:
-        return {"role": "assistant", "content": answer.text}
-    call = {
-        "id": tool_call_id,
-        "type": "function",
-        "function": {"name": answer.tool_name, "arguments": answer.text},
-    }
-    return {"role": "assistant", "content": None, "tool_calls": [call]}
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.tool_name is not None:
+        call = {
+            "id": tool_call_id,
+            "type": "function",
+            "function": {"name": answer.tool_name, "arguments": answer.text},
+        }
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    if answer.reasoning:
+        message["reasoning_content"] = "".join(answer.reasoning)
+    return message
 
 
 @dataclass(frozen=True)
 class Reply:
-    """One planned chat answer, before it is sent (plainly, streamed, or encrypted)."""
+    """One planned chat answer (``n`` choices), before it is sent (plainly, streamed, or
+    encrypted)."""
 
     body: dict[str, Any]  # the request, as the model received it
     head: dict[str, Any]  # id, object, created, model (the chunk object for streams)
-    answer: Answer
+    answers: list[Answer]
     usage: dict[str, Any] | None
     tool_call_id: str
     completion_id: str
+    top_logprobs: int | None  # None: the request did not ask for logprobs
+
+    @property
+    def answer(self) -> Answer:
+        return self.answers[0]
+
+    def call_id(self, index: int) -> str:
+        """Choice 0 keeps the plain id (tests know it); the others get their own."""
+        return self.tool_call_id if index == 0 else f"{self.tool_call_id}_{index}"
+
+    def logprobs(self, answer: Answer) -> dict[str, Any] | None:
+        if self.top_logprobs is None:
+            return None
+        content = None if answer.tool_name else token_logprobs(answer.pieces, self.top_logprobs)
+        return {"content": content, "refusal": None}
 
     @property
     def stream(self) -> bool:
@@ -69,17 +95,20 @@ class Reply:
 
     def payload(self) -> dict[str, Any]:
         """The non-streamed ``chat.completion`` object."""
-        choice = {
-            "index": 0,
-            "message": _message(self.answer, self.tool_call_id),
-            "logprobs": None,
-            "finish_reason": self.answer.finish_reason,
-        }
+        choices = [
+            {
+                "index": i,
+                "message": _message(answer, self.call_id(i)),
+                "logprobs": self.logprobs(answer),
+                "finish_reason": answer.finish_reason,
+            }
+            for i, answer in enumerate(self.answers)
+        ]
         payload: dict[str, Any] = {
             "id": self.completion_id,
             "object": "chat.completion",
             **self.head,
-            "choices": [choice],
+            "choices": choices,
         }
         if self.usage is not None:
             payload["usage"] = self.usage
@@ -99,7 +128,8 @@ def plan_reply(state: SandboxState, body: Any, chunks: int) -> Reply | web.Respo
         return error_response(
             404, f"The model '{model}' does not exist", "model_not_found", "model"
         )
-    answer = plan_answer(body, model, chunks)
+    features = state.all_rows[model].get("supported_features") or []
+    answers = plan_answers(body, model, chunks, "reasoning" in features)
     completion_id = state.next_completion_id()
     tool_call_id = f"call_sbx_{state.completion_counter}"
     behaviour = state.behaviour
@@ -108,7 +138,7 @@ def plan_reply(state: SandboxState, body: Any, chunks: int) -> Reply | web.Respo
         if behaviour.omit_usage
         else _usage(
             count_prompt_tokens(messages),
-            answer,
+            answers,
             behaviour.cached_tokens,
             behaviour.usage_completion_tokens,
         )
@@ -116,7 +146,8 @@ def plan_reply(state: SandboxState, body: Any, chunks: int) -> Reply | web.Respo
     head: dict[str, Any] = {"created": int(time.time()), "model": behaviour.answer_model or model}
     if body.get("stream") is True:
         head = {"id": completion_id, "object": "chat.completion.chunk", **head}
-    return Reply(body, head, answer, usage, tool_call_id, completion_id)
+    top = requested_logprobs(body)
+    return Reply(body, head, answers, usage, tool_call_id, completion_id, top)
 
 
 class ChatCompletions:
@@ -149,15 +180,7 @@ class ChatCompletions:
         if isinstance(reply, web.Response):
             return reply
         if reply.stream:
-            stream = ChunkStream(
-                request,
-                reply.head,
-                reply.answer,
-                reply.stream_usage,
-                state.behaviour,
-                reply.tool_call_id,
-            )
-            return await stream.send()
+            return await ChunkStream(request, reply, state.behaviour).send()
         return web.Response(
             body=json.dumps(reply.payload()).encode(), content_type="application/json"
         )

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from teegate.sandbox.answers import Answer
+from teegate.sandbox.answers import Answer, token_logprobs
 from teegate.sandbox.behaviour import Behaviour
+
+if TYPE_CHECKING:
+    from teegate.sandbox.chat import Reply
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -26,23 +30,16 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 class ChunkStream:
-    """Writes one planned answer as a chat.completion.chunk stream."""
+    """Writes one planned reply (``n`` choices) as a chat.completion.chunk stream: per choice a
+    role delta, its reasoning pieces, then its content or tool-argument pieces (choices
+    interleaved piece by piece, as a batched model sends them)."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        head: dict[str, Any],
-        answer: Answer,
-        usage: dict[str, Any] | None,
-        behaviour: Behaviour,
-        tool_call_id: str,
-    ) -> None:
+    def __init__(self, request: web.Request, reply: Reply, behaviour: Behaviour) -> None:
         self.request = request
-        self.head = head  # id, object, created, model
-        self.answer = answer
-        self.usage = usage  # None: no usage to report
+        self.reply = reply
+        self.head = reply.head  # id, object, created, model
+        self.usage = reply.stream_usage  # None: no usage to report
         self.behaviour = behaviour
-        self.tool_call_id = tool_call_id
         self.response: web.StreamResponse | None = None
 
     async def begin(self) -> None:
@@ -53,25 +50,45 @@ class ChunkStream:
         assert self.response is not None
         await self.response.write(data)
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self.head, "choices": [choice]}
 
-    def _first_delta(self) -> dict[str, Any]:
-        if self.answer.tool_name is None:
+    def _first_delta(self, index: int, answer: Answer) -> dict[str, Any]:
+        if answer.tool_name is None:
             return {"role": "assistant", "content": ""}
         call = {
             "index": 0,
-            "id": self.tool_call_id,
+            "id": self.reply.call_id(index),
             "type": "function",
-            "function": {"name": self.answer.tool_name, "arguments": ""},
+            "function": {"name": answer.tool_name, "arguments": ""},
         }
         return {"role": "assistant", "content": None, "tool_calls": [call]}
 
-    def _piece_delta(self, piece: str) -> dict[str, Any]:
-        if self.answer.tool_name is None:
-            return {"content": piece}
-        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+    def _steps(self, index: int, answer: Answer) -> list[dict[str, Any]]:
+        """The chunks of one choice after its role delta; the last one carries the finish."""
+        steps = [self._chunk(index, {"reasoning_content": p}) for p in answer.reasoning]
+        top = self.reply.top_logprobs
+        for j, piece in enumerate(answer.pieces):
+            if answer.tool_name is not None:
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                steps.append(self._chunk(index, delta))
+                continue
+            logprobs = None
+            if top is not None:
+                content = token_logprobs(answer.pieces, top)[j : j + 1]
+                logprobs = {"content": content, "refusal": None}
+            steps.append(self._chunk(index, {"content": piece}, logprobs=logprobs))
+        if not steps:
+            steps.append(self._chunk(index, {}))
+        steps[-1]["choices"][0]["finish_reason"] = answer.finish_reason
+        return steps
 
     async def send(self) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -80,23 +97,23 @@ class ChunkStream:
         await self.begin()
         b = self.behaviour
         delay = b.chunk_delay_ms / 1000
-        await self.emit(_event(self._chunk(self._first_delta())))
-        pieces = self.answer.pieces
-        last = len(pieces) - 1
-        for i, piece in enumerate(pieces):
+        answers = self.reply.answers
+        for index, answer in enumerate(answers):
+            await self.emit(_event(self._chunk(index, self._first_delta(index, answer))))
+        per_choice = [self._steps(i, a) for i, a in enumerate(answers)]
+        ordered = [c for row in zip_longest(*per_choice) for c in row if c is not None]
+        last = len(ordered) - 1
+        for i, chunk in enumerate(ordered):
             if b.stop_after_chunks is not None and i >= b.stop_after_chunks:
                 return self._abort(response)
             if b.hold_after_chunks is not None and i == b.hold_after_chunks:
                 await self._hold()
             if delay:
                 await asyncio.sleep(delay)
-            chunk = self._chunk(
-                self._piece_delta(piece), self.answer.finish_reason if i == last else None
-            )
             if i == last and self.usage is not None and b.usage_with_choices:
                 chunk["usage"] = self.usage
             await self.emit(_event(chunk))
-        if b.stop_after_chunks is not None and len(pieces) <= b.stop_after_chunks:
+        if b.stop_after_chunks is not None and len(ordered) <= b.stop_after_chunks:
             return self._abort(response)
         if self.usage is not None and not b.usage_with_choices:
             await self.emit(_event({**self.head, "choices": [], "usage": self.usage}))

@@ -64,9 +64,7 @@ class SealedStream(ChunkStream):
         self, request: web.Request, reply: Reply, sealer: StreamSealer, door: FrontDoor, tap: Entry
     ) -> None:
         behaviour: Behaviour = request.app["state"].behaviour
-        super().__init__(
-            request, reply.head, reply.answer, reply.stream_usage, behaviour, reply.tool_call_id
-        )
+        super().__init__(request, reply, behaviour)
         self.sealer = sealer
         self.door = door
         self.tap = tap
