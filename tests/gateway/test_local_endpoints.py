@@ -103,7 +103,7 @@ def test_unavailable_endpoints(http, upstream, method, path):
 def test_unknown_paths_and_wrong_methods(http, upstream, method, path, status):
     resp = http.request(method, path)
     assert resp.status_code == status
-    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code", "status"}
     if status == 405:
         assert resp.headers["allow"]
     assert forwarded(upstream) == 0
