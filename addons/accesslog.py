@@ -22,7 +22,14 @@ from teegate.addons.headers import add_headers
 
 log = structlog.get_logger("teegate.access")
 
-_MODES = {"regular": "egress"}  # mitmproxy's name for the forward-proxy listener
+# mitmproxy calls the forward-proxy listener "regular"; teegate's documentation, settings
+# (`[listen] egress`) and every line it prints call it egress, so a reader meets one name.
+_MODES = {"regular": "egress"}
+
+
+def listener_name(mode_type_name: str) -> str:
+    """teegate's name for a mitmproxy listener mode: ``egress`` for ``regular``."""
+    return _MODES.get(mode_type_name, mode_type_name)
 
 
 class AccessLog:
@@ -45,7 +52,7 @@ class AccessLog:
         log.info(
             "request",
             request_id=flowstate.request_id(flow),
-            mode=_MODES.get(mode := flow.client_conn.proxy_mode.type_name, mode),
+            mode=listener_name(flow.client_conn.proxy_mode.type_name),
             host=f"{req.host}:{req.port}",
             decision=_decision(flow),
             method=req.method,

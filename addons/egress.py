@@ -140,6 +140,19 @@ def is_egress(mode_type_name: str) -> bool:
     return mode_type_name == "regular"
 
 
+def _reverse_address() -> tuple[str, int] | None:
+    """The reverse listener's bound address, if mitmproxy is serving one."""
+    try:
+        servers = ctx.master.addons.get("proxyserver").servers
+        for server in servers:
+            if server.mode.type_name == "reverse" and server.listen_addrs:
+                host, port, *_ = server.listen_addrs[0]
+                return str(host), int(port)
+    except Exception:
+        pass  # no master (unit tests) or no server yet: the configured address stands in
+    return None
+
+
 def provider_not_confidential(host: str, confidential_base_url: str) -> GatewayError:
     return GatewayError(
         403,
@@ -165,9 +178,15 @@ def destination_unverified(host: str, timeout: float) -> GatewayError:
 
 class Egress:
     def __init__(
-        self, egress: EgressSettings, upstream: UpstreamSettings, resolver: Resolver | None = None
+        self,
+        egress: EgressSettings,
+        upstream: UpstreamSettings,
+        resolver: Resolver | None = None,
+        *,
+        reverse_listen: str = "",
     ) -> None:
         self._resolver = resolver or Resolver()
+        self._reverse_listen = reverse_listen
         o = upstream.origin_parts
         self._policy = EgressPolicy(
             Upstream(o.host, o.port), egress.all_llm_hosts, egress.audit_hosts
@@ -181,6 +200,27 @@ class Egress:
                 "ignore_hosts/allow_hosts apply to every listener and would tunnel the "
                 "reverse listener past the gate; egress decides per connection instead"
             )
+
+    def _confidential_base_url(self, flow: http.HTTPFlow) -> str:
+        """Where a refused client should point its base_url: the gateway's own reverse listener.
+
+        Not the upstream's URL: with the ``NO_PROXY`` docs/egress.md suggests, that call skips
+        this proxy and fails at the upstream with its own 401 (it never saw the gateway key).
+        The address is the one bound (a configured port 0 is a real port by now); a wildcard
+        host is replaced by the address the client reached this egress listener on. With the
+        reverse listener off, the upstream URL through this proxy is the only way in.
+        """
+        bound = _reverse_address()
+        if bound is None and self._reverse_listen:
+            host, _, port = self._reverse_listen.rpartition(":")
+            bound = (host.strip("[]"), int(port))
+        if bound is None:
+            return f"{self._base_url} (through this proxy)"
+        host, port = bound
+        if host in ("", "0.0.0.0", "::"):
+            host = str(flow.client_conn.sockname[0]) if flow.client_conn.sockname else "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/v1"
 
     # -- per connection ---------------------------------------------------------------
 
@@ -239,7 +279,8 @@ class Egress:
             self._pin_to_upstream(r)
         elif decision.verdict is Verdict.REFUSE:
             flowstate.set_route(flow, Route.LOCAL)
-            refuse(flow, provider_not_confidential(_shown(decision.host), self._base_url))
+            hint = self._confidential_base_url(flow)
+            refuse(flow, provider_not_confidential(_shown(decision.host), hint))
         elif decision.verdict is Verdict.UNVERIFIED:
             flowstate.set_route(flow, Route.LOCAL)
             refuse(flow, destination_unverified(decision.host, self._resolver.timeout))

@@ -36,6 +36,41 @@ ERROR_TYPES = {
     429: "rate_limit_error",
 }
 
+# Whether sending the same request again can succeed, per error code, sent as ``x-should-retry``.
+# OpenAI's SDKs obey that header before their own rule (retry 408, 409, 429 and every 5xx), so
+# without it a ``503 not_available`` is sent three times and a transient ``503`` retried only by
+# luck. A code missing here falls back to its status (:func:`should_retry`).
+RETRY_BY_CODE: dict[str, bool] = {
+    # Retry helps: capacity, a cache being filled, or a dependency coming back.
+    "rate_limit_exceeded": True,
+    "catalog_unavailable": True,
+    "no_attested_instance": True,
+    "e2ee_instance_unavailable": True,
+    "billing_unavailable": True,
+    "attestation_unavailable": True,
+    "attestation_pending": True,
+    "upstream_unreachable": True,
+    "upstream_timeout": True,
+    "upstream_disconnected": True,
+    # No retry can fix it: the endpoint has no confidential variant, ever.
+    "not_available": False,
+    # A refusal the gateway chose: the same bytes are refused again.
+    "internal_error": False,
+}
+
+
+def should_retry(status: int, code: str | None) -> bool | None:
+    """The ``x-should-retry`` verdict for an error; ``None`` leaves the SDK's own rule."""
+    if code in RETRY_BY_CODE:
+        return RETRY_BY_CODE[code]
+    if status in (408, 409, 429):
+        return True
+    if 400 <= status < 500:
+        return False  # the request itself is wrong (or unpaid): resending it changes nothing
+    if status in (502, 503, 504):
+        return True
+    return None
+
 
 class GatewayError(Exception):
     """A refusal with an HTTP status and OpenAI error fields."""
@@ -66,12 +101,18 @@ class GatewayError(Exception):
                 "type": self.type,
                 "param": self.param,
                 "code": self.code,
+                "status": self.status,
             },
+            # Also beside ``error``, where clients written against earlier releases read it.
             "status": self.status,
         }
 
     def response(self) -> http.Response:
-        return json_response(self.status, self.body(), self.headers)
+        headers = dict(self.headers)
+        retry = should_retry(self.status, self.code)
+        if retry is not None:
+            headers.setdefault("x-should-retry", "true" if retry else "false")
+        return json_response(self.status, self.body(), headers)
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> http.Response:

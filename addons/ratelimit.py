@@ -5,6 +5,11 @@ Requests without a valid key are counted per client address, so guessing keys
 is throttled too. Over the limit: ``429 rate_limit_exceeded`` with
 ``Retry-After``, before the balance is checked and before anything goes
 upstream.
+
+Two spellings of the same numbers go out: ``X-RateLimit-Limit/-Remaining/-Reset``
+(reset as a Unix time, as the gateway has always sent) and OpenAI's own
+``x-ratelimit-limit-requests/-remaining-requests/-reset-requests`` (reset as a
+duration such as ``6s`` or ``1m0s``), which OpenAI clients and dashboards read.
 """
 
 from __future__ import annotations
@@ -32,6 +37,22 @@ WINDOW_S = 60
 class _Window:
     started: float
     count: int = 0
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` the way OpenAI writes ``x-ratelimit-reset-requests``: ``0.5s``, ``6s``, ``1m0s``.
+
+    Millisecond precision; never negative (a window that just ended resets in ``0s``).
+    """
+    ms = max(round(seconds * 1000), 0)
+    minutes, ms = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
 
 
 class RateLimit:
@@ -66,6 +87,9 @@ class RateLimit:
                 "x-ratelimit-limit": str(limit),
                 "x-ratelimit-remaining": str(remaining),
                 "x-ratelimit-reset": str(reset),
+                "x-ratelimit-limit-requests": str(limit),
+                "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": duration(window.started + WINDOW_S - now),
             },
         )
         if window.count > limit:

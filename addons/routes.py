@@ -9,7 +9,8 @@ an upstream that reads query parameters). Path variants (trailing slash,
 ``;params``, ``//``, percent-encoding, ``#``) are not the chat path: 404.
 The model list is served
 from the catalog; endpoints with no hardware-attested variant upstream answer
-503; anything else 404 (or 405 for a known path with the wrong method).
+503; anything else 404 naming the endpoints that exist (or 405 for a known path with
+the wrong method).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Router:
                 ),
             )
         else:
-            refuse(flow, GatewayError(404, f"Unknown endpoint: {method} {path}", "not_found"))
+            refuse(flow, _unknown_endpoint(method[:16], path))
 
     def _models(self, flow: http.HTTPFlow, path: str) -> None:
         try:
@@ -144,6 +145,26 @@ class Router:
         if self._attestation is not None:
             obj["attestation"] = self._attestation.describe(m.id)
         return obj
+
+
+# What this gateway serves, named in every 404 so a client that tried ``/v1/completions`` (or
+# any path of an API it assumed) learns what to call instead of guessing.
+ENDPOINTS = (
+    f"POST {CHAT_PATH}",
+    "GET /v1/models",
+    "GET /v1/models/{id}",
+    "GET /v1/attestation/report",
+)
+
+
+def _unknown_endpoint(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"Unknown endpoint: {method} {path[:256]}. This gateway serves "
+        + ", ".join(ENDPOINTS)
+        + ".",
+        "not_found",
+    )
 
 
 def _query_refused(query: str) -> GatewayError:

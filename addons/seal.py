@@ -19,8 +19,8 @@ from teegate.addons.flowstate import Route, Stage
 _FALLBACK = http.Response.make(
     500,
     b'{"error":{"message":"The gateway refused to forward an unapproved request.",'
-    b'"type":"api_error","param":null,"code":"internal_error"},"status":500}',
-    {"content-type": "application/json"},
+    b'"type":"api_error","param":null,"code":"internal_error","status":500},"status":500}',
+    {"content-type": "application/json", "x-should-retry": "false"},
 )
 
 

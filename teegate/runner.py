@@ -10,7 +10,7 @@ from typing import Any
 
 from mitmproxy import ctx, options
 
-from teegate.addons.accesslog import AccessLog
+from teegate.addons.accesslog import AccessLog, listener_name
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
 from teegate.addons.attestation_report import AttestationReport
@@ -57,7 +57,9 @@ def build_addons(
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
         EgressAuth(link, settings.egress),  # egress listener only: before anything is decided
-        Egress(settings.egress, up),  # egress only; before Router so its flows arrive like reverse
+        Egress(
+            settings.egress, up, reverse_listen=settings.listen.reverse
+        ),  # egress only; before Router so its flows arrive like reverse
         HeaderFields(),  # after Egress: the client's own (passthrough) traffic is not judged
         Auth(link),
         RateLimit(settings.ratelimit),
@@ -113,7 +115,7 @@ class Ready:
         ps = ctx.master.addons.get("proxyserver")
         for server in ps.servers:
             for host, port, *_ in server.listen_addrs:
-                kind = server.mode.type_name
+                kind = listener_name(server.mode.type_name)  # "egress", never "regular"
                 self._announce(f"TEEGATE READY {kind} http://{_fmt_host(host)}:{port}")
         self._announce("TEEGATE RUNNING")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from teegate import config, logs
 from teegate.config import EgressSettings
+from teegate.egress.ca import ca_cert_path
 from teegate.sandbox_attestation import banner, fetch_sandbox_trust, sandbox_policy
 
 SANDBOX_KEY = "sandbox-upstream-key"
@@ -104,11 +105,18 @@ def _sandbox(args: argparse.Namespace) -> int:
         )
         from teegate.runner import Ready, run
 
+        urls: dict[str, str] = {}
+
         def announce(line: str) -> None:
             print(line, flush=True)
-            if line.startswith("TEEGATE READY reverse "):
-                url = line.split()[-1]
-                print(_banner(url, base_url, demo_key, db), flush=True)
+            if line.startswith("TEEGATE READY "):
+                kind, url = line.split()[-2:]
+                urls[kind] = url
+            elif line == "TEEGATE RUNNING" and "reverse" in urls:
+                # After every listener is bound: the banner names both, with their real ports.
+                ca = ca_cert_path(settings.egress.confdir) if "egress" in urls else None
+                text = _banner(urls["reverse"], base_url, demo_key, db, urls.get("egress"), ca)
+                print(text, flush=True)
                 print(banner(settings.attestation), flush=True)
 
         return run(settings, ready=Ready(announce))
@@ -166,7 +174,14 @@ def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:
     return path, asyncio.run(provision(path))
 
 
-def _banner(gateway: str, upstream: str, key: str | None, db: Path) -> str:
+def _banner(
+    gateway: str,
+    upstream: str,
+    key: str | None,
+    db: Path,
+    egress: str | None = None,
+    ca: Path | None = None,
+) -> str:
     model = "deepseek-ai/DeepSeek-V3.2-TEE"
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
     shown = key or "<a key from: teegate keys create ACCOUNT --db " + str(db) + ">"
@@ -186,6 +201,33 @@ teegate sandbox is up.
   client = OpenAI(base_url="{gateway}/v1", api_key="{shown}")
   reply = client.chat.completions.create(
       model="{model}", messages=[{{"role": "user", "content": "Hello"}}])
-
+{_egress_banner(egress, ca, upstream, shown) if egress else ""}
 Ctrl-C stops both.
+"""
+
+
+def _egress_banner(egress: str, ca: Path | None, upstream: str, key: str) -> str:
+    """How to try egress mode: an unchanged app, its calls sent through the proxy.
+
+    Egress is the half of teegate a new user cannot guess from the base_url example: which
+    variables to set, which CA to trust and how each runtime is told (docs/egress.md has
+    the long form). Python's ``SSL_CERT_FILE`` *replaces* its trust store and curl's
+    ``--cacert`` replaces curl's, so both get a bundle; Node's ``NODE_EXTRA_CA_CERTS`` adds.
+    """
+    ca_text = str(ca) if ca else "$(teegate ca path -c proxy.toml)"
+    return f"""
+Egress mode (an unchanged app, its LLM calls sent through the gateway): {egress}
+  export HTTPS_PROXY={egress} HTTP_PROXY={egress}
+  unset NO_PROXY no_proxy   # or keep the upstream's host out of it: it would skip the gateway
+  CA to trust: {ca_text}
+    (this sandbox's own CA directory; for a configured gateway: teegate ca path -c proxy.toml)
+  Python: cat "$(python -m certifi)" {ca_text} > teegate-bundle.pem
+          export SSL_CERT_FILE=$PWD/teegate-bundle.pem REQUESTS_CA_BUNDLE=$PWD/teegate-bundle.pem
+  curl:   curl --cacert teegate-bundle.pem -x {egress} https://api.openai.com/v1/models
+          (refused 403: not confidential; the simulated upstream is plain http, no CA needed:)
+          curl -x {egress} {upstream}/v1/models -H 'authorization: Bearer {key}'
+  Node:   export NODE_EXTRA_CA_CERTS={ca_text} NODE_USE_ENV_PROXY=1   # Node >= 22.21 / 24.5
+          Node before 22 ignores HTTPS_PROXY without an agent: undici's EnvHttpProxyAgent
+          (setGlobalDispatcher(new EnvHttpProxyAgent())) or the SDK's httpAgent.
+  Then keep the upstream's own URL in the app: base_url={upstream}/v1 with the gateway key.
 """

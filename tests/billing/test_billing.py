@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -76,6 +77,10 @@ def test_a_completion_is_charged_exactly_from_usage(gateway, client=None):
     assert before - balance_micro(gateway.db, "test") == row["charge_micro"]
     for header in ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"):
         assert raw.headers[header].isdigit()
+    # OpenAI's spelling of the same numbers, the reset as a duration within the minute window.
+    assert raw.headers["x-ratelimit-limit-requests"] == raw.headers["x-ratelimit-limit"]
+    assert raw.headers["x-ratelimit-remaining-requests"] == raw.headers["x-ratelimit-remaining"]
+    assert re.fullmatch(r"(1m0s|\d+(\.\d{1,3})?s)", raw.headers["x-ratelimit-reset-requests"])
 
 
 def test_cached_prompt_tokens_are_charged_at_the_cache_price(gateway, upstream):
@@ -227,6 +232,8 @@ def test_rate_limit_is_429_with_headers_before_billing(upstream):
         headers = exc.value.response.headers
         assert headers["x-ratelimit-limit"] == "2" and headers["x-ratelimit-remaining"] == "0"
         assert int(headers["retry-after"]) >= 1 and int(headers["x-ratelimit-reset"]) > 0
+        assert headers["x-should-retry"] == "true"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
         assert exc.value.body["code"] == "rate_limit_exceeded"
         assert chat_count(upstream) == 0 and rows(gw.db) == []
 

@@ -123,7 +123,7 @@ def gateway_ca(gateway: GatewayProc) -> Path:
 def egress_http(gateway: GatewayProc, gateway_ca: Path) -> Iterator[httpx.Client]:
     """What an app gets with HTTPS_PROXY set and the gateway CA trusted."""
     verify = ssl.create_default_context(cafile=str(gateway_ca))
-    with httpx.Client(proxy=gateway.urls["regular"], verify=verify, timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], verify=verify, timeout=30) as c:
         yield c
 
 
@@ -134,7 +134,7 @@ def egress_openai(gateway: GatewayProc, gateway_ca: Path) -> Callable[..., opena
     def make(base_url: str, api_key: str | None = None) -> openai.OpenAI:
         """``api_key`` defaults to the gateway key of the funded test account."""
         verify = ssl.create_default_context(cafile=str(gateway_ca))
-        http_client = httpx.Client(proxy=gateway.urls["regular"], verify=verify, timeout=30)
+        http_client = httpx.Client(proxy=gateway.urls["egress"], verify=verify, timeout=30)
         return openai.OpenAI(
             base_url=base_url,
             api_key=api_key or gateway.api_key,

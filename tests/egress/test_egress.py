@@ -134,7 +134,11 @@ def test_listed_llm_host_gets_provider_not_confidential(
     err = e.value.body
     assert e.value.status_code == 403
     assert err["code"] == "provider_not_confidential" and err["type"] == "permission_error"
-    assert host in err["message"] and f"{upstream.base_url}/v1" in err["message"]
+    assert host in err["message"]
+    # The hint names the gateway's own reverse listener (the bound port), not the upstream:
+    # the upstream's URL, with the documented NO_PROXY, would skip the gateway altogether.
+    assert f"base_url={gateway.urls['reverse']}/v1 " in err["message"]
+    assert upstream.base_url not in err["message"]
     assert listed_tls.stats()["total"] == 0
     assert chat_count(upstream) == 0
     assert balance(gateway) == before
@@ -149,7 +153,7 @@ def test_every_request_to_a_listed_host_is_refused(egress_http, listed_tls):
 
 
 def test_plain_http_to_a_listed_host_is_refused_too(gateway, listed_plain):
-    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], timeout=30) as c:
         r = c.post(
             f"{listed_plain.api_base}/chat/completions",
             json={"model": TEE, "messages": MSG},
@@ -223,7 +227,7 @@ def test_unlisted_tls_host_is_tunnelled_with_its_own_certificate(gateway, unlist
 
 
 def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(gateway, unlisted_tls):
-    with httpx.Client(proxy=gateway.urls["regular"], verify=unlisted_tls.verify(), timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], verify=unlisted_tls.verify(), timeout=30) as c:
         r = c.post(
             f"{unlisted_tls.api_base}/chat/completions",
             json={"model": NON_TEE, "messages": MSG},
@@ -235,7 +239,7 @@ def test_unlisted_tls_host_works_for_a_client_that_never_trusted_the_gateway(gat
 
 
 def test_plain_http_to_an_unlisted_host_passes_through(gateway, unlisted_plain):
-    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], timeout=30) as c:
         r = c.get(
             f"{unlisted_plain.api_base}/models",
             headers={"authorization": f"Bearer {unlisted_plain.api_key}"},
@@ -263,7 +267,7 @@ def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
 
 
 def test_reverse_listener_still_gates_while_egress_runs(gateway, upstream, unlisted_plain):
-    assert set(gateway.urls) == {"reverse", "regular"}
+    assert set(gateway.urls) == {"reverse", "egress"}
     with openai.OpenAI(base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0) as c:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NON_TEE, messages=MSG)
@@ -332,7 +336,7 @@ def test_an_app_configured_only_by_environment_variables(gateway, gateway_ca, up
     bundle.write_bytes(Path(certifi.where()).read_bytes() + gateway_ca.read_bytes())
     env = {
         **os.environ,
-        "HTTPS_PROXY": gateway.urls["regular"],
+        "HTTPS_PROXY": gateway.urls["egress"],
         "NO_PROXY": "",
         "no_proxy": "",
         "SSL_CERT_FILE": str(bundle),
@@ -445,7 +449,7 @@ def test_every_spelling_of_the_upstream_meets_the_gate(gateway, upstream, spelli
 
 @pytest.mark.parametrize("spelling", ["2130706433", "127.1", "localhost"])
 def test_plain_http_to_another_spelling_of_the_upstream_is_gated(gateway, upstream, spelling):
-    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], timeout=30) as c:
         r = c.post(
             f"http://{spelling}:{upstream.port}/v1/chat/completions",
             json={"model": NON_TEE, "messages": MSG},
@@ -476,7 +480,7 @@ def test_a_name_that_resolves_to_the_upstream_meets_the_gate(gateway, upstream):
 
 def test_the_openai_sdk_at_a_respelled_upstream_is_gated(gateway, upstream):
     """The SDK with base_url=https://127.1:<port>/v1 (a client that does not verify)."""
-    http_client = httpx.Client(proxy=gateway.urls["regular"], verify=False, timeout=30)
+    http_client = httpx.Client(proxy=gateway.urls["egress"], verify=False, timeout=30)
     with openai.OpenAI(
         base_url=f"https://127.1:{upstream.port}/v1",
         api_key=gateway.api_key,
@@ -506,7 +510,7 @@ def test_a_name_without_an_address_on_the_upstreams_port_is_refused_not_tunnelle
     status, _, body, issuer = _chat_via_connect(gateway, "nx.invalid", upstream.port, TEE)
     assert issuer == "teegate egress CA"
     assert status == 504 and body["error"]["code"] == "destination_unverified"
-    with httpx.Client(proxy=gateway.urls["regular"], timeout=30) as c:
+    with httpx.Client(proxy=gateway.urls["egress"], timeout=30) as c:
         r = c.post(
             f"http://nx.invalid:{upstream.port}/v1/chat/completions",
             json={"model": TEE, "messages": MSG},

@@ -432,6 +432,30 @@ async def test_listed_host_is_refused_before_the_body(egress):
     assert flowstate.route(f) == Route.LOCAL
 
 
+@pytest.mark.parametrize(
+    ("reverse", "hint"),
+    [
+        ("127.0.0.1:8080", "base_url=http://127.0.0.1:8080/v1 "),
+        ("[::1]:8080", "base_url=http://[::1]:8080/v1 "),
+        # A wildcard listener: the address this client reached the egress listener on.
+        ("0.0.0.0:8080", "base_url=http://10.1.2.3:8080/v1 "),
+        # No reverse listener: the upstream is reachable only through this proxy.
+        ("", "base_url=https://confidential.example/v1 (through this proxy)"),
+    ],
+)
+async def test_the_refusal_hint_names_the_gateways_reverse_url(dns, reverse, hint):
+    s = _settings('upstream.base_url = "https://confidential.example"')
+    addon = Egress(
+        s.egress, s.upstream, Resolver(timeout=0.2, getaddrinfo=dns), reverse_listen=reverse
+    )
+    with taddons.context(addon):
+        f = _flow("api.openai.com", 443)
+        f.client_conn.sockname = ("10.1.2.3", 8081)
+        await addon.requestheaders(f)
+    message = json.loads(f.response.content)["error"]["message"]
+    assert hint in message
+
+
 async def test_listed_sni_refuses_whatever_the_address(egress):
     f = _flow("203.0.113.7", 443)
     f.client_conn.sni = "api.anthropic.com"

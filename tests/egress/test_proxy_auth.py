@@ -33,13 +33,13 @@ def gateway(upstream: SandboxProc, tls_dir: Path) -> Iterator[GatewayProc]:
 
 
 def _proxy(gw: GatewayProc, password: str | None) -> str:
-    p = urlsplit(gw.urls["regular"])
+    p = urlsplit(gw.urls["egress"])
     creds = f"app:{password}@" if password is not None else ""
     return f"http://{creds}{p.hostname}:{p.port}"
 
 
 def _connect(gw: GatewayProc, target: str, auth: bytes = b"") -> bytes:
-    p = urlsplit(gw.urls["regular"])
+    p = urlsplit(gw.urls["egress"])
     with socket.create_connection((p.hostname, p.port), timeout=10) as s:
         s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n".encode() + auth + b"\r\n")
         head = b""

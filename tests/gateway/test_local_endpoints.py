@@ -103,7 +103,26 @@ def test_unavailable_endpoints(http, upstream, method, path):
 def test_unknown_paths_and_wrong_methods(http, upstream, method, path, status):
     resp = http.request(method, path)
     assert resp.status_code == status
-    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code", "status"}
     if status == 405:
         assert resp.headers["allow"]
+    assert forwarded(upstream) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/completions"), ("GET", "/v1/assistants"), ("GET", "/")]
+)
+def test_a_404_names_the_endpoints_that_exist(http, upstream, method, path):
+    resp = http.request(method, path, json={})
+    assert resp.status_code == 404
+    error = resp.json()["error"]
+    assert error["code"] == "not_found"
+    for endpoint in (
+        "POST /v1/chat/completions",
+        "GET /v1/models",
+        "GET /v1/models/{id}",
+        "GET /v1/attestation/report",
+    ):
+        assert endpoint in error["message"]
+    assert resp.headers["x-should-retry"] == "false"
     assert forwarded(upstream) == 0

@@ -80,7 +80,7 @@ def gateway() -> Iterator[Gateway]:
             )
             found = re.findall(r"TEEGATE READY (\w+) http://([\d.]+):(\d+)", text)
             addr = {kind: (host, int(port)) for kind, host, port in found}
-            yield Gateway(proc, workdir, addr["reverse"][1], addr["regular"], key)
+            yield Gateway(proc, workdir, addr["reverse"][1], addr["egress"], key)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

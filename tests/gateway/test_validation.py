@@ -22,7 +22,8 @@ def _assert_envelope(resp, status: int, code: str | None = None, param: str | No
     assert resp.status_code == status, resp.text
     doc = resp.json()
     err = doc["error"]
-    assert set(err) == {"message", "type", "param", "code"}
+    assert set(err) == {"message", "type", "param", "code", "status"}
+    assert err["status"] == status
     assert err["message"]
     assert doc["status"] == status
     if code is not None:

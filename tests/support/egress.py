@@ -63,7 +63,7 @@ def wait_for_event(
 
 def connect_tunnel(gateway: GatewayProc, host: str, port: int) -> socket.socket:
     """A CONNECT tunnel through the egress listener, as HTTPS_PROXY clients open one."""
-    proxy = urlsplit(gateway.urls["regular"])
+    proxy = urlsplit(gateway.urls["egress"])
     s = socket.create_connection((proxy.hostname, proxy.port), timeout=10)
     s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     head = b""

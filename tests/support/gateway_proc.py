@@ -41,7 +41,7 @@ class GatewayProc:
         api_key: str | None,
     ) -> None:
         self.process = process
-        self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "regular": ...}
+        self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "egress": ...}
         self.workdir = workdir
         self.log_path = workdir / "gateway.log"
         self.stdout_path = workdir / "stdout.log"

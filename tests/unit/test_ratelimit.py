@@ -78,10 +78,14 @@ def test_counts_down_then_refuses_with_retry_after(limit, clock):
         second, Stage.RATELIMIT
     )
     # The window opened at T0 = 1000 and resets at 1060.
+    # OpenAI's spelling of the same numbers: the reset as the time left in the window.
     assert seen(first) == {
         "x-ratelimit-limit": "2",
         "x-ratelimit-remaining": "1",
         "x-ratelimit-reset": "1060",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
     }
     assert seen(second)["x-ratelimit-remaining"] == "0"
     assert third.response.status_code == 429
@@ -95,7 +99,11 @@ def test_counts_down_then_refuses_with_retry_after(limit, clock):
         "x-ratelimit-limit": "2",
         "x-ratelimit-remaining": "0",
         "x-ratelimit-reset": "1060",
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "49.5s",
     }
+    assert third.response.headers["x-should-retry"] == "true"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""The openai SDK stops retrying what no retry can fix, because the gateway says so.
+
+The SDK retries every 5xx by default (``_should_retry``), unless the answer carries
+``x-should-retry: false``. Each attempt is one access-log line, written before its answer
+leaves, so once the SDK has raised, the log holds every attempt it made.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.support.gateway_proc import GatewayProc
+from tests.support.testdata import TEE
+
+
+def attempts(gateway: GatewayProc, path: str, status: int) -> int:
+    count = 0
+    for line in gateway.log_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "request" and (entry.get("path"), entry.get("status")) == (
+            path,
+            status,
+        ):
+            count += 1
+    return count
+
+
+def retrying_sdk(gateway: GatewayProc) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=2, timeout=30
+    )
+
+
+def test_a_503_not_available_is_sent_once(gateway):
+    before = attempts(gateway, "/v1/embeddings", 503)
+    with retrying_sdk(gateway) as client, pytest.raises(openai.InternalServerError) as exc:
+        client.embeddings.create(model=TEE, input="x")
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert exc.value.body["code"] == "not_available"
+    assert attempts(gateway, "/v1/embeddings", 503) - before == 1
+
+
+def test_a_400_is_sent_once(gateway):
+    before = attempts(gateway, "/v1/chat/completions", 400)
+    with retrying_sdk(gateway) as client, pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=TEE, messages=[], temperature=7)
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert exc.value.body["status"] == 400
+    assert attempts(gateway, "/v1/chat/completions", 400) - before == 1

@@ -1,0 +1,113 @@
+"""``teegate sandbox``'s banner teaches egress mode, and what it says works as written.
+
+The banner is read from a real ``teegate sandbox`` process; its egress URL, CA path and
+key are then used exactly as a developer would copy them: the CA verifies the listener's
+certificate for a listed LLM host (refused, the hint naming the gateway's reverse URL from
+the same banner), and the simulated upstream answers through the proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from teegate.commands.sandbox import _egress_banner
+from tests.support.gateway_proc import REPO_ROOT
+
+BANNER_END = "Ctrl-C stops both."
+
+
+@pytest.fixture(scope="module")
+def banner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("sandbox-banner")
+    toml = work / "proxy.toml"
+    toml.write_text(
+        'listen.reverse = "127.0.0.1:0"\n'
+        'listen.egress = "127.0.0.2:0"\n'
+        f'egress.confdir = "{work / "ca"}"\n',
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "teegate", "sandbox", "-c", str(toml)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        text = ""
+        while BANNER_END not in text:
+            line = lines.get(timeout=60)
+            assert line is not None, f"teegate sandbox exited early:\n{text}"
+            text += line
+        yield text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def field(text: str, pattern: str) -> str:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in the banner:\n{text}"
+    return match.group(1)
+
+
+def test_the_banner_shows_how_to_try_egress(banner):
+    egress = field(banner, r"TEEGATE READY egress (\S+)")
+    assert "regular" not in banner
+    assert f"export HTTPS_PROXY={egress}" in banner
+    ca = Path(field(banner, r"CA to trust: (\S+)"))
+    assert ca.is_file() and b"BEGIN CERTIFICATE" in ca.read_bytes()
+    assert "teegate ca path" in banner
+    assert "SSL_CERT_FILE=" in banner and "REQUESTS_CA_BUNDLE=" in banner
+    assert "curl --cacert" in banner
+    assert f"NODE_EXTRA_CA_CERTS={ca}" in banner
+    assert "Node before 22 ignores HTTPS_PROXY without an agent" in banner
+
+
+def test_the_banners_egress_instructions_work(banner):
+    egress = field(banner, r"TEEGATE READY egress (\S+)")
+    reverse = field(banner, r"TEEGATE READY reverse (\S+)")
+    upstream = field(banner, r"simulated confidential upstream: (\S+)")
+    key = field(banner, r"key (\S+)\n")
+    ca = field(banner, r"CA to trust: (\S+)")
+    trust = ssl.create_default_context(cafile=ca)  # the banner's CA alone verifies the listener
+    with httpx.Client(proxy=egress, verify=trust, timeout=30, trust_env=False) as c:
+        refused = c.get("https://api.openai.com/v1/models", headers={"authorization": "Bearer x"})
+        listed = c.get(f"{upstream}/v1/models", headers={"authorization": f"Bearer {key}"})
+    error = refused.json()["error"]
+    assert refused.status_code == 403 and error["code"] == "provider_not_confidential"
+    assert f"base_url={reverse}/v1 " in error["message"]
+    assert listed.status_code == 200 and listed.json()["data"]
+
+
+def test_without_a_ca_path_the_banner_names_the_command():
+    text = _egress_banner("http://127.0.0.1:8081", None, "http://up:1", "k")
+    assert "NODE_EXTRA_CA_CERTS=$(teegate ca path -c proxy.toml)" in text
