@@ -15,6 +15,7 @@ from tests.support.billing import MSG, expected_charge, rows, usage_row
 from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.testdata import TEE
+from tests.support.wait import until
 
 SHARED_PRICE_OUT_MICRO = 420_000  # tee-models.json: DeepSeek-V3.2-TEE output, $0.42 / 1M
 
@@ -54,7 +55,9 @@ def test_unknown_and_revoked_keys_raise_authentication_error(gateway, upstream):
             return True
         return False
 
-    _until(refused)  # a revocation from another process lands within the ledger's refresh
+    until(
+        refused, "the revocation", timeout=10.0
+    )  # a revocation from another process lands within the ledger's refresh
     with pytest.raises(openai.AuthenticationError), sdk(gateway, key) as client:
         client.chat.completions.create(model=TEE, messages=MSG)
     assert chat_count(upstream) == served
@@ -236,13 +239,3 @@ def test_rate_limit_is_429_with_headers_before_billing(upstream):
         assert headers["x-ratelimit-remaining-requests"] == "0"
         assert exc.value.body["code"] == "rate_limit_exceeded"
         assert chat_count(upstream) == 0 and rows(gw.db) == []
-
-
-def _until(predicate, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)

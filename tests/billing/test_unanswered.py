@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 from tests.support.testdata import TEE, TEST_MODELS
+from tests.support.wait import until
 
 
 @pytest.fixture(scope="module", params=["hold", "release"])
@@ -36,15 +36,6 @@ def impatient(request: pytest.FixtureRequest, upstream: SandboxProc) -> Iterator
     with start_gateway(upstream.base_url, extra_toml=toml) as gw:
         gw.unanswered = request.param  # type: ignore[attr-defined]
         yield gw
-
-
-def _until[T](probe: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def _last_id(db: Path) -> int:
@@ -90,9 +81,9 @@ def test_client_gone_before_the_response_headers_is_charged_at_the_hold(gateway,
     upstream.behaviour(delay_ms=30_000)  # the upstream has the request and says nothing yet
     before, after = balance_micro(gateway.db, "test"), _last_id(gateway.db)
     sock = _raw_chat(gateway, {"model": TEE, "messages": MSG})
-    _until(lambda: chat_count(upstream) == 1, "the request to reach the upstream")
+    until(lambda: chat_count(upstream) == 1, "the request to reach the upstream")
     sock.close()
-    row = _until(lambda: _finalised_after(gateway.db, after), "the settlement")
+    row = until(lambda: _finalised_after(gateway.db, after), "the settlement")
     _assert_charged_at_hold(row, "client disconnected")
     assert before - balance_micro(gateway.db, "test") == row["reserved_micro"]
     assert teegate("ledger", "verify", "--db", str(gateway.db))[0] == 0
@@ -105,7 +96,7 @@ def test_upstream_timeout_is_504_and_follows_billing_unanswered(impatient, upstr
         client.chat.completions.create(model=TEE, messages=MSG)
     assert exc.value.status_code == 504 and exc.value.body["code"] == "upstream_timeout"
     assert chat_count(upstream) == 1
-    row = _until(lambda: _finalised_after(impatient.db, after), "the settlement")
+    row = until(lambda: _finalised_after(impatient.db, after), "the settlement")
     if impatient.unanswered == "hold":  # the default
         _assert_charged_at_hold(row, "upstream timeout")
         assert before - balance_micro(impatient.db, "test") == row["reserved_micro"]
@@ -125,7 +116,7 @@ def test_unreachable_upstream_is_released():
             client.chat.completions.create(model=TEE, messages=MSG)
         assert exc.value.status_code == 502
         assert exc.value.body["code"] == "upstream_unreachable"
-        row = _until(lambda: _finalised_after(gw.db, after), "the release")
+        row = until(lambda: _finalised_after(gw.db, after), "the release")
         assert row["state"] == "released" and row["charge_micro"] == 0
         assert row["status"] == "never reached the upstream"
         assert balance_micro(gw.db, "test") == before
@@ -167,7 +158,7 @@ def test_usage_far_above_the_hold_stops_the_balance_at_zero(gateway, upstream):
     assert code == 0 and report["ok"], out
     assert report["unrecovered_micro"] == row["unrecovered_micro"]  # the only one here
 
-    line = _until(
+    line = until(
         lambda: next(
             (
                 json.loads(x)

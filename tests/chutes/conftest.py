@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
-import openai
 import pytest
 
 from tests.support.chutes import CHUTES, FAST
@@ -25,21 +23,6 @@ def upstream() -> Iterator[SandboxProc]:
 def gateway(upstream: SandboxProc) -> Iterator[GatewayProc]:
     with start_gateway(upstream.base_url, extra_toml=CHUTES + FAST) as gw:
         yield gw
-
-
-@pytest.fixture
-def client(gateway: GatewayProc) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0, timeout=30
-    ) as c:
-        yield c
-
-
-@pytest.fixture
-def http(gateway: GatewayProc) -> Iterator[httpx.Client]:
-    headers = {"authorization": f"Bearer {gateway.api_key}"}
-    with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=30) as c:
-        yield c
 
 
 @pytest.fixture

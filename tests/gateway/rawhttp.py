@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -96,12 +95,3 @@ def chunked(pieces: Iterable[bytes], trailers: bytes | None = b"") -> Iterable[b
         yield b"%x\r\n%s\r\n" % (len(piece), piece)
     if trailers is not None:
         yield b"0\r\n" + trailers + b"\r\n"
-
-
-def until(predicate, timeout: float = DEADLINE_S, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
@@ -13,19 +11,9 @@ from tests.support.clients import chat_count, sdk
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
 from tests.support.testdata import TEE, TEST_MODELS
+from tests.support.wait import until
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def _until(predicate, timeout: float = 15.0, what: str = "condition"):
-    """Poll a condition on another process, with a deadline (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _client(gw) -> openai.OpenAI:
@@ -48,12 +36,12 @@ def test_flag_flipped_upstream_is_refused_after_next_refresh():
     ):
         assert _refused(client, TEE) is None
         up.behaviour(flags={TEE: False})
-        _until(lambda: _refused(client, TEE) == "model_not_confidential", what="flag flip")
+        until(lambda: _refused(client, TEE) == "model_not_confidential", what="flag flip")
         served = chat_count(up)
         assert _refused(client, TEE) == "model_not_confidential"
         assert chat_count(up) == served
         up.behaviour(flags={TEE: True}, remove_models=["Qwen/Qwen3-32B-TEE"])
-        _until(lambda: _refused(client, "Qwen/Qwen3-32B-TEE") == "model_not_confidential")
+        until(lambda: _refused(client, "Qwen/Qwen3-32B-TEE") == "model_not_confidential")
         assert _refused(client, TEE) is None
 
 
@@ -68,14 +56,14 @@ def test_stale_catalog_refuses_everything_and_recovers():
     ):
         assert _refused(client, TEE) is None
         up.behaviour(models_status=500)
-        _until(lambda: _refused(client, TEE) == "catalog_unavailable", what="staleness")
+        until(lambda: _refused(client, TEE) == "catalog_unavailable", what="staleness")
         served = chat_count(up)
         with pytest.raises(openai.InternalServerError) as exc:
             client.models.list()
         assert exc.value.status_code == 503
         assert chat_count(up) == served
         up.behaviour(models_status=None)
-        _until(lambda: _refused(client, TEE) is None, what="recovery")
+        until(lambda: _refused(client, TEE) is None, what="recovery")
 
 
 def test_upstream_down_gives_json_502_and_local_answers_still_work():

@@ -28,11 +28,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.rawhttp import chunked, exchange, request_head, until
+from tests.gateway.rawhttp import DEADLINE_S, chunked, exchange, request_head
 from tests.support.accounts import create_account, create_key
 from tests.support.gateway_proc import REPO_ROOT, write_config
 from tests.support.sandbox_proc import start_sandbox
 from tests.support.testdata import TEE, TEST_MODELS
+from tests.support.wait import until
 
 MARKER = "MARK" + secrets.token_hex(8)
 M = MARKER.encode()
@@ -77,6 +78,7 @@ def gateway() -> Iterator[Gateway]:
             text = until(
                 lambda: "TEEGATE RUNNING" in (t := (workdir / "stdout").read_text()) and t,
                 what="gateway start",
+                timeout=DEADLINE_S,
             )
             found = re.findall(r"TEEGATE READY (\w+) http://([\d.]+):(\d+)", text)
             addr = {kind: (host, int(port)) for kind, host, port in found}

@@ -3,14 +3,13 @@ polling with a deadline, since re-attestation runs on the gateway's own schedule
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 
 from tests.support.sandbox_proc import SandboxProc
+from tests.support.wait import until  # noqa: F401  (re-exported: tests import it from here)
 
 MSG = [{"role": "user", "content": "hi"}]
 # Re-attest every second, and retry failures as often, so a flip shows within seconds.
@@ -19,18 +18,6 @@ FAST = (
     "attestation.reattest_interval_s = 1\n"
     "attestation.retry_interval_s = 1\n"
 )
-
-
-def until[T](predicate: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    """Poll another process's state until ``predicate`` is truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def refusal(client: openai.OpenAI, model: str) -> dict[str, Any] | None:
