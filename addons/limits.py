@@ -40,14 +40,18 @@ if TYPE_CHECKING:
     from teegate.config import LimitSettings
 
 MAX_HEADER_FIELDS = 100
-_CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}
+_CONTROL = bytes(sorted(frozenset(range(0x20)) - {0x09} | {0x7F}))
 
 
 def _bad_field(headers: http.Headers) -> str | None:
     """The name of the first field with a control byte in its name or value (a NUL, a CR or
     LF of an obsolete line folding); never its value."""
     for name, value in headers.fields:
-        if any(b in _CONTROL for b in name) or any(b in _CONTROL for b in value):
+        # Runs on every request: translate() deletes the control bytes in C, rather than a
+        # Python loop over every byte; a field that shrinks held one.
+        if len(name.translate(None, _CONTROL)) < len(name) or (
+            len(value.translate(None, _CONTROL)) < len(value)
+        ):
             return name.decode("ascii", "replace")[:64]
     return None
 
