@@ -20,6 +20,7 @@ from teegate.ledger.errors import (
     LedgerLocked,
     LedgerNotFound,
     LedgerUnavailable,
+    RateLimited,
     SchemaTooNew,
     UnknownAccount,
     UnknownKey,
@@ -37,6 +38,7 @@ from teegate.ledger.models import (
     UsageGroup,
     VerifyReport,
 )
+from teegate.ledger.pgschema import is_postgres
 from teegate.ledger.store import Store
 from teegate.money import InvalidAmount, format_usd, parse_usd
 
@@ -55,6 +57,7 @@ __all__ = [
     "Mismatch",
     "OpenReservation",
     "Prices",
+    "RateLimited",
     "Recovered",
     "Reservation",
     "SchemaTooNew",
@@ -67,6 +70,7 @@ __all__ = [
     "charge_micro",
     "estimate_prompt_tokens",
     "format_usd",
+    "is_postgres",
     "parse_usd",
     "reservation_micro",
     "tokens_from_bytes",

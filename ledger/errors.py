@@ -56,3 +56,17 @@ class UnknownKey(LedgerError, LookupError):
 
 class InvalidInput(LedgerError, ValueError):
     """A name, label, rate limit or amount the ledger will not store."""
+
+
+class RateLimited(LedgerError):
+    """The key's shared per-minute window is full (PostgreSQL store: counted with the reservation).
+
+    ``started_ms`` is when the key's current one-minute window began; ``count``
+    includes this request, as a per-process limiter counts it.
+    """
+
+    def __init__(self, limit: int, count: int, started_ms: int) -> None:
+        super().__init__(f"rate limit reached: {limit} requests per minute")
+        self.limit = limit
+        self.count = count
+        self.started_ms = started_ms

@@ -106,6 +106,7 @@ from teegate.ledger.models import (
     VerifyReport,
 )
 from teegate.ledger.ops import Finalization, NewReservation
+from teegate.ledger.pgschema import is_postgres
 from teegate.ledger.store import Store, now_ms
 from teegate.ledger.writer import GroupCommitter
 
@@ -118,6 +119,9 @@ MAX_STATUS = 200
 
 class Ledger:
     """Prepaid balances for the request path. Create with :meth:`open`."""
+
+    shared_rate_limits = False  # rate limits are counted per process (addons.ratelimit)
+    worker_id: int | None = None  # one serving process per SQLite file
 
     def __init__(
         self,
@@ -170,14 +174,34 @@ class Ledger:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 10_000,
         recover: bool = True,
+        worker_id: int | None = None,
+        key_poll_ms: float = 200.0,
+        sweep_interval_s: float = 10.0,
     ) -> Ledger:
         """Open (creating/migrating) the database and start serving from it.
+
+        A ``postgresql://`` URL opens a :class:`teegate.ledger.pgledger.PgLedger`
+        instead (same methods; ``worker_id``, ``key_poll_ms`` and
+        ``sweep_interval_s`` apply to it only): one of many workers on one database.
 
         Takes the serving lock (:class:`~ledger.errors.LedgerLocked` if another
         process holds it), then -- unless ``recover=False`` -- settles every
         reservation left open by a previous process (see the module docstring),
         available afterwards as :attr:`recovered`.
         """
+        if is_postgres(path):
+            from teegate.ledger.pgledger import PgLedger
+
+            return await PgLedger.open(  # type: ignore[return-value]
+                str(path),
+                key_prefix=key_prefix,
+                batch_max=batch_max,
+                settle_linger_ms=settle_linger_ms,
+                key_poll_ms=key_poll_ms,
+                sweep_interval_s=sweep_interval_s,
+                worker_id=worker_id,
+                recover=recover,
+            )
         path = str(path)
         check_prefix(key_prefix)
         if refresh_ms <= 0:
@@ -313,14 +337,25 @@ class Ledger:
     # -- the request path -------------------------------------------------------
 
     async def reserve(
-        self, request_id: str, key: ApiKey, model: str, prices: Prices, amount_micro: int
+        self,
+        request_id: str,
+        key: ApiKey,
+        model: str,
+        prices: Prices,
+        amount_micro: int,
+        *,
+        rate_limit: int | None = None,
     ) -> Reservation:
         """Hold ``amount_micro`` of the key's account; returns once committed.
 
         Raises :class:`InsufficientBalance` (nothing written) if the available
         balance is lower, :class:`LedgerUnavailable` if the hold could not be
         committed. Either way the request must not go upstream.
+        ``rate_limit`` must be None here (limits are per process with SQLite,
+        see :attr:`shared_rate_limits`).
         """
+        if rate_limit is not None:
+            raise ValueError("the SQLite ledger does not count rate limits")
         amount = inputs.hold_amount(amount_micro)
         _check_text("request_id", request_id, MAX_REQUEST_ID)
         _check_text("model", model, MAX_MODEL)

@@ -70,6 +70,8 @@ class Reservation:
     created_ms: int
     charge_micro: int | None = field(default=None, init=False)  # set when finalised
     state: Literal["open", "settled", "released"] = field(default="open", init=False)
+    # (requests counted, window start ms) when a shared rate limit was counted with it
+    rate_window: tuple[int, int] | None = field(default=None, init=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from teegate.ledger.errors import InvalidInput, LedgerNotFound, UnknownAccount, 
 from teegate.ledger.keys import DEFAULT_PREFIX, new_key
 from teegate.ledger.models import Account, ApiKey, KeyInfo, Recovered
 from teegate.ledger.ops import Finalization, NewReservation
+from teegate.ledger.pgschema import is_postgres
 from teegate.ledger.reports import OPEN_RESERVATIONS, Reports
 from teegate.ledger.schema import configure, migrate
 
@@ -57,7 +58,15 @@ class Store(Reports):
         synchronous: str = "FULL",
         busy_timeout_ms: int = 10_000,
     ) -> Store:
-        """Connect, configure WAL and migrate. ``create=False`` refuses a missing file."""
+        """Connect, configure WAL and migrate. ``create=False`` refuses a missing file.
+
+        A ``postgresql://`` URL opens a :class:`teegate.ledger.pgstore.PgStore`
+        (the same methods) instead.
+        """
+        if is_postgres(path):
+            from teegate.ledger.pgstore import PgStore
+
+            return await PgStore.open(str(path), create=create)  # type: ignore[return-value]
         path = str(path)
         if not create and not _is_file(path):
             raise LedgerNotFound(f"no ledger database at {path}")

@@ -1,0 +1,341 @@
+"""The ledger's operator writes and reports on PostgreSQL: :class:`Store`'s twin.
+
+:class:`PgStore` has the methods of :class:`teegate.ledger.store.Store` that
+the command line and the serving ledger call (accounts, keys, credits,
+revocations, verify, usage, recovery), over one autocommit psycopg connection,
+with the same validation (:mod:`teegate.ledger.inputs`) and the same report SQL
+(:class:`teegate.ledger.reports.Reports`, whose ``?`` placeholders are turned
+into psycopg's ``%s`` here). :meth:`teegate.ledger.store.Store.open` returns one
+for a ``postgresql://`` URL, so every operator command works on both stores.
+
+Recovery differs from SQLite's on purpose: many workers serve from one
+database, so :meth:`recover` only charges the open reservations of workers
+whose advisory lock it can take (dead ones), never a live worker's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import psycopg
+import structlog
+
+from teegate.ledger import inputs
+from teegate.ledger.errors import (
+    InvalidInput,
+    LedgerNotFound,
+    LedgerUnavailable,
+    UnknownAccount,
+    UnknownKey,
+)
+from teegate.ledger.keys import DEFAULT_PREFIX, new_key
+from teegate.ledger.models import Account, ApiKey, KeyInfo, Recovered, UsageGroup
+from teegate.ledger.pgschema import LOCK_SPACE, migrate, redact
+from teegate.ledger.reports import Reports
+from teegate.ledger.store import now_ms
+
+log = structlog.get_logger("teegate.ledger")
+
+# Charge every open reservation of one (dead) worker in full; balances do not move.
+_CHARGE_OPEN = """
+    WITH open AS (
+        SELECT reservation_id, account_id FROM usage
+        WHERE state = 'open' AND worker_id IS NOT DISTINCT FROM %s
+          AND NOT (reservation_id = ANY(%s))
+        FOR UPDATE
+    ), ins AS (
+        INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms, note)
+        SELECT account_id, 'settlement', 0, reservation_id, %s, 'recovered' FROM open
+        ON CONFLICT DO NOTHING
+        RETURNING reservation_id
+    )
+    UPDATE usage u SET state = 'settled', charge_micro = u.reserved_micro,
+        source = 'recovered', status = 'recovered', finalized_ms = %s
+    FROM ins WHERE u.reservation_id = ins.reservation_id
+    RETURNING u.reservation_id, u.request_id, u.account_id, u.key_id, u.model,
+              u.reserved_micro, u.created_ms
+"""
+
+
+async def connect(url: str) -> psycopg.AsyncConnection[Any]:
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True)
+    except psycopg.OperationalError as e:
+        raise LedgerUnavailable(f"cannot connect to {redact(url)}: {e}") from None
+
+
+class PgStore(Reports):
+    """Accounts, keys, entries and usage records in PostgreSQL (reports: :class:`Reports`)."""
+
+    def __init__(self, db: Any, path: str) -> None:
+        super().__init__(db, path)
+        self._txn = asyncio.Lock()  # manual BEGIN/COMMIT on a connection tasks share
+
+    @classmethod
+    async def open(cls, url: str, *, create: bool = True, **_: object) -> PgStore:
+        """Connect and migrate. ``create=False`` refuses a database without a ledger."""
+        conn = await connect(url)
+        try:
+            if not create:
+                cur = await conn.execute("SELECT to_regclass('teegate_schema') IS NOT NULL")
+                row = await cur.fetchone()
+                if not row or not row[0]:
+                    raise LedgerNotFound(f"no ledger in the database {redact(url)}")
+            await migrate(conn, url)
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, redact(url))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[Any]:
+        """A transaction on the shared connection; ``DEFERRED`` (reports): one read snapshot."""
+        begin = (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if mode == "DEFERRED" else "BEGIN"
+        )
+        async with self._txn:
+            await self.db.execute(begin)
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cur = await self.db.execute(sql.replace("?", "%s"), tuple(params))
+        if cur.description is None:
+            return []
+        return [tuple(_plain(v) for v in row) for row in await cur.fetchall()]
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._rows(sql, params)
+        return rows[0] if rows else None
+
+    # -- accounts ---------------------------------------------------------------
+
+    async def create_account(self, name: str, initial_micro: int = 0) -> Account:
+        name = inputs.account_name(name)
+        if initial_micro:
+            inputs.credit_amount(initial_micro)
+        created = now_ms()
+        async with self.transaction():
+            if await self._rows("SELECT 1 FROM accounts WHERE name = ?", (name,)):
+                raise InvalidInput(f"an account named {name!r} already exists")
+            (account_id,) = await self._one(
+                "INSERT INTO accounts (name, created_ms) VALUES (?, ?) RETURNING id",
+                (name, created),
+            )
+            if initial_micro:
+                await self._credit(account_id, initial_micro, "topup", "initial top-up", created)
+        return Account(account_id, name, initial_micro, created)
+
+    async def find_account(self, ref: int | str) -> Account | None:
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            where, param = "id = ?", int(ref)
+        else:
+            where, param = "name = ?", ref
+        row = await self._one(
+            f"SELECT id, name, balance_micro, created_ms FROM accounts WHERE {where}", (param,)
+        )
+        return Account(*row) if row else None
+
+    async def require_account(self, ref: int | str) -> Account:
+        account = await self.find_account(ref)
+        if account is None:
+            raise UnknownAccount(f"no account {ref!r}")
+        return account
+
+    async def list_accounts(self) -> list[Account]:
+        rows = await self._rows(
+            "SELECT id, name, balance_micro, created_ms FROM accounts ORDER BY id"
+        )
+        return [Account(*r) for r in rows]
+
+    async def balances(self) -> dict[int, int]:
+        return dict(await self._rows("SELECT id, balance_micro FROM accounts"))
+
+    async def credit(self, account_id: int, amount_micro: int, kind: str, note: str | None) -> int:
+        inputs.credit_amount(amount_micro)
+        if kind not in ("topup", "refund"):
+            raise ValueError(f"not a credit kind: {kind}")
+        async with self.transaction():
+            if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
+                raise UnknownAccount(f"no account {account_id}")
+            return await self._credit(account_id, amount_micro, kind, note, now_ms())
+
+    async def _credit(
+        self, account_id: int, amount: int, kind: str, note: str | None, at: int
+    ) -> int:
+        await self._rows(
+            "INSERT INTO entries (account_id, kind, amount_micro, created_ms, note) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (account_id, kind, amount, at, note),
+        )
+        (balance,) = await self._one(
+            "UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
+            "RETURNING balance_micro",
+            (amount, account_id),
+        )
+        return int(balance)
+
+    # -- keys -------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        account_id: int,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        label: str | None = None,
+        rate_limit: int | None = None,
+    ) -> tuple[ApiKey, str]:
+        label = inputs.label(label)
+        rate_limit = inputs.rate_limit(rate_limit)
+        plaintext, key_hash = new_key(prefix)
+        async with self.transaction():
+            if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
+                raise UnknownAccount(f"no account {account_id}")
+            (key_id,) = await self._one(
+                "INSERT INTO api_keys (account_id, key_hash, label, rate_limit, created_ms) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (account_id, key_hash, label, rate_limit, now_ms()),
+            )
+        return ApiKey(key_id, account_id, label, rate_limit), plaintext
+
+    async def revoke_key(self, key_id: int) -> bool:
+        async with self.transaction():
+            if not await self._rows("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)):
+                raise UnknownKey(f"no API key with id {key_id}")
+            changed = await self._rows(
+                "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL "
+                "RETURNING id",
+                (now_ms(), key_id),
+            )
+        return bool(changed)
+
+    async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None:
+        row = await self._one(
+            "SELECT id, account_id, label, rate_limit, key_hash FROM api_keys "
+            "WHERE key_hash = ? AND revoked_ms IS NULL",
+            (key_hash,),
+        )
+        if row is None:
+            return None
+        key_id, account_id, label, rate_limit, stored = row
+        return ApiKey(key_id, account_id, label, rate_limit), bytes(stored)
+
+    async def list_keys(self, account_id: int | None = None) -> list[KeyInfo]:
+        sql = (
+            "SELECT k.id, k.account_id, a.name, k.label, k.rate_limit, k.created_ms, k.revoked_ms "
+            "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+        )
+        params: tuple[Any, ...] = ()
+        if account_id is not None:
+            sql += " WHERE k.account_id = ?"
+            params = (account_id,)
+        return [KeyInfo(*r) for r in await self._rows(sql + " ORDER BY k.id", params)]
+
+    async def key_version(self) -> int:
+        """Bumped by a trigger at every revocation (see :mod:`teegate.ledger.pgschema`)."""
+        (version,) = await self._one("SELECT key_version FROM ledger_meta")
+        return int(version)
+
+    # -- recovery ---------------------------------------------------------------
+
+    async def recover(
+        self, exclude: set[int] | None = None, *, own_worker: int | None = None
+    ) -> list[Recovered]:
+        """Charge in full the open reservations of every worker whose lock is free.
+
+        A worker holds ``pg_advisory_lock(LOCK_SPACE, worker_id)`` for its life,
+        so a lock this connection can take belongs to a worker that is gone
+        (the lock is dropped with its connection, even on SIGKILL). Rows
+        without a worker (copied from SQLite by ``ledger migrate``) belong to
+        no live process either. ``exclude``: reservation ids never to touch.
+        """
+        skip = sorted(exclude or ())
+        out: list[Recovered] = []
+        workers = await self._rows("SELECT DISTINCT worker_id FROM usage WHERE state = 'open'")
+        for (worker,) in workers:
+            if worker is not None and worker == own_worker:
+                continue
+            if worker is None:
+                out += await self._charge_open(None, skip)
+                continue
+            (got,) = await self._one("SELECT pg_try_advisory_lock(?, ?)", (LOCK_SPACE, worker))
+            if not got:
+                continue  # alive
+            try:
+                out += await self._charge_open(worker, skip)
+            finally:
+                await self._rows("SELECT pg_advisory_unlock(?, ?)", (LOCK_SPACE, worker))
+        return out
+
+    async def _charge_open(self, worker: int | None, skip: list[int]) -> list[Recovered]:
+        at = now_ms()
+        cur = await self.db.execute(_CHARGE_OPEN, (worker, skip, at, at))
+        return [
+            Recovered(
+                reservation_id=rid,
+                request_id=request_id,
+                account_id=account_id,
+                key_id=key_id,
+                model=model,
+                charged_micro=amount,
+                created_ms=created,
+            )
+            for rid, request_id, account_id, key_id, model, amount, created in sorted(
+                await cur.fetchall()
+            )
+        ]
+
+    # -- reports ----------------------------------------------------------------
+
+    async def usage_report(
+        self,
+        *,
+        account_id: int | None = None,
+        key_id: int | None = None,
+        model: str | None = None,
+        since_ms: int | None = None,
+    ) -> list[UsageGroup]:
+        where, params = [], []
+        for column, value in (
+            ("u.account_id = ?", account_id),
+            ("u.key_id = ?", key_id),
+            ("u.model = ?", model),
+            ("u.created_ms >= ?", since_ms),
+        ):
+            if value is not None:
+                where.append(column)
+                params.append(value)
+        sql = (
+            "SELECT to_char(to_timestamp(u.created_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD') "
+            "AS day, u.account_id, a.name, u.key_id, u.model, COUNT(*), "
+            "COUNT(*) FILTER (WHERE u.state = 'open'), COALESCE(SUM(u.prompt_tokens), 0), "
+            "COALESCE(SUM(u.completion_tokens), 0), COALESCE(SUM(u.cached_tokens), 0), "
+            "COALESCE(SUM(u.charge_micro), 0), COALESCE(SUM(u.unrecovered_micro), 0) "
+            "FROM usage u JOIN accounts a ON a.id = u.account_id "
+            + (("WHERE " + " AND ".join(where) + " ") if where else "")
+            + "GROUP BY day, u.account_id, a.name, u.key_id, u.model "
+            "ORDER BY day, u.account_id, u.key_id, u.model"
+        )
+        return [UsageGroup(*r) for r in await self._rows(sql, params)]
+
+
+def _plain(value: Any) -> Any:
+    """SUM() of bigint is numeric in PostgreSQL; money stays int."""
+    return int(value) if isinstance(value, decimal.Decimal) else value
