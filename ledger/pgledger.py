@@ -102,8 +102,13 @@ class PgLedger:
         self._sweep_s = sweep_interval_s
         self._open: dict[int, Reservation] = {}
         self._writer = PgCommitter(
-            self._apply, self._finalised, batch_max=batch_max, settle_linger_ms=settle_linger_ms
+            self._apply,
+            self._finalised,
+            self._observe,
+            batch_max=batch_max,
+            settle_linger_ms=settle_linger_ms,
         )
+        self._seen: dict[int, int] = {}  # balances as of this worker's last commit
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.recovered: list[Recovered] = []
@@ -191,6 +196,7 @@ class PgLedger:
             self.recovered += await self._admin.recover(own_worker=self.worker_id)
         _log_recovered(self.recovered)
         self._key_version = await self._admin.key_version()
+        self._seen = await self._admin.balances()
         self._writer.start()
         self._tasks = [
             asyncio.create_task(self._key_poll_loop(), name="ledger-key-poll"),
@@ -258,14 +264,24 @@ class PgLedger:
         return changed
 
     async def create_account(self, name: str, *, topup_micro: int = 0) -> Account:
-        return await self._admin.create_account(name, topup_micro)
+        account = await self._admin.create_account(name, topup_micro)
+        self._seen[account.id] = account.balance_micro
+        return account
 
     async def account(self, account: int | str) -> Account | None:
         return await self._admin.find_account(account)
 
     def available_micro(self, account_id: int) -> int | None:
-        """Not known in this process: the database checks every reservation."""
-        return None
+        """The balance as of this worker's last commit touching the account (None: never seen).
+
+        Informational only: other workers may have spent or topped up since,
+        and no decision here depends on it (the database checks every reservation).
+        """
+        return self._seen.get(account_id)
+
+    def _observe(self, op: dict[str, Any], row: Row) -> None:
+        if row[3] is not None:
+            self._seen[int(op["account_id"])] = int(row[3])
 
     # -- the request path -------------------------------------------------------
 

@@ -51,6 +51,7 @@ class PgCommitter:
         self,
         apply: Callable[[list[dict[str, Any]]], Awaitable[list[Row]]],
         on_final: Callable[[dict[str, Any], Row | None, Exception | None], None],
+        observe: Callable[[dict[str, Any], Row], None],
         *,
         batch_max: int,
         settle_linger_ms: float,
@@ -59,6 +60,7 @@ class PgCommitter:
             raise ValueError("batch_max must be >= 1 and settle_linger_ms >= 0")
         self._apply = apply
         self._on_final = on_final
+        self._observe = observe
         self._batch_max = batch_max
         self._linger_s = settle_linger_ms / 1000
         self._queue: deque[_Item] = deque()
@@ -166,6 +168,8 @@ class PgCommitter:
         by_ord = {int(r[0]): r for r in rows}
         for n, item in enumerate(ops, start=1):
             row = by_ord.get(n)
+            if row is not None:
+                self._observe(item.op, row)  # type: ignore[arg-type]
             if item.future is not None:
                 if row is None:
                     _reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))

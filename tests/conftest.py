@@ -18,8 +18,19 @@ import pytest
 
 from tests.support.clients import sdk
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.postgres import Cluster, PostgresUnavailable, start_cluster
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 from tests.support.testdata import TEST_MODELS
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster, started on first use (never skipped: fails if it cannot)."""
+    try:
+        with start_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from teegate.commands.ledger_common import (
     print_json,
     when,
 )
-from teegate.ledger import Ledger, LedgerLocked, LedgerNotFound, format_usd
+from teegate.ledger import Ledger, LedgerLocked, LedgerNotFound, format_usd, is_postgres
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,7 +62,8 @@ def _register_ledger(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p = actions.add_parser(
         "recover",
         parents=[common],
-        help="settle reservations left open by a crash (the proxy must be stopped)",
+        help="settle reservations left open by a crash (SQLite: the proxy must be stopped; "
+        "PostgreSQL: only those of workers that are gone)",
     )
     p.set_defaults(func=command(_ledger_recover))
 
@@ -100,7 +101,7 @@ async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
 
 
 async def _ledger_recover(args: argparse.Namespace, db: str) -> int:
-    if not await asyncio.to_thread(Path(db).is_file):
+    if not is_postgres(db) and not await asyncio.to_thread(Path(db).is_file):
         raise LedgerNotFound(f"no ledger database at {db}")
     try:
         # recover=False + recover(): the same rule, printed here instead of logged.

@@ -1,4 +1,10 @@
-"""Fixtures for the ledger tests: a fresh database per test, opened for serving."""
+"""Fixtures for the ledger tests: a fresh database per test, opened for serving.
+
+Every test that takes ``db_path`` (or ``ledger``) runs twice: on an SQLite file
+and on a fresh PostgreSQL database of the session's test cluster, so both
+stores keep the same promises. Tests of SQLite-only mechanics (its lock file,
+PRAGMAs, in-memory holds) are marked ``sqlite_only``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,19 @@ import pytest
 
 from teegate.ledger import Ledger
 
+STORES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store" in metafunc.fixturenames:
+        stores = ["sqlite"] if metafunc.definition.get_closest_marker("sqlite_only") else STORES
+        metafunc.parametrize("store", stores)
+
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
+def db_path(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if store == "postgresql":
+        return request.getfixturevalue("pg_cluster").new_database("ledger")
     return str(tmp_path / "ledger.sqlite3")
 
 

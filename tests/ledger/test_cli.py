@@ -7,13 +7,13 @@ import csv
 import io
 import json
 import re
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from teegate.cli import main
-from teegate.ledger import Ledger, Prices
+from teegate.ledger import Ledger, Prices, is_postgres
+from tests.support import ledgerdb
 
 PRICES = Prices(1_000_000, 2_000_000)
 
@@ -29,19 +29,23 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def snapshot(db: str) -> tuple[object, ...]:
     """Everything a command could have written."""
-    with sqlite3.connect(db) as conn:
-        return (
-            conn.execute("PRAGMA user_version").fetchone(),
-            conn.execute("SELECT * FROM accounts ORDER BY id").fetchall(),
-            conn.execute("SELECT * FROM api_keys ORDER BY id").fetchall(),
-            conn.execute("SELECT * FROM entries ORDER BY id").fetchall(),
-            conn.execute("SELECT * FROM usage ORDER BY reservation_id").fetchall(),
-        )
+    version = (
+        ledgerdb.rows(db, "SELECT version FROM teegate_schema")
+        if is_postgres(db)
+        else ledgerdb.rows(db, "PRAGMA user_version")
+    )
+    return (
+        version,
+        ledgerdb.rows(db, "SELECT * FROM accounts ORDER BY id"),
+        ledgerdb.rows(db, "SELECT * FROM api_keys ORDER BY id"),
+        ledgerdb.rows(db, "SELECT * FROM entries ORDER BY id"),
+        ledgerdb.rows(db, "SELECT * FROM usage ORDER BY reservation_id"),
+    )
 
 
 @pytest.fixture
-def db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    path = str(tmp_path / "cli.sqlite3")
+def db(db_path: str, capsys: pytest.CaptureFixture[str]) -> str:
+    path = db_path
     assert run(capsys, "accounts", "create", "alice", "--topup", "12.50", "--db", path)[0] == 0
     assert run(capsys, "accounts", "create", "bob", "--db", path)[0] == 0
     return path
@@ -75,10 +79,9 @@ def test_accounts(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, _ = run(capsys, "accounts", "show", "alice", "--json", "--db", db)
     shown = json.loads(out)
     assert (shown["id"], shown["balance_micro"], shown["keys"]) == (1, 20_000_000, [])
-    with sqlite3.connect(db) as conn:
-        last = conn.execute(
-            "SELECT account_id, kind, amount_micro, note FROM entries ORDER BY id DESC LIMIT 1"
-        ).fetchone()
+    last = ledgerdb.one(
+        db, "SELECT account_id, kind, amount_micro, note FROM entries ORDER BY id DESC LIMIT 1"
+    )
     assert last == (1, "topup", 7_500_000, "invoice 42")
 
 
@@ -150,11 +153,15 @@ async def test_ledger_verify_and_recover(capsys: pytest.CaptureFixture[str], db:
     key = await led.authenticate(plaintext)
     assert key is not None
     await led.reserve("left-open", key, "m", PRICES, 4000)
-    # While the proxy serves: verify works, recover refuses.
+    # While the proxy serves: verify works; recover refuses (SQLite) or leaves it alone
+    # (PostgreSQL: it only charges reservations of workers that are gone).
     code, out, _ = await arun(capsys, "ledger", "verify", "--db", db)
     assert code == 0 and "1 open reservation" in out
-    code, _, err = await arun(capsys, "ledger", "recover", "--db", db)
-    assert code == 1 and "recovers on its own start" in err
+    code, out, err = await arun(capsys, "ledger", "recover", "--db", db)
+    if is_postgres(db):
+        assert code == 0 and "recovered 0 reservation" in out
+    else:
+        assert code == 1 and "recovers on its own start" in err
     await led.close()  # leaves the reservation open, as a crash would
 
     code, out, _ = await arun(capsys, "ledger", "recover", "--db", db)
@@ -162,8 +169,7 @@ async def test_ledger_verify_and_recover(capsys: pytest.CaptureFixture[str], db:
     code, out, _ = await arun(capsys, "ledger", "verify", "--json", "--db", db)
     assert code == 0 and json.loads(out)["open_reservations"] == []
 
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE accounts SET balance_micro = 0 WHERE name = 'alice'")
+    ledgerdb.execute(db, "UPDATE accounts SET balance_micro = 0 WHERE name = 'alice'")
     code, out, _ = await arun(capsys, "ledger", "verify", "--db", db)
     assert code == 1 and "MISMATCH balance" in out
 
@@ -207,6 +213,7 @@ def test_bad_input_exits_2_and_writes_nothing(
     assert snapshot(db) == before
 
 
+@pytest.mark.sqlite_only
 def test_a_missing_database_is_not_created_by_reading_commands(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

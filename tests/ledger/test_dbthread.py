@@ -14,6 +14,8 @@ from teegate.ledger.dbthread import run_on_connection, transaction
 from teegate.ledger.ops import NewReservation
 from tests.support.ledger import PRICES
 
+pytestmark = pytest.mark.sqlite_only  # SQLite mechanics; tests/ledger/test_pg.py has PG's
+
 
 def _reservation(account_id: int, key_id: int, amount: int) -> NewReservation:
     return NewReservation(

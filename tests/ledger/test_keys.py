@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from teegate.ledger import Ledger, Store
 from teegate.ledger.keys import hash_key
 from tests.support.ledger import fund
@@ -41,6 +43,7 @@ async def test_key_shape_and_authentication(ledger: Ledger) -> None:
     assert await ledger.authenticate(None) is None  # type: ignore[arg-type]
 
 
+@pytest.mark.sqlite_only
 async def test_keys_are_stored_only_as_hashes(db_path: str) -> None:
     led = await Ledger.open(db_path)
     acct = await led.create_account("alice")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from teegate.ledger import Ledger, Store
+from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,11 +96,11 @@ async def test_reservations_open_at_a_crash_are_settled_in_full_on_reopen(db_pat
         assert await led.recover() == []  # nothing left
     finally:
         await led.close()
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute(
-            "SELECT source, status, charge_micro FROM usage WHERE reservation_id IN (?, ?)",
-            open_ids,
-        ).fetchall()
+    rows = db.rows(
+        db_path,
+        "SELECT source, status, charge_micro FROM usage WHERE reservation_id IN (?, ?)",
+        open_ids,
+    )
     assert rows == [("recovered", "recovered", 7000)] * 2
 
 
@@ -126,11 +126,11 @@ async def test_verify_detects_a_tampered_cached_balance(db_path: str) -> None:
     res = await led.reserve("a", f.key, "m", PRICES, 1000)
     await led.settle(res, 100, 100, 0, "usage")
     await led.close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE accounts SET balance_micro = balance_micro + 1000000 WHERE id = ?",
-            (f.account_id,),
-        )
+    db.execute(
+        db_path,
+        "UPDATE accounts SET balance_micro = balance_micro + 1000000 WHERE id = ?",
+        (f.account_id,),
+    )
     store = await Store.open(db_path, create=False)
     try:
         report = await store.verify()
@@ -151,8 +151,7 @@ async def test_verify_detects_a_usage_record_that_disagrees_with_its_entries(
     res = await led.reserve("a", f.key, "m", PRICES, 1000)
     await led.settle(res, 100, 100, 0, "usage")
     await led.close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE usage SET charge_micro = 1 WHERE reservation_id = ?", (res.id,))
+    db.execute(db_path, "UPDATE usage SET charge_micro = 1 WHERE reservation_id = ?", (res.id,))
     store = await Store.open(db_path, create=False)
     try:
         report = await store.verify()

@@ -19,27 +19,24 @@ from teegate.ledger import (
     UnknownAccount,
 )
 from teegate.ledger.models import ApiKey
+from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
 
 
 def _db_balance(db_path: str, account_id: int) -> tuple[int, int]:
-    """(cached balance, sum of entries) straight from the file."""
-    with sqlite3.connect(db_path) as conn:
-        cached = conn.execute(
-            "SELECT balance_micro FROM accounts WHERE id = ?", (account_id,)
-        ).fetchone()[0]
-        derived = conn.execute(
-            "SELECT COALESCE(SUM(amount_micro), 0) FROM entries WHERE account_id = ?",
-            (account_id,),
-        ).fetchone()[0]
-    return cached, derived
+    """(cached balance, sum of entries) straight from the database."""
+    (cached,) = db.one(db_path, "SELECT balance_micro FROM accounts WHERE id = ?", (account_id,))
+    (derived,) = db.one(
+        db_path,
+        "SELECT COALESCE(SUM(amount_micro), 0) FROM entries WHERE account_id = ?",
+        (account_id,),
+    )
+    return int(cached), int(derived)
 
 
 def _finals(db_path: str, reservation_id: int) -> list[tuple[str, int]]:
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute(
-            "SELECT kind, amount_micro FROM entries WHERE reservation_id = ?", (reservation_id,)
-        ).fetchall()
+    sql = "SELECT kind, amount_micro FROM entries WHERE reservation_id = ?"
+    return db.rows(db_path, sql, (reservation_id,))
 
 
 @pytest.mark.parametrize("batch_ms", [0.0, 2.0])
@@ -103,13 +100,13 @@ async def test_settle_charges_actual_usage_and_returns_the_rest_after_commit(
     await ledger.flush()
     assert ledger.available_micro(f.account_id) == 100_000 - 4500
     assert _db_balance(db_path, f.account_id) == (95_500, 95_500)
-    with sqlite3.connect(db_path) as conn:
-        row = conn.execute(
-            "SELECT request_id, key_id, model, prompt_tokens, completion_tokens, cached_tokens, "
-            "charge_micro, reserved_micro, source, status, start_ms, first_byte_ms, end_ms, state "
-            "FROM usage WHERE reservation_id = ?",
-            (res.id,),
-        ).fetchone()
+    row = db.one(
+        db_path,
+        "SELECT request_id, key_id, model, prompt_tokens, completion_tokens, cached_tokens, "
+        "charge_micro, reserved_micro, source, status, start_ms, first_byte_ms, end_ms, state "
+        "FROM usage WHERE reservation_id = ?",
+        (res.id,),
+    )
     assert row == (
         "req-1",
         f.key.key_id,
@@ -161,14 +158,15 @@ async def test_concurrent_settle_and_release_finalise_exactly_once(
     assert len(_finals(db_path, res.id)) == 1
 
 
-def _usage_money(db_path: str, reservation_id: int) -> tuple[int, int]:
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute(
-            "SELECT charge_micro, unrecovered_micro FROM usage WHERE reservation_id = ?",
-            (reservation_id,),
-        ).fetchone()
+def _usage_money(db_path: str, reservation_id: int) -> tuple[int, ...] | None:
+    return db.one(
+        db_path,
+        "SELECT charge_micro, unrecovered_micro FROM usage WHERE reservation_id = ?",
+        (reservation_id,),
+    )
 
 
+@pytest.mark.sqlite_only
 async def test_usage_above_the_reservation_is_charged_in_full_when_the_balance_covers_it(
     ledger: Ledger, db_path: str
 ) -> None:
@@ -201,14 +199,15 @@ async def test_usage_above_what_the_balance_holds_stops_at_zero_and_the_rest_is_
     assert (charged, unrecovered) == (1000 + collected, 3000 - 1000 - collected)
     report = await ledger.verify()
     assert report.ok and report.unrecovered_micro == unrecovered
-    with sqlite3.connect(db_path) as conn:  # verify checks where unrecovered may appear
-        conn.execute("UPDATE usage SET source = 'recovered' WHERE reservation_id = ?", (res.id,))
+    # verify checks where unrecovered may appear
+    db.execute(db_path, "UPDATE usage SET source = 'recovered' WHERE reservation_id = ?", (res.id,))
     [problem] = (await ledger.verify()).mismatches
     assert f"{unrecovered} unrecovered" in problem.detail
     [group] = await ledger.usage()
     assert (group.charge_micro, group.unrecovered_micro) == (charged, unrecovered)
 
 
+@pytest.mark.sqlite_only
 async def test_a_reservation_admitted_before_the_settlement_is_paid_first(
     ledger: Ledger, db_path: str
 ) -> None:
@@ -235,10 +234,9 @@ async def test_bytes_fallback_source_is_recorded(ledger: Ledger, db_path: str) -
     res = await ledger.reserve("a", f.key, "m", PRICES, 10_000)
     await ledger.settle(res, 100, 40, 0, "bytes", status="no usage block")
     await ledger.flush()
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute(
-            "SELECT source, status FROM usage WHERE reservation_id = ?", (res.id,)
-        ).fetchone() == ("bytes", "no usage block")
+    assert db.one(
+        db_path, "SELECT source, status FROM usage WHERE reservation_id = ?", (res.id,)
+    ) == ("bytes", "no usage block")
 
 
 async def test_invalid_settle_leaves_the_reservation_open(ledger: Ledger) -> None:
@@ -277,6 +275,7 @@ async def test_a_reservation_from_elsewhere_is_refused(db_path: str, tmp_path) -
         await other.close()
 
 
+@pytest.mark.sqlite_only
 async def test_a_cancelled_reserve_is_released_not_left_open(ledger: Ledger) -> None:
     f = await fund(ledger, "alice", 10_000)
     task = asyncio.create_task(ledger.reserve("a", f.key, "m", PRICES, 4000))
@@ -292,6 +291,7 @@ async def test_a_cancelled_reserve_is_released_not_left_open(ledger: Ledger) -> 
     assert ledger.available_micro(f.account_id) == 10_000
 
 
+@pytest.mark.sqlite_only
 async def test_a_topup_from_another_process_is_seen_on_refresh(db_path: str) -> None:
     led = await Ledger.open(db_path, refresh_ms=60_000)
     try:
@@ -309,6 +309,7 @@ async def test_a_topup_from_another_process_is_seen_on_refresh(db_path: str) -> 
         await led.close()
 
 
+@pytest.mark.sqlite_only
 async def test_holds_survive_a_refresh(db_path: str) -> None:
     led = await Ledger.open(db_path, refresh_ms=60_000)
     try:
@@ -326,6 +327,7 @@ async def test_holds_survive_a_refresh(db_path: str) -> None:
         await led.close()
 
 
+@pytest.mark.sqlite_only
 async def test_only_one_process_may_serve_from_a_ledger(db_path: str) -> None:
     led = await Ledger.open(db_path)
     try:
@@ -339,6 +341,7 @@ async def test_only_one_process_may_serve_from_a_ledger(db_path: str) -> None:
     await (await Ledger.open(db_path)).close()  # free again after close
 
 
+@pytest.mark.sqlite_only
 async def test_a_reservation_that_cannot_be_committed_fails_closed(
     ledger: Ledger, db_path: str
 ) -> None:
@@ -357,6 +360,7 @@ async def test_a_reservation_that_cannot_be_committed_fails_closed(
     assert res.amount_micro == 4000
 
 
+@pytest.mark.sqlite_only
 async def test_a_settlement_that_fails_to_commit_is_retried(db_path: str) -> None:
     led = await Ledger.open(db_path, busy_timeout_ms=50)
     other = sqlite3.connect(db_path, isolation_level=None)
@@ -386,10 +390,9 @@ async def test_closed_ledger_refuses_work(db_path: str) -> None:
 
 
 def _usage_state(db_path: str, reservation_id: int) -> str:
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute(
-            "SELECT state FROM usage WHERE reservation_id = ?", (reservation_id,)
-        ).fetchone()[0]
+    row = db.one(db_path, "SELECT state FROM usage WHERE reservation_id = ?", (reservation_id,))
+    assert row is not None
+    return str(row[0])
 
 
 async def test_a_settlement_rides_with_the_next_reservations_commit(db_path: str) -> None:
@@ -459,6 +462,7 @@ async def test_a_lingering_settlement_never_causes_a_402(db_path: str) -> None:
         await led.close()
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(("mode", "pragma"), [("FULL", 2), ("NORMAL", 1)])
 async def test_the_writer_uses_the_configured_sync_mode(db_path: str, mode: str, pragma: int):
     led = await Ledger.open(db_path, synchronous=mode)

@@ -10,6 +10,8 @@ import pytest
 from teegate.ledger import Ledger, SchemaTooNew, Store
 from teegate.ledger.schema import MIGRATIONS, SCHEMA_VERSION, configure, migrate
 
+pytestmark = pytest.mark.sqlite_only  # SQLite mechanics; tests/ledger/test_pg.py has PG's
+
 
 def _version(path: str) -> int:
     with sqlite3.connect(path) as conn:
