@@ -1,0 +1,277 @@
+"""What only the PostgreSQL store promises: many workers on one database.
+
+Each worker is a :class:`PgLedger` with its own connections (in this process,
+or a child process killed with SIGKILL); the database is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from teegate.ledger import (
+    InsufficientBalance,
+    Ledger,
+    LedgerLocked,
+    LedgerUnavailable,
+    RateLimited,
+    Reservation,
+    Store,
+)
+from tests.support import ledgerdb as db
+from tests.support.ledger import PRICES, fund
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def url(pg_cluster) -> str:
+    return pg_cluster.new_database("pg")
+
+
+async def test_two_workers_never_overspend(url: str) -> None:
+    """Concurrent reservations from two workers against a balance for exactly 10."""
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        assert a.worker_id != b.worker_id
+        f = await fund(a, "alice", 10_000)
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).reserve(f"r{i}", f.key, "m", PRICES, 1000)
+                for i in range(50)
+            ),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, Reservation)]
+        lost = [r for r in results if isinstance(r, InsufficientBalance)]
+        assert (len(won), len(lost)) == (10, 40)
+        assert db.one(url, "SELECT balance_micro FROM accounts WHERE id = ?", (f.account_id,)) == (
+            0,
+        )
+        report = await a.verify()
+        assert report.ok and len(report.open_reservations) == 10
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_shared_rate_limit_admits_exactly_the_limit_across_workers(url: str) -> None:
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        f = await fund(a, "alice", 10**9)
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).reserve(f"r{i}", f.key, "m", PRICES, 1, rate_limit=20)
+                for i in range(30)
+            ),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, Reservation)]
+        limited = [r for r in results if isinstance(r, RateLimited)]
+        assert (len(won), len(limited)) == (20, 10)
+        assert sorted(r.rate_window[0] for r in won) == list(range(1, 21))  # type: ignore[index]
+        assert all(e.limit == 20 and e.count > 20 for e in limited)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_rate_limit_comes_before_the_balance_check(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 1000)
+        await led.reserve("a", f.key, "m", PRICES, 1000, rate_limit=1)
+        with pytest.raises(RateLimited):  # 429, not 402, although the balance is gone too
+            await led.reserve("b", f.key, "m", PRICES, 1000, rate_limit=1)
+    finally:
+        await led.close()
+
+
+async def test_a_revocation_reaches_another_worker_within_a_second(url: str) -> None:
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        f = await fund(a, "alice", 1000)
+        assert await b.authenticate(f.plaintext) == f.key  # cached in b
+        started = time.monotonic()
+        assert await a.revoke_key(f.key.key_id)
+
+        async def gone() -> bool:
+            return await b.authenticate(f.plaintext) is None
+
+        while not await gone():
+            assert time.monotonic() - started < 1.0, "b still accepts a revoked key after 1 s"
+            await asyncio.sleep(0.01)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_topup_elsewhere_is_spendable_at_once(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 1000)
+        async with await Store.open(url, create=False) as store:
+            await store.credit(f.account_id, 5000, "topup", None)
+        assert (await led.reserve("a", f.key, "m", PRICES, 6000)).amount_micro == 6000
+    finally:
+        await led.close()
+
+
+async def test_an_explicit_worker_id_is_held_for_the_workers_life(url: str) -> None:
+    led = await Ledger.open(url, worker_id=7)
+    try:
+        assert led.worker_id == 7
+        with pytest.raises(LedgerLocked):
+            await Ledger.open(url, worker_id=7)
+    finally:
+        await led.close()
+    await (await Ledger.open(url, worker_id=7)).close()  # free again
+
+
+async def test_a_restarted_worker_charges_what_its_previous_life_left_open(url: str) -> None:
+    led = await Ledger.open(url, worker_id=3)
+    f = await fund(led, "alice", 10_000)
+    res = await led.reserve("a", f.key, "m", PRICES, 4000)
+    await led.close()  # as a crash would: the reservation stays open
+    led = await Ledger.open(url, worker_id=3, recover=False)
+    try:
+        assert [r.reservation_id for r in led.recovered] == [res.id]
+        assert (await led.verify()).open_reservations == []
+    finally:
+        await led.close()
+
+
+async def test_a_reservation_that_cannot_be_committed_fails_closed(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 10_000)
+        db.execute(
+            url,
+            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
+        )
+        db.execute(url, "CREATE TRIGGER boom BEFORE INSERT ON entries EXECUTE FUNCTION boom()")
+        with pytest.raises(LedgerUnavailable):
+            await led.reserve("a", f.key, "m", PRICES, 4000)
+        db.execute(url, "DROP TRIGGER boom ON entries")
+        res = await led.reserve("b", f.key, "m", PRICES, 4000)
+        assert res.amount_micro == 4000
+        # The failed one left nothing behind: the balance is whole but for "b".
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (6000,)
+    finally:
+        await led.close()
+
+
+async def test_a_lost_writer_connection_is_replaced_and_keeps_the_lock(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 10_000)
+        pid = led._writer_conn.info.backend_pid  # type: ignore[union-attr]
+        db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
+        # The first attempt may fail closed on the dead connection; the next reconnects.
+        for _ in range(3):
+            try:
+                res = await led.reserve("a", f.key, "m", PRICES, 100)
+                break
+            except LedgerUnavailable:
+                continue
+        else:
+            pytest.fail("the writer never reconnected")
+        with pytest.raises(LedgerLocked):  # the new connection holds the worker's lock again
+            await Ledger.open(url, worker_id=led.worker_id)
+        await led.settle(res, 10, 10, 0, "usage")
+        await led.flush()
+        assert (await led.verify()).ok
+    finally:
+        await led.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from teegate.ledger import Ledger, Prices
+
+    async def main():
+        led = await Ledger.open(sys.argv[1])
+        key = await led.authenticate(os.environ["TEST_LEDGER_KEY"])
+        held = [await led.reserve(f"w-{i}", key, "m", Prices(1, 1), 700) for i in range(3)]
+        print("READY", " ".join(str(r.id) for r in held), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_the_sweeper_charges_a_killed_workers_reservations_while_others_serve(
+    url: str,
+) -> None:
+    survivor = await Ledger.open(url, sweep_interval_s=0.1)
+    try:
+        f = await fund(survivor, "alice", 10_000)
+        env = {**os.environ, "TEST_LEDGER_KEY": f.plaintext, "PYTHONPATH": str(REPO)}
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD, url,
+            stdout=asyncio.subprocess.PIPE, env=env, cwd=REPO,
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None
+            line = (await asyncio.wait_for(child.stdout.readline(), 30)).decode()
+            assert line.startswith("READY"), line
+            open_ids = sorted(int(x) for x in line.split()[1:])
+            mine = await survivor.reserve("mine", f.key, "m", PRICES, 1000)
+            assert await survivor.sweep() == []  # its worker is alive: nothing taken
+        finally:
+            child.send_signal(signal.SIGKILL)
+            await child.wait()
+        deadline = time.monotonic() + 10
+        while len(survivor.recovered) < 3:  # the periodic sweeper, not a call of ours
+            assert time.monotonic() < deadline, "the sweeper never charged the dead worker's"
+            await asyncio.sleep(0.02)
+        assert sorted(r.reservation_id for r in survivor.recovered) == open_ids
+        assert all(r.charged_micro == 700 for r in survivor.recovered)
+        await survivor.settle(mine, 10, 10, 0, "usage")  # its own stayed its own
+        await survivor.flush()
+        report = await survivor.verify()
+        assert report.ok and report.open_reservations == []
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 3 * 700 - 30,)
+    finally:
+        await survivor.close()
+
+
+async def test_a_settlement_after_the_sweeper_is_a_harmless_duplicate(url: str) -> None:
+    a = await Ledger.open(url)
+    f = await fund(a, "alice", 10_000)
+    res = await a.reserve("a", f.key, "m", PRICES, 4000)
+    # Another worker's sweeper charged it (as if a's lock had been lost meanwhile).
+    db.execute(
+        url,
+        "INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms, note) "
+        "VALUES (?, 'settlement', 0, ?, 0, 'recovered')",
+        (f.account_id, res.id),
+    )
+    db.execute(
+        url,
+        "UPDATE usage SET state = 'settled', charge_micro = reserved_micro, "
+        "source = 'recovered', status = 'recovered' WHERE reservation_id = ?",
+        (res.id,),
+    )
+    await a.settle(res, 10, 10, 0, "usage")
+    await a.flush()
+    try:
+        assert db.rows(url, "SELECT kind FROM entries WHERE reservation_id = ?", (res.id,)) == [
+            ("settlement",)
+        ]
+        assert (await a.verify()).ok
+    finally:
+        await a.close()
