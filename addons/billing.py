@@ -1,6 +1,9 @@
 """Prepaid billing: reserve before the upstream call, settle from what was served.
 
-Request: a conservative estimate (prompt estimate at the input price plus the
+Request: with a ledger that shares rate limits (PostgreSQL), the request is
+first counted in its key's window in the same database call as the
+reservation (:mod:`teegate.addons.ratelimit`): 429 still comes before 402.
+Then a conservative estimate (prompt estimate at the input price plus the
 whole output budget at the output price) is reserved atomically against the
 key's balance and committed before the request may leave; a balance that
 cannot cover it gets ``402 insufficient_balance`` and nothing goes upstream.
@@ -44,11 +47,13 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.ratelimit import enforce
 from teegate.addons.streaming import generated_bytes
 from teegate.ledger import (
     InsufficientBalance,
     LedgerError,
     Prices,
+    RateLimited,
     Reservation,
     Timing,
     estimate_prompt_tokens,
@@ -107,9 +112,20 @@ class Billing:
         flowstate.set_started_ms(flow, _ms())
         rid = flowstate.need(flowstate.request_id(flow), "request id")
         key = flowstate.need(flowstate.api_key(flow), "api key")
+        limit = flowstate.shared_limit(flow)  # set by RateLimit when the ledger counts it
         try:
-            res = await self._link.get().reserve(rid, key, model.id, prices, amount)
+            res = await self._link.get().reserve(
+                rid, key, model.id, prices, amount, **({"rate_limit": limit} if limit else {})
+            )
+        except RateLimited as e:
+            flowstate.set_rate_counted(flow)
+            enforce(flow, e.limit, e.count, e.started_ms / 1000, time.time())  # 429
+            return
         except InsufficientBalance as e:
+            window = getattr(e, "rate_window", None)
+            if limit is not None and window is not None:
+                flowstate.set_rate_counted(flow)
+                enforce(flow, limit, window[0], window[1] / 1000, time.time())
             refuse(
                 flow,
                 GatewayError(
@@ -133,6 +149,12 @@ class Billing:
                 ),
             )
             return
+        if limit is not None:
+            window = flowstate.need(res.rate_window, "shared rate-limit window")
+            flowstate.set_rate_counted(flow)
+            if not enforce(flow, limit, window[0], window[1] / 1000, time.time()):
+                return  # pragma: no cover - the database refuses over the limit
+            flowstate.passed(flow, Stage.RATELIMIT)
         flowstate.set_reservation(flow, res)
         flowstate.passed(flow, Stage.BILLING)
 

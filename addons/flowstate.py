@@ -78,6 +78,8 @@ _LISTED_MODEL = "teegate.listed_model"
 _UPSTREAM_MODEL = "teegate.upstream_model"
 _CLIENT_WANTS_USAGE = "teegate.client_wants_usage"
 _RESERVATION = "teegate.reservation"
+_SHARED_LIMIT = "teegate.shared_limit"
+_RATE_COUNTED = "teegate.rate_counted"
 _STARTED_MS = "teegate.started_ms"
 _FIRST_BYTE_MS = "teegate.first_byte_ms"
 _TALLY = "teegate.stream"
@@ -209,6 +211,24 @@ def reservation(flow: http.HTTPFlow) -> Reservation | None:
 
 def set_reservation(flow: http.HTTPFlow, res: Reservation) -> None:
     flow.metadata[_RESERVATION] = res
+
+
+def shared_limit(flow: http.HTTPFlow) -> int | None:
+    """The per-minute limit Billing counts with the reservation (shared limits only)."""
+    return flow.metadata.get(_SHARED_LIMIT)
+
+
+def set_shared_limit(flow: http.HTTPFlow, limit: int) -> None:
+    flow.metadata[_SHARED_LIMIT] = limit
+
+
+def rate_counted(flow: http.HTTPFlow) -> bool:
+    """Whether the flow's request was counted in its key's shared window."""
+    return bool(flow.metadata.get(_RATE_COUNTED))
+
+
+def set_rate_counted(flow: http.HTTPFlow) -> None:
+    flow.metadata[_RATE_COUNTED] = True
 
 
 def started_ms(flow: http.HTTPFlow) -> int | None:

@@ -6,6 +6,12 @@ is throttled too. Over the limit: ``429 rate_limit_exceeded`` with
 ``Retry-After``, before the balance is checked and before anything goes
 upstream.
 
+With a ledger that shares limits (PostgreSQL: every worker, every machine) a
+key's window lives in the database instead of this process. A chat completion
+is then counted by :mod:`teegate.addons.billing` in its reservation's own round
+trip (still 429 before 402, and no extra round trip); any other keyed request
+here, with one statement. Unauthenticated throttling stays per process.
+
 Two spellings of the same numbers go out: ``X-RateLimit-Limit/-Remaining/-Reset``
 (reset as a Unix time, as the gateway has always sent) and OpenAI's own
 ``x-ratelimit-limit-requests/-remaining-requests/-reset-requests`` (reset as a
@@ -17,18 +23,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cachetools
+import structlog
 from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
     from teegate.config import RateLimitSettings
+
+log = structlog.get_logger("teegate.ratelimit")
 
 WINDOW_S = 60
 
@@ -56,16 +67,24 @@ def duration(seconds: float) -> str:
 
 
 class RateLimit:
-    def __init__(self, settings: RateLimitSettings, clock=time.time) -> None:
+    def __init__(
+        self, settings: RateLimitSettings, link: LedgerLink | None = None, clock=time.time
+    ) -> None:
         self._default = settings.requests_per_minute
+        self._link = link
         self._clock = clock
         # Idle buckets fall out after two windows; the size bound caps memory under a flood.
         self._windows: cachetools.TTLCache[str, _Window] = cachetools.TTLCache(
             maxsize=200_000, ttl=2 * WINDOW_S, timer=clock
         )
 
+    def _shared(self) -> Any:
+        """The ledger when it counts keys' requests in its database, else None."""
+        ledger = self._link.ledger if self._link is not None else None
+        return ledger if getattr(ledger, "shared_rate_limits", False) else None
+
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         key = flowstate.api_key(flow)
         if key is not None:
             bucket, limit = f"key:{key.key_id}", key.rate_limit or self._default
@@ -73,37 +92,85 @@ class RateLimit:
             bucket, limit = f"ip:{flow.client_conn.peername[0]}", self._default
         else:
             return
+        shared = self._shared() if key is not None else None
+        if shared is not None:
+            if _is_chat_request(flow):
+                # Counted by Billing in the reservation's own round trip (429 before 402);
+                # Seal lets nothing leave that was not (RATELIMIT is passed there).
+                flowstate.set_shared_limit(flow, limit)
+                return
+            count, started_ms = await shared.count_request(key)
+            flowstate.set_rate_counted(flow)
+            if enforce(flow, limit, count, started_ms / 1000, self._clock()):
+                flowstate.passed(flow, Stage.RATELIMIT)
+            return
         now = self._clock()
         window = self._windows.get(bucket)
         if window is None or now - window.started >= WINDOW_S:
             window = _Window(started=now)
         window.count += 1
         self._windows[bucket] = window
-        reset = math.ceil(window.started + WINDOW_S)
-        remaining = max(limit - window.count, 0)
-        add_headers(
-            flow,
-            {
-                "x-ratelimit-limit": str(limit),
-                "x-ratelimit-remaining": str(remaining),
-                "x-ratelimit-reset": str(reset),
-                "x-ratelimit-limit-requests": str(limit),
-                "x-ratelimit-remaining-requests": str(remaining),
-                "x-ratelimit-reset-requests": duration(window.started + WINDOW_S - now),
-            },
-        )
-        if window.count > limit:
-            retry = max(math.ceil(window.started + WINDOW_S - now), 1)
-            refuse(
-                flow,
-                GatewayError(
-                    429,
-                    f"Rate limit reached: {limit} requests per minute. Retry in {retry} s.",
-                    "rate_limit_exceeded",
-                    type="rate_limit_error",
-                    headers={"retry-after": str(retry)},
-                ),
-            )
-            return
-        if key is not None:
+        if enforce(flow, limit, window.count, window.started, now) and key is not None:
             flowstate.passed(flow, Stage.RATELIMIT)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._count_unreserved(flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._count_unreserved(flow)
+
+    async def _count_unreserved(self, flow: http.HTTPFlow) -> None:
+        """A chat request answered before Billing counted it (a 400, 404, 503...) still counts."""
+        key = flowstate.api_key(flow)
+        shared = self._shared()
+        if key is None or shared is None or flowstate.shared_limit(flow) is None:
+            return
+        if flowstate.rate_counted(flow):
+            return
+        flowstate.set_rate_counted(flow)
+        try:
+            await shared.count_request(key)
+        except Exception as e:  # the answer is already decided; only the count is lost
+            log.warning("ratelimit.count_failed", error=type(e).__name__)
+
+
+def _is_chat_request(flow: http.HTTPFlow) -> bool:
+    """What Router will send down the chat path (it runs later; see addons.routes)."""
+    return flow.response is None and flow.request.method == "POST" and (
+        flow.request.path == CHAT_PATH
+    )
+
+
+def enforce(flow: http.HTTPFlow, limit: int, count: int, started: float, now: float) -> bool:
+    """Write the rate-limit headers for a window; refuse with 429 past ``limit``.
+
+    ``count`` includes this request; ``started`` is the window's start (Unix seconds).
+    Returns whether the request may go on.
+    """
+    reset = math.ceil(started + WINDOW_S)
+    remaining = max(limit - count, 0)
+    add_headers(
+        flow,
+        {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(remaining),
+            "x-ratelimit-reset": str(reset),
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": duration(started + WINDOW_S - now),
+        },
+    )
+    if count > limit:
+        retry = max(math.ceil(started + WINDOW_S - now), 1)
+        refuse(
+            flow,
+            GatewayError(
+                429,
+                f"Rate limit reached: {limit} requests per minute. Retry in {retry} s.",
+                "rate_limit_exceeded",
+                type="rate_limit_error",
+                headers={"retry-after": str(retry)},
+            ),
+        )
+        return False
+    return True

@@ -30,6 +30,13 @@ processes and machines on one database:
    and each worker polls it and drops its key cache when it changes (and
    whenever the poll fails). Top-ups need nothing: every reservation reads
    the balance in the database.
+
+Why this module is long: like :mod:`teegate.ledger.ledger` it is one class
+whose methods share the writing connection (and its lock), the map of open
+reservations and the key cache, and whose request-path methods must keep the
+same contract as the SQLite ledger's line by line; the SQL lives in
+:mod:`teegate.ledger.pgschema` and :mod:`teegate.ledger.pgstore`, the group
+commit in :mod:`teegate.ledger.pgwriter`.
 """
 
 from __future__ import annotations
@@ -283,6 +290,17 @@ class PgLedger:
         if row[3] is not None:
             self._seen[int(op["account_id"])] = int(row[3])
 
+    async def count_request(self, key: ApiKey) -> tuple[int, int]:
+        """Count a request that reserves nothing in the key's shared one-minute window.
+
+        Returns ``(count including this one, window start in ms)``; the caller
+        compares it with the key's limit. (Chat completions are counted by
+        :meth:`reserve` instead, in the reservation's own round trip.)
+        """
+        sql = "SELECT started_ms, count FROM teegate_count(?)"
+        row = await self._admin._one(sql, (key.key_id,))
+        return int(row[1]), int(row[0])
+
     # -- the request path -------------------------------------------------------
 
     async def reserve(
@@ -343,7 +361,10 @@ class PgLedger:
         if outcome == "rate_limited":
             raise RateLimited(rate_limit or 0, int(count), int(started))
         if outcome == "insufficient":
-            raise InsufficientBalance(int(balance), op["amount"])
+            error = InsufficientBalance(int(balance), op["amount"])
+            if count is not None:
+                error.rate_window = (int(count), int(started))  # type: ignore[attr-defined]
+            raise error
         if outcome == "unknown_account":
             raise UnknownAccount(f"no account {op['account_id']}")
         if outcome != "ok":

@@ -142,6 +142,21 @@ _V1: tuple[str, ...] = (
     "FOR EACH ROW WHEN (OLD.revoked_ms IS DISTINCT FROM NEW.revoked_ms) "
     "EXECUTE FUNCTION teegate_key_revoked()",
     """
+    CREATE FUNCTION teegate_count(key bigint, OUT started_ms bigint, OUT count bigint)
+    LANGUAGE sql AS $$
+        -- The key's fixed one-minute window on the database's clock (one clock for all
+        -- machines): a window older than a minute restarts at now with this request.
+        INSERT INTO rate_windows AS w (key_id, started_ms, count)
+        VALUES (key, (extract(epoch FROM clock_timestamp()) * 1000)::bigint, 1)
+        ON CONFLICT (key_id) DO UPDATE SET
+            started_ms = CASE WHEN EXCLUDED.started_ms - w.started_ms >= 60000
+                              THEN EXCLUDED.started_ms ELSE w.started_ms END,
+            count = CASE WHEN EXCLUDED.started_ms - w.started_ms >= 60000
+                         THEN 1 ELSE w.count + 1 END
+        RETURNING w.started_ms, w.count
+    $$
+    """,
+    """
     CREATE FUNCTION teegate_apply(ops jsonb, worker bigint, now_ms bigint)
     RETURNS TABLE (ord bigint, outcome text, entry_id bigint, balance bigint,
                    n1 bigint, n2 bigint)
@@ -159,14 +174,8 @@ _V1: tuple[str, ...] = (
             IF op->>'t' = 'r' THEN
                 v_count := NULL; v_started := NULL;
                 IF op->>'rate_limit' IS NOT NULL THEN
-                    INSERT INTO rate_windows AS w (key_id, started_ms, count)
-                    VALUES ((op->>'key_id')::bigint, now_ms, 1)
-                    ON CONFLICT (key_id) DO UPDATE SET
-                        started_ms = CASE WHEN now_ms - w.started_ms >= 60000
-                                          THEN now_ms ELSE w.started_ms END,
-                        count = CASE WHEN now_ms - w.started_ms >= 60000
-                                     THEN 1 ELSE w.count + 1 END
-                    RETURNING w.started_ms, w.count INTO v_started, v_count;
+                    SELECT c.started_ms, c.count INTO v_started, v_count
+                    FROM teegate_count((op->>'key_id')::bigint) c;
                     IF v_count > (op->>'rate_limit')::bigint THEN
                         ord := i; outcome := 'rate_limited'; entry_id := NULL; balance := NULL;
                         n1 := v_count; n2 := v_started; RETURN NEXT; CONTINUE;

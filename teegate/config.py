@@ -32,6 +32,7 @@ from teegate.addons.schema import ALLOWED_FIELDS, NEVER_ALLOWED
 from teegate.catalog.attestation import Policy
 from teegate.egress.hosts import DEFAULT_LLM_HOSTS, HostPattern
 from teegate.ledger.keys import DEFAULT_PREFIX
+from teegate.ledger.pgschema import is_postgres
 
 
 class _Section(BaseModel):
@@ -223,12 +224,36 @@ def _pattern_key(text: str) -> tuple[str, int | None]:
 class LedgerSettings(_Section):
     path: Path = Path("teegate.sqlite3")
     """SQLite file of accounts, keys and usage; a relative path is beside the config file."""
+    url: str | None = None
+    """A PostgreSQL ledger instead (``postgresql://user:password@host/db``), shared by every
+    worker and machine. Unset: ``$TEEGATE_DB`` when that is a postgresql:// URL, else ``path``."""
+    key_poll_ms: int = Field(200, ge=10, le=1000)
+    """PostgreSQL only: how often each worker checks for revoked keys (the longest a revoked
+    key keeps working on another worker is about this plus one query)."""
+    sweep_interval_s: float = Field(10.0, gt=0, le=3600)
+    """PostgreSQL only: how often each worker charges in full the open reservations of
+    workers that are gone (their advisory lock is free). Also done at every start."""
     key_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_]{1,32}$")
     """Prefix of the gateway's API keys; the default is the ledger's own (teegate.ledger.keys)."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL: each reservation is fsynced before its request leaves (survives power loss).
     NORMAL: written to the WAL but not fsynced (survives a crash of teegate, not of the
     machine; ~0.2 ms less per request alone). See docs/bench.md."""
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is not None and not is_postgres(v):
+            raise ValueError("must be a postgresql:// URL (an SQLite ledger is set with path)")
+        return v
+
+    @property
+    def location(self) -> str:
+        """What the ledger is opened with: the PostgreSQL URL, or the SQLite file's path."""
+        if self.url:
+            return self.url
+        env = os.environ.get("TEEGATE_DB", "")
+        return env if is_postgres(env) else str(self.path)
 
 
 class BillingSettings(_Section):

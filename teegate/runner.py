@@ -35,6 +35,7 @@ from teegate.addons.validate import ChatValidator
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
+from teegate.ledger.pgschema import redact
 from teegate.master import GatewayMaster
 
 # Every stage must approve a chat completion before Seal lets it leave.
@@ -62,7 +63,7 @@ def build_addons(
         ),  # egress only; before Router so its flows arrive like reverse
         HeaderFields(),  # after Egress: the client's own (passthrough) traffic is not judged
         Auth(link),
-        RateLimit(settings.ratelimit),
+        RateLimit(settings.ratelimit, link),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         Router(catalog, attestation),
         ChatValidator(settings.defaults, settings.request, settings.limits),
@@ -124,7 +125,16 @@ def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve(settings: Settings, ready: Ready | None = None) -> None:
+async def serve(
+    settings: Settings, ready: Ready | None = None, *, worker_id: int | None = None
+) -> None:
+    """Run one gateway process until it is told to stop.
+
+    ``worker_id`` names this process to a PostgreSQL ledger (unique across every
+    process and machine on the database; None: the database hands out the next
+    one). Several processes may serve from one PostgreSQL ledger; an SQLite
+    ledger refuses a second one (:class:`~teegate.ledger.LedgerLocked`).
+    """
     settings.upstream.resolved_api_key()  # none: stop here, not at the first request
     html_free_error_pages()
     # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
@@ -132,9 +142,12 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
     ledger = await Ledger.open(
-        settings.ledger.path,
+        settings.ledger.location,
         key_prefix=settings.ledger.key_prefix,
         synchronous=settings.ledger.synchronous,
+        worker_id=worker_id,
+        key_poll_ms=settings.ledger.key_poll_ms,
+        sweep_interval_s=settings.ledger.sweep_interval_s,
     )
     try:
         master = GatewayMaster(options.Options())
@@ -159,7 +172,7 @@ def run(settings: Settings, ready: Ready | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except LedgerError as e:
-        print(f"teegate: ledger {settings.ledger.path}: {e}", file=sys.stderr)
+        print(f"teegate: ledger {redact(settings.ledger.location)}: {e}", file=sys.stderr)
         return 2
     except CAError as e:
         print(f"teegate: egress CA: {e}", file=sys.stderr)

@@ -66,13 +66,13 @@ def limit(clock: Clock) -> Iterator[RateLimit]:
         yield addon
 
 
-def test_counts_down_then_refuses_with_retry_after(limit, clock):
+async def test_counts_down_then_refuses_with_retry_after(limit, clock):
     first, second, third = keyed(), keyed(), keyed()
-    limit.request(first)
+    await limit.request(first)
     clock.now = T0 + 10
-    limit.request(second)
+    await limit.request(second)
     clock.now = T0 + 10.5
-    limit.request(third)
+    await limit.request(third)
     assert first.response is None and second.response is None
     assert flowstate.has_passed(first, Stage.RATELIMIT) and flowstate.has_passed(
         second, Stage.RATELIMIT
@@ -114,67 +114,67 @@ def test_counts_down_then_refuses_with_retry_after(limit, clock):
         (T0 + 600, False),  # long idle: a fresh window
     ],
 )
-def test_the_window_is_one_minute(limit, clock, at, refused):
-    limit.request(keyed())
-    limit.request(keyed())
+async def test_the_window_is_one_minute(limit, clock, at, refused):
+    await limit.request(keyed())
+    await limit.request(keyed())
     clock.now = at
     f = keyed()
-    limit.request(f)
+    await limit.request(f)
     assert (f.response is not None) is refused
     if not refused:
         assert seen(f)["x-ratelimit-remaining"] == "1"
 
 
-def test_retry_after_is_at_least_one_second(limit, clock):
-    limit.request(keyed())
-    limit.request(keyed())
+async def test_retry_after_is_at_least_one_second(limit, clock):
+    await limit.request(keyed())
+    await limit.request(keyed())
     clock.now = T0 + 59.9999
     f = keyed()
-    limit.request(f)
+    await limit.request(f)
     assert seen(f)["retry-after"] == "1"
 
 
-def test_a_key_s_own_limit_replaces_the_default(limit):
+async def test_a_key_s_own_limit_replaces_the_default(limit):
     flows = [keyed(rate_limit=3) for _ in range(4)]
     for f in flows:
-        limit.request(f)
+        await limit.request(f)
     assert [f.response is None for f in flows] == [True, True, True, False]
     assert seen(flows[0])["x-ratelimit-limit"] == "3"
 
 
-def test_keys_are_counted_apart(limit):
+async def test_keys_are_counted_apart(limit):
     for _ in range(2):
-        limit.request(keyed(key_id=1))
+        await limit.request(keyed(key_id=1))
     other = keyed(key_id=2)
-    limit.request(other)
+    await limit.request(other)
     assert other.response is None and seen(other)["x-ratelimit-remaining"] == "1"
 
 
-def test_unauthenticated_attempts_are_counted_per_client_address(limit):
+async def test_unauthenticated_attempts_are_counted_per_client_address(limit):
     guesses = [keyed(key_id=None) for _ in range(3)]
     for f in guesses:
-        limit.request(f)
+        await limit.request(f)
     assert [f.response.status_code for f in guesses] == [401, 401, 429]
     assert not any(
         flowstate.has_passed(f, Stage.RATELIMIT) for f in guesses
     )  # still refused, never passed
     elsewhere = keyed(key_id=None, ip="10.0.0.2")
-    limit.request(elsewhere)
+    await limit.request(elsewhere)
     assert elsewhere.response.status_code == 401
     # A key's bucket is not the address's.
     keyed_flow = keyed(key_id=1)
-    limit.request(keyed_flow)
+    await limit.request(keyed_flow)
     assert keyed_flow.response is None
 
 
-def test_a_flow_with_no_key_and_no_401_is_not_counted(limit):
+async def test_a_flow_with_no_key_and_no_401_is_not_counted(limit):
     f = tflow.tflow(req=tutils.treq(method=b"GET", path=b"/health"))
-    limit.request(f)
+    await limit.request(f)
     assert f.response is None and not flowstate.has_passed(f, Stage.RATELIMIT)
     assert seen(f) == {}
 
 
 @pytest.mark.parametrize("rpm", [0, -1])
-def test_a_limit_below_one_is_refused_by_the_settings(rpm):
+async def test_a_limit_below_one_is_refused_by_the_settings(rpm):
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         RateLimitSettings(requests_per_minute=rpm)
