@@ -12,7 +12,10 @@ Exit codes: 0 success, 1 a failed check or an unavailable ledger, 2 bad input
 on 2 nothing has been written. API keys are printed once, by ``keys create``,
 and never appear anywhere else.
 
-This module registers them all and holds ``ledger verify|recover``; the
+Every command works on an SQLite file and on a PostgreSQL URL alike (``--db``
+or ``$TEEGATE_DB``); ``ledger migrate --to URL`` copies the first into the second.
+
+This module registers them all and holds ``ledger verify|recover|migrate``; the
 others are in :mod:`.ledger_accounts`, :mod:`.ledger_keys` and
 :mod:`.ledger_usage`, their shared plumbing in :mod:`.ledger_common`.
 """
@@ -29,12 +32,15 @@ from teegate.commands.ledger_common import (
     DEFAULT_DB,
     EXIT_FAILED,
     EXIT_OK,
+    UsageError,
     command,
     open_store,
     print_json,
     when,
 )
 from teegate.ledger import Ledger, LedgerLocked, LedgerNotFound, format_usd, is_postgres
+from teegate.ledger.migrate import migrate_sqlite_to_postgres
+from teegate.ledger.pgschema import redact
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,6 +72,14 @@ def _register_ledger(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "PostgreSQL: only those of workers that are gone)",
     )
     p.set_defaults(func=command(_ledger_recover))
+    p = actions.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy an SQLite ledger (--db) into an empty PostgreSQL ledger, then verify the copy "
+        "(stop the gateway first)",
+    )
+    p.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/db")
+    p.set_defaults(func=command(_ledger_migrate))
 
 
 async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
@@ -97,6 +111,28 @@ async def _ledger_verify(args: argparse.Namespace, db: str) -> int:
             f"{len(report.open_reservations)} open reservation(s), "
             f"{format_usd(report.unrecovered_micro)} USD unrecovered"
         )
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _ledger_migrate(args: argparse.Namespace, db: str) -> int:
+    if is_postgres(db):
+        raise UsageError("--db must name the SQLite ledger to copy from")
+    if not is_postgres(args.to):
+        raise UsageError("--to must be a postgresql:// URL")
+    try:
+        report = await migrate_sqlite_to_postgres(db, args.to)
+    except LedgerLocked as e:
+        raise LedgerLocked(f"{e} before migrating it") from None
+    copied = ", ".join(f"{n} {table}" for table, n in report.copied.items())
+    print(f"copied {copied} to {redact(args.to)}")
+    for problem in report.problems:
+        print(f"MISMATCH {problem}")
+    if report.open_reservations:
+        print(
+            f"{report.open_reservations} open reservation(s) copied: the first PostgreSQL worker "
+            "charges them in full (the crash rule)"
+        )
+    print("OK: the copy verifies" if report.ok else "FAILED: the copy does not verify")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from teegate.cli import main
 from teegate.ledger import Ledger, Prices, is_postgres
+from teegate.ledger.migrate import TABLES
 from tests.support import ledgerdb
 
 PRICES = Prices(1_000_000, 2_000_000)
@@ -243,3 +244,49 @@ def test_db_defaults_to_env_then_current_folder(
     assert run(capsys, "accounts", "create", "there")[0] == 0
     code, out, _ = run(capsys, "accounts", "list", "--json")
     assert [a["name"] for a in json.loads(out)] == ["there"]
+
+
+@pytest.mark.sqlite_only
+async def test_migrate_copies_an_sqlite_ledger_into_postgres_and_verifies(
+    capsys: pytest.CaptureFixture[str], db: str, pg_cluster
+) -> None:
+    """Every row, id and balance arrives; open reservations are swept by the first worker."""
+    _, plaintext = await _acreate_key(capsys, db, "--rate-limit", "30")
+    led = await Ledger.open(db)
+    key = await led.authenticate(plaintext)
+    assert key is not None
+    done = await led.reserve("done", key, "m", PRICES, 4000)
+    await led.settle(done, 100, 100, 0, "usage")
+    await led.reserve("left-open", key, "m", PRICES, 3000)
+    await led.close()
+    url = pg_cluster.new_database("migrate")
+    code, out, err = await arun(capsys, "ledger", "migrate", "--to", url, "--db", db)
+    assert code == 0, out + err
+    assert "OK: the copy verifies" in out and "1 open reservation(s) copied" in out
+    for table, cols in TABLES.items():  # PostgreSQL's usage has a worker_id besides
+        sql = f"SELECT {', '.join(cols)} FROM {table} ORDER BY 1"
+        assert ledgerdb.rows(db, sql) == ledgerdb.rows(url, sql), table
+    code, out, _ = await arun(capsys, "accounts", "list", "--json", "--db", url)
+    assert [a["balance_micro"] for a in json.loads(out)] == [12_500_000 - 300 - 3000, 0]
+    # The key works against the copy, and new rows continue after the copied ids.
+    served = await Ledger.open(url)
+    try:
+        assert [r.request_id for r in served.recovered] == ["left-open"]
+        key = await served.authenticate(plaintext)
+        assert key is not None and key.rate_limit == 30
+        res = await served.reserve("after", key, "m", PRICES, 10)
+        assert res.id == 6  # after the top-up, 3 copied entries and the sweep's settlement
+        account = await served.create_account("carol")
+        assert account.id == 3
+    finally:
+        await served.close()
+    # Migrating again into a ledger that has rows is refused; so is a served SQLite file.
+    code, out, err = await arun(capsys, "ledger", "migrate", "--to", url, "--db", db)
+    assert code == 2 and "empty" in err
+    led = await Ledger.open(db)
+    try:
+        other = pg_cluster.new_database("migrate")
+        code, _, err = await arun(capsys, "ledger", "migrate", "--to", other, "--db", db)
+        assert code == 1 and "stop it first" in err
+    finally:
+        await led.close()
