@@ -2,6 +2,13 @@
 # Create .venv with the pinned Python (3.12, see .python-version) and install teegate into it.
 # Sourced by scripts/test.sh and scripts/sandbox.sh; safe to run again (it only updates).
 set -euo pipefail
+# The PostgreSQL ledger's tests start a throwaway PostgreSQL (15+) cluster (tests/support/postgres.py):
+# install the server binaries (and its 'postgres' user) when missing. Only where apt exists and
+# we are root (CI, the dev container); elsewhere the tests say what is missing.
+if [ -z "${TEEGATE_PG_BIN:-}" ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 want="$(cat .python-version)"
 py=""
 for candidate in "python${want%.*}" "$HOME/.pyenv/versions/$want/bin/python" python3; do

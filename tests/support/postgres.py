@@ -25,10 +25,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_BIN = Path(os.environ.get("TEEGATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """$TEEGATE_PG_BIN, else the newest /usr/lib/postgresql/<version>/bin (Debian's layout)."""
+    if os.environ.get("TEEGATE_PG_BIN"):
+        return Path(os.environ["TEEGATE_PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 PG_USER = "postgres"
 INSTALL_HINT = (
-    "the PostgreSQL tests need PostgreSQL 15 server binaries in {bin} and a 'postgres' "
+    "the PostgreSQL tests need PostgreSQL (15 or later) server binaries in {bin} and a 'postgres' "
     "system user: run scripts/setup.sh (it installs the 'postgresql' package with apt), "
     "or set TEEGATE_PG_BIN"
 )
