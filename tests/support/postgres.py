@@ -80,8 +80,10 @@ def _as_postgres(*args: str, check: bool = True) -> subprocess.CompletedProcess[
 
 
 @contextmanager
-def start_cluster() -> Iterator[Cluster]:
-    """initdb + pg_ctl start in a temporary directory; stopped and removed afterwards."""
+def start_cluster(*, fsync: bool = False) -> Iterator[Cluster]:
+    """initdb + pg_ctl start in a temporary directory; stopped and removed afterwards.
+
+    ``fsync=True`` keeps PostgreSQL's durable defaults (for measuring, not testing)."""
     if not (PG_BIN / "initdb").is_file() or shutil.which("runuser") is None:
         raise PostgresUnavailable(INSTALL_HINT.format(bin=PG_BIN))
     try:
@@ -104,8 +106,8 @@ def start_cluster() -> Iterator[Cluster]:
                 "--no-sync", "-E", "UTF8", "--locale=C",
             )  # fmt: skip
             options = (
-                f"-k {sock} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
-                "-c max_connections=200 -c shared_buffers=32MB"
+                f"-k {sock} -c listen_addresses='' -c max_connections=200 -c shared_buffers=32MB"
+                + ("" if fsync else " -c fsync=off -c full_page_writes=off")
             )
             _as_postgres(
                 str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options,
