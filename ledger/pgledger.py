@@ -297,8 +297,15 @@ class PgLedger:
         compares it with the key's limit. (Chat completions are counted by
         :meth:`reserve` instead, in the reservation's own round trip.)
         """
-        sql = "SELECT started_ms, count FROM teegate_count(?)"
-        row = await self._admin._one(sql, (key.key_id,))
+        try:  # the writing connection: never inside a transaction of the admin connection's
+            conn = await self._connect_writer()
+        except LedgerError as e:
+            raise LedgerUnavailable(str(e)) from None
+        cur = await conn.execute(
+            "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
+        )
+        row = await cur.fetchone()
+        assert row is not None
         return int(row[1]), int(row[0])
 
     # -- the request path -------------------------------------------------------

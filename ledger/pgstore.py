@@ -16,6 +16,7 @@ whose advisory lock it can take (dead ones), never a live worker's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -71,9 +72,20 @@ async def connect(url: str) -> psycopg.AsyncConnection[Any]:
 class PgStore(Reports):
     """Accounts, keys, entries and usage records in PostgreSQL (reports: :class:`Reports`)."""
 
-    def __init__(self, db: Any, path: str) -> None:
-        super().__init__(db, path)
+    def __init__(self, db: Any, url: str) -> None:
+        super().__init__(db, redact(url))
+        self._url = url
         self._txn = asyncio.Lock()  # manual BEGIN/COMMIT on a connection tasks share
+        self._closed = False
+
+    async def _live(self) -> Any:
+        """The connection, replaced first if the server dropped it (a restart, a failover)."""
+        if (self.db.closed or self.db.broken) and not self._closed:
+            old, self.db = self.db, await connect(self._url)
+            with contextlib.suppress(Exception):
+                await old.close()
+            log.warning("ledger.reconnected", database=self.path)
+        return self.db
 
     @classmethod
     async def open(cls, url: str, *, create: bool = True, **_: object) -> PgStore:
@@ -89,9 +101,10 @@ class PgStore(Reports):
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, redact(url))
+        return cls(conn, url)
 
     async def close(self) -> None:
+        self._closed = True
         await self.db.close()
 
     async def __aenter__(self) -> Self:
@@ -107,6 +120,7 @@ class PgStore(Reports):
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if mode == "DEFERRED" else "BEGIN"
         )
         async with self._txn:
+            await self._live()
             await self.db.execute(begin)
             try:
                 yield self.db
@@ -116,7 +130,16 @@ class PgStore(Reports):
             await self.db.execute("COMMIT")
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        cur = await self.db.execute(sql.replace("?", "%s"), tuple(params))
+        sql, args = sql.replace("?", "%s"), tuple(params)
+        if self._txn.locked():  # inside a transaction: never swap the connection
+            cur = await self.db.execute(sql, args)
+        else:
+            try:
+                cur = await (await self._live()).execute(sql, args)
+            except psycopg.OperationalError:
+                if not self.db.broken:
+                    raise
+                cur = await (await self._live()).execute(sql, args)  # once, on a new connection
         if cur.description is None:
             return []
         return [tuple(_plain(v) for v in row) for row in await cur.fetchall()]
@@ -286,7 +309,7 @@ class PgStore(Reports):
 
     async def _charge_open(self, worker: int | None, skip: list[int]) -> list[Recovered]:
         at = now_ms()
-        cur = await self.db.execute(_CHARGE_OPEN, (worker, skip, at, at))
+        cur = await (await self._live()).execute(_CHARGE_OPEN, (worker, skip, at, at))
         return [
             Recovered(
                 reservation_id=rid,

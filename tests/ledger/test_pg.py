@@ -196,6 +196,17 @@ async def test_a_lost_writer_connection_is_replaced_and_keeps_the_lock(url: str)
         await led.close()
 
 
+async def test_a_lost_reading_connection_is_replaced_at_once(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 10_000)
+        pid = led._admin.db.info.backend_pid  # type: ignore[attr-defined]
+        db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
+        assert await led.authenticate(f.plaintext) == f.key  # not cached: read from the database
+    finally:
+        await led.close()
+
+
 CHILD = textwrap.dedent(
     """
     import asyncio, os, sys
