@@ -166,26 +166,31 @@ _V1: tuple[str, ...] = (
                    n1 bigint, n2 bigint)
     LANGUAGE plpgsql AS $$
     DECLARE
-        op jsonb; i bigint; k int; v_id bigint; v_count bigint; v_started bigint;
-        v_amount bigint; v_extra bigint; v_got bigint; v_charge bigint;
-        ids bigint[]; bal bigint[]; was bigint[];
+        op jsonb; i bigint; k int; v_count bigint; v_started bigint;
+        v_amount bigint; v_extra bigint; v_got bigint; v_charge bigint; v_rid bigint;
+        ids bigint[]; bal bigint[]; was bigint[]; done bigint[];
+        r_id bigint[] := '{}'; r_ord bigint[] := '{}';
+        f_ord bigint[] := '{}'; f_amount bigint[] := '{}'; f_charge bigint[] := '{}';
+        f_lost bigint[] := '{}';
     BEGIN
         -- Lock every touched account in id order (no deadlock between workers' batches)
         -- and read its balance under that lock: until this transaction ends no other
         -- writer can change it, so the checks below are the database's own, exact ones.
-        -- Balances are then kept here and written once per account at the end: updating
-        -- one row once per operation would grow its version chain with every update.
         SELECT array_agg(a.id), array_agg(a.balance_micro) INTO ids, bal
         FROM (SELECT id, balance_micro FROM accounts
               WHERE id IN (SELECT (x->>'account_id')::bigint FROM jsonb_array_elements(ops) x)
               ORDER BY id FOR UPDATE) a;
         was := bal;
+        -- Reservations already settled or released (by the sweeper, or a retried batch).
+        SELECT COALESCE(array_agg(e.reservation_id), '{}') INTO done FROM entries e
+        WHERE e.reservation_id IN (SELECT (x->>'reservation_id')::bigint
+                                   FROM jsonb_array_elements(ops) x WHERE x->>'t' = 'f');
+        -- Decide every operation in order; the rows are written in bulk afterwards.
         FOR op, i IN SELECT value, ordinality FROM jsonb_array_elements(ops) WITH ORDINALITY
         LOOP
             k := array_position(ids, (op->>'account_id')::bigint);
             ord := i; entry_id := NULL; balance := NULL; n1 := NULL; n2 := NULL;
             IF op->>'t' = 'r' THEN
-                v_count := NULL; v_started := NULL;
                 IF op->>'rate_limit' IS NOT NULL THEN
                     SELECT c.started_ms, c.count INTO v_started, v_count
                     FROM teegate_count((op->>'key_id')::bigint) c;
@@ -202,22 +207,15 @@ _V1: tuple[str, ...] = (
                     outcome := 'insufficient'; balance := bal[k]; RETURN NEXT; CONTINUE;
                 END IF;
                 bal[k] := bal[k] - v_amount;
-                INSERT INTO entries (account_id, kind, amount_micro, created_ms)
-                VALUES (ids[k], 'reservation', -v_amount, (op->>'created_ms')::bigint)
-                RETURNING id INTO v_id;
-                INSERT INTO usage (reservation_id, request_id, account_id, key_id, model,
-                    price_input, price_output, price_cache_read, reserved_micro, state,
-                    created_ms, worker_id)
-                VALUES (v_id, op->>'request_id', ids[k], (op->>'key_id')::bigint, op->>'model',
-                    (op->>'price_input')::bigint, (op->>'price_output')::bigint,
-                    (op->>'price_cache_read')::bigint, v_amount, 'open',
-                    (op->>'created_ms')::bigint, worker);
-                outcome := 'ok'; entry_id := v_id; balance := bal[k]; RETURN NEXT;
+                entry_id := nextval('entries_id_seq');
+                r_id := r_id || entry_id; r_ord := r_ord || i;
+                outcome := 'ok'; balance := bal[k]; RETURN NEXT;
             ELSE
-                PERFORM 1 FROM entries WHERE reservation_id = (op->>'reservation_id')::bigint;
-                IF FOUND OR k IS NULL THEN
+                v_rid := (op->>'reservation_id')::bigint;
+                IF k IS NULL OR v_rid = ANY(done) THEN
                     outcome := 'duplicate'; RETURN NEXT; CONTINUE;
                 END IF;
+                done := done || v_rid;
                 v_charge := (op->>'charge')::bigint;
                 IF (op->>'delta')::bigint >= 0 THEN
                     v_extra := 0; v_got := 0;
@@ -230,27 +228,42 @@ _V1: tuple[str, ...] = (
                     v_charge := v_charge - v_extra + v_got;
                 END IF;
                 bal[k] := bal[k] + v_amount;
-                INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms)
-                VALUES (ids[k], op->>'kind', v_amount, (op->>'reservation_id')::bigint,
-                        (op->>'finalized_ms')::bigint);
-                UPDATE usage SET
-                    state = CASE WHEN op->>'kind' = 'settlement' THEN 'settled'
-                                 ELSE 'released' END,
-                    prompt_tokens = (op->>'prompt_tokens')::bigint,
-                    completion_tokens = (op->>'completion_tokens')::bigint,
-                    cached_tokens = (op->>'cached_tokens')::bigint,
-                    charge_micro = v_charge,
-                    unrecovered_micro = v_extra - v_got,
-                    source = op->>'source', status = op->>'status',
-                    start_ms = (op->>'start_ms')::bigint,
-                    first_byte_ms = (op->>'first_byte_ms')::bigint,
-                    end_ms = (op->>'end_ms')::bigint,
-                    finalized_ms = (op->>'finalized_ms')::bigint
-                WHERE reservation_id = (op->>'reservation_id')::bigint AND state = 'open';
+                f_ord := f_ord || i; f_amount := f_amount || v_amount;
+                f_charge := f_charge || v_charge; f_lost := f_lost || (v_extra - v_got);
                 outcome := 'final'; balance := bal[k]; n1 := v_charge; n2 := v_extra - v_got;
                 RETURN NEXT;
             END IF;
         END LOOP;
+        INSERT INTO entries (id, account_id, kind, amount_micro, created_ms)
+        SELECT r.id, (o->>'account_id')::bigint, 'reservation', -(o->>'amount')::bigint,
+               (o->>'created_ms')::bigint
+        FROM unnest(r_id, r_ord) AS r(id, n), LATERAL (SELECT ops->(r.n::int - 1) AS o) x;
+        INSERT INTO usage (reservation_id, request_id, account_id, key_id, model, price_input,
+            price_output, price_cache_read, reserved_micro, state, created_ms, worker_id)
+        SELECT r.id, o->>'request_id', (o->>'account_id')::bigint, (o->>'key_id')::bigint,
+               o->>'model', (o->>'price_input')::bigint, (o->>'price_output')::bigint,
+               (o->>'price_cache_read')::bigint, (o->>'amount')::bigint, 'open',
+               (o->>'created_ms')::bigint, worker
+        FROM unnest(r_id, r_ord) AS r(id, n), LATERAL (SELECT ops->(r.n::int - 1) AS o) x;
+        INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms)
+        SELECT (o->>'account_id')::bigint, o->>'kind', f.amount,
+               (o->>'reservation_id')::bigint, (o->>'finalized_ms')::bigint
+        FROM unnest(f_ord, f_amount) AS f(n, amount),
+             LATERAL (SELECT ops->(f.n::int - 1) AS o) x;
+        UPDATE usage u SET
+            state = CASE WHEN o->>'kind' = 'settlement' THEN 'settled' ELSE 'released' END,
+            prompt_tokens = (o->>'prompt_tokens')::bigint,
+            completion_tokens = (o->>'completion_tokens')::bigint,
+            cached_tokens = (o->>'cached_tokens')::bigint,
+            charge_micro = f.charge, unrecovered_micro = f.lost,
+            source = o->>'source', status = o->>'status',
+            start_ms = (o->>'start_ms')::bigint, first_byte_ms = (o->>'first_byte_ms')::bigint,
+            end_ms = (o->>'end_ms')::bigint, finalized_ms = (o->>'finalized_ms')::bigint
+        FROM unnest(f_ord, f_charge, f_lost) AS f(n, charge, lost),
+             LATERAL (SELECT ops->(f.n::int - 1) AS o) x
+        WHERE u.reservation_id = (o->>'reservation_id')::bigint AND u.state = 'open';
+        -- Each account's balance written once: updating one row per operation would grow
+        -- its version chain with every update of the batch.
         UPDATE accounts a SET balance_micro = b.balance_micro
         FROM unnest(ids, bal, was) AS b(id, balance_micro, was)
         WHERE a.id = b.id AND b.balance_micro <> b.was;
