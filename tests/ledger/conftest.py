@@ -1,7 +1,8 @@
 """Fixtures for the ledger tests: a fresh database per test, opened for serving.
 
 Every test that takes ``db_path`` (or ``ledger``) runs twice: on an SQLite file
-and on a fresh PostgreSQL database of the session's test cluster, so both
+and on an emptied PostgreSQL database of the session's test cluster (one per
+module, its schema dropped before each test), so both
 stores keep the same promises. Tests of SQLite-only mechanics (its lock file,
 PRAGMAs, in-memory holds) are marked ``sqlite_only``.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from teegate.ledger import Ledger
+from tests.support.postgres import Cluster
 
 STORES = ("sqlite", "postgresql")
 
@@ -24,10 +26,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("store", stores)
 
 
+@pytest.fixture(scope="module")
+def pg_module_db(pg_cluster: Cluster) -> str:
+    """This module's own PostgreSQL database (emptied before each test that uses it)."""
+    return pg_cluster.new_database("ledger")
+
+
 @pytest.fixture
 def db_path(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if store == "postgresql":
-        return request.getfixturevalue("pg_cluster").new_database("ledger")
+        return request.getfixturevalue("pg_cluster").reset(request.getfixturevalue("pg_module_db"))
     return str(tmp_path / "ledger.sqlite3")
 
 

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def url(pg_cluster) -> str:
-    return pg_cluster.new_database("pg")
+def url(pg_cluster, pg_module_db: str) -> str:
+    return pg_cluster.reset(pg_module_db)
 
 
 async def test_two_workers_never_overspend(url: str) -> None:

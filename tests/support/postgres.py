@@ -7,7 +7,8 @@ lives in a temporary directory, listens on no TCP port, trusts local
 connections and runs with ``fsync=off`` (it is thrown away; the tests check
 what the ledger commits, not the disk). One cluster per test session
 (:func:`start_cluster`, ~1-2 s); each test module or test takes its own
-database from it (:meth:`Cluster.new_database`).
+database from it (:meth:`Cluster.new_database`), emptied again between tests
+(:meth:`Cluster.reset`: each new database costs ~8 MB and up to a second here).
 
 It never skips: when the binaries or the user are missing the fixture fails
 with a message saying how to install them, in CI and locally alike.
@@ -65,8 +66,22 @@ class Cluster:
 
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')
         return self.url(name)
+
+    def reset(self, url: str) -> str:
+        """Empty a database again (cheaper than a new one): end its other sessions (and with
+        them any advisory locks), then drop and recreate its public schema."""
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        return url
 
 
 def _as_postgres(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
