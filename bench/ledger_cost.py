@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python -m bench.ledger_cost [--requests N] [--dir PATH]
+    .venv/bin/python -m bench.ledger_cost [--requests N] [--dir PATH] [--postgres URL]
 
 For each configuration it runs N requests -- ``reserve`` (awaited: committed)
 then ``settle`` (queued) -- first one at a time (the latency a lone request
@@ -10,7 +10,8 @@ pays) and then from 64 concurrent tasks (what group commit buys under load),
 and prints wall time per request, reserve latency percentiles, process CPU
 per request, and how many requests shared each commit. The database lives in
 ``--dir`` (default: bench/results/, on the real disk: tmpfs would make fsync
-free and the numbers meaningless).
+free and the numbers meaningless). ``--postgres URL`` measures the PostgreSQL
+store on that database as well (its accounts are left behind; use a scratch one).
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ async def _one(led: Ledger, key: object, i: int, lat: list[float]) -> None:
     await led.settle(res, 1200, 300, 0, "usage")
 
 
-async def run(path: Path, label: str, n: int, concurrency: int, **opts: object) -> Result:
+async def run(path: Path | str, label: str, n: int, concurrency: int, **opts: object) -> Result:
     led = await Ledger.open(path, **opts)  # type: ignore[arg-type]
     try:
-        acct = await led.create_account("bench", topup_micro=10**12)
+        acct = await led.create_account(f"bench-{time.time_ns()}", topup_micro=10**12)
         key, _ = await led.create_key(acct.id)
         await led.flush()
         lat: list[float] = []
@@ -90,6 +91,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--postgres", metavar="URL", help="also measure this PostgreSQL ledger")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=args.dir))
@@ -103,6 +105,11 @@ async def main() -> None:
                     db = work / f"{sync}-{batch_ms}-{conc}.sqlite3"  # a fresh file per run
                     r = await run(db, label, n, conc, synchronous=sync, batch_ms=batch_ms)
                     print(r.line(), flush=True)
+        if args.postgres:
+            for conc in (1, 64):
+                n = args.requests if conc > 1 else max(200, args.requests // 4)
+                r = await run(args.postgres, f"postgresql conc={conc}", n, conc)
+                print(r.line(), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
