@@ -291,25 +291,31 @@ class PgStore(Reports):
         """
         skip = sorted(exclude or ())
         out: list[Recovered] = []
-        workers = await self._rows("SELECT DISTINCT worker_id FROM usage WHERE state = 'open'")
-        for (worker,) in workers:
-            if worker is not None and worker == own_worker:
-                continue
-            if worker is None:
-                out += await self._charge_open(None, skip)
-                continue
-            (got,) = await self._one("SELECT pg_try_advisory_lock(?, ?)", (LOCK_SPACE, worker))
-            if not got:
-                continue  # alive
-            try:
-                out += await self._charge_open(worker, skip)
-            finally:
-                await self._rows("SELECT pg_advisory_unlock(?, ?)", (LOCK_SPACE, worker))
+        await self._live()
+        async with self._txn:  # never inside another task's transaction on this connection
+            workers = await self._rows("SELECT DISTINCT worker_id FROM usage WHERE state = 'open'")
+            for (worker,) in workers:
+                out += await self._sweep_worker(worker, own_worker, skip)
         return out
+
+    async def _sweep_worker(
+        self, worker: int | None, own_worker: int | None, skip: list[int]
+    ) -> list[Recovered]:
+        if worker is None:
+            return await self._charge_open(None, skip)
+        if worker == own_worker:
+            return []
+        (got,) = await self._one("SELECT pg_try_advisory_lock(?, ?)", (LOCK_SPACE, worker))
+        if not got:
+            return []  # alive
+        try:
+            return await self._charge_open(worker, skip)
+        finally:
+            await self._rows("SELECT pg_advisory_unlock(?, ?)", (LOCK_SPACE, worker))
 
     async def _charge_open(self, worker: int | None, skip: list[int]) -> list[Recovered]:
         at = now_ms()
-        cur = await (await self._live()).execute(_CHARGE_OPEN, (worker, skip, at, at))
+        cur = await self.db.execute(_CHARGE_OPEN, (worker, skip, at, at))
         return [
             Recovered(
                 reservation_id=rid,

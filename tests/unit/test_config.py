@@ -38,6 +38,8 @@ def test_shipped_proxy_toml_is_the_defaults():
         ("[defaults]\ntemperature = 3\n", "defaults.temperature", "less than or equal"),
         ("[listen]\nreverse = 'nohost'\n", "listen.reverse", "host:port"),
         ("[ledger]\nsynchronous = 'OFF'\n", "ledger.synchronous", "'FULL' or 'NORMAL'"),
+        ("[ledger]\nurl = 'mysql://db/x'\n", "ledger.url", "postgresql://"),
+        ("[ledger]\nkey_poll_ms = 5000\n", "ledger.key_poll_ms", "less than or equal"),
         ("[listen]\negress = '0.0.0.0:8081'\n", "egress.proxy_auth", "reachable from the network"),
         ("[egress]\nproxy_auth = 'basic'\n", "egress.proxy_auth", "'none' or 'api_key'"),
     ],
@@ -46,6 +48,19 @@ def test_bad_settings_name_the_key(tmp_path, text, key, words):
     with pytest.raises(config.ConfigError) as exc:
         _load(tmp_path, text)
     assert f"{key}: " in str(exc.value) and words in str(exc.value)
+
+
+def test_the_ledger_location_is_the_url_then_a_postgres_teegate_db_then_the_path(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("TEEGATE_DB", raising=False)
+    assert _load(tmp_path, "").ledger.location == str(tmp_path / "teegate.sqlite3")
+    monkeypatch.setenv("TEEGATE_DB", "elsewhere.sqlite3")  # a path: for the commands only
+    assert _load(tmp_path, "").ledger.location == str(tmp_path / "teegate.sqlite3")
+    monkeypatch.setenv("TEEGATE_DB", "postgresql://env@db/teegate")
+    assert _load(tmp_path, "").ledger.location == "postgresql://env@db/teegate"
+    url = "postgresql://toml@db/teegate"
+    assert _load(tmp_path, f"[ledger]\nurl = '{url}'\n").ledger.location == url
 
 
 def test_not_toml(tmp_path):
