@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
     from teegate.config import RateLimitSettings
+    from teegate.ledger import ApiKey
 
 log = structlog.get_logger("teegate.ratelimit")
 
@@ -113,21 +115,28 @@ class RateLimit:
         if enforce(flow, limit, window.count, window.started, now) and key is not None:
             flowstate.passed(flow, Stage.RATELIMIT)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
-        await self._count_unreserved(flow)
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self._count_unreserved(flow)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        await self._count_unreserved(flow)
+    def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self._count_unreserved(flow)
 
-    async def _count_unreserved(self, flow: http.HTTPFlow) -> None:
-        """A chat request answered before Billing counted it (a 400, 404, 503...) still counts."""
+    def _count_unreserved(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A chat request answered before Billing counted it (a 400, 404, 503...) still counts.
+
+        Synchronous (no coroutine) for every other flow: mitmproxy awaits what a hook
+        returns only when it is awaitable, so responses pay nothing without shared limits.
+        """
         key = flowstate.api_key(flow)
+        if key is None or flowstate.shared_limit(flow) is None or flowstate.rate_counted(flow):
+            return None
         shared = self._shared()
-        if key is None or shared is None or flowstate.shared_limit(flow) is None:
-            return
-        if flowstate.rate_counted(flow):
-            return
+        if shared is None:
+            return None
         flowstate.set_rate_counted(flow)
+        return self._count(shared, key)
+
+    async def _count(self, shared: Any, key: ApiKey) -> None:
         try:
             await shared.count_request(key)
         except Exception as e:  # the answer is already decided; only the count is lost

@@ -134,6 +134,23 @@ def test_a_rate_limit_is_shared_by_both_workers(
     assert statuses.count(200) == 20 and statuses.count(429) == 10, statuses
 
 
+def test_a_chat_request_refused_before_billing_still_counts(
+    pair: tuple[GatewayProc, GatewayProc], pg_url: str
+) -> None:
+    create_account(pg_url, "sloppy", "100")  # type: ignore[arg-type]
+    key = create_key(pg_url, "sloppy", rate_limit=2)  # type: ignore[arg-type]
+    body = {**BODY, "stream": False, "max_tokens": 8}
+    with httpx.Client(timeout=30) as c:
+        bad = c.post(
+            f"{pair[0].api_base}/chat/completions", json={"model": TEE}, headers=_auth(key)
+        )
+        assert bad.status_code == 400  # no messages: refused before any reservation
+        ok = c.post(f"{pair[1].api_base}/chat/completions", json=body, headers=_auth(key))
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining"] == "0"
+        over = c.post(f"{pair[0].api_base}/chat/completions", json=body, headers=_auth(key))
+        assert over.status_code == 429
+
+
 def test_a_worker_killed_mid_stream_is_charged_by_the_other(
     pair: tuple[GatewayProc, GatewayProc], upstream: SandboxProc, pg_url: str
 ) -> None:
