@@ -116,6 +116,20 @@ async def test_a_revocation_reaches_another_worker_within_a_second(url: str) -> 
         await b.close()
 
 
+async def test_a_rate_limit_changed_elsewhere_reaches_the_worker_within_a_second(url: str) -> None:
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 1000)
+        assert (await led.authenticate(f.plaintext)).rate_limit is None  # type: ignore[union-attr]
+        started = time.monotonic()
+        db.execute(url, "UPDATE api_keys SET rate_limit = 60 WHERE id = ?", (f.key.key_id,))
+        while (await led.authenticate(f.plaintext)).rate_limit != 60:  # type: ignore[union-attr]
+            assert time.monotonic() - started < 1.0, "the cached key kept its old limit"
+            await asyncio.sleep(0.01)
+    finally:
+        await led.close()
+
+
 async def test_a_topup_elsewhere_is_spendable_at_once(url: str) -> None:
     led = await Ledger.open(url)
     try:
