@@ -77,7 +77,7 @@ from typing import Any, Self
 
 import structlog
 
-from teegate.ledger import inputs
+from teegate.ledger import inputs, receipts
 from teegate.ledger.balances import Balances
 from teegate.ledger.billing import Prices, charge_micro
 from teegate.ledger.errors import (
@@ -482,6 +482,21 @@ class Ledger:
     def _check_own(self, res: Reservation) -> None:
         if self._open.get(res.id) is not res:
             raise LedgerError(f"reservation {res.id} is not open in this ledger")
+
+    # -- receipts and response signatures ----------------------------------------
+
+    async def write_receipts(
+        self,
+        stored: list[receipts.StoredReceipt],
+        signatures: list[tuple[int, str]],
+    ) -> None:
+        """Receipts and signature outcomes (reservation id, status), in one transaction."""
+        async with self._txn_lock:
+            await receipts.write(self._store, stored, signatures)
+
+    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
+        """A stored receipt's signed JSON, only for the key that made its request."""
+        return await receipts.read(self._reader, receipt_id, key_id)
 
     # -- checks -----------------------------------------------------------------
 

@@ -13,7 +13,8 @@ never be stored in one. ``entries`` is append-only, enforced by triggers, and
 holds the truth; ``accounts.balance_micro`` is a cache of the sum of an
 account's entries, updated in the same transaction as each entry.
 ``usage.charge_micro`` is what was taken from the balance; ``usage.unrecovered_micro``
-(version 3) the part of the request's price the balance could not cover.
+(version 3) the part of the request's price the balance could not cover; ``usage.signature``
+and the ``receipts`` table (version 4) what was checked and signed for each served chat.
 """
 
 from __future__ import annotations
@@ -117,7 +118,26 @@ _V3: Migration = (
     "CHECK (unrecovered_micro >= 0)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+_V4: Migration = (
+    # Whether the upstream's response signature was checked, per request (see
+    # teegate.catalog.attestation.signature); NULL: none was expected (flag mode, Chutes).
+    "ALTER TABLE usage ADD COLUMN signature TEXT CHECK (signature IS NULL OR "
+    "signature IN ('pending', 'verified', 'missing', 'failed', 'unchecked'))",
+    # Signed receipts handed to clients: hashes and the verdict relied on, never content.
+    # Only the key that made the request may read one (key_id).
+    """
+    CREATE TABLE receipts (
+        id         TEXT    PRIMARY KEY,
+        key_id     INTEGER NOT NULL REFERENCES api_keys(id),
+        request_id TEXT    NOT NULL,
+        revision   INTEGER NOT NULL CHECK (revision >= 1),
+        created_ms INTEGER NOT NULL,
+        document   TEXT    NOT NULL
+    ) STRICT
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
