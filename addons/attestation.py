@@ -141,6 +141,11 @@ class AttestationSync:
         assert self.service is not None
         return await self.service.attest_now(model, nonce)
 
+    def withdraw(self, model: str, reason: str) -> None:
+        """Refuse ``model`` until it re-attests (NEAR/Phala verdicts; see the service)."""
+        if self.service is not None:
+            self.service.withdraw(model, reason)
+
     # -- reads for the request path -----------------------------------------------------
 
     def verdict(self, model: str) -> Verdict | None:

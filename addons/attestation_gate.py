@@ -81,4 +81,6 @@ class AttestationGate:
                 refuse(flow, not_confidential(model_id, None, why))
             return
         add_headers(flow, verdict_headers(self._att.mode, verdict))
+        if verdict is not None:
+            flowstate.set_verdict(flow, verdict)  # the receipt cites the verdict relied on
         flowstate.passed(flow, Stage.ATTESTATION)

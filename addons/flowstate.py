@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from teegate.addons.chutes import E2EEFlow
     from teegate.addons.schema import ChatRequest
     from teegate.addons.streaming import StreamTally
+    from teegate.catalog.attestation import Verdict
     from teegate.catalog.models import CatalogModel
     from teegate.ledger import ApiKey, Reservation
 
@@ -87,6 +88,8 @@ _EGRESS = "teegate.egress"
 _RESPONSE_HEADERS = "teegate.response_headers"
 _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
+_VERDICT = "teegate.verdict"
+_RECEIPT_ID = "teegate.receipt_id"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -198,6 +201,24 @@ def client_wants_usage(flow: http.HTTPFlow) -> bool:
 
 def set_client_wants_usage(flow: http.HTTPFlow, value: bool) -> None:
     flow.metadata[_CLIENT_WANTS_USAGE] = value
+
+
+def verdict(flow: http.HTTPFlow) -> Verdict | None:
+    """The attestation verdict the gate served this chat under (what its receipt cites)."""
+    return flow.metadata.get(_VERDICT)
+
+
+def set_verdict(flow: http.HTTPFlow, value: Verdict) -> None:
+    flow.metadata[_VERDICT] = value
+
+
+def receipt_id(flow: http.HTTPFlow) -> str | None:
+    """The id of the receipt promised in this chat's response headers."""
+    return flow.metadata.get(_RECEIPT_ID)
+
+
+def set_receipt_id(flow: http.HTTPFlow, value: str) -> None:
+    flow.metadata[_RECEIPT_ID] = value
 
 
 # -- billing -------------------------------------------------------------------------------

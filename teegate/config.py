@@ -253,6 +253,31 @@ class LimitSettings(_Section):
     recursion limit (1000), which json, pydantic and re-serialization all spend."""
 
 
+class SignatureSettings(_Section):
+    """Response signatures of NEAR AI / Phala upstreams, fetched and checked after each chat."""
+
+    check: bool = True
+    """Fetch ``/v1/signature/{id}`` after each served chat and verify it against the attested
+    key; a missing or failing signature refuses the model until it re-attests. False: usage
+    rows and receipts say "unchecked". (dcap mode with a "near" upstream only.)"""
+    queue: int = Field(1000, ge=1, le=1_000_000)
+    """Checks waiting at most; beyond, a chat's signature is recorded "unchecked" (logged)."""
+    workers: int = Field(4, ge=1, le=64)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    """One signature fetch (each of up to three tries)."""
+
+
+class ReceiptSettings(_Section):
+    """The gateway's own signed receipts (``x-teegate-receipt``, ``GET /v1/receipts/{id}``)."""
+
+    key_path: Path = Path("teegate-receipt-key.pem")
+    """The gateway's Ed25519 key, generated on first start (mode 0600); a relative path is
+    beside the config file. Its public key: ``GET /v1/attestation/gateway``."""
+    quote_provider: Path | None = None
+    """When teegate itself runs in an Intel TD: the configfs-tsm report directory
+    (``/sys/kernel/config/tsm/report``) that makes its TDX quote binding that public key."""
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -267,6 +292,8 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
+    signatures: SignatureSettings = SignatureSettings()
+    receipts: ReceiptSettings = ReceiptSettings()
 
     @model_validator(mode="after")
     def _no_open_proxy(self) -> Settings:
@@ -317,6 +344,10 @@ def _beside(settings: Settings, folder: Path) -> Settings:
     if not db.is_absolute():
         ledger = settings.ledger.model_copy(update={"path": (folder / db).resolve()})
         settings = settings.model_copy(update={"ledger": ledger})
+    key = settings.receipts.key_path.expanduser()
+    if not key.is_absolute():
+        receipts = settings.receipts.model_copy(update={"key_path": (folder / key).resolve()})
+        settings = settings.model_copy(update={"receipts": receipts})
     try:
         attestation = attestation_settings.resolve(settings.attestation, folder)
     except ValueError as e:
