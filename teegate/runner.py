@@ -27,11 +27,13 @@ from teegate.addons.gate import Gate
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
 from teegate.addons.ratelimit import RateLimit
+from teegate.addons.receipts import Receipts
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
 from teegate.addons.upstream import AnswerModelCheck, UpstreamRewrite
 from teegate.addons.validate import ChatValidator
+from teegate.catalog.attestation.receipts import ReceiptError, load_or_create_key
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
@@ -64,6 +66,8 @@ def build_addons(
         Auth(link),
         RateLimit(settings.ratelimit),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
+        # Its endpoints before Router's 404; its receipt header before the header writer.
+        Receipts(settings.receipts, settings.signatures, up, attestation, link),
         Router(catalog, attestation),
         ChatValidator(settings.defaults, settings.request, settings.limits),
         Gate(catalog),
@@ -129,6 +133,7 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
     html_free_error_pages()
     # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
     ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
+    load_or_create_key(settings.receipts.key_path)  # made (0600) or checked before listening
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
     ledger = await Ledger.open(
@@ -163,6 +168,9 @@ def run(settings: Settings, ready: Ready | None = None) -> int:
         return 2
     except CAError as e:
         print(f"teegate: egress CA: {e}", file=sys.stderr)
+        return 2
+    except ReceiptError as e:
+        print(f"teegate: receipts: {e}", file=sys.stderr)
         return 2
     return 0
 
