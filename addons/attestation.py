@@ -141,10 +141,10 @@ class AttestationSync:
         assert self.service is not None
         return await self.service.attest_now(model, nonce)
 
-    def withdraw(self, model: str, reason: str) -> None:
+    def withdraw(self, model: str, reason: str, *, reattest_now: bool = False) -> None:
         """Refuse ``model`` until it re-attests (NEAR/Phala verdicts; see the service)."""
         if self.service is not None:
-            self.service.withdraw(model, reason)
+            self.service.withdraw(model, reason, reattest_now=reattest_now)
 
     # -- reads for the request path -----------------------------------------------------
 

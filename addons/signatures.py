@@ -9,8 +9,11 @@ verify_signature` against the addresses of the verdict the chat was served under
 
 The outcome goes to ``on_result`` (the receipt and the usage row record it). A signature that
 is missing or fails withdraws the model's verdict: it is refused until a fresh attestation
-passes (:meth:`AttestationSync.withdraw`). A full queue is the gateway's own limit, not the
-upstream's fault: that chat is recorded ``unchecked`` and logged, and the model stays served.
+passes (:meth:`AttestationSync.withdraw`), tried after ``attestation.retry_interval_s``; when the
+signature endpoint could not be reached at all (a network fault, not an upstream that answered
+without a signature), the re-attestation is tried at once. A full queue is the gateway's own
+limit, not the upstream's fault: that chat is recorded ``unchecked`` and logged, and the model
+stays served.
 Logs name the request id, model and outcome; never the signed text's content (hashes only
 anyway) nor the upstream's key.
 """
@@ -59,6 +62,7 @@ class SignatureResult:
     status: SignatureStatus
     reason: str
     document: UpstreamSignature | None = None
+    unreachable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         doc = self.document.to_json() if self.document is not None else {}
@@ -71,7 +75,7 @@ class SignatureChecker:
         *,
         origin: str,
         api_key: Callable[[], str],
-        withdraw: Callable[[str, str], None],
+        withdraw: Callable[..., None],
         on_result: Callable[[SignatureJob, SignatureResult], None],
         queue_size: int,
         workers: int,
@@ -141,7 +145,11 @@ class SignatureChecker:
         await self._queue.join()
 
     async def check(self, job: SignatureJob) -> SignatureResult:
-        doc = await self._fetch(job)
+        answered, doc = await self._fetch(job)
+        if not answered:
+            return SignatureResult(
+                "missing", "the signature endpoint could not be reached", unreachable=True
+            )
         if doc is None:
             return SignatureResult("missing", "the upstream served no signature for this answer")
         try:
@@ -157,11 +165,13 @@ class SignatureChecker:
         )
         return SignatureResult("verified" if check.ok else "failed", check.reason, sig)
 
-    async def _fetch(self, job: SignatureJob) -> Any:
+    async def _fetch(self, job: SignatureJob) -> tuple[bool, Any]:
+        """(whether the upstream answered at all, the signature document or None)."""
         assert self._client is not None, "start() first"
         url = self._base + quote(job.completion_id, safe="")
         params = {"model": job.upstream_model, "signing_algo": "ecdsa"}
         headers = {"accept": "application/json", "authorization": f"Bearer {self._api_key()}"}
+        answered = False
         for delay in RETRY_DELAYS_S:
             if delay:
                 await asyncio.sleep(delay)
@@ -169,13 +179,14 @@ class SignatureChecker:
                 resp = await self._client.get(url, params=params, headers=headers)
             except httpx.HTTPError:
                 continue
+            answered = True
             if resp.status_code != 200 or len(resp.content) > MAX_SIGNATURE_BYTES:
                 continue
             try:
-                return resp.json()
+                return True, resp.json()
             except ValueError:
-                return {}  # answered, but not JSON: a failed signature, not a missing one
-        return None
+                return True, {}  # answered, but not JSON: a failed signature, not a missing one
+        return answered, None
 
     def _report(self, job: SignatureJob, result: SignatureResult) -> None:
         fields = {"request_id": job.request_id, "model": job.model, "status": result.status}
@@ -183,5 +194,6 @@ class SignatureChecker:
             log.info("response_signature", **fields)
         else:
             log.warning("response_signature", **fields, reason=result.reason)
-            self._withdraw(job.model, f"response signature {result.status}: {result.reason}")
+            why = f"response signature {result.status}: {result.reason}"
+            self._withdraw(job.model, why, reattest_now=result.unreachable)
         self._on_result(job, result)

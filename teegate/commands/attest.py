@@ -63,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _common(fetch)
     fetch.set_defaults(func=run_fetch)
 
+    from teegate.commands import attest_signature  # its own module: no DCAP policy involved
+
+    attest_signature.register(sub)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", type=Path, help="TOML file whose [attestation] table applies")
