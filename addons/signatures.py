@@ -81,6 +81,7 @@ class SignatureChecker:
         workers: int,
         timeout_s: float,
         verify: str | bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._base = origin.rstrip("/") + "/v1/signature/"
         self._api_key = api_key
@@ -90,12 +91,13 @@ class SignatureChecker:
         self._n_workers = workers
         self._timeout_s = timeout_s
         self._verify = verify
+        self._transport = transport  # tests: an in-process upstream
         self._workers: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
 
     def start(self) -> None:
         self._client = httpx.AsyncClient(
-            verify=self._verify, timeout=self._timeout_s, trust_env=False
+            verify=self._verify, timeout=self._timeout_s, trust_env=False, transport=self._transport
         )
         self._workers = [
             asyncio.create_task(self._work(), name=f"signature-check-{i}")
