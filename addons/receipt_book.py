@@ -25,7 +25,7 @@ from teegate.ledger.receipts import StoredReceipt
 
 log = structlog.get_logger("teegate.receipts")
 
-KEPT_IN_MEMORY = 10_000
+KEPT_IN_MEMORY = 4096
 WRITE_LINGER_S = 0.05
 
 
@@ -80,6 +80,11 @@ class ReceiptBook:
         )
         if signature_row is not None:
             self._sig_rows.append(signature_row)
+        self._dirty.set()
+
+    def signature_row(self, reservation_id: int, status: str) -> None:
+        """A usage row's signature outcome alone (its receipt already left memory)."""
+        self._sig_rows.append((reservation_id, status))
         self._dirty.set()
 
     def kept(self, receipt_id: str) -> tuple[int, dict[str, Any]] | None:

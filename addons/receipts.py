@@ -329,8 +329,10 @@ class Receipts:
         if job.receipt_id is None:
             return
         kept = self.book.kept(job.receipt_id)
-        if kept is None:
+        if kept is None:  # only with more checks queued than receipts kept in memory
             log.warning("receipt_gone_before_signature", request_id=job.request_id)
+            if job.reservation_id is not None:
+                self.book.signature_row(job.reservation_id, result.status)
             return
         key_id, doc = kept
         body = dict(doc["receipt"])

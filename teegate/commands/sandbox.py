@@ -101,6 +101,7 @@ def _sandbox(args: argparse.Namespace) -> int:
                     update={"reverse": args.listen or settings.listen.reverse}
                 ),
                 "egress": _sandbox_egress(settings.egress),
+                "receipts": _sandbox_receipts(settings, db, fresh=args.db is None),
             }
         )
         from teegate.runner import Ready, run
@@ -146,6 +147,15 @@ def _sandbox_egress(egress: EgressSettings) -> EgressSettings:
     if "confdir" in egress.model_fields_set:
         return egress
     return egress.model_copy(update={"confdir": egress.confdir / "sandbox"})
+
+
+def _sandbox_receipts(
+    settings: config.Settings, db: Path, *, fresh: bool
+) -> config.ReceiptSettings:
+    """A throwaway ledger gets a throwaway receipt key beside it (not one in the cwd)."""
+    if not fresh:
+        return settings.receipts
+    return settings.receipts.model_copy(update={"key_path": db.parent / "teegate-receipt-key.pem"})
 
 
 def attestation_toml(base_url: str) -> str:
