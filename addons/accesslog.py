@@ -19,6 +19,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import error_category
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import add_headers
+from teegate.addons.routes import RESPONSES_PATH
 
 log = structlog.get_logger("teegate.access")
 
@@ -56,7 +57,7 @@ class AccessLog:
             host=f"{req.host}:{req.port}",
             decision=_decision(flow),
             method=req.method,
-            path=req.path.split("?", 1)[0],
+            path=RESPONSES_PATH if flowstate.responses_call(flow) else req.path.split("?", 1)[0],
             model=_model(flow),
             status=resp.status_code if resp is not None else None,
             error_code=flowstate.error_code(flow),

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from teegate.addons.chutes import E2EEFlow
+    from teegate.addons.responses_api import ResponsesCall
     from teegate.addons.schema import ChatRequest
     from teegate.addons.streaming import StreamTally
     from teegate.catalog.models import CatalogModel
@@ -87,6 +88,7 @@ _EGRESS = "teegate.egress"
 _RESPONSE_HEADERS = "teegate.response_headers"
 _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
+_RESPONSES = "teegate.responses"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -198,6 +200,15 @@ def client_wants_usage(flow: http.HTTPFlow) -> bool:
 
 def set_client_wants_usage(flow: http.HTTPFlow, value: bool) -> None:
     flow.metadata[_CLIENT_WANTS_USAGE] = value
+
+
+def responses_call(flow: http.HTTPFlow) -> ResponsesCall | None:
+    """Set when the client spoke the Responses API: its answer is translated back."""
+    return flow.metadata.get(_RESPONSES)
+
+
+def set_responses_call(flow: http.HTTPFlow, call: ResponsesCall) -> None:
+    flow.metadata[_RESPONSES] = call
 
 
 # -- billing -------------------------------------------------------------------------------

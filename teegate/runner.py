@@ -27,6 +27,7 @@ from teegate.addons.gate import Gate
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
 from teegate.addons.ratelimit import RateLimit
+from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
@@ -64,6 +65,7 @@ def build_addons(
         Auth(link),
         RateLimit(settings.ratelimit),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
+        ResponsesIn(settings.limits),  # a Responses request becomes the chat completion it means
         Router(catalog, attestation),
         ChatValidator(settings.defaults, settings.request, settings.limits),
         Gate(catalog),
@@ -71,6 +73,7 @@ def build_addons(
         Billing(link, unanswered=settings.billing.unanswered),
         UpstreamRewrite(up, attestation),
         StreamRelay(),
+        ResponsesOut(),  # after billing and the relay read the chat answer: translates it back
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),
         response_headers(attestation),  # after every addon that adds a response header
