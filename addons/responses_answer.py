@@ -26,7 +26,7 @@ def response_usage(usage: Any) -> dict[str, Any] | None:
     total = usage.get("total_tokens")
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": _count(total) if total is not None else prompt + completion,

@@ -80,9 +80,11 @@ def test_message_items_with_parts_are_chat_messages(client, upstream):
         input=[
             {"role": "developer", "content": "Answer in English."},
             {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
-            {"type": "message", "role": "assistant", "content": [
-                {"type": "output_text", "text": "Hello!", "annotations": []}
-            ]},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello!", "annotations": []}],
+            },
             {"role": "user", "content": "And again"},
         ],
     )
@@ -108,9 +110,7 @@ def test_function_tool_round_trip(client, upstream):
     assert sent["tools"] == [
         {
             "type": "function",
-            "function": {
-                k: WEATHER[k] for k in ("name", "description", "parameters", "strict")
-            },
+            "function": {k: WEATHER[k] for k in ("name", "description", "parameters", "strict")},
         }
     ]
     since = upstream.requests_seen()
