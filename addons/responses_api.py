@@ -161,6 +161,8 @@ def to_chat(doc: dict[str, Any]) -> tuple[dict[str, Any], ResponsesCall]:
         raise _bad("instructions", "'instructions' must be a string.")
     messages = [{"role": "system", "content": instructions}] if instructions else []
     messages += input_messages(doc.get("input"))
+    if not any(m["role"] != "system" for m in messages):
+        raise _bad("input", "Missing required parameter: 'input'.", "missing_required_parameter")
     chat["messages"] = messages
     for ours, theirs in (
         ("max_output_tokens", "max_completion_tokens"),
@@ -313,7 +315,8 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
             raise _bad(
                 at,
                 "teegate stores no items (confidentiality): send the item itself instead of "
-                "an 'item_reference'.",
+                "an 'item_reference' (the Vercel AI SDK does with providerOptions.openai.store "
+                "= false).",
                 "unsupported_value",
             )
         else:

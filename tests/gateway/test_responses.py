@@ -71,6 +71,15 @@ def test_string_input_answers_a_response_and_the_upstream_saw_a_chat_completion(
     assert row["prompt_tokens"] == usage.input_tokens
     assert row["completion_tokens"] == usage.output_tokens
     assert row["charge_micro"] == expected_charge(row)
+    logged = [
+        json.loads(line) for line in gateway.log_text().splitlines() if '"request_id"' in line
+    ]
+    (line,) = [
+        e
+        for e in logged
+        if e.get("request_id") == raw.headers["x-request-id"] and e.get("event") == "request"
+    ]
+    assert line["path"] == "/v1/responses" and line["decision"] == "forwarded"
 
 
 def test_message_items_with_parts_are_chat_messages(client, upstream):

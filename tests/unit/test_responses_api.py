@@ -187,6 +187,8 @@ def test_json_schema_format_and_logprobs():
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"metadata": {"k": 1}}, "metadata"),
         ({"functions": []}, "functions"),
+        ({"input": []}, "input"),
+        ({"input": None, "instructions": "only"}, "input"),
     ],
 )
 def test_refusals_name_the_parameter(doc, param):
