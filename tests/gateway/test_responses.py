@@ -175,10 +175,12 @@ def test_stream_helper_rebuilds_the_response(client, upstream):
     assert body["stream"] is True and body["reasoning_effort"] == "low"
 
 
-def test_raw_stream_events_in_order(client):
-    events = list(
-        client.responses.create(model=TEE, input="Weather?", tools=[WEATHER], stream=True)
+def test_raw_stream_events_in_order_and_the_stream_is_billed_from_its_usage(client, gateway):
+    raw = client.responses.with_raw_response.create(
+        model=TEE, input="Weather?", tools=[WEATHER], stream=True
     )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = list(raw.parse())
     kinds = [e.type for e in events]
     assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
     assert kinds[-1] == "response.completed"
@@ -188,6 +190,9 @@ def test_raw_stream_events_in_order(client):
     assert kinds[i + 1] == "response.output_item.done"
     done = events[-1].response
     assert done.usage.total_tokens > 0 and done.output[-1].type == "function_call"
+    row = usage_row(gateway.db, raw.headers["x-request-id"])
+    assert row["source"] == "usage" and row["completion_tokens"] == done.usage.output_tokens
+    assert row["prompt_tokens"] == done.usage.input_tokens
 
 
 def test_a_non_confidential_model_is_refused_and_nothing_goes_upstream(client, upstream):
