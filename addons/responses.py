@@ -29,21 +29,23 @@ from teegate.addons.errors import GatewayError, guarded, json_response, refuse
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.jsonbody import parse_json_object
 from teegate.addons.responses_answer import response_from_chat
-from teegate.addons.responses_api import to_chat
+from teegate.addons.responses_api import passthrough_fields, to_chat
 from teegate.addons.responses_stream import ResponsesStream
 from teegate.addons.routes import CHAT_PATH, RESPONSES_PATH
 from teegate.addons.validate import decoded_body
 
 if TYPE_CHECKING:
-    from teegate.config import LimitSettings
+    from teegate.config import LimitSettings, RequestSettings
 
 log = structlog.get_logger("teegate")
 
 
 class ResponsesIn:
-    def __init__(self, limits: LimitSettings) -> None:
+    def __init__(self, limits: LimitSettings, request: RequestSettings | None = None) -> None:
         self._max_body = limits.max_body_bytes
         self._max_depth = limits.max_json_depth
+        extra = request.allowed_extra if request is not None else frozenset()
+        self._passthrough = passthrough_fields(extra)
 
     @guarded
     def request(self, flow: http.HTTPFlow) -> None:
@@ -53,7 +55,8 @@ class ResponsesIn:
             return  # another path, a query string or another method: the Router answers
         try:
             raw = decoded_body(flow.request, self._max_body)
-            chat, call = to_chat(parse_json_object(raw, max_depth=self._max_depth))
+            doc = parse_json_object(raw, max_depth=self._max_depth)
+            chat, call = to_chat(doc, self._passthrough)
         except GatewayError as e:
             flowstate.set_route(flow, Route.LOCAL)
             refuse(flow, e)

@@ -42,7 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from teegate.addons.errors import GatewayError
-from teegate.addons.schema import unsupported_parameter
+from teegate.addons.schema import (
+    NEVER_ALLOWED,
+    OPEN_MODEL_FIELDS,
+    OPENAI_FIELDS,
+    unsupported_parameter,
+)
 
 # Fields mapped onto the chat completion, or answered by the gateway itself.
 MAPPED_FIELDS = frozenset(
@@ -131,14 +136,33 @@ class ResponsesCall:
     created_at: int = field(default_factory=lambda: int(time.time()))
 
 
-def to_chat(doc: dict[str, Any]) -> tuple[dict[str, Any], ResponsesCall]:
+# Chat sampling fields the Responses API lacks, passed on as they are (with the open-model
+# extensions and the operator's ``[request] extra_fields``): a client that sets ``seed`` or
+# ``top_k`` on a chat completion can set it here too, and the chat allow-list still applies.
+CHAT_SAMPLING = frozenset({"seed", "stop", "frequency_penalty", "presence_penalty", "logit_bias"})
+
+
+def passthrough_fields(extra_fields: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The chat fields a Responses request may carry as they are: never one this module
+    builds, one of chat's own structural fields, or one :data:`NEVER_ALLOWED`."""
+    wanted = OPEN_MODEL_FIELDS | CHAT_SAMPLING | extra_fields
+    return wanted - NEVER_ALLOWED - (OPENAI_FIELDS - CHAT_SAMPLING) - MAPPED_FIELDS
+
+
+def to_chat(
+    doc: dict[str, Any], passthrough: frozenset[str] | None = None
+) -> tuple[dict[str, Any], ResponsesCall]:
     """The chat completion body for a parsed Responses request, and what to echo back.
 
     Raises :class:`GatewayError` (400) for anything it does not map."""
+    passthrough = passthrough_fields() if passthrough is None else passthrough
+    chat: dict[str, Any] = {}
     for key in doc:
         if key in _NOTHING_STORED:
             if doc[key] is not None:
                 raise _bad(key, _NOTHING_STORED[key], "unsupported_parameter")
+        elif key in passthrough:
+            chat[key] = doc[key]
         elif key not in MAPPED_FIELDS:
             raise unsupported_parameter(key)
     if doc.get("background") is True:
@@ -153,7 +177,6 @@ def to_chat(doc: dict[str, Any]) -> tuple[dict[str, Any], ResponsesCall]:
             "truncation",
             "Only truncation 'disabled' is supported: teegate never drops input items.",
         )
-    chat: dict[str, Any] = {}
     if "model" in doc:
         chat["model"] = doc["model"]
     instructions = doc.get("instructions")

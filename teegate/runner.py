@@ -65,7 +65,7 @@ def build_addons(
         Auth(link),
         RateLimit(settings.ratelimit),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
-        ResponsesIn(settings.limits),  # a Responses request becomes the chat completion it means
+        ResponsesIn(settings.limits, settings.request),  # /v1/responses: into a chat completion
         Router(catalog, attestation),
         ChatValidator(settings.defaults, settings.request, settings.limits),
         Gate(catalog),

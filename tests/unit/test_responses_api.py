@@ -15,7 +15,7 @@ from teegate.addons.errors import GatewayError
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.responses_answer import response_from_chat
-from teegate.addons.responses_api import ResponsesCall, to_chat
+from teegate.addons.responses_api import ResponsesCall, passthrough_fields, to_chat
 from teegate.addons.responses_stream import ResponsesStream
 from teegate.addons.schema import parse_chat_request
 from teegate.config import LimitSettings
@@ -140,6 +140,17 @@ def test_items_become_messages_tool_calls_and_tool_results():
         {"role": "tool", "tool_call_id": "c1", "content": "one"},
         {"role": "tool", "tool_call_id": "c2", "content": "two"},
     ]
+
+
+def test_chat_sampling_fields_pass_as_they_are_and_routing_fields_never():
+    body = chat({"input": "x", "seed": 3, "top_k": 5, "chat_template_kwargs": {"a": 1}})
+    assert (body["seed"], body["top_k"], body["chat_template_kwargs"]) == (3, 5, {"a": 1})
+    for name in ("messages", "max_tokens", "n", "fallbacks", "best_of", "logprobs"):
+        with pytest.raises(GatewayError) as exc:
+            chat({"input": "x", name: 1})
+        assert exc.value.param == name
+    extra = passthrough_fields(frozenset({"my_field", "messages", "provider"}))
+    assert "my_field" in extra and not {"messages", "provider"} & extra
 
 
 def test_json_schema_format_and_logprobs():
