@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from mitmproxy.test import tflow, tutils
+from mitmproxy.test import taddons, tflow, tutils
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from teegate.addons import flowstate
+from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.errors import GatewayError
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.responses_answer import response_from_chat
 from teegate.addons.responses_api import ResponsesCall, passthrough_fields, to_chat
 from teegate.addons.responses_stream import ResponsesStream
+from teegate.addons.routes import Router
 from teegate.addons.schema import parse_chat_request
-from teegate.config import LimitSettings
+from teegate.config import LimitSettings, Settings
 
 M = "org/model-TEE"
 EVENTS = TypeAdapter(ResponseStreamEvent)
@@ -473,3 +475,25 @@ def test_responses_out_translates_a_plain_answer_and_fails_closed_on_garbage():
         assert flow.response.status_code == status
         if status == 200:
             assert Response.model_validate(flow.response.json()).output_text == "hi"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        (b"POST", b"/v1/responses", 500, "internal_error"),  # untranslated: fail closed
+        (b"GET", b"/v1/responses", 405, "method_not_allowed"),
+        (b"POST", b"/v1/responses?stream=true", 400, "unsupported_parameter"),
+        (b"GET", b"/v1/responses/resp_1", 404, "response_not_stored"),
+        (b"POST", b"/v1/responses/resp_1/cancel", 404, "response_not_stored"),
+        (b"POST", b"/v1/responses/input_tokens", 404, "not_found"),
+    ],
+)
+def test_the_router_answers_responses_paths_it_does_not_serve(method, path, status, code):
+    flow = tflow.tflow(req=tutils.treq(method=method, path=path, content=b"{}"))
+    if (method, path) != (b"POST", b"/v1/responses"):
+        ResponsesIn(LimitSettings()).request(flow)  # leaves every other request to the Router
+        assert flow.response is None
+    with taddons.context():
+        Router(CatalogSync(Settings().catalog, Settings().upstream)).request(flow)
+    assert flow.response.status_code == status
+    assert flow.response.json()["error"]["code"] == code
