@@ -263,3 +263,23 @@ def test_gzip_request_body_is_translated(gateway, upstream):
     )
     assert r.status_code == 200 and r.json()["object"] == "response"
     assert _upstream_chat(upstream, since)["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_stream_with_a_pydantic_format_parses_the_final_response(client):
+    with client.responses.stream(model=TEE, input="A city", text_format=City) as stream:
+        final = stream.get_final_response()
+    assert isinstance(final.output_parsed, City)
+
+
+def test_an_answer_for_another_model_fails_the_stream_and_the_plain_call(client, upstream):
+    upstream.behaviour(answer_model="someone/else-TEE")
+    seen = []
+    with pytest.raises(openai.APIError) as exc:
+        for event in client.responses.create(model=TEE, input="hi", stream=True):
+            seen.append(event.type)
+    assert seen == ["response.created", "response.in_progress", "response.failed"]
+    assert exc.value.body["code"] == "upstream_model_mismatch"
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.responses.create(model=TEE, input="hi")
+    assert exc.value.status_code == 502
+    assert exc.value.body["code"] == "upstream_model_mismatch"
