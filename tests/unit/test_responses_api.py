@@ -497,3 +497,53 @@ def test_the_router_answers_responses_paths_it_does_not_serve(method, path, stat
         Router(CatalogSync(Settings().catalog, Settings().upstream)).request(flow)
     assert flow.response.status_code == status
     assert flow.response.json()["error"]["code"] == code
+
+
+def test_a_replayed_history_as_frameworks_send_it():
+    """Output items sent back as input, with their ids, statuses, annotations and an
+    encrypted reasoning item (pydantic-ai, LangChain and the Vercel AI SDK with store off)."""
+    body = chat(
+        {
+            "input": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "q"},
+                {
+                    "type": "reasoning",
+                    "id": "rs_1",
+                    "summary": [{"type": "summary_text", "text": "plan"}],
+                    "encrypted_content": "opaque",
+                },
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "content": [
+                        {"type": "output_text", "text": "a", "annotations": [], "logprobs": []}
+                    ],
+                },
+                {
+                    "type": "function_call",
+                    "id": "fc_1",
+                    "call_id": "c1",
+                    "name": "f",
+                    "arguments": "{}",
+                    "status": "completed",
+                },
+                {"type": "function_call_output", "call_id": "c1", "output": "r", "id": "fco"},
+            ],
+        }
+    )
+    assert body["messages"] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": "a",
+            "reasoning_content": "plan",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "r"},
+    ]
