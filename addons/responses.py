@@ -29,7 +29,7 @@ from teegate.addons.errors import GatewayError, guarded, json_response, refuse
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.jsonbody import parse_json_object
 from teegate.addons.responses_answer import response_from_chat
-from teegate.addons.responses_api import passthrough_fields, to_chat
+from teegate.addons.responses_api import passthrough_fields, responses_param, to_chat
 from teegate.addons.responses_stream import ResponsesStream
 from teegate.addons.routes import CHAT_PATH, RESPONSES_PATH
 from teegate.addons.validate import decoded_body
@@ -127,7 +127,10 @@ class ResponsesOut:
     def response(self, flow: http.HTTPFlow) -> None:
         call = flowstate.responses_call(flow)
         resp = flow.response
-        if call is None or resp is None or resp.status_code >= 400:
+        if call is None or resp is None:
+            return
+        if resp.status_code >= 400:
+            _rename_param(resp)
             return
         if flowstate.stream_tally(flow) is not None or not flowstate.has_passed(
             flow, Stage.UPSTREAM
@@ -149,3 +152,20 @@ class ResponsesOut:
         resp.headers.pop("content-encoding", None)
         resp.headers["content-type"] = "application/json"
         resp.content = translated.content
+
+
+def _rename_param(resp: http.Response) -> None:
+    """An error envelope's ``param`` as the Responses request names it (``text.format``, not
+    ``response_format``); anything else about the error is left as it is."""
+    if not resp.headers.get("content-type", "").startswith("application/json"):
+        return
+    try:
+        doc = resp.json()
+    except ValueError:
+        return
+    err = doc.get("error") if isinstance(doc, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    if not isinstance(param, str) or (renamed := responses_param(param)) == param:
+        return
+    err["param"] = renamed
+    resp.content = json_response(resp.status_code, doc).content

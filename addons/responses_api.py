@@ -538,3 +538,24 @@ def response_format(fmt: Any) -> dict[str, Any] | None:
         "text.format.type must be 'text', 'json_object' or 'json_schema'.",
         "unsupported_value",
     )
+
+
+_PARAMS = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "logprobs": "top_logprobs",
+}
+
+
+def responses_param(param: str) -> str:
+    """A refusal's ``param``, named as the Responses request names it (a chat field the
+    gates refused came from a Responses field the client knows by another name)."""
+    head = param.split("[", 1)[0].split(".", 1)[0]
+    if head in _PARAMS:
+        return _PARAMS[head]
+    if head == "tools" and ".function." in param:
+        return param.replace(".function.", ".", 1)
+    return param

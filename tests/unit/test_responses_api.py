@@ -16,7 +16,12 @@ from teegate.addons.errors import GatewayError
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.responses_answer import response_from_chat
-from teegate.addons.responses_api import ResponsesCall, passthrough_fields, to_chat
+from teegate.addons.responses_api import (
+    ResponsesCall,
+    passthrough_fields,
+    responses_param,
+    to_chat,
+)
 from teegate.addons.responses_stream import ResponsesStream
 from teegate.addons.routes import Router
 from teegate.addons.schema import parse_chat_request
@@ -547,3 +552,25 @@ def test_a_replayed_history_as_frameworks_send_it():
         },
         {"role": "tool", "tool_call_id": "c1", "content": "r"},
     ]
+
+
+@pytest.mark.parametrize(
+    ("chat_param", "expected"),
+    [
+        ("messages", "input"),
+        ("messages[3].content", "input"),
+        ("max_completion_tokens", "max_output_tokens"),
+        ("response_format", "text.format"),
+        ("reasoning_effort", "reasoning.effort"),
+        ("tools[1].function.parameters", "tools[1].parameters"),
+        ("model", "model"),
+        ("temperature", "temperature"),
+    ],
+)
+def test_refusals_by_later_stages_name_the_responses_parameter(chat_param, expected):
+    assert responses_param(chat_param) == expected
+    flow = responses_flow({"model": M, "input": "hi"})
+    ResponsesIn(LimitSettings()).request(flow)
+    flow.response = GatewayError(400, "no", "unsupported_parameter", param=chat_param).response()
+    ResponsesOut().response(flow)
+    assert flow.response.json()["error"]["param"] == expected
