@@ -27,7 +27,9 @@ there it is a request to the provider to keep the completion; here it is part of
 object only, kept for the length of the request.) ``reasoning`` items sent back in ``input`` become
 the next assistant message's ``reasoning_content`` (what interleaved-thinking models read);
 ``include: ["reasoning.encrypted_content"]`` is accepted with nothing to include (open models'
-reasoning is returned in plain text).
+reasoning is returned in plain text). The chat sampling fields Responses lacks (``seed``, ``stop``,
+the penalties, the open-model extensions, ``[request] extra_fields``) pass through as they would on
+a chat completion (:func:`passthrough_fields`), under the same allow-list.
 
 Why this module is long: it is one allow-list. Every field, input item, content part and tool
 of the Responses request is either mapped or refused here with a message naming it, and split
