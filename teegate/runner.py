@@ -30,7 +30,7 @@ from teegate.addons.ratelimit import RateLimit
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
-from teegate.addons.upstream import AnswerModelCheck, UpstreamRewrite
+from teegate.addons.upstream import AnswerModelCheck, UpstreamErrorRetry, UpstreamRewrite
 from teegate.addons.validate import ChatValidator
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
@@ -73,6 +73,7 @@ def build_addons(
         StreamRelay(),
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),
+        UpstreamErrorRetry(),  # an upstream's own 4xx/5xx: x-should-retry by its status
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
