@@ -97,11 +97,15 @@ def no_proxy(settings: Settings, env: Mapping[str, str]) -> Check:
     shown = "; ".join(f"{h}:{p} ({why}) by {e!r}" for h, p, why, e in hits[:5])
     more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
     keep = [e for e in entries if e not in {hit[3] for hit in hits}]
+    why = []
+    if any(hit[2] == "the confidential upstream" for hit in hits):
+        why.append("the upstream answers its own 401 to a gateway key sent straight to it")
+    if any(hit[2] == "an LLM API" for hit in hits):
+        why.append("an LLM API is reached around the gate")
     return Check(
         name,
         Status.FAIL,
-        f"bypassed: {shown}{more} (the upstream answers its own 401 to a gateway key; an LLM "
-        "API is reached ungated)",
+        f"bypassed: {shown}{more} ({'; '.join(why)})",
         f"export NO_PROXY={','.join(keep)} no_proxy={','.join(keep)}",
     )
 
