@@ -342,3 +342,34 @@ def test_node_trust(ca, with_ca, without_ca):
 )
 def test_node_proxy(version, env, status):
     assert client.node_proxy(env, _which("node"), lambda argv: version).status is status
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def test_the_command_is_registered_and_a_broken_config_stops_early(tmp_path: Path, capsys):
+    from teegate.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listen]\nreverse = 8080\n")
+    assert main(["doctor", "-c", str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in report["checks"]] == ["configuration loads"]
+
+
+def test_the_clients_side_only_warns_unless_this_machine_runs_the_apps(tmp_path: Path):
+    from teegate.commands.doctor import run_checks
+
+    toml = tmp_path / "proxy.toml"
+    toml.write_text(
+        f'egress.confdir = "{tmp_path / "ca"}"\n'
+        'listen.egress = "127.0.0.1:1"\nlisten.reverse = ""\n'
+    )
+    ca_cert_path(tmp_path / "ca").parent.mkdir()
+    ca_cert_path(tmp_path / "ca").write_bytes(_pem("teegate egress CA"))
+    env = {"PATH": ""}  # no proxy variables, no curl, no node
+    lenient = {c.name: c.status for c in run_checks(toml, env)}
+    strict = {c.name: c.status for c in run_checks(toml, env, client_side=True)}
+    name = "proxy variables reach the egress listener"
+    assert lenient[name] is Status.WARN and strict[name] is Status.FAIL
+    assert lenient["egress listener bound"] is Status.FAIL  # the gateway's side is always needed
