@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -82,7 +81,3 @@ def run_checks(
         ]
     side.append(client.node_proxy(env, which, trust.run_output))
     return checks + [c.softened(client_side) for c in side]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_doctor(argparse.Namespace(config=None, key=None, client=False, json=False)))

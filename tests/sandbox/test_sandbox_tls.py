@@ -8,8 +8,10 @@ only the gateway trusts), exactly as an app in a real deployment would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -76,12 +78,37 @@ def test_a_model_without_tee_is_refused_before_it_leaves(app):
     assert exc.value.body["code"] == "model_not_confidential"
 
 
+def _bundle(banner: str, folder: Path) -> Path:
+    """``cat "$(python -m certifi)" CA > teegate-bundle.pem``, as the banner says."""
+    bundle = folder / "teegate-bundle.pem"
+    ca = Path(field(banner, r"CA to trust: (\S+)"))
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + ca.read_bytes())
+    return bundle
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_banners_curl_line_runs_unchanged(banner, tmp_path):
+    _bundle(banner, tmp_path)
+    line = re.search(
+        r"^ +(curl --cacert \S+ -x \S+ https://127\.0\.0\.1.*?')$", banner, re.M | re.S
+    )
+    assert line, banner
+    out = subprocess.run(
+        ["bash", "-c", line.group(1)],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert {m["id"] for m in json.loads(out.stdout)["data"]} >= {TEE}
+
+
 def test_the_banners_python_line_runs_unchanged(banner, tmp_path):
     """The one-liner, with the variables the banner says to export, through a shell."""
     egress = field(banner, r"TEEGATE READY egress (\S+)")
-    ca = field(banner, r"CA to trust: (\S+)")
-    bundle = tmp_path / "teegate-bundle.pem"  # cat "$(python -m certifi)" CA > bundle
-    bundle.write_bytes(Path(certifi.where()).read_bytes() + Path(ca).read_bytes())
+    bundle = _bundle(banner, tmp_path)
     line = re.search(r"^  python (-c '.*?')$", banner, re.M | re.S)
     assert line, banner
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
