@@ -13,7 +13,9 @@ from teegate.doctor.report import Check, Status
 from teegate.doctor.trust import RunOut, Which
 from teegate.egress.hosts import HostPattern, canonical_host, ip_literal, is_local
 
-PROXY_VARS = ("HTTPS_PROXY", "https_proxy")
+HTTPS_VARS = ("HTTPS_PROXY", "https_proxy")
+# Only when the upstream is plain http (the sandbox without --tls); curl reads only lower case.
+HTTP_VARS = ("HTTP_PROXY", "http_proxy")
 
 
 def _points_at(value: str, listen: str) -> bool:
@@ -39,22 +41,30 @@ def _points_at(value: str, listen: str) -> bool:
 
 
 def proxy_variables(settings: Settings, env: Mapping[str, str]) -> Check:
+    """``HTTPS_PROXY`` (and, for a plain-http upstream, ``HTTP_PROXY``) set, in either case,
+    and every one that is set reaching the egress listener."""
     name = "proxy variables reach the egress listener"
     listen = settings.listen.egress
     if not listen:
         return Check(name, Status.SKIP, "listen.egress is off")
     host, port = address(listen)
-    shown = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    fix = f"export HTTPS_PROXY={shown} HTTP_PROXY={shown}"
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if settings.egress.proxy_auth == "api_key":
-        fix = f"export HTTPS_PROXY=http://app:<gateway key>@{shown[7:]}   (proxy_auth = api_key)"
-    set_vars = {v: env[v] for v in PROXY_VARS if env.get(v)}
-    if not set_vars:
-        return Check(name, Status.FAIL, "neither HTTPS_PROXY nor https_proxy is set", fix)
+        target = f"app:<gateway key>@{target}"
+    pairs = [HTTPS_VARS]
+    if settings.upstream.origin_parts.scheme == "http":
+        pairs.append(HTTP_VARS)
+    fix = "export " + " ".join(f"{v}=http://{target}" for pair in pairs for v in pair)
+    missing = [
+        f"{upper} (or {lower})" for upper, lower in pairs if not (env.get(upper) or env.get(lower))
+    ]
+    set_vars = {v: env[v] for pair in pairs for v in pair if env.get(v)}
     wrong = {v: value for v, value in set_vars.items() if not _points_at(value, listen)}
     if wrong:
         text = ", ".join(f"{v}={_redact(value)}" for v, value in wrong.items())
         return Check(name, Status.FAIL, f"{text}: not the egress listener ({listen})", fix)
+    if missing:
+        return Check(name, Status.FAIL, f"not set: {', '.join(missing)}", fix)
     return Check(name, Status.OK, ", ".join(f"{v}={_redact(x)}" for v, x in set_vars.items()))
 
 

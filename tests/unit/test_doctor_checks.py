@@ -259,17 +259,30 @@ def test_egress_ca(tmp_path: Path):
     ],
 )
 def test_proxy_variables(env, status):
-    check = client.proxy_variables(_settings(), env)
+    check = client.proxy_variables(_settings(upstream={"base_url": "https://llm.example.net"}), env)
     assert check.status is status, check
     if status is Status.FAIL:
         assert check.fix.startswith("export HTTPS_PROXY=http://127.0.0.1:8081")
 
 
 def test_a_wildcard_listener_is_reached_on_any_local_address_and_passwords_are_hidden():
-    settings = _settings(listen={"egress": "0.0.0.0:8081"}, egress={"proxy_auth": "api_key"})
+    settings = _settings(
+        listen={"egress": "0.0.0.0:8081"},
+        egress={"proxy_auth": "api_key"},
+        upstream={"base_url": "https://llm.example.net"},
+    )
     check = client.proxy_variables(settings, {"HTTPS_PROXY": "http://app:sk_secret@127.0.0.2:8081"})
     assert check.status is Status.OK and "sk_secret" not in check.detail
     assert "<gateway key>" in client.proxy_variables(settings, {}).fix
+
+
+def test_a_plain_http_upstream_needs_http_proxy_too():
+    settings = _settings()  # http://127.0.0.1:8000
+    only_https = client.proxy_variables(settings, {"HTTPS_PROXY": "http://127.0.0.1:8081"})
+    assert only_https.status is Status.FAIL and "HTTP_PROXY (or http_proxy)" in only_https.detail
+    assert "http_proxy=http://127.0.0.1:8081" in only_https.fix  # curl reads only lower case
+    both = {"HTTPS_PROXY": "http://127.0.0.1:8081", "http_proxy": "http://127.0.0.1:8081"}
+    assert client.proxy_variables(settings, both).status is Status.OK
 
 
 def test_no_proxy_that_skips_the_upstream_fails_and_the_fix_keeps_the_rest():
