@@ -277,6 +277,7 @@ Egress mode (an unchanged app, its LLM calls sent through the gateway): {egress}
   Python: cat "$(python -m certifi)" {ca_text} > teegate-bundle.pem
           export SSL_CERT_FILE=$PWD/teegate-bundle.pem REQUESTS_CA_BUNDLE=$PWD/teegate-bundle.pem
   curl:   curl --cacert teegate-bundle.pem -x {egress} https://api.openai.com/v1/models
+          (or once: export CURL_CA_BUNDLE=$PWD/teegate-bundle.pem)
 {to_upstream}
   Node:   export NODE_EXTRA_CA_CERTS={ca_text} NODE_USE_ENV_PROXY=1   # Node >= 22.21 / 24.5
           Node before 22 ignores HTTPS_PROXY without an agent: undici's EnvHttpProxyAgent

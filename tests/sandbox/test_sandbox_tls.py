@@ -59,6 +59,7 @@ def test_the_upstream_is_https_under_its_own_ca(banner):
     assert sandbox_ca.is_file()
     assert sandbox_ca != Path(field(banner, r"CA to trust: (\S+)"))
     assert "curl --cacert teegate-bundle.pem -x " in banner
+    assert "export CURL_CA_BUNDLE=$PWD/teegate-bundle.pem" in banner
 
 
 def test_a_confidential_model_is_served_and_billed(app, banner):
