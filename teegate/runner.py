@@ -31,7 +31,7 @@ from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
-from teegate.addons.upstream import AnswerModelCheck, UpstreamRewrite
+from teegate.addons.upstream import AnswerModelCheck, UpstreamErrorRetry, UpstreamRewrite
 from teegate.addons.validate import ChatValidator
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
@@ -76,6 +76,7 @@ def build_addons(
         ResponsesOut(),  # after billing and the relay read the chat answer: translates it back
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),
+        UpstreamErrorRetry(),  # an upstream's own 4xx/5xx: x-should-retry by its status
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
