@@ -14,6 +14,7 @@ from teegate.ledger.billing import (
     tokens_from_bytes,
 )
 from teegate.ledger.errors import (
+    IdempotencyConflict,
     InsufficientBalance,
     InvalidInput,
     LedgerError,
@@ -28,6 +29,7 @@ from teegate.ledger.ledger import Ledger
 from teegate.ledger.models import (
     Account,
     ApiKey,
+    Credit,
     KeyInfo,
     Mismatch,
     OpenReservation,
@@ -43,6 +45,8 @@ from teegate.money import InvalidAmount, format_usd, parse_usd
 __all__ = [
     "Account",
     "ApiKey",
+    "Credit",
+    "IdempotencyConflict",
     "InsufficientBalance",
     "InvalidAmount",
     "InvalidInput",

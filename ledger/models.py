@@ -34,6 +34,17 @@ class KeyInfo:
     revoked_ms: int | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credit:
+    """A committed top-up (or the one an idempotency key found: ``replayed``)."""
+
+    entry_id: int
+    account_id: int
+    amount_micro: int
+    balance_micro: int  # the account's cached balance after it
+    replayed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Account:
     id: int

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 from teegate.commands.ledger_common import (
@@ -25,6 +24,7 @@ from teegate.commands.ledger_common import (
 )
 from teegate.ledger import inputs
 from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
+from teegate.ledger_json import key_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -71,13 +71,6 @@ async def _keys_create(args: argparse.Namespace, db: str) -> int:
     print(f"api key:    {plaintext}")
     print("This is the only time the key is shown; only its hash is stored.", file=sys.stderr)
     return EXIT_OK
-
-
-def key_json(k: Any) -> dict[str, Any]:
-    d = asdict(k)
-    d["created"] = when(k.created_ms)
-    d["revoked"] = when(k.revoked_ms) if k.revoked_ms else None
-    return d
 
 
 def keys_table(keys: Sequence[Any]) -> str:
