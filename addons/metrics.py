@@ -80,7 +80,8 @@ class Meter:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
-        self._known = known_models
+        self.known_models = known_models
+        """The catalog's ids: the only model names a label may carry (set once wired)."""
         r = self.registry
         self.requests = Counter(
             "teegate_requests",
@@ -135,7 +136,7 @@ class Meter:
 
     def model(self, model: str | None) -> str:
         try:
-            known = self._known()
+            known = self.known_models()
         except Exception:
             known = frozenset()
         return model_label(model, known)
@@ -210,7 +211,9 @@ class RequestMetrics:
     def _count(self, flow: http.HTTPFlow) -> None:
         m = self._meter
         route = route_label(flow)
-        model = m.model(flowstate.listed_model(flow)) if flowstate.has_chat_request(flow) else NONE
+        model = NONE
+        if flowstate.has_chat_request(flow):  # a model the catalog does not list: "other"
+            model = m.model(flowstate.listed_model(flow) or "")
         resp = flow.response
         status = str(resp.status_code) if resp is not None else NONE
         code = flowstate.error_code(flow) or ""

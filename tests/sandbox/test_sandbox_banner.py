@@ -35,6 +35,7 @@ def banner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     toml.write_text(
         'listen.reverse = "127.0.0.1:0"\n'
         'listen.egress = "127.0.0.2:0"\n'
+        'admin.listen = "127.0.0.1:0"\n'
         f'egress.confdir = "{work / "ca"}"\n',
         encoding="utf-8",
     )
