@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
-def model_label(model: str | None, known: Collection[str]) -> str:
+def model_label(model: str | None, known: Container[str]) -> str:
     """A model id as a label value: itself only when the catalog lists it, else ``other``.
 
     ``none`` for a request that named no model (or was refused before one was read).
@@ -76,7 +76,7 @@ class Meter:
 
     def __init__(
         self,
-        known_models: Callable[[], Collection[str]] = frozenset,
+        known_models: Callable[[], Container[str]] = frozenset,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()

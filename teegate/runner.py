@@ -63,7 +63,8 @@ def build_addons(
         observed = new_observed(settings)
     observed.catalog, observed.attestation = catalog, attestation
     meter = observed.meter
-    meter.known_models = lambda: listed_ids(catalog)
+    listed = ListedIds(catalog)
+    meter.known_models = lambda: listed
     return [
         E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
         AnswerModelCheck(),  # its response hook must run before the log and billing read
@@ -100,12 +101,18 @@ def new_observed(settings: Settings) -> Observed:
     return Observed(Meter(), RecentRefusals(settings.admin.recent_refusals))
 
 
-def listed_ids(catalog: CatalogSync) -> frozenset[str] | set[str]:
-    """Every model id the current catalog lists (confidential or not): loggable as labels."""
-    snap = catalog.catalog.snapshot if catalog.catalog is not None else None
-    if snap is None:
-        return frozenset()
-    return snap.models.keys() | snap.non_confidential
+class ListedIds:
+    """Whether the current catalog lists a model id (confidential or not): a loggable label.
+
+    A membership test on the live snapshot, so no set is built per request."""
+
+    def __init__(self, catalog: CatalogSync) -> None:
+        self._catalog = catalog
+
+    def __contains__(self, model: object) -> bool:
+        store = self._catalog.catalog
+        snap = store.snapshot if store is not None else None
+        return snap is not None and (model in snap.models or model in snap.non_confidential)
 
 
 def option_values(settings: Settings) -> dict[str, Any]:
