@@ -53,7 +53,7 @@ async def check_exposure(settings: AdminSettings, ledger: Ledger) -> None:
     if settings.active and not settings.loopback and not await ledger.admin_tokens.any_active():
         raise AdminStartError(
             f"admin.listen = {settings.listen!r} is reachable from the network, and no admin "
-            "token exists: create one first (teegate admin token create --db LEDGER), or "
+            f"token exists: create one first (teegate admin token create --db {ledger.path}), or "
             'listen on loopback, or set admin.enabled = false'
         )
 

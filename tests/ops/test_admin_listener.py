@@ -109,6 +109,19 @@ def test_metrics_move_with_real_traffic_and_carry_no_client_text(gateway, client
         assert secret not in text
 
 
+def test_egress_decisions_are_counted_by_host_class(gateway, upstream, anon):
+    labels = dict(host_class="confidential", unit="request")
+    before, _ = scrape(anon)
+    headers = {"authorization": f"Bearer {gateway.api_key}"}
+    with httpx.Client(proxy=gateway.urls["egress"], trust_env=False, timeout=30) as via:
+        assert via.get(f"{upstream.base_url}/v1/models", headers=headers).status_code == 200
+    after, text = scrape(anon)
+    assert total(after, "teegate_egress_decisions_total", **labels) == (
+        total(before, "teegate_egress_decisions_total", **labels) + 1
+    )
+    assert "127.0.0.1" not in text  # no host a client named
+
+
 def test_health_checks(anon):
     assert anon.get("/healthz").json() == {"status": "ok"}
     resp = until(lambda: (r := anon.get("/readyz")).status_code == 200 and r, "ready")
@@ -237,7 +250,9 @@ def test_v1_account_shows_only_the_callers_account(gateway, client):
     assert other not in mine.text and "test" not in {t["account"]["name"]}
 
 
-def test_a_network_reachable_admin_listener_needs_a_token_to_start(upstream):
+def test_a_network_reachable_admin_listener_needs_a_token_to_start(upstream, gateway):
+    # The module gateway's CA directory: loaded, not generated again (seconds of RSA).
+    extra = f'admin.listen = "0.0.0.0:0"\negress.confdir = "{gateway.workdir / "ca"}"'
     with pytest.raises(GatewayStartError) as e:
-        start_gateway(upstream.base_url, extra_toml='admin.listen = "0.0.0.0:0"')
+        start_gateway(upstream.base_url, extra_toml=extra)
     assert "reachable from the network, and no admin token exists" in str(e.value)
