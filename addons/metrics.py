@@ -111,7 +111,8 @@ class Meter:
         )
         self.charged = Counter(
             "teegate_charged_micro_usd",
-            "Micro-USD charged to accounts, by model.",
+            "Micro-USD charged for settled usage, by model (the price at the reservation's "
+            "prices; a part above the account's balance is recorded as unrecovered).",
             ("model",),
             registry=r,
         )
