@@ -65,7 +65,9 @@ that never answered) is the request path's decision; see :mod:`teegate.addons.bi
 Why this module is long: a third of it is the contract above, and the rest is
 one class whose methods share one lock, the in-memory balances and the map of
 open reservations; that no ``await`` falls between a balance check and its
-debit is easiest to verify with all of them in one file.
+debit is easiest to verify with all of them in one file. The operator writes the admin API
+makes (top-up, rate limit) are here for the same reason: they must update those balances
+and the key cache under that lock.
 """
 
 from __future__ import annotations
