@@ -36,6 +36,7 @@ from teegate.ledger.models import (
     Recovered,
     Reservation,
     Timing,
+    UsageBucket,
     UsageGroup,
     VerifyReport,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "Timing",
     "UnknownAccount",
     "UnknownKey",
+    "UsageBucket",
     "UsageGroup",
     "VerifyReport",
     "charge_micro",

@@ -107,6 +107,7 @@ from teegate.ledger.models import (
     Recovered,
     Reservation,
     Timing,
+    UsageBucket,
     UsageGroup,
     UsageSource,
     VerifyReport,
@@ -584,6 +585,9 @@ class Ledger:
         return await self._reader.usage_report(
             account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
         )
+
+    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
+        return await self._reader.usage_timeline(since_ms=since_ms, bucket_ms=bucket_ms)
 
     # -- cross-process freshness ------------------------------------------------
 

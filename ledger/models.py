@@ -148,3 +148,15 @@ class UsageGroup:
     cached_tokens: int
     charge_micro: int  # taken from the balance
     unrecovered_micro: int  # priced above the reservation, beyond what the balance held
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """Usage of one model in one time bucket (all accounts): what a live chart plots."""
+
+    start_ms: int
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    charge_micro: int

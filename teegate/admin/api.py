@@ -17,6 +17,8 @@ and nowhere else, ever.
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -132,6 +134,7 @@ class AdminApi:
             web.patch(f"{p}/keys/{{key_id}}", self.update_key),
             web.post(f"{p}/keys/{{key_id}}/revoke", self.revoke_key),
             web.get(f"{p}/usage", self.usage),
+            web.get(f"{p}/usage/timeline", self.timeline),
             web.get(f"{p}/attestation", self.verdicts),
             web.get(f"{p}/attestation/report", self.evidence),
             web.get(f"{p}/refusals", self.refusals),
@@ -296,6 +299,27 @@ class AdminApi:
         )
         return ok({"object": "list", "data": [usage_json(g) for g in groups]})
 
+    async def timeline(self, request: web.Request) -> web.Response:
+        """Requests, tokens and charges per model in time buckets, for live charts.
+
+        ``minutes`` (default 60, at most a week) back from now, ``bucket_s`` (default 60,
+        10 to 86400) per point. Every account together: per-account figures are in ``usage``.
+        """
+        minutes = _int_param(request, "minutes", 60, 1, 7 * 24 * 60)
+        bucket_s = _int_param(request, "bucket_s", 60, 10, 86_400)
+        now_ms = int(time.time() * 1000)
+        buckets = await self._ledger.usage_timeline(
+            since_ms=now_ms - minutes * 60_000, bucket_ms=bucket_s * 1000
+        )
+        return ok(
+            {
+                "object": "list",
+                "bucket_s": bucket_s,
+                "now_ms": now_ms,
+                "data": [asdict(b) for b in buckets],
+            }
+        )
+
     # -- attestation and refusals --------------------------------------------------------
 
     async def verdicts(self, _request: web.Request) -> web.Response:
@@ -339,6 +363,15 @@ class AdminApi:
             raise invalid("'limit' must be between 1 and 10000.", "limit")
         items = self._refusals.newest_first(int(text))
         return ok({"object": "list", "data": [r.as_json() for r in items]})
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise invalid(f"'{name}' must be a whole number from {low} to {high}.", name)
+    return int(text)
 
 
 async def _require_account(ledger: Ledger, ref: str | int) -> Any:

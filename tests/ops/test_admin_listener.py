@@ -222,6 +222,11 @@ def test_usage_and_attestation_views(gateway, client, admin):
     )
     assert {g["account_name"] for g in usage} == {"test"}
     assert {"day", "key_id", "model", "requests", "charge_micro", "charge_usd"} <= set(usage[0])
+    timeline = admin.get("/admin/v1/usage/timeline", params={"minutes": 5, "bucket_s": 10})
+    points = [p for p in timeline.json()["data"] if p["model"] == TEE]
+    assert points and all(p["start_ms"] % 10_000 == 0 for p in points)
+    assert sum(p["requests"] for p in points) >= 1 and sum(p["charge_micro"] for p in points) > 0
+    assert admin.get("/admin/v1/usage/timeline", params={"bucket_s": 1}).status_code == 400
     verdicts = admin.get("/admin/v1/attestation").json()
     tee = next(v for v in verdicts["data"] if v["model"] == TEE)
     assert tee["served"] is True and tee["attestation"]["verified"] is True
