@@ -89,6 +89,7 @@ _RESPONSE_HEADERS = "teegate.response_headers"
 _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
 _RESPONSES = "teegate.responses"
+_COUNTED = "teegate.counted"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -299,3 +300,15 @@ def headers_written(flow: http.HTTPFlow) -> http.Response | None:
 
 def set_headers_written(flow: http.HTTPFlow, resp: http.Response) -> None:
     flow.metadata[_HEADERS_WRITTEN] = resp
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def counted(flow: http.HTTPFlow) -> bool:
+    """Whether the metrics already counted this flow (a response and an error hook may both run)."""
+    return bool(flow.metadata.get(_COUNTED))
+
+
+def set_counted(flow: http.HTTPFlow) -> None:
+    flow.metadata[_COUNTED] = True

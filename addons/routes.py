@@ -173,6 +173,7 @@ ENDPOINTS = (
     "GET /v1/models",
     "GET /v1/models/{id}",
     "GET /v1/attestation/report",
+    "GET /v1/account",
 )
 
 

@@ -139,7 +139,14 @@ def _sandbox(args: argparse.Namespace) -> int:
                 # After every listener is bound: the banner names both, with their real ports.
                 ca = ca_cert_path(settings.egress.confdir) if "egress" in urls else None
                 text = _banner(
-                    urls["reverse"], base_url, demo_key, db, urls.get("egress"), ca, tls_ca
+                    urls["reverse"],
+                    base_url,
+                    demo_key,
+                    db,
+                    urls.get("egress"),
+                    ca,
+                    tls_ca,
+                    urls.get("admin"),
                 )
                 print(text, flush=True)
                 print(banner(settings.attestation), flush=True)
@@ -212,6 +219,7 @@ def _banner(
     egress: str | None = None,
     ca: Path | None = None,
     upstream_ca: Path | None = None,
+    admin: str | None = None,
 ) -> str:
     model = "deepseek-ai/DeepSeek-V3.2-TEE"
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
@@ -224,7 +232,7 @@ teegate sandbox is up.
   simulated confidential upstream: {upstream}{tls}
   billing: {funded}
   ledger: {db}   (try: teegate usage --db {db})
-
+{_admin_banner(admin, db, gateway) if admin else ""}
   curl {gateway}/v1/models -H 'authorization: Bearer {shown}'
   curl {gateway}/v1/chat/completions -H 'authorization: Bearer {shown}' \\
        -H 'content-type: application/json' -d '{body}'
@@ -235,6 +243,14 @@ teegate sandbox is up.
       model="{model}", messages=[{{"role": "user", "content": "Hello"}}])
 {_egress_banner(egress, ca, upstream, shown) if egress else ""}
 Ctrl-C stops both.
+"""
+
+
+def _admin_banner(admin: str, db: Path, gateway: str) -> str:
+    """Where the operator's side is: metrics, health checks, the admin API and its token."""
+    return f"""  admin listener: {admin}/metrics (Prometheus), {admin}/readyz, {admin}/healthz
+    admin API ({admin}/admin/v1/...): a token from teegate admin token create --db {db}
+    key holders: GET {gateway}/v1/account with their key (balance, holds, usage)
 """
 
 

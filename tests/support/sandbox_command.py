@@ -29,6 +29,7 @@ def sandbox_toml(work: Path) -> Path:
     toml.write_text(
         'listen.reverse = "127.0.0.1:0"\n'
         'listen.egress = "127.0.0.2:0"\n'
+        'admin.listen = "127.0.0.1:0"\n'
         f'egress.confdir = "{work / "ca"}"\n',
         encoding="utf-8",
     )
