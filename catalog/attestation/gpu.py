@@ -443,6 +443,37 @@ def _revocation(
     return outcome
 
 
+def combine_gpu_verdicts(verdicts: list[GpuVerdict]) -> GpuVerdict:
+    """One GPU part for a model served by several TDs (``all_attestations``): passed only
+    if every TD's GPUs passed; the first failure is the reason."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    checks: dict[str, bool] = {}
+    for v in verdicts:
+        for name, passed in v.checks.items():
+            checks[name] = checks.get(name, True) and passed
+    failed = [(i, v) for i, v in enumerate(verdicts) if not v.ok]
+    measured = {v.measurements for v in verdicts}
+    revoked = {v.revocation for v in verdicts}
+    gpus = sum(v.gpu_count for v in verdicts)
+    return GpuVerdict(
+        ok=not failed,
+        reason=f"TD {failed[0][0]}: {failed[0][1].reason}"
+        if failed
+        else f"GPU evidence verified: {gpus} GPU(s) in {len(verdicts)} TDs",
+        root=verdicts[0].root,
+        gpu_count=gpus,
+        checks=checks,
+        measurements="failed" if "failed" in measured
+        else "verified" if measured == {"verified"} else "unverified",
+        revocation="revoked" if "revoked" in revoked
+        else "good" if revoked == {"good"} else "unchecked",
+        skipped=tuple(dict.fromkeys(f"TD {i}: {s}" for i, v in enumerate(verdicts)
+                                    for s in v.skipped)),
+        gpus=tuple(g for v in verdicts for g in v.gpus),
+    )
+
+
 def _verdict(
     c: _Checks,
     root: Literal["nvidia", "test"],
@@ -458,7 +489,7 @@ def _verdict(
         reason = f"GPU evidence verified: {len(verifiers)} GPU(s), measurements {measurements}"
     else:
         failure = next((f for f in c.failures if f), "a GPU check failed")
-        reason = f"GPU attestation failed: {failure}"
+        reason = f"GPU evidence rejected: {failure}"
     return GpuVerdict(
         ok=ok,
         reason=reason,

@@ -269,7 +269,7 @@ def test_v2_duplicate_gpu_refused() -> None:
     items = _v2_items()
     v = _v2(payload([items[0], items[1], items[0]], V2["expected_nonce"]))
     assert not v.ok and v.checks["gpu_distinct"] is False
-    assert v.reason == "GPU attestation failed: the same GPU is reported twice"
+    assert v.reason == "GPU evidence rejected: the same GPU is reported twice"
 
 
 def test_v2_wrong_nonce_refused() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,20 @@ def raw_vector_payload(vector_id: str, evidence: bytes | None = None) -> str:
 
 def payload_file(vector_id: str) -> str:
     return (folder(vector_id) / "nvidia_payload.json").read_text()
+
+
+@cache
+def sandbox_gpu_root_file() -> Path:
+    """The sandbox's test GPU root (stable: derived from a fixed seed), as a PEM file."""
+    from teegate.sandbox.gpu_evidence import GpuTestPki
+
+    path = Path(tempfile.mkdtemp(prefix="teegate-gpu-root-")) / "gpu-root.pem"
+    path.write_bytes(GpuTestPki().root_pem)
+    return path
+
+
+def trusting_sandbox_gpus(policy: Any) -> Any:
+    """``policy`` (a :class:`Policy`) that also trusts the sandbox's test GPU root."""
+    if policy.gpu_test_root_ca is not None:
+        return policy
+    return policy.model_copy(update={"gpu_test_root_ca": sandbox_gpu_root_file()})
