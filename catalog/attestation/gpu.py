@@ -452,14 +452,18 @@ def combine_gpu_verdicts(verdicts: list[GpuVerdict]) -> GpuVerdict:
     for v in verdicts:
         for name, passed in v.checks.items():
             checks[name] = checks.get(name, True) and passed
-    failed = [(i, v) for i, v in enumerate(verdicts) if not v.ok]
+    failures = [f"TD {i}: {v.reason}" for i, v in enumerate(verdicts) if not v.ok]
+    # A GPU is passed through to one TD: the same one in two TDs is a replay.
+    serials = [g.leaf_serial for v in verdicts for g in v.gpus if g.leaf_serial]
+    if len(set(serials)) != len(serials):
+        checks["gpu_distinct"] = False
+        failures.append("GPU evidence rejected: the same GPU is reported by two TDs")
     measured = {v.measurements for v in verdicts}
     revoked = {v.revocation for v in verdicts}
     gpus = sum(v.gpu_count for v in verdicts)
     return GpuVerdict(
-        ok=not failed,
-        reason=f"TD {failed[0][0]}: {failed[0][1].reason}"
-        if failed
+        ok=not failures,
+        reason=failures[0] if failures
         else f"GPU evidence verified: {gpus} GPU(s) in {len(verdicts)} TDs",
         root=verdicts[0].root,
         gpu_count=gpus,

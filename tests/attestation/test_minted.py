@@ -198,13 +198,16 @@ def test_all_attestations_must_all_pass(minter: EvidenceMinter, pki: DcapTestPki
     minter.set_mode(MODEL, "rotate_key")
     second = minter.report(MODEL, nonce)
     both = {**first, "all_attestations": [first, second]}
-    verdict = _verify(both, nonce, pki, collateral=lambda q: first["collateral"])
+    # One sandbox, so both "TDs" report the same test GPUs, which the GPU part refuses
+    # (tests/attestation/test_gpu_verdict.py): this test is about the TDs.
+    record = Policy(gpu_evidence="record")
+    verdict = _verify(both, nonce, pki, collateral=lambda q: first["collateral"], policy=record)
     assert verdict.ok, verdict.reason
     assert verdict.signing_addresses == (first["signing_address"], second["signing_address"])
     minter.set_mode(MODEL, "wrong_binding")
     third = minter.report(MODEL, nonce)
     mixed = {**first, "all_attestations": [first, third]}
-    verdict = _verify(mixed, nonce, pki, collateral=lambda q: first["collateral"])
+    verdict = _verify(mixed, nonce, pki, collateral=lambda q: first["collateral"], policy=record)
     assert not verdict.ok
     assert verdict.reason == "attestation failed: TD 1: report_data does not bind our nonce"
 
