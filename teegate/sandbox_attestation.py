@@ -105,10 +105,15 @@ def banner(policy: Policy) -> str:
             "  attestation: FLAG mode: the catalog's confidential flag is trusted; "
             "no hardware attestation is verified"
         )
+    gpu = (
+        f"    GPU evidence against the sandbox's TEST GPU root {policy.gpu_test_root_ca}\n"
+        if policy.gpu_test_root_ca is not None
+        else ""
+    )
     return (
         "  attestation: dcap, quotes verified against the sandbox's TEST root CA\n"
         f"    {policy.test_root_ca}\n"
-        f"    GPU evidence against the sandbox's TEST GPU root {policy.gpu_test_root_ca}\n"
+        f"{gpu}"
         "    !!! NOT Intel's root: these 'TDX quotes' are simulated. Never configure\n"
         "    !!! attestation.test_root_ca on a gateway that serves real traffic."
     )
