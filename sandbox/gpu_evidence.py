@@ -118,6 +118,12 @@ class GpuTestPki:
             for i in range(self.gpus)
         ]
 
+    def issued(self, gpu: int) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
+        """GPU ``gpu``'s chain with each certificate's key, leaf first (to sign test OCSP
+        answers and the like)."""
+        chain = [self._leaves[gpu], *reversed(self._cas)]
+        return [(i.cert, i.key) for i in chain]
+
     @property
     def root_pem(self) -> bytes:
         return self._cas[0].cert.public_bytes(serialization.Encoding.PEM)

@@ -106,8 +106,10 @@ def cert_status(
     responses: Iterable[ocsp.OCSPResponse],
     at: int,
 ) -> str:
-    """"good", "revoked", or why it is unchecked ("no response", "stale", ...)."""
+    """"good", "revoked", or why it is unchecked ("no OCSP response", "... stale", ...).
+    Among several usable answers for one certificate, "revoked" wins."""
     why = "no OCSP response"
+    found: set[ocsp.OCSPCertStatus] = set()
     for resp in responses:
         if not _matches(resp, cert, issuer):
             continue
@@ -117,12 +119,12 @@ def cert_status(
         if not _signed_by(resp, issuer, at):
             why = "OCSP response not signed by the issuer or a responder valid then"
             continue
-        if resp.certificate_status == ocsp.OCSPCertStatus.REVOKED:
-            return "revoked"
-        if resp.certificate_status == ocsp.OCSPCertStatus.GOOD:
-            return "good"
-        why = "OCSP status unknown"
-    return why
+        found.add(resp.certificate_status)
+    if ocsp.OCSPCertStatus.REVOKED in found:
+        return "revoked"
+    if ocsp.OCSPCertStatus.GOOD in found:
+        return "good"
+    return "OCSP status unknown" if found else why
 
 
 def chain_status(
