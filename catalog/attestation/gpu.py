@@ -263,7 +263,7 @@ class _GpuVerifier:
             c.check("gpu_chain", False, f"{gpu}: certificate chain: {e}")
             return c
         try:
-            self.spdm = m = parse_measurements(self.item.evidence)
+            m = parse_measurements(self.item.evidence)
             c.check("gpu_spdm_parses", True, "")
         except SpdmError as e:
             c.check("gpu_spdm_parses", False, f"{gpu}: SPDM evidence malformed: {e}")
@@ -275,6 +275,7 @@ class _GpuVerifier:
             f"{gpu}: SPDM signature does not verify with the leaf certificate's key",
         ):
             return c
+        self.spdm = m  # only signed measurements are compared with reference values
         if self.nonce is None:
             c.check("gpu_nonce", False, f"{gpu}: no nonce to check freshness against")
         else:

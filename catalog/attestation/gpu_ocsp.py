@@ -51,13 +51,13 @@ def _matches(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certi
         # The request builder computes CertID hashes exactly as RFC 6960 defines them.
         ours = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, resp.hash_algorithm)
         request = ours.build()
-    except (ValueError, TypeError):
+        return (
+            resp.serial_number == cert.serial_number
+            and resp.issuer_name_hash == request.issuer_name_hash
+            and resp.issuer_key_hash == request.issuer_key_hash
+        )
+    except (ValueError, TypeError):  # e.g. several answers in one response: not NVIDIA's
         return False
-    return (
-        resp.serial_number == cert.serial_number
-        and resp.issuer_name_hash == request.issuer_name_hash
-        and resp.issuer_key_hash == request.issuer_key_hash
-    )
 
 
 def _signed_by(resp: ocsp.OCSPResponse, issuer: x509.Certificate, at: int) -> bool:

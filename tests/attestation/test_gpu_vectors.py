@@ -309,6 +309,12 @@ def test_n1_flipped_signature_byte() -> None:
     assert v.checks["gpu_spdm_parses"] is (expect("N1", "spdm_parse") == "ok")
     assert v.checks["gpu_spdm_signature"] is False and expect("N1", "spdm_signature") == "fail"
     assert not v.ok and expect("N1", "verdict") == "reject"
+    # Unsigned measurements are never compared with (let alone said to match) the RIMs.
+    v = verify_gpu_payload(
+        raw_vector_payload("N1"), nonce=V1_NONCE, at=n1["at"],
+        requirements=GpuRequirements(rim_dir=RIMS),
+    )  # fmt: skip
+    assert not v.ok and v.measurements == "unverified"
 
 
 @pytest.mark.parametrize("offset", [0, 40, 100, 3600, 4116])
