@@ -17,8 +17,9 @@ RIMs; index 35 is skipped when NVDEC0_STATUS (opaque 11) is 0x55 (NVDEC0 not in 
 from __future__ import annotations
 
 import base64
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,35 @@ def _keyinfo_chain(doc: Any) -> list[x509.Certificate]:
 
 
 def load_rim(data: bytes, at: int) -> Rim:
-    """Verify a RIM's signature and chain at ``at``; read its signed content only."""
+    """Verify a RIM's signature and chain at ``at``; read its signed content only.
+
+    The signature (the costly part, and independent of time) is verified once per distinct
+    file content; the chain's pin and validity at ``at`` are checked on every call."""
+    rim = _signed_rim(data)
+    try:
+        verify_chain(list(rim.chain), at)
+    except ChainError as e:
+        raise RimError(f"RIM signing chain: {e}") from None
+    return rim
+
+
+_SIGNED: OrderedDict[bytes, Rim] = OrderedDict()
+_SIGNED_MAX = 32
+
+
+def _signed_rim(data: bytes) -> Rim:
+    key = hashlib.sha256(data).digest()
+    if key in _SIGNED:
+        _SIGNED.move_to_end(key)
+        return _SIGNED[key]
+    rim = _verify_signature(data)
+    _SIGNED[key] = rim
+    while len(_SIGNED) > _SIGNED_MAX:
+        _SIGNED.popitem(last=False)
+    return rim
+
+
+def _verify_signature(data: bytes) -> Rim:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
     try:
         doc = etree.fromstring(data, parser=parser)
@@ -112,14 +141,12 @@ def load_rim(data: bytes, at: int) -> Rim:
     chain = _keyinfo_chain(doc)
     if len(chain) < 2 or not root_pinned(chain, rim_root()):
         raise RimError("KeyInfo chain does not end in the pinned NVIDIA CoRIM signing root")
-    try:
-        verify_chain(chain, at)
-    except ChainError as e:
-        raise RimError(f"RIM signing chain: {e}") from None
+    # signxml checks the signer's validity at verification_time; ours is checked against
+    # the caller's time in load_rim, so here any moment inside the signer's validity.
     config = SignatureConfiguration(
         **_CONFIG_ALGOS,
         ignore_ambiguous_key_info=True,
-        verification_time=datetime.fromtimestamp(at, UTC),
+        verification_time=chain[0].not_valid_before_utc,
     )
     try:
         result = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config)
