@@ -420,6 +420,10 @@ def _gpu_part(
         return "absent"
     if policy.gpu_evidence == "record" or not verify:
         return "unverified"
+    bare = [i for i, node in enumerate(nodes) if not node.gpu_payload]
+    if bare and policy.gpu_evidence == "require":
+        reason = f"GPU evidence rejected: TD {bare[0]} sent none, and policy requires it"
+        return GpuVerdict(ok=False, reason=reason, checks={"gpu_evidence_present": False})
     try:
         requirements = policy.gpu_requirements()
     except (OSError, ValueError) as e:

@@ -98,6 +98,11 @@ def test_every_td_gpu_part_must_pass(minter, pki, trusted) -> None:
     first = minter.report(MODEL, nonce)
     minter.set_mode(MODEL, "gpu_stale_nonce")
     second = minter.report(MODEL, nonce)
+    minter.set_mode(MODEL, "no_gpu")
+    bare = minter.report(MODEL, nonce)
+    required = trusted.model_copy(update={"gpu_evidence": "require"})
+    v = _verify({**first, "all_attestations": [first, bare]}, nonce, pki, required)
+    assert not v.ok and v.reason.endswith("TD 1 sent none, and policy requires it")
     # A stale TD refuses the model.
     v = _verify({**first, "all_attestations": [first, second]}, nonce, pki, trusted)
     assert not v.ok and v.reason.startswith("attestation failed: TD 1: GPU evidence rejected")
