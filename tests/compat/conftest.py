@@ -23,15 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests.compat.matrix import cell_id, cells
+from tests.compat.matrix import NODE_DIR, cell_id, cells
 from tests.support.egress import gateway_ca_path, start_tls_sandbox
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import REPO_ROOT, TEE
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 BATCH_TIMEOUT_S = 240
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 
 
 @pytest.fixture(scope="package")
@@ -61,7 +61,7 @@ def _env(mode: str, gateway: GatewayProc, api_base: str, ca: Path) -> dict[str, 
     if mode == "egress":
         proxy = gateway.urls["egress"]
         env.update(HTTPS_PROXY=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
-        for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+        for name in CA_VARS:
             env[name] = str(ca)
     return env
 
@@ -77,18 +77,31 @@ def _node_command() -> list[str]:
     return [node, str(NODE_DIR / "cells.mjs")]
 
 
+def _selected(session: pytest.Session) -> set[str]:
+    """The cells whose tests this session runs (``-k`` runs only those batches' cells)."""
+    return {
+        cell_id(p["client"], p["feature"], p["mode"])
+        for item in session.items
+        if (p := getattr(getattr(item, "callspec", None), "params", None)) and "client" in p
+    }
+
+
 @pytest.fixture(scope="package")
 def outcomes(
-    gateway: GatewayProc, upstream: SandboxProc, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    gateway: GatewayProc,
+    upstream: SandboxProc,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, dict[str, Any]]:
-    """Every runnable cell's outcome, from four batch processes started together."""
+    """The selected cells' outcomes, from (at most) four batch processes started together."""
+    selected = _selected(request.session)
     ca = gateway_ca_path(gateway)
     work = tmp_path_factory.mktemp("compat-batches")
     bases = {"reverse": gateway.api_base, "egress": upstream.api_base}
     running = []
     for runner in ("py", "node"):
         for mode in ("reverse", "egress"):
-            ids = [cell_id(*c) for c in cells(runner, mode)]
+            ids = [i for i in (cell_id(*c) for c in cells(runner, mode)) if i in selected]
             if not ids:
                 continue
             config = {

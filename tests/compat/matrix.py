@@ -17,7 +17,9 @@ what the tests check. To flip a cell, change it here, run the tests, then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+NODE_DIR = Path(__file__).resolve().parent / "node"  # package.json, cells.mjs, node_modules
 MODES = ("reverse", "egress")
 
 # Column order in the table; (id, heading).
@@ -37,10 +39,13 @@ FEATURE_IDS = tuple(f for f, _ in FEATURES)
 @dataclass(frozen=True)
 class Client:
     id: str
-    label: str  # what the table shows, with the pinned version
+    label: str  # what the table shows, with the pinned versions
     runner: str  # "py" (tests/compat/py_runner.py) or "node" (tests/compat/node/cells.mjs)
     how: str  # what "Chat" / "Responses" mean for this client (the API it calls)
     excluded: str | None = None  # why it is not run at all
+    # The packages whose versions the label names: pyproject's test extra (Python) or
+    # tests/compat/node/package.json (Node); test_matrix.py checks the installed ones match.
+    pins: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,45 +66,51 @@ class NA:
 OK = "ok"
 Expect = str | No | NA
 
-_RAW = NA("raw HTTP: no tool or schema layer of its own (the wire format is the openai rows')")
+_RAW = NA("raw HTTP, no tool or schema layer (the openai rows cover that wire format)")
 
 CLIENTS: tuple[Client, ...] = (
     Client(
         "openai_py",
-        "openai (Python) 3.57",
+        "openai (Python) 3.57.0",
         "py",
         "`chat.completions.create`/`.parse`; `responses.create`/`.stream`/`.parse`",
+        pins=(("openai", "3.57.0"),),
     ),
     Client(
         "requests",
-        "requests 2.34",
+        "requests 2.34.2",
         "py",
         "POST JSON, SSE read line by line",
+        pins=(("requests", "2.34.2"),),
     ),
     Client("curl", "curl (system)", "py", "`curl -d`, `curl -N` for streams"),
     Client(
         "pydantic_ai",
-        "pydantic-ai 2.68",
+        "pydantic-ai-slim 2.68.0",
         "py",
         '`OpenAIChatModel` for chat; the default `Agent("openai:…")` (Responses) for Responses',
+        pins=(("pydantic-ai-slim", "2.68.0"),),
     ),
     Client(
         "langchain",
-        "langchain-openai 1.7",
+        "langchain-openai 1.7.4",
         "py",
         "`ChatOpenAI`; `use_responses_api=True` for Responses",
+        pins=(("langchain-openai", "1.7.4"),),
     ),
     Client(
         "node_openai",
-        "openai (Node) 6.30",
+        "openai (Node) 6.30.1",
         "node",
-        "`chat.completions.create`/`.parse`; `responses.create`/`.stream`/`.parse` (Node 20)",
+        "`chat.completions.create`/`.parse`; `responses.create`/`.stream`/`.parse`",
+        pins=(("openai", "6.30.1"),),
     ),
     Client(
         "vercel_ai",
-        "Vercel AI SDK: ai 6.0, @ai-sdk/openai 3.0",
+        "Vercel AI SDK: ai 6.0.325, @ai-sdk/openai 3.0.141",
         "node",
         "`openai.chat(model)` for chat; the default provider `openai(model)` (Responses)",
+        pins=(("ai", "6.0.325"), ("@ai-sdk/openai", "3.0.141")),
     ),
     Client(
         "litellm",
@@ -185,12 +196,16 @@ def render_table() -> str:
         "|" + "|".join(["---"] * len(head)) + "|",
     ]
     for c in CLIENTS:
+        if c.excluded is not None:
+            dashes = " | ".join("—" for _ in FEATURES)
+            lines.append(f"| {c.label} | — | {dashes} | {c.excluded} |")
+            continue
         for mode in MODES:
             marks, notes = [], []
             for feature, heading in FEATURES:
                 expect = expected(c.id, feature, mode)
                 marks.append(_mark(expect))
-                if expect != OK and c.excluded is None:
+                if expect != OK:
                     reason = expect.reason
                     same = [n for n in notes if n[1] == reason]
                     if same:
@@ -198,9 +213,7 @@ def render_table() -> str:
                     else:
                         notes.append(([heading], reason))
             text = "; ".join(f"{', '.join(h)}: {r}" for h, r in notes)
-            if c.excluded is not None:
-                text = c.excluded
-            elif not text:
+            if not text:
                 text = c.how if mode == "reverse" else "HTTPS_PROXY + the egress CA, unchanged app"
             lines.append(f"| {c.label} | {mode} | " + " | ".join(marks) + f" | {text} |")
     legend = (

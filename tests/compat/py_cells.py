@@ -320,14 +320,16 @@ def _curl(t: Target, path: str, body: dict[str, Any], stream: bool = False) -> s
     ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=40)
     if done.returncode != 0:
-        raise RuntimeError(f"curl exit {done.returncode}: {done.stderr.strip()} {done.stdout[:300]}")
+        detail = f"{done.stderr.strip()} {done.stdout[:300]}"
+        raise RuntimeError(f"curl exit {done.returncode}: {detail}")
     return done.stdout
 
 
 @cell("curl", "chat")
 def curl_chat(t: Target) -> Outcome:
     body = {"model": t.model, "messages": [{"role": "user", "content": t.prompt}]}
-    return Outcome(text=json.loads(_curl(t, "/chat/completions", body))["choices"][0]["message"]["content"])
+    answer = json.loads(_curl(t, "/chat/completions", body))
+    return Outcome(text=answer["choices"][0]["message"]["content"])
 
 
 @cell("curl", "stream")
@@ -373,7 +375,7 @@ def _pai_stream(agent: Any, prompt: str) -> Outcome:
     async def go() -> Outcome:
         out = Outcome()
         async with agent.run_stream(prompt) as result:
-            async for delta in result.stream_text(delta=True):
+            async for delta in result.stream_text(delta=True, debounce_by=None):
                 out.text += delta
                 out.chunks += 1
         return out

@@ -46,6 +46,15 @@ function target(cell) {
   };
 }
 
+// The final response's text (the stream helper's final object has no output_text shortcut).
+const outputText = (response) =>
+  response.output
+    .filter((item) => item.type === "message")
+    .flatMap((item) => item.content)
+    .filter((part) => part.type === "output_text")
+    .map((part) => part.text)
+    .join("");
+
 const sdk = () =>
   new OpenAI({ baseURL: config.api_base, apiKey: config.api_key, maxRetries: 0, fetch: fetchImpl });
 const provider = () =>
@@ -116,8 +125,8 @@ const CELLS = {
         out.chunks += 1;
       }
     }
-    const final = await stream.finalResponse();
-    if (final.output_text !== out.text) throw new Error(`final ${final.output_text} != ${out.text}`);
+    const final = outputText(await stream.finalResponse());
+    if (final !== out.text) throw new Error(`final response ${final} != streamed ${out.text}`);
     return out;
   },
   "node_openai.responses_tools": async (t) => {
