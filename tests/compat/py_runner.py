@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.compat.py_cells import CELLS, Target
+from tests.compat.py_cells import Target, load
 
 
 def run(config: dict) -> dict[str, dict]:
@@ -26,7 +26,7 @@ def run(config: dict) -> dict[str, dict]:
         target = Target(config["api_base"], config["api_key"], config["model"], f"compat {cid}")
         started = time.monotonic()
         try:
-            outcome = CELLS[(client, feature)](target)
+            outcome = load()[(client, feature)](target)
             results[cid] = {"ok": True, **outcome.as_json()}
         except Exception as e:  # noqa: BLE001 - every failure is a recorded outcome
             results[cid] = {
