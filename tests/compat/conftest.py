@@ -66,15 +66,14 @@ def _env(mode: str, gateway: GatewayProc, api_base: str, ca: Path) -> dict[str, 
     return env
 
 
-def _node_command() -> list[str]:
-    """The Node runner; fails (never skips) when Node or the installed packages are missing:
-    scripts/setup.sh installs both."""
-    node = shutil.which("node")
-    assert node, "node is not installed (scripts/setup.sh installs it)"
-    assert (NODE_DIR / "node_modules" / "ai").is_dir(), (
-        f"run `npm ci` in {NODE_DIR} (scripts/setup.sh does)"
-    )
-    return [node, str(NODE_DIR / "cells.mjs")]
+def _node_missing() -> str | None:
+    """Why the Node runner cannot start, or None. Its cells then fail with this (never skip):
+    scripts/setup.sh installs Node and the packages."""
+    if shutil.which("node") is None:
+        return "node is not installed (scripts/setup.sh installs it)"
+    if not (NODE_DIR / "node_modules" / "ai").is_dir():
+        return f"the Node packages are not installed: run `npm ci` in {NODE_DIR} (setup.sh does)"
+    return None
 
 
 def _selected(session: pytest.Session) -> set[str]:
@@ -99,10 +98,15 @@ def outcomes(
     work = tmp_path_factory.mktemp("compat-batches")
     bases = {"reverse": gateway.api_base, "egress": upstream.api_base}
     running = []
+    results: dict[str, dict[str, Any]] = {}
     for runner in ("py", "node"):
         for mode in ("reverse", "egress"):
             ids = [i for i in (cell_id(*c) for c in cells(runner, mode)) if i in selected]
             if not ids:
+                continue
+            missing = _node_missing() if runner == "node" else None
+            if missing is not None:
+                results.update({i: {"ok": False, "error": missing} for i in ids})
                 continue
             config = {
                 "mode": mode,
@@ -116,7 +120,7 @@ def outcomes(
             command = (
                 [sys.executable, "-m", "tests.compat.py_runner"]
                 if runner == "py"
-                else _node_command()
+                else ["node", str(NODE_DIR / "cells.mjs")]
             )
             log = open(work / f"{runner}-{mode}.log", "w")  # noqa: SIM115 - closed below
             proc = subprocess.Popen(
@@ -127,10 +131,9 @@ def outcomes(
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            running.append((runner, mode, proc, out, log))
-    results: dict[str, dict[str, Any]] = {}
+            running.append((runner, mode, ids, proc, out, log))
     deadline = time.monotonic() + BATCH_TIMEOUT_S
-    for runner, mode, proc, out, log in running:
+    for runner, mode, ids, proc, out, log in running:
         try:
             proc.wait(max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
@@ -139,8 +142,10 @@ def outcomes(
         log.close()
         if proc.returncode != 0 or not out.exists():
             tail = Path(log.name).read_text(errors="replace")[-3000:]
-            raise AssertionError(f"{runner} {mode} batch exited {proc.returncode}:\n{tail}")
-        results.update(json.loads(out.read_text()))
+            error = f"the {runner} {mode} batch exited {proc.returncode}:\n{tail}"
+            results.update({i: {"ok": False, "error": error} for i in ids})
+        else:
+            results.update(json.loads(out.read_text()))
     return results
 
 
