@@ -54,6 +54,7 @@ class No:
 
     reason: str
     error: str
+    reaches_upstream: bool = False  # whether a request still gets through the gateway
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,13 @@ CLIENTS: tuple[Client, ...] = (
         pins=(("openai", "6.30.1"),),
     ),
     Client(
+        "node_no_agent",
+        "openai (Node) 6.30.1, no proxy agent",
+        "node",
+        "",
+        pins=(("openai", "6.30.1"),),
+    ),
+    Client(
         "vercel_ai",
         "Vercel AI SDK: ai 6.0.325, @ai-sdk/openai 3.0.141",
         "node",
@@ -137,7 +145,19 @@ CLIENTS: tuple[Client, ...] = (
 CLIENT_BY_ID = {c.id: c for c in CLIENTS}
 
 # Per client, the cells that differ from OK (all modes unless the key names one).
+_NODE_FETCH = (
+    "Node's built-in fetch ignores HTTPS_PROXY (this is Node 20; newer Node reads it only with "
+    "NODE_USE_ENV_PROXY=1): "
+    "the app dials the upstream directly, so the gateway never sees the request, and the "
+    "upstream's certificate is not the one NODE_EXTRA_CA_CERTS trusts; install undici's "
+    "EnvHttpProxyAgent, as the row above does (the client's `fetch` option)"
+)
 _EXCEPTIONS: dict[str, dict[str, Expect]] = {
+    "node_no_agent": {
+        "chat.reverse": NA("reverse mode needs no proxy: the openai (Node) row covers it"),
+        "chat.egress": No(_NODE_FETCH, "Connection error"),
+        **{f: NA("as Chat: every request takes the same fetch") for f in FEATURE_IDS[1:]},
+    },
     "requests": {
         "tools": _RAW,
         "structured": _RAW,

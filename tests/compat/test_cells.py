@@ -64,6 +64,8 @@ def test_cell(
     if isinstance(expect, No):
         assert not result["ok"], f"expected to fail ({expect.reason}), but passed: {result}"
         assert expect.error in result["error"], result["error"]
+        reached = bool(_cell_requests(upstream_requests, cid))
+        assert reached == expect.reaches_upstream, (reached, expect)
         return
     assert result["ok"], f"{result['error']}\n{result.get('traceback', '')}"
     _check_outcome(feature, cid, result)

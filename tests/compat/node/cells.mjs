@@ -7,8 +7,8 @@
 // same prompts (with the cell's marker) and tool result, so the Python tests check both alike.
 //
 // Egress mode: the process has HTTPS_PROXY and NODE_EXTRA_CA_CERTS set, as a user's app would.
-// Node 20's fetch ignores HTTPS_PROXY, so, as its users must, we install undici's
-// EnvHttpProxyAgent (which reads HTTPS_PROXY/NO_PROXY) and hand undici's fetch to the clients.
+// Node's fetch ignores HTTPS_PROXY, so, as its users must, we give the clients a fetch that goes
+// through undici's EnvHttpProxyAgent (which reads HTTPS_PROXY/NO_PROXY).
 import { readFileSync, writeFileSync } from "node:fs";
 
 import { createOpenAI } from "@ai-sdk/openai";
@@ -20,11 +20,13 @@ import { z } from "zod";
 const [configPath, outPath] = process.argv.slice(2);
 const config = JSON.parse(readFileSync(configPath, "utf8"));
 
+// Handed to each client (their documented `fetch` option), not set as the global dispatcher:
+// node_no_agent's cell shows what Node's own fetch does with HTTPS_PROXY.
 let fetchImpl = globalThis.fetch;
 if (process.env.HTTPS_PROXY) {
   const undici = await import("undici");
-  undici.setGlobalDispatcher(new undici.EnvHttpProxyAgent());
-  fetchImpl = undici.fetch;
+  const dispatcher = new undici.EnvHttpProxyAgent();
+  fetchImpl = (url, init) => undici.fetch(url, { ...init, dispatcher });
 }
 
 const City = z.object({ name: z.string(), population: z.number().int() });
@@ -156,6 +158,13 @@ const CELLS = {
     return { data: City.parse(r.output_parsed) };
   },
 
+  // -- openai (Node) as an app that sets HTTPS_PROXY but installs no agent: Node's own fetch
+  "node_no_agent.chat": async (t) => {
+    const client = new OpenAI({ baseURL: config.api_base, apiKey: config.api_key, maxRetries: 0 });
+    const r = await client.chat.completions.create({ model, messages: user(t.prompt) });
+    return { text: r.choices[0].message.content ?? "" };
+  },
+
   // -- Vercel AI SDK: provider.chat(model) = chat completions, provider(model) = Responses -----
   ...vercel("", (p) => p.chat(model)),
   ...vercel("responses_", (p) => p(model)),
@@ -228,7 +237,8 @@ for (const cell of config.cells) {
     const out = await fn(target(cell));
     results[cell] = { ok: true, text: "", chunks: 0, data: null, tool_calls: 0, ...out };
   } catch (e) {
-    const detail = e?.responseBody ? ` body=${String(e.responseBody).slice(0, 300)}` : "";
+    let detail = e?.responseBody ? ` body=${String(e.responseBody).slice(0, 300)}` : "";
+    for (let cause = e?.cause; cause; cause = cause.cause) detail += ` (cause: ${cause.message ?? cause})`;
     results[cell] = {
       ok: false,
       error: `${e?.name ?? "Error"}: ${e?.message ?? e}${detail}`,
