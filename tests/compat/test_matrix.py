@@ -46,14 +46,17 @@ def test_every_cell_is_ok_or_says_why() -> None:
                 assert len(expect.reason) > 20, (client.id, feature, mode, expect)
                 if isinstance(expect, No):
                     assert expect.error, (client.id, feature, expect)
-    # The table shows the reason of every cell that is not green.
+    # The table shows the reason of every cell that is not green, except in a row left out
+    # because nothing in it runs.
     table = render.render_table()
     for client in CLIENTS:
-        for feature in FEATURE_IDS:
-            for mode in MODES:
-                expect = expected(client.id, feature, mode)
+        for mode in MODES:
+            shown = [expected(client.id, f, mode) for f in FEATURE_IDS]
+            if client.excluded is None and all(isinstance(e, NA) for e in shown):
+                continue
+            for expect in shown:
                 if expect != OK:
-                    assert expect.reason in table
+                    assert expect.reason in table, (client.id, mode, expect)
 
 
 def test_every_python_cell_that_runs_has_its_function() -> None:
