@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from mitmproxy import http
@@ -56,6 +56,9 @@ from teegate.ledger import (
     tokens_from_bytes,
 )
 from teegate.money import format_usd
+
+if TYPE_CHECKING:
+    from teegate.addons.metrics import Meter
 
 log = structlog.get_logger("teegate.billing")
 
@@ -89,9 +92,12 @@ Plan = Release | Settle
 
 
 class Billing:
-    def __init__(self, link: LedgerLink, *, unanswered: Unanswered) -> None:
+    def __init__(
+        self, link: LedgerLink, *, unanswered: Unanswered, meter: Meter | None = None
+    ) -> None:
         self._link = link
         self._unanswered: Unanswered = unanswered
+        self._meter = meter
         self._pending: set[asyncio.Task[None]] = set()
 
     @guarded
@@ -107,8 +113,11 @@ class Billing:
         flowstate.set_started_ms(flow, _ms())
         rid = flowstate.need(flowstate.request_id(flow), "request id")
         key = flowstate.need(flowstate.api_key(flow), "api key")
+        waited = time.perf_counter()
         try:
             res = await self._link.get().reserve(rid, key, model.id, prices, amount)
+            if self._meter is not None:
+                self._meter.commit_wait(time.perf_counter() - waited)
         except InsufficientBalance as e:
             refuse(
                 flow,
@@ -189,6 +198,8 @@ class Billing:
                         timing=timing,
                         status=plan.status,
                     )
+                    if self._meter is not None:
+                        self._meter.charge(res.model, plan.prompt, plan.completion, charge)
                     log.info(
                         "charged",
                         request_id=res.request_id,

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from teegate.addons.chutes import E2EEFlow
+    from teegate.addons.responses_api import ResponsesCall
     from teegate.addons.schema import ChatRequest
     from teegate.addons.streaming import StreamTally
     from teegate.catalog.attestation import Verdict
@@ -90,6 +91,8 @@ _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
 _VERDICT = "teegate.verdict"
 _RECEIPT_ID = "teegate.receipt_id"
+_RESPONSES = "teegate.responses"
+_COUNTED = "teegate.counted"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -219,6 +222,13 @@ def receipt_id(flow: http.HTTPFlow) -> str | None:
 
 def set_receipt_id(flow: http.HTTPFlow, value: str) -> None:
     flow.metadata[_RECEIPT_ID] = value
+def responses_call(flow: http.HTTPFlow) -> ResponsesCall | None:
+    """Set when the client spoke the Responses API: its answer is translated back."""
+    return flow.metadata.get(_RESPONSES)
+
+
+def set_responses_call(flow: http.HTTPFlow, call: ResponsesCall) -> None:
+    flow.metadata[_RESPONSES] = call
 
 
 # -- billing -------------------------------------------------------------------------------
@@ -309,3 +319,15 @@ def headers_written(flow: http.HTTPFlow) -> http.Response | None:
 
 def set_headers_written(flow: http.HTTPFlow, resp: http.Response) -> None:
     flow.metadata[_HEADERS_WRITTEN] = resp
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def counted(flow: http.HTTPFlow) -> bool:
+    """Whether the metrics already counted this flow (a response and an error hook may both run)."""
+    return bool(flow.metadata.get(_COUNTED))
+
+
+def set_counted(flow: http.HTTPFlow) -> None:
+    flow.metadata[_COUNTED] = True

@@ -56,3 +56,7 @@ class UnknownKey(LedgerError, LookupError):
 
 class InvalidInput(LedgerError, ValueError):
     """A name, label, rate limit or amount the ledger will not store."""
+
+
+class IdempotencyConflict(LedgerError):
+    """An idempotency key already used for a different operation (not a retry of it)."""

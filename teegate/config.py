@@ -276,6 +276,24 @@ class ReceiptSettings(_Section):
     quote_provider: Path | None = None
     """When teegate itself runs in an Intel TD: the configfs-tsm report directory
     (``/sys/kernel/config/tsm/report``) that makes its TDX quote binding that public key."""
+class AdminSettings(_Section):
+    """The admin listener: metrics, health checks and the admin API (teegate/admin/)."""
+
+    enabled: bool = True
+    """false: no admin listener at all."""
+    listen: ListenAddress = "127.0.0.1:8082"
+    """Where ``/metrics``, ``/healthz``, ``/readyz`` and the admin API are served. Off
+    loopback the gateway refuses to start until ``teegate admin token create`` made a token."""
+    recent_refusals: int = Field(200, ge=1, le=100_000)
+    """How many recent refusals (metadata only) the admin API keeps in memory."""
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.listen)
+
+    @property
+    def loopback(self) -> bool:
+        return _loopback(self.listen)
 
 
 class Settings(_Section):
@@ -290,6 +308,7 @@ class Settings(_Section):
     billing: BillingSettings = BillingSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
+    admin: AdminSettings = AdminSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
     signatures: SignatureSettings = SignatureSettings()

@@ -124,6 +124,7 @@ def test_a_404_names_the_endpoints_that_exist(http, upstream, method, path):
     assert error["code"] == "not_found"
     for endpoint in (
         "POST /v1/chat/completions",
+        "POST /v1/responses",
         "GET /v1/models",
         "GET /v1/models/{id}",
         "GET /v1/attestation/report",
