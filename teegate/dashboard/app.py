@@ -53,7 +53,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 KEYHOLDER_PATHS = frozenset({"/api/session", "/api/me", "/api/logout"})
 SESSION_KEY = web.AppKey("session", Session)
 
-# No inline script or style anywhere, no framing, no referrer leaving the page.
+# No inline script or style anywhere, no framing, no referrer leaving the site.
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -61,7 +61,7 @@ SECURITY_HEADERS = {
     ),
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",
     "cross-origin-opener-policy": "same-origin",
 }
 
@@ -242,10 +242,13 @@ class Dashboard:
 
 def _same_origin(request: web.Request) -> None:
     """Refuse a state change another site's page sent (defence beside the CSRF token)."""
-    origin = request.headers.get("origin")
     site = request.headers.get("sec-fetch-site")
-    own = f"{request.scheme}://{request.host}"
-    if (origin is not None and origin != own) or site == "cross-site":
+    if site is not None:  # the browser's own word, when it sends it
+        allowed = site in ("same-origin", "none")
+    else:
+        origin = request.headers.get("origin")
+        allowed = origin is None or origin == f"{request.scheme}://{request.host}"
+    if not allowed:
         raise GatewayError(403, "Cross-site requests are refused.", "cross_site_request")
 
 

@@ -115,3 +115,9 @@ export function randomId() {
   const b = crypto.getRandomValues(new Uint8Array(16));
   return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 }
+
+// Replace an element's children: arrays flattened, null/false dropped (replaceChildren would
+// turn them into text).
+export function fill(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+}

@@ -18,9 +18,9 @@ export async function render(root) {
   const status = h("span", { class: "muted", id: "updated" }, "");
   const cards = h("div", { class: "cards" });
   const charts = {
-    requests: chartPanel("Requests", "requests per bucket, by model"),
-    spend: chartPanel("Spend", "USD charged per bucket, by model"),
-    tokens: chartPanel("Tokens", "prompt + completion tokens per bucket, by model"),
+    requests: chartPanel("Requests", "billed requests, by model"),
+    spend: chartPanel("Spend", "USD charged, by model", (v) => usd(Math.round(v * 1e6))),
+    tokens: chartPanel("Tokens", "in + out, by model"),
   };
   root.replaceChildren(
     pageHead("Overview", "Traffic through the gateway, from the ledger. Updates every 5 s.",
@@ -67,8 +67,8 @@ export async function render(root) {
       series.spend[b.model][i] += b.charge_micro / 1e6;
       series.tokens[b.model][i] += b.prompt_tokens + b.completion_tokens;
     }
-    const labels = slots.map((t) => new Date(t).toLocaleTimeString([], {
-      hour: "2-digit", minute: "2-digit", second: win.bucket_s < 60 ? "2-digit" : undefined }));
+    const labels = slots.map((t) => new Date(t).toLocaleTimeString("en-GB", {
+      hour: "2-digit", minute: "2-digit", second: win.bucket_s < 60 ? "2-digit" : undefined, hour12: false }));
     for (const [k, c] of Object.entries(charts)) c.update(labels, models, series[k]);
 
     const since = Date.now() / 1000 - win.minutes * 60;
@@ -93,7 +93,7 @@ export async function render(root) {
   return { stop() { stopped = true; clearInterval(timer); Object.values(charts).forEach((c) => c.destroy()); } };
 }
 
-function chartPanel(title, subtitle) {
+function chartPanel(title, subtitle, tick = (v) => num(v)) {
   const canvas = h("canvas", { "aria-label": `${title} chart`, role: "img" });
   const panel = h("section", { class: "panel", id: `chart-${title.toLowerCase()}` },
     h("h2", {}, title, " ", h("span", { class: "muted" }, `· ${subtitle}`)),
@@ -114,8 +114,9 @@ function chartPanel(title, subtitle) {
           options: {
             animation: false, maintainAspectRatio: false, responsive: true,
             plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
-            scales: { x: { stacked: true, ticks: { maxTicksLimit: 8 }, grid: { display: false } },
-                      y: { stacked: true, beginAtZero: true, ticks: { precision: title === "Spend" ? undefined : 0 } } },
+            scales: { x: { stacked: true, ticks: { maxTicksLimit: 6, maxRotation: 0 }, grid: { display: false } },
+                      y: { stacked: true, beginAtZero: true,
+                           ticks: { maxTicksLimit: 5, precision: title === "Spend" ? undefined : 0, callback: tick } } },
           },
         });
       } else {
