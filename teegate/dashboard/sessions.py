@@ -46,8 +46,8 @@ class Session:
     """The key holder's account (None for an admin)."""
     label: str | None
     csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    created: float = field(default_factory=time.monotonic)
-    last_used: float = field(default_factory=time.monotonic)
+    created: float = 0.0
+    last_used: float = 0.0
 
     def csrf_ok(self, presented: str | None) -> bool:
         return bool(presented) and hmac.compare_digest(
@@ -69,7 +69,8 @@ class Sessions:
     ) -> tuple[str, Session]:
         """A new session: ``(session id for the cookie, Session)``. The id is not stored."""
         session_id = secrets.token_urlsafe(32)
-        session = Session(role, subject_id, account_id, label)
+        now = time.monotonic()
+        session = Session(role, subject_id, account_id, label, created=now, last_used=now)
         self._by_digest[_digest(session_id)] = session
         while len(self._by_digest) > MAX_SESSIONS:
             self._by_digest.popitem(last=False)
