@@ -79,6 +79,8 @@ def traffic(gateway: GatewayProc, acme: dict) -> None:
             c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(Exception):  # noqa: B017 - any refusal will do
             c.chat.completions.create(model=NON_TEE, messages=[{"role": "user", "content": "x"}])
+    wrong = {"authorization": "Bearer not-a-key"}
+    assert httpx.get(f"{gateway.api_base}/models", headers=wrong).status_code == 401
     until(lambda: balance_micro(gateway.db, "test") < 100_000_000, "the charges committed")
 
 
