@@ -104,7 +104,8 @@ class Dashboard:
         routes = []
         for r in self._api.routes():
             assert isinstance(r, web.RouteDef) and r.path.startswith(ADMIN_PREFIX)
-            routes.append(web.route(r.method, "/api" + r.path[len(ADMIN_PREFIX) :], r.handler))
+            path = "/api" + r.path[len(ADMIN_PREFIX) :]
+            routes.append(web.route(r.method, path, r.handler, **r.kwargs))
         return routes
 
     # -- the rules -----------------------------------------------------------------------

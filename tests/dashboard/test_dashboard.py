@@ -145,9 +145,10 @@ def goto(page, name: str) -> None:
 
 
 def test_a_wrong_token_is_refused(browser, dash):
-    context = browser.new_context()
+    context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.goto(dash)
+    shot(page, "sign-in")
     with page.expect_response(lambda r: r.url.endswith("/dashboard/login")) as resp:
         page.fill("#token", "tgadm_not-a-real-token")
         page.click("button[type=submit]")
