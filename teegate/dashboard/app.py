@@ -76,6 +76,7 @@ class Dashboard:
         attestation: AttestationSync,
     ) -> None:
         self._link = link
+        self._secure_cookie = settings.secure_cookie
         self._api = api
         self._catalog = catalog
         self._attestation = attestation
@@ -199,7 +200,7 @@ class Dashboard:
             path=MOUNT,
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=request.secure or self._secure_cookie,
         )
         return resp
 

@@ -233,6 +233,13 @@ def test_a_new_key_is_shown_once(ops, gateway):
     assert key not in ops.content()
 
 
+def test_the_session_cookie_is_http_only_strict_and_scoped(ops):
+    [cookie] = ops.context.cookies()
+    assert cookie["name"] == "teegate_dashboard" and cookie["path"] == "/dashboard"
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert not cookie["secure"]  # plain http on loopback; admin.secure_cookie for TLS proxies
+
+
 def test_a_state_change_without_the_csrf_token_is_refused(ops, gateway, acme):
     before = ledger_balance(gateway.db, "acme")
     url = f"{gateway.urls['admin']}/dashboard/api/accounts/acme/topups"
