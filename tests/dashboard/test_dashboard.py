@@ -277,3 +277,17 @@ def test_a_key_holder_sees_only_their_own_account(browser, dash, gateway, traffi
     page.wait_for_selector("#token")
     assert page.request.get(f"{api}/me").status == 401
     page.context.close()
+
+
+def test_revoking_a_key_ends_its_dashboard_sessions(browser, dash, ops, gateway):
+    api = gateway.urls["admin"] + "/dashboard/api"
+    csrf = {"x-csrf-token": ops.request.get(f"{api}/session").json()["csrf_token"]}
+    made = ops.request.post(f"{api}/accounts/acme/keys", data={"label": "short"}, headers=csrf)
+    assert made.status == 201
+    holder = sign_in(browser, dash, made.json()["api_key"])
+    assert holder.request.get(f"{api}/session").json()["role"] == "keyholder"
+    revoked = ops.request.post(f"{api}/keys/{made.json()['key_id']}/revoke", headers=csrf)
+    assert revoked.status == 200
+    resp = holder.request.get(f"{api}/me")
+    assert resp.status == 401 and resp.json()["error"]["code"] == "not_signed_in"
+    holder.context.close()
