@@ -19,7 +19,8 @@ The rules (:func:`guard`):
 - every state change (any method but GET/HEAD) needs the session's CSRF token in an
   ``X-CSRF-Token`` header (a cross-site form cannot set a header, a cross-site script cannot
   read the token), and is refused when ``Origin`` or ``Sec-Fetch-Site`` says another site
-  sent it; sign-in and sign-out are POSTs checked the same way;
+  sent it; sign-in (no session yet, so no CSRF token) gets that origin check, and always a
+  fresh session id, never one the browser already had;
 - a key holder's session reaches only ``session``, ``me`` and ``logout``;
 - nothing secret is ever in a URL: tokens come in a POST body, the session in a cookie, and
   a new API key only in the body of the response that created it.
