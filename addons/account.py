@@ -21,7 +21,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
 from teegate.addons.flowstate import Route
 from teegate.addons.ledgerlink import LedgerLink
-from teegate.ledger import ApiKey, LedgerError, UsageGroup
+from teegate.ledger import ApiKey, Ledger, LedgerError, UsageGroup
 from teegate.money import format_usd
 
 ACCOUNT_PATH = "/v1/account"
@@ -54,7 +54,7 @@ class AccountEndpoint:
             return
         key = flowstate.need(flowstate.api_key(flow), "api key")
         try:
-            body = await self._account(key)
+            body = await account_view(self._link.get(), key)
         except LedgerError:
             refuse(
                 flow,
@@ -65,30 +65,31 @@ class AccountEndpoint:
             return
         flow.response = json_response(200, body, {"cache-control": "no-store"})
 
-    async def _account(self, key: ApiKey) -> dict[str, Any]:
-        ledger = self._link.get()
-        account = await ledger.account(key.account_id)
-        if account is None:  # the key authenticated: its account exists
-            raise LedgerError("the key's account is gone")
-        since_ms = (int(time.time()) // 86400 - (USAGE_DAYS - 1)) * 86400 * 1000
-        usage = await ledger.usage(account_id=account.id, since_ms=since_ms)
-        holds = await ledger.open_reservations(account.id)
-        held = sum(r.amount_micro for r in holds)
-        return {
-            "object": "account",
-            "account": {"id": account.id, "name": account.name},
-            "key": {"id": key.key_id, "label": key.label, "rate_limit": key.rate_limit},
-            # The stored balance already has open holds taken off: it is what can be spent.
-            "balance_micro": account.balance_micro,
-            "balance_usd": format_usd(account.balance_micro),
-            "open_holds": {
-                "count": len(holds),
-                "held_micro": held,
-                "held_usd": format_usd(held),
-            },
-            "usage_days": USAGE_DAYS,
-            "usage": by_day_and_model(usage),
-        }
+
+async def account_view(ledger: Ledger, key: ApiKey) -> dict[str, Any]:
+    """The answer of ``GET /v1/account`` for ``key`` (also the dashboard's key-holder view)."""
+    account = await ledger.account(key.account_id)
+    if account is None:  # the key authenticated: its account exists
+        raise LedgerError("the key's account is gone")
+    since_ms = (int(time.time()) // 86400 - (USAGE_DAYS - 1)) * 86400 * 1000
+    usage = await ledger.usage(account_id=account.id, since_ms=since_ms)
+    holds = await ledger.open_reservations(account.id)
+    held = sum(r.amount_micro for r in holds)
+    return {
+        "object": "account",
+        "account": {"id": account.id, "name": account.name},
+        "key": {"id": key.key_id, "label": key.label, "rate_limit": key.rate_limit},
+        # The stored balance already has open holds taken off: it is what can be spent.
+        "balance_micro": account.balance_micro,
+        "balance_usd": format_usd(account.balance_micro),
+        "open_holds": {
+            "count": len(holds),
+            "held_micro": held,
+            "held_usd": format_usd(held),
+        },
+        "usage_days": USAGE_DAYS,
+        "usage": by_day_and_model(usage),
+    }
 
 
 def by_day_and_model(groups: list[UsageGroup]) -> list[dict[str, Any]]:

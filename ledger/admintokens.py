@@ -75,6 +75,14 @@ class AdminTokens:
         )
         return bool(list(rows))
 
+    async def active(self, token_id: int) -> bool:
+        """Whether token ``token_id`` exists and is not revoked (a dashboard session re-checks
+        its token this way on every request, having never kept the token itself)."""
+        rows = await self._store.db.execute_fetchall(
+            "SELECT 1 FROM admin_tokens WHERE id = ? AND revoked_ms IS NULL", (token_id,)
+        )
+        return bool(list(rows))
+
     async def authenticate(self, presented: str) -> AdminToken | None:
         """The active token ``presented`` is, or None. Never raises for bad input."""
         if not plausible(presented, PREFIX):

@@ -36,3 +36,15 @@ if command -v npm >/dev/null 2>&1 \
   (cd "$compat_node" && npm ci --no-audit --no-fund --loglevel=error >/dev/null \
      && cp package-lock.json node_modules/.installed-lock)
 fi
+# The dashboard's browser tests (tests/dashboard/) drive Debian's chromium through Playwright;
+# Playwright's own browser download is never used (the network refuses it). Only when missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium is missing and cannot be installed here (apt-get install chromium);" \
+         "the dashboard's browser tests will be skipped" >&2
+  fi
+fi

@@ -286,6 +286,14 @@ class AdminSettings(_Section):
     loopback the gateway refuses to start until ``teegate admin token create`` made a token."""
     recent_refusals: int = Field(200, ge=1, le=100_000)
     """How many recent refusals (metadata only) the admin API keeps in memory."""
+    dashboard: bool = True
+    """Serve the web dashboard at /dashboard/ on the admin listener (teegate/dashboard/)."""
+    session_idle_s: int = Field(1800, ge=60, le=86_400)
+    """A dashboard sign-in ends after this many seconds without a request (12 h at most)."""
+    secure_cookie: bool = False
+    """Mark the dashboard's session cookie ``Secure`` even though this listener speaks plain
+    HTTP: for a dashboard reached through a TLS-terminating proxy (browsers then send the
+    cookie over HTTPS only). A request that arrives over TLS gets ``Secure`` regardless."""
 
     @property
     def active(self) -> bool:

@@ -13,5 +13,6 @@ reach the upstream, and no admin request is ever judged by the request path.
   the command line calls);
 - :mod:`.envelope` errors in the API's OpenAI envelope, and the bearer-token check.
 
-A dashboard's static files can be mounted on the same application (:func:`.server.build_app`).
+The web dashboard (:mod:`teegate.dashboard`) is mounted on the same application at
+``/dashboard/`` (:func:`.server.build_app`).
 """

@@ -28,6 +28,7 @@ from teegate.admin.envelope import envelope, require_token
 from teegate.admin.health import Readiness, healthz
 from teegate.admin.metrics import CONTENT_TYPE, StateCollector, exposition
 from teegate.config import AdminSettings
+from teegate.dashboard.app import MOUNT, Dashboard
 from teegate.ledger import Ledger
 
 
@@ -58,7 +59,9 @@ async def check_exposure(settings: AdminSettings, ledger: Ledger) -> None:
         )
 
 
-def build_app(observed: Observed, link: LedgerLink) -> web.Application:
+def build_app(
+    observed: Observed, link: LedgerLink, settings: AdminSettings | None = None
+) -> web.Application:
     catalog, attestation = observed.catalog, observed.attestation
     assert catalog is not None and attestation is not None, "build_addons fills these in"
     state = StateCollector(catalog, attestation, link)
@@ -81,7 +84,15 @@ def build_app(observed: Observed, link: LedgerLink) -> web.Application:
             *observed.extra_routes,
         ]
     )
+    if settings is not None and settings.dashboard:
+        dashboard = Dashboard(settings, link, api, catalog, attestation)
+        app.router.add_get(MOUNT, _to_dashboard)
+        app.add_subapp(MOUNT, dashboard.app())
     return app
+
+
+async def _to_dashboard(_request: web.Request) -> web.Response:
+    return web.Response(status=308, headers={"location": f"{MOUNT}/"})
 
 
 class AdminServer:
@@ -96,9 +107,8 @@ class AdminServer:
         """Bind and serve (OSError when the address cannot be bound)."""
         host, _, port = self._settings.listen.rpartition(":")
         host = host.strip("[]")
-        runner = web.AppRunner(
-            build_app(self._observed, self._link), access_log=None, handle_signals=False
-        )
+        app = build_app(self._observed, self._link, self._settings)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, int(port))

@@ -99,7 +99,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         print(f"teegate: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log.level)
-    db, demo_key = _demo_ledger(args.db, settings.ledger.key_prefix)
+    db, demo_key, admin_token = _demo_ledger(args.db, settings.ledger.key_prefix)
     tls_ca = None
     extra = ["--chunk-delay-ms", str(args.chunk_delay_ms), "--upstream", args.upstream]
     if args.tls:
@@ -148,6 +148,7 @@ def _sandbox(args: argparse.Namespace) -> int:
                     ca,
                     tls_ca,
                     urls.get("admin"),
+                    admin_token,
                 )
                 print(text, flush=True)
                 print(banner(settings.attestation), flush=True)
@@ -202,23 +203,33 @@ def attestation_toml(base_url: str) -> str:
     return trust.toml()
 
 
-def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None]:
-    """A ledger with a funded demo account and a key (a fresh temporary one by default)."""
+def _demo_ledger(db: Path | None, prefix: str) -> tuple[Path, str | None, str | None]:
+    """A ledger with a funded demo account, a key and an admin token (a fresh temporary one
+    by default): ``(path, API key, admin token)``.
+
+    The admin token is an ordinary one (``teegate admin token create`` makes the same), made
+    only in the sandbox's own throw-away ledger, so that the banner can hand a newcomer a
+    working dashboard sign-in. With ``--db`` (the operator's ledger) nothing is made: the
+    banner says how to make one.
+    """
     import asyncio
 
     from teegate.ledger import Store
+    from teegate.ledger.admintokens import AdminTokens
 
     if db is not None:
-        return db, None  # the operator's own ledger: use its keys
+        return db, None, None  # the operator's own ledger: use its keys and tokens
 
-    async def provision(path: Path) -> str:
+    async def provision(path: Path) -> tuple[str, str]:
         async with await Store.open(path) as store:
             account = await store.create_account("demo", DEMO_BALANCE_MICRO)
             _, plaintext = await store.create_key(account.id, prefix=prefix, label="sandbox demo")
-        return plaintext
+            _, token = await AdminTokens(store).create("sandbox")
+        return plaintext, token
 
     path = Path(tempfile.mkdtemp(prefix="teegate-sandbox-")) / "teegate.sqlite3"
-    return path, asyncio.run(provision(path))
+    key, token = asyncio.run(provision(path))
+    return path, key, token
 
 
 def _banner(
@@ -230,6 +241,7 @@ def _banner(
     ca: Path | None = None,
     upstream_ca: Path | None = None,
     admin: str | None = None,
+    admin_token: str | None = None,
 ) -> str:
     model = "deepseek-ai/DeepSeek-V3.2-TEE"
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
@@ -242,7 +254,7 @@ teegate sandbox is up.
   simulated confidential upstream: {upstream}{tls}
   billing: {funded}
   ledger: {db}   (try: teegate usage --db {db})
-{_admin_banner(admin, db, gateway) if admin else ""}
+{_admin_banner(admin, db, gateway, admin_token) if admin else ""}
   curl {gateway}/v1/models -H 'authorization: Bearer {shown}'
   curl {gateway}/v1/chat/completions -H 'authorization: Bearer {shown}' \\
        -H 'content-type: application/json' -d '{body}'
@@ -256,10 +268,18 @@ Ctrl-C stops both.
 """
 
 
-def _admin_banner(admin: str, db: Path, gateway: str) -> str:
-    """Where the operator's side is: metrics, health checks, the admin API and its token."""
-    return f"""  admin listener: {admin}/metrics (Prometheus), {admin}/readyz, {admin}/healthz
-    admin API ({admin}/admin/v1/...): a token from teegate admin token create --db {db}
+def _admin_banner(admin: str, db: Path, gateway: str, token: str | None = None) -> str:
+    """Where the operator's side is: the dashboard, metrics, health checks, the admin API and
+    its token (the sandbox's own, when it made the ledger)."""
+    how = (
+        f"admin token {token}   (made for this sandbox's ledger only)"
+        if token
+        else f"admin token from: teegate admin token create --db {db}"
+    )
+    return f"""  dashboard: {admin}/dashboard/   sign in with the {how}
+    (or with an API key: that key's own balance and usage, read-only)
+  admin listener: {admin}/metrics (Prometheus), {admin}/readyz, {admin}/healthz
+    admin API ({admin}/admin/v1/...): Authorization: Bearer <the admin token>
     key holders: GET {gateway}/v1/account with their key (balance, holds, usage)
 """
 

@@ -57,3 +57,15 @@ def test_the_banners_egress_instructions_work(banner):
 def test_without_a_ca_path_the_banner_names_the_command():
     text = _egress_banner("http://127.0.0.1:8081", None, "http://up:1", "k")
     assert "NODE_EXTRA_CA_CERTS=$(teegate ca path -c proxy.toml)" in text
+
+
+def test_the_banners_dashboard_sign_in_works(banner):
+    """The dashboard URL and the sandbox's own admin token, used as printed."""
+    dashboard = field(banner, r"dashboard: (\S+)")
+    token = field(banner, r"sign in with the admin token (\S+)")
+    assert dashboard.endswith("/dashboard/") and token.startswith("tgadm_")
+    with httpx.Client(timeout=30, trust_env=False) as c:
+        assert "Admin token or API key" in c.get(dashboard).text  # the sign-in page
+        signed_in = c.post(dashboard + "login", data={"token": token})
+        assert signed_in.status_code == 303 and "teegate_dashboard" in c.cookies
+        assert c.get(dashboard + "api/session").json()["role"] == "admin"
