@@ -19,6 +19,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import error_category
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import add_headers
+from teegate.addons.routes import RESPONSES_PATH
 
 log = structlog.get_logger("teegate.access")
 
@@ -54,9 +55,9 @@ class AccessLog:
             request_id=flowstate.request_id(flow),
             mode=listener_name(flow.client_conn.proxy_mode.type_name),
             host=f"{req.host}:{req.port}",
-            decision=_decision(flow),
+            decision=decision(flow),
             method=req.method,
-            path=req.path.split("?", 1)[0],
+            path=RESPONSES_PATH if flowstate.responses_call(flow) else req.path.split("?", 1)[0],
             model=_model(flow),
             status=resp.status_code if resp is not None else None,
             error_code=flowstate.error_code(flow),
@@ -90,7 +91,7 @@ def _model(flow: http.HTTPFlow) -> str | None:
     return "unlisted" if listed is None else listed
 
 
-def _decision(flow: http.HTTPFlow) -> str | None:
+def decision(flow: http.HTTPFlow) -> str | None:
     """What the gateway did with the request: refused, answered locally, forwarded to the
     confidential upstream, or (egress) passed on untouched / in audit."""
     if flowstate.error_code(flow):

@@ -44,6 +44,10 @@ TEST_ROOT_WARNING = (
     "not Intel's. Anything signed by that test PKI passes as hardware-attested. Never use "
     "this outside tests and the sandbox."
 )
+GPU_TEST_ROOT_WARNING = (
+    "attestation.gpu_test_root_ca is set: GPU evidence is verified against a TEST root "
+    "({path}), not NVIDIA's. Never use this outside tests and the sandbox."
+)
 
 
 class AttestationSync:
@@ -82,6 +86,12 @@ class AttestationSync:
             # Loud on purpose, and not subject to the log level: this setting is for tests.
             print(
                 "WARNING: " + TEST_ROOT_WARNING.format(path=self.policy.test_root_ca),
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.policy.mode == "dcap" and self.policy.gpu_test_root_ca is not None:
+            print(
+                "WARNING: " + GPU_TEST_ROOT_WARNING.format(path=self.policy.gpu_test_root_ca),
                 file=sys.stderr,
                 flush=True,
             )
@@ -140,6 +150,11 @@ class AttestationSync:
             return await self.fleet.attest_now(model, nonce)
         assert self.service is not None
         return await self.service.attest_now(model, nonce)
+
+    def withdraw(self, model: str, reason: str, *, reattest_now: bool = False) -> None:
+        """Refuse ``model`` until it re-attests (NEAR/Phala verdicts; see the service)."""
+        if self.service is not None:
+            self.service.withdraw(model, reason, reattest_now=reattest_now)
 
     # -- reads for the request path -----------------------------------------------------
 
@@ -216,7 +231,7 @@ class AttestationSync:
             "quote_sha256": v.quote_sha256,
             "signing_address": v.signing_address,
             "root": v.root,
-            "gpu": v.gpu,
+            "gpu": v.gpu_summary(),
             **self.instances(v),
         }
 

@@ -37,7 +37,11 @@ ATTESTED_AT = "x-teegate-attested-at"
 QUOTE_SHA256 = "x-teegate-quote-sha256"
 SIGNING_ADDRESS = "x-teegate-signing-address"
 ROOT = "x-teegate-attestation-root"
-ALL = (MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER, INSTANCE_HEADER)
+RECEIPT = "x-teegate-receipt"
+"""The id of the chat's signed receipt (:mod:`teegate.addons.receipts`)."""
+ALL = (
+    MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER, INSTANCE_HEADER, RECEIPT
+)
 FIRST_VERDICT_WAIT_S = 5.0
 
 
@@ -81,4 +85,6 @@ class AttestationGate:
                 refuse(flow, not_confidential(model_id, None, why))
             return
         add_headers(flow, verdict_headers(self._att.mode, verdict))
+        if verdict is not None:
+            flowstate.set_verdict(flow, verdict)  # the receipt cites the verdict relied on
         flowstate.passed(flow, Stage.ATTESTATION)

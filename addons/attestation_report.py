@@ -130,9 +130,10 @@ class AttestationReport:
                     "attestation_pending",
                     type="api_error",
                 )
-        return self._body(model, verdict, nonce)
+        return self.body(model, verdict, nonce)
 
-    def _body(self, model: str, verdict: Verdict, nonce: bytes | None) -> dict[str, Any]:
+    def body(self, model: str, verdict: Verdict, nonce: bytes | None) -> dict[str, Any]:
+        """The report of ``model`` from ``verdict`` (also what the admin API shows)."""
         refusal = self._att.refusal(model)
         dcap = verdict.mode == "dcap"
         return {

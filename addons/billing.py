@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from mitmproxy import http
@@ -61,6 +61,9 @@ from teegate.ledger import (
     tokens_from_bytes,
 )
 from teegate.money import format_usd
+
+if TYPE_CHECKING:
+    from teegate.addons.metrics import Meter
 
 log = structlog.get_logger("teegate.billing")
 
@@ -94,9 +97,12 @@ Plan = Release | Settle
 
 
 class Billing:
-    def __init__(self, link: LedgerLink, *, unanswered: Unanswered) -> None:
+    def __init__(
+        self, link: LedgerLink, *, unanswered: Unanswered, meter: Meter | None = None
+    ) -> None:
         self._link = link
         self._unanswered: Unanswered = unanswered
+        self._meter = meter
         self._pending: set[asyncio.Task[None]] = set()
 
     @guarded
@@ -113,10 +119,13 @@ class Billing:
         rid = flowstate.need(flowstate.request_id(flow), "request id")
         key = flowstate.need(flowstate.api_key(flow), "api key")
         limit = flowstate.shared_limit(flow)  # set by RateLimit when the ledger counts it
+        waited = time.perf_counter()
         try:
             res = await self._link.get().reserve(
                 rid, key, model.id, prices, amount, **({"rate_limit": limit} if limit else {})
             )
+            if self._meter is not None:
+                self._meter.commit_wait(time.perf_counter() - waited)
         except RateLimited as e:
             flowstate.set_rate_counted(flow)
             enforce(flow, e.limit, e.count, e.started_ms / 1000, time.time())  # 429
@@ -211,6 +220,8 @@ class Billing:
                         timing=timing,
                         status=plan.status,
                     )
+                    if self._meter is not None:
+                        self._meter.charge(res.model, plan.prompt, plan.completion, charge)
                     log.info(
                         "charged",
                         request_id=res.request_id,

@@ -60,6 +60,7 @@ from teegate.egress.hosts import (
 )
 
 if TYPE_CHECKING:
+    from teegate.addons.metrics import Meter
     from teegate.config import EgressSettings, UpstreamSettings
 
 log = structlog.get_logger("teegate.access")
@@ -184,8 +185,10 @@ class Egress:
         resolver: Resolver | None = None,
         *,
         reverse_listen: str = "",
+        meter: Meter | None = None,
     ) -> None:
         self._resolver = resolver or Resolver()
+        self._meter = meter
         self._reverse_listen = reverse_listen
         o = upstream.origin_parts
         self._policy = EgressPolicy(
@@ -236,6 +239,7 @@ class Egress:
         if decision.verdict is Verdict.OTHER:
             _pin(context.server, resolved)
             data.ignore_connection = True
+            self._count(decision, "tunnel")
             log.info("tunnel", mode="egress", host=decision.host, decision="tunnel")
 
     async def next_layer(self, nextlayer: layer.NextLayer) -> None:
@@ -254,6 +258,7 @@ class Egress:
             relay = decision.verdict is Verdict.OTHER
             if relay:
                 _pin(context.server, resolved)
+                self._count(decision, "tunnel")
         except Exception:  # mitmproxy would relay after logging: decide "not raw" instead
             relay = False
         if not relay:
@@ -275,6 +280,7 @@ class Egress:
             names.append((flow.client_conn.sni, r.port))
         decision, _ = await self._decide(names)
         flowstate.set_egress_verdict(flow, decision.verdict.value)
+        self._count(decision, "request")
         if decision.verdict is Verdict.CONFIDENTIAL:
             self._pin_to_upstream(r)
         elif decision.verdict is Verdict.REFUSE:
@@ -302,6 +308,10 @@ class Egress:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and flowstate.route(flow) == Route.PASSTHROUGH:
             flow.response.stream = True
+
+    def _count(self, decision: Decision, unit: str) -> None:
+        if self._meter is not None:
+            self._meter.egress_decision(decision.verdict.value, unit)
 
     async def _decide(
         self, names: list[tuple[str, int]]

@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     import asyncio
 
     from teegate.addons.chutes import E2EEFlow
+    from teegate.addons.responses_api import ResponsesCall
     from teegate.addons.schema import ChatRequest
     from teegate.addons.streaming import StreamTally
+    from teegate.catalog.attestation import Verdict
     from teegate.catalog.models import CatalogModel
     from teegate.ledger import ApiKey, Reservation
 
@@ -89,6 +91,10 @@ _EGRESS = "teegate.egress"
 _RESPONSE_HEADERS = "teegate.response_headers"
 _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
+_VERDICT = "teegate.verdict"
+_RECEIPT_ID = "teegate.receipt_id"
+_RESPONSES = "teegate.responses"
+_COUNTED = "teegate.counted"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -202,6 +208,31 @@ def set_client_wants_usage(flow: http.HTTPFlow, value: bool) -> None:
     flow.metadata[_CLIENT_WANTS_USAGE] = value
 
 
+def verdict(flow: http.HTTPFlow) -> Verdict | None:
+    """The attestation verdict the gate served this chat under (what its receipt cites)."""
+    return flow.metadata.get(_VERDICT)
+
+
+def set_verdict(flow: http.HTTPFlow, value: Verdict) -> None:
+    flow.metadata[_VERDICT] = value
+
+
+def receipt_id(flow: http.HTTPFlow) -> str | None:
+    """The id of the receipt promised in this chat's response headers."""
+    return flow.metadata.get(_RECEIPT_ID)
+
+
+def set_receipt_id(flow: http.HTTPFlow, value: str) -> None:
+    flow.metadata[_RECEIPT_ID] = value
+def responses_call(flow: http.HTTPFlow) -> ResponsesCall | None:
+    """Set when the client spoke the Responses API: its answer is translated back."""
+    return flow.metadata.get(_RESPONSES)
+
+
+def set_responses_call(flow: http.HTTPFlow, call: ResponsesCall) -> None:
+    flow.metadata[_RESPONSES] = call
+
+
 # -- billing -------------------------------------------------------------------------------
 
 
@@ -308,3 +339,15 @@ def headers_written(flow: http.HTTPFlow) -> http.Response | None:
 
 def set_headers_written(flow: http.HTTPFlow, resp: http.Response) -> None:
     flow.metadata[_HEADERS_WRITTEN] = resp
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def counted(flow: http.HTTPFlow) -> bool:
+    """Whether the metrics already counted this flow (a response and an error hook may both run)."""
+    return bool(flow.metadata.get(_COUNTED))
+
+
+def set_counted(flow: http.HTTPFlow) -> None:
+    flow.metadata[_COUNTED] = True

@@ -7,7 +7,10 @@ is refused with 400 naming its first parameter rather than stripped, so a
 client learns that ``?model=`` or ``?api-key=`` did nothing (and none can reach
 an upstream that reads query parameters). Path variants (trailing slash,
 ``;params``, ``//``, percent-encoding, ``#``) are not the chat path: 404.
-The model list is served
+``POST /v1/responses`` arrives here already translated into a chat completion
+(:mod:`teegate.addons.responses`); the Responses paths that name a stored response
+(``GET``/``DELETE /v1/responses/{id}``, ``/input_items``, ``/cancel``) answer 404 saying
+teegate stores none. The model list is served
 from the catalog; endpoints with no hardware-attested variant upstream answer
 503; anything else 404 naming the endpoints that exist (or 405 for a known path with
 the wrong method).
@@ -29,6 +32,10 @@ from teegate.catalog.models import CatalogModel
 from teegate.money import format_usd
 
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
+_STORED_RESPONSE = re.compile(
+    r"^/v1/responses/(?!input_tokens$|compact$)[^/]+(/input_items|/cancel)?$"
+)
 
 _NOT_AVAILABLE = re.compile(
     r"^/v1/(embeddings|moderations|images(/.*)?|audio(/.*)?|video[^?]*|"
@@ -78,11 +85,22 @@ class Router:
             if method != "POST":
                 refuse(flow, _method_not_allowed(method[:16], path, "POST"))
             elif has_query:
-                refuse(flow, _query_refused(query))
+                refuse(flow, _query_refused(query, CHAT_PATH))
             else:
                 flowstate.set_route(flow, Route.CHAT)
             return
         flowstate.set_route(flow, Route.LOCAL)
+        if path == RESPONSES_PATH:
+            if method != "POST":
+                refuse(flow, _method_not_allowed(method[:16], path, "POST"))
+            elif has_query:
+                refuse(flow, _query_refused(query, path))
+            else:  # the translating addon did not run: refuse rather than guess
+                raise RuntimeError("a Responses request reached the router untranslated")
+            return
+        if _STORED_RESPONSE.match(path):
+            refuse(flow, _nothing_stored(path))
+            return
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 refuse(flow, _method_not_allowed(method, path, "GET"))
@@ -151,9 +169,13 @@ class Router:
 # any path of an API it assumed) learns what to call instead of guessing.
 ENDPOINTS = (
     f"POST {CHAT_PATH}",
+    f"POST {RESPONSES_PATH}",
     "GET /v1/models",
     "GET /v1/models/{id}",
     "GET /v1/attestation/report",
+    "GET /v1/attestation/gateway",
+    "GET /v1/receipts/{id}",
+    "GET /v1/account",
 )
 
 
@@ -167,13 +189,22 @@ def _unknown_endpoint(method: str, path: str) -> GatewayError:
     )
 
 
-def _query_refused(query: str) -> GatewayError:
+def _nothing_stored(path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"{path[:256]}: teegate stores no responses (confidentiality), so there is none to "
+        "retrieve, list, cancel or delete. Keep what you need from the answer itself.",
+        "response_not_stored",
+    )
+
+
+def _query_refused(query: str, path: str) -> GatewayError:
     pairs = parse_qsl(query, keep_blank_values=True)
     name = next((k for k, _ in pairs if k), "")[:64]
     what = f"'{name}'" if name else "a query string"
     return GatewayError(
         400,
-        f"Query parameters are not accepted on {CHAT_PATH} (got {what}); "
+        f"Query parameters are not accepted on {path} (got {what}); "
         "put every parameter in the JSON body.",
         "unsupported_parameter",
         param=name or None,

@@ -26,6 +26,7 @@ is billed by the usual rules from what was delivered before it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import zlib
@@ -64,6 +65,12 @@ class StreamTally:
     model_mismatch: bool = False  # the answer named another model: nothing of it was relayed
     e2ee_failed: bool = False  # an encrypted frame did not open: nothing after it was relayed
     extra: dict[str, Any] = field(default_factory=dict)
+    received: Any = field(default_factory=hashlib.sha256)
+    """SHA-256 of every (decoded) byte the upstream sent: what its response signature covers."""
+    relayed: Any = field(default_factory=hashlib.sha256)
+    """SHA-256 of every byte relayed to the client (differs when the usage chunk is removed)."""
+    completion_id: str | None = None
+    """The first chunk's ``id``: where the upstream's signature for this answer is asked."""
 
 
 class _Decoder:
@@ -130,6 +137,7 @@ class _Relay:
         or none; never an empty piece, which HTTP/1 chunked framing would turn into a
         premature end of body."""
         out = b"".join(self._relay(data))
+        self._tally.relayed.update(out)
         return [out] if out else []
 
     def _relay(self, data: bytes) -> list[bytes]:
@@ -150,6 +158,7 @@ class _Relay:
                 return out
             if self._decoder is not None:
                 data = self._decoder(data)
+            tally.received.update(data)
             if tally.opaque:
                 return [self._mismatch(None)] if self._unverified else [data]
             return [self._on_event(e) for e in self._sse.feed(data)]
@@ -203,6 +212,8 @@ class _Relay:
             return ev.raw
         if not isinstance(chunk, dict):
             return ev.raw
+        if tally.completion_id is None and isinstance(chunk.get("id"), str):
+            tally.completion_id = chunk["id"]
         choices = chunk.get("choices")
         if isinstance(choices, list):
             tally.generated_bytes += generated_bytes(choices)

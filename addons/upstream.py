@@ -28,7 +28,7 @@ import structlog
 from mitmproxy import ctx, exceptions, http
 
 from teegate.addons import chutes, flowstate
-from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.errors import GatewayError, guarded, refuse, should_retry
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.routes import CHAT_PATH
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("teegate")
 
 MISMATCH = "upstream_model_mismatch"
+SHOULD_RETRY = "x-should-retry"
 
 
 class UpstreamRewrite:
@@ -185,3 +186,28 @@ class AnswerModelCheck:
             return
         flow.response = model_mismatch().response()
         log_mismatch(flow, answered)
+
+
+class UpstreamErrorRetry:
+    """Say on an error the *upstream* answered whether sending it again can help.
+
+    The gateway's own refusals carry ``x-should-retry`` (:data:`~teegate.addons.errors.
+    RETRY_BY_CODE`); an upstream's 4xx/5xx is relayed as it came, so without this the client's
+    SDK would fall back on its own rule. The rule is the gateway's, by status
+    (:func:`~teegate.addons.errors.should_retry`): 400, 401, 402, 403, 404, 422 (any 4xx but
+    408/409/429) ``false``, since the same bytes with the same upstream key are refused again;
+    408, 409, 429, 502, 503 and 504 ``true``. Any other status (500, 501, ...) keeps whatever the
+    upstream said, or nothing: the SDK's default then decides. Only flows that went upstream
+    on the chat path are touched: an egress passthrough's answers are the other site's own.
+    """
+
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None or resp.status_code < 400:
+            return
+        if not flowstate.has_passed(flow, Stage.UPSTREAM):
+            return
+        retry = should_retry(resp.status_code, None)
+        if retry is not None:
+            resp.headers[SHOULD_RETRY] = "true" if retry else "false"

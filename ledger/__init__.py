@@ -14,6 +14,7 @@ from teegate.ledger.billing import (
     tokens_from_bytes,
 )
 from teegate.ledger.errors import (
+    IdempotencyConflict,
     InsufficientBalance,
     InvalidInput,
     LedgerError,
@@ -29,12 +30,14 @@ from teegate.ledger.ledger import Ledger
 from teegate.ledger.models import (
     Account,
     ApiKey,
+    Credit,
     KeyInfo,
     Mismatch,
     OpenReservation,
     Recovered,
     Reservation,
     Timing,
+    UsageBucket,
     UsageGroup,
     VerifyReport,
 )
@@ -45,6 +48,8 @@ from teegate.money import InvalidAmount, format_usd, parse_usd
 __all__ = [
     "Account",
     "ApiKey",
+    "Credit",
+    "IdempotencyConflict",
     "InsufficientBalance",
     "InvalidAmount",
     "InvalidInput",
@@ -65,6 +70,7 @@ __all__ = [
     "Timing",
     "UnknownAccount",
     "UnknownKey",
+    "UsageBucket",
     "UsageGroup",
     "VerifyReport",
     "charge_micro",

@@ -70,3 +70,7 @@ class RateLimited(LedgerError):
         self.limit = limit
         self.count = count
         self.started_ms = started_ms
+
+
+class IdempotencyConflict(LedgerError):
+    """An idempotency key already used for a different operation (not a retry of it)."""

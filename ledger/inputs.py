@@ -12,6 +12,7 @@ from teegate.money import MAX_AMOUNT_MICRO
 MAX_NAME = 64
 MAX_LABEL = 100
 MAX_RATE_LIMIT = 1_000_000  # requests per minute
+MAX_IDEMPOTENCY_KEY = 200
 
 
 def _printable(text: str) -> bool:
@@ -62,4 +63,17 @@ def hold_amount(value: object) -> int:
         raise InvalidInput("amounts are integer micro-USD")
     if not 0 <= value <= MAX_AMOUNT_MICRO:
         raise InvalidInput("reservation amount out of range")
+    return value
+
+
+def idempotency_key(value: object) -> str:
+    """1-200 printable characters (an operator's or a client's retry token, stored as is)."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_IDEMPOTENCY_KEY
+        or not _printable(value)
+    ):
+        raise InvalidInput(
+            f"idempotency key must be 1-{MAX_IDEMPOTENCY_KEY} printable characters"
+        )
     return value

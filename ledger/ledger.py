@@ -65,7 +65,9 @@ that never answered) is the request path's decision; see :mod:`teegate.addons.bi
 Why this module is long: a third of it is the contract above, and the rest is
 one class whose methods share one lock, the in-memory balances and the map of
 open reservations; that no ``await`` falls between a balance check and its
-debit is easiest to verify with all of them in one file.
+debit is easiest to verify with all of them in one file. The operator writes the admin API
+makes (top-up, rate limit) are here for the same reason: they must update those balances
+and the key cache under that lock.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ from typing import Any, Self
 
 import structlog
 
-from teegate.ledger import inputs
+from teegate.ledger import inputs, receipts
+from teegate.ledger.admintokens import AdminTokens
 from teegate.ledger.balances import Balances
 from teegate.ledger.billing import Prices, charge_micro
 from teegate.ledger.errors import (
@@ -98,9 +101,13 @@ from teegate.ledger.lockfile import WriterLock
 from teegate.ledger.models import (
     Account,
     ApiKey,
+    Credit,
+    KeyInfo,
+    OpenReservation,
     Recovered,
     Reservation,
     Timing,
+    UsageBucket,
     UsageGroup,
     UsageSource,
     VerifyReport,
@@ -334,6 +341,70 @@ class Ledger:
             return None
         return self._balances.available(account_id)
 
+    async def list_accounts(self) -> list[Account]:
+        return await self._reader.list_accounts()
+
+    async def list_keys(
+        self, account_id: int | None = None, *, key_id: int | None = None
+    ) -> list[KeyInfo]:
+        return await self._reader.list_keys(account_id, key_id=key_id)
+
+    async def open_reservations(self, account_id: int | None = None) -> list[OpenReservation]:
+        """Committed holds not yet settled, of one account or all (any process's)."""
+        found = await self._reader.open_reservations()
+        return [r for r in found if account_id is None or r.account_id == account_id]
+
+    @property
+    def open_count(self) -> int:
+        """Reservations this process holds open right now (requests in flight)."""
+        return len(self._open)
+
+    # -- operator writes: the same Store operations the command line makes ------
+
+    async def topup(
+        self,
+        account: int | str,
+        amount_micro: int,
+        note: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Credit:
+        """:meth:`Store.topup`, spendable at once in this process (no refresh to wait for)."""
+        async with self._txn_lock:
+            acct = await self._store.require_account(account)
+            credit = await self._store.topup(
+                acct.id, amount_micro, note, idempotency_key=idempotency_key
+            )
+            # Under the lock no group commit is in flight: the stored balance is the committed one.
+            self._balances.set_committed(acct.id, credit.balance_micro)
+        return credit
+
+    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
+        """:meth:`Store.set_rate_limit`, effective at once in this process."""
+        async with self._txn_lock:
+            info = await self._store.set_rate_limit(key_id, rate_limit)
+            self._keys.drop_key(key_id)
+        return info
+
+    @property
+    def admin_tokens(self) -> AdminTokens:
+        return AdminTokens(self._reader)
+
+    async def writable(self) -> bool:
+        """Whether a write could commit now: open, commits not failing, the write lock takable.
+
+        Takes and rolls back SQLite's write lock (waiting at most the busy timeout), between
+        two group commits; for readiness probes, not the request path.
+        """
+        if self._closed or self._writer.failures:
+            return False
+        try:
+            async with self._txn_lock, self._store.transaction():
+                pass
+        except Exception:
+            return False
+        return True
+
     # -- the request path -------------------------------------------------------
 
     async def reserve(
@@ -518,6 +589,21 @@ class Ledger:
         if self._open.get(res.id) is not res:
             raise LedgerError(f"reservation {res.id} is not open in this ledger")
 
+    # -- receipts and response signatures ----------------------------------------
+
+    async def write_receipts(
+        self,
+        stored: list[receipts.StoredReceipt],
+        signatures: list[tuple[int, str]],
+    ) -> None:
+        """Receipts and signature outcomes (reservation id, status), in one transaction."""
+        async with self._txn_lock:
+            await receipts.write(self._store, stored, signatures)
+
+    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
+        """A stored receipt's signed JSON, only for the key that made its request."""
+        return await receipts.read(self._reader, receipt_id, key_id)
+
     # -- checks -----------------------------------------------------------------
 
     async def recover(self) -> list[Recovered]:
@@ -549,6 +635,9 @@ class Ledger:
         return await self._reader.usage_report(
             account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
         )
+
+    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
+        return await self._reader.usage_timeline(since_ms=since_ms, bucket_ms=bucket_ms)
 
     # -- cross-process freshness ------------------------------------------------
 

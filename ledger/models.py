@@ -34,6 +34,17 @@ class KeyInfo:
     revoked_ms: int | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credit:
+    """A committed top-up (or the one an idempotency key found: ``replayed``)."""
+
+    entry_id: int
+    account_id: int
+    amount_micro: int
+    balance_micro: int  # the account's cached balance after it
+    replayed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Account:
     id: int
@@ -139,3 +150,15 @@ class UsageGroup:
     cached_tokens: int
     charge_micro: int  # taken from the balance
     unrecovered_micro: int  # priced above the reservation, beyond what the balance held
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """Usage of one model in one time bucket (all accounts): what a live chart plots."""
+
+    start_ms: int
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    charge_micro: int

@@ -13,7 +13,13 @@ from typing import Any
 
 import aiosqlite
 
-from teegate.ledger.models import Mismatch, OpenReservation, UsageGroup, VerifyReport
+from teegate.ledger.models import (
+    Mismatch,
+    OpenReservation,
+    UsageBucket,
+    UsageGroup,
+    VerifyReport,
+)
 
 # Reservations with neither settlement nor release: what a crash leaves behind.
 OPEN_RESERVATIONS = """
@@ -182,6 +188,23 @@ class Reports:
             "ORDER BY day, u.account_id, u.key_id, u.model"
         )
         return [UsageGroup(*r) for r in await self._rows(sql, params)]
+
+    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
+        """Usage per model in time buckets of ``bucket_ms`` from ``since_ms`` on (for charts).
+
+        Bucketed by each request's reservation time; open requests count as requests, with
+        no tokens or charge yet.
+        """
+        if bucket_ms <= 0:
+            raise ValueError("bucket_ms must be positive")
+        rows = await self._rows(
+            "SELECT (created_ms / ?) * ?, model, COUNT(*), "
+            "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(charge_micro), 0) FROM usage WHERE created_ms >= ? "
+            "GROUP BY 1, model ORDER BY 1, model",
+            (bucket_ms, bucket_ms, since_ms),
+        )
+        return [UsageBucket(*r) for r in rows]
 
 
 def _usage_problem(

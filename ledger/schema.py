@@ -14,6 +14,10 @@ holds the truth; ``accounts.balance_micro`` is a cache of the sum of an
 account's entries, updated in the same transaction as each entry.
 ``usage.charge_micro`` is what was taken from the balance; ``usage.unrecovered_micro``
 (version 3) the part of the request's price the balance could not cover.
+Version 4: ``entries.idempotency_key`` (a retried top-up finds the entry it already made
+instead of crediting twice) and ``admin_tokens`` (the admin API's bearer tokens, hashed).
+Version 5: ``usage.signature`` and the ``receipts`` table: what was checked and signed for
+each served chat.
 """
 
 from __future__ import annotations
@@ -117,7 +121,44 @@ _V3: Migration = (
     "CHECK (unrecovered_micro >= 0)",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+_V4: Migration = (
+    # A top-up sent with an idempotency key credits once, however often it is retried: the
+    # unique index makes the second insert impossible, and the store finds the first entry.
+    "ALTER TABLE entries ADD COLUMN idempotency_key TEXT",
+    "CREATE UNIQUE INDEX entries_idempotency ON entries(idempotency_key) "
+    "WHERE idempotency_key IS NOT NULL",
+    # Bearer tokens of the admin listener's API; like API keys, only their SHA-256 is kept.
+    """
+    CREATE TABLE admin_tokens (
+        id         INTEGER PRIMARY KEY,
+        token_hash BLOB    NOT NULL UNIQUE CHECK (length(token_hash) = 32),
+        label      TEXT,
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    ) STRICT
+    """,
+)
+
+_V5: Migration = (
+    # Whether the upstream's response signature was checked, per request (see
+    # teegate.catalog.attestation.signature); NULL: none was expected (flag mode, Chutes).
+    "ALTER TABLE usage ADD COLUMN signature TEXT CHECK (signature IS NULL OR "
+    "signature IN ('pending', 'verified', 'missing', 'failed', 'unchecked'))",
+    # Signed receipts handed to clients: hashes and the verdict relied on, never content.
+    # Only the key that made the request may read one (key_id).
+    """
+    CREATE TABLE receipts (
+        id         TEXT    PRIMARY KEY,
+        key_id     INTEGER NOT NULL REFERENCES api_keys(id),
+        request_id TEXT    NOT NULL,
+        revision   INTEGER NOT NULL CHECK (revision >= 1),
+        created_ms INTEGER NOT NULL,
+        document   TEXT    NOT NULL
+    ) STRICT
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import aiosqlite
 import structlog
@@ -31,9 +31,15 @@ from teegate.ledger.batch import (
     usage_params,
 )
 from teegate.ledger.dbthread import run_on_connection
-from teegate.ledger.errors import InvalidInput, LedgerNotFound, UnknownAccount, UnknownKey
+from teegate.ledger.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerNotFound,
+    UnknownAccount,
+    UnknownKey,
+)
 from teegate.ledger.keys import DEFAULT_PREFIX, new_key
-from teegate.ledger.models import Account, ApiKey, KeyInfo, Recovered
+from teegate.ledger.models import Account, ApiKey, Credit, KeyInfo, Recovered
 from teegate.ledger.ops import Finalization, NewReservation
 from teegate.ledger.pgschema import is_postgres
 from teegate.ledger.reports import OPEN_RESERVATIONS, Reports
@@ -140,23 +146,77 @@ class Store(Reports):
 
     async def credit(self, account_id: int, amount_micro: int, kind: str, note: str | None) -> int:
         """A top-up or refund; returns the new cached balance."""
+        return (await self.topup(account_id, amount_micro, note, kind=kind)).balance_micro
+
+    async def topup(
+        self,
+        account_id: int,
+        amount_micro: int,
+        note: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        kind: str = "topup",
+    ) -> Credit:
+        """Credit an account (the CLI's ``accounts topup`` and the admin API's top-up).
+
+        With ``idempotency_key``, a second call with the same key finds the entry the first
+        made and credits nothing (``replayed``); the same key for another account or amount
+        is refused (:class:`IdempotencyConflict`), since it cannot be a retry of the first.
+        """
         inputs.credit_amount(amount_micro)
+        if idempotency_key is not None:
+            inputs.idempotency_key(idempotency_key)
         if kind not in ("topup", "refund"):
             raise ValueError(f"not a credit kind: {kind}")
         async with self.transaction():
             if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
                 raise UnknownAccount(f"no account {account_id}")
-            await self._credit(account_id, amount_micro, kind, note, now_ms())
+            replayed = False
+            prior = None
+            if idempotency_key is not None:
+                prior = await self._rows(
+                    "SELECT id, account_id, amount_micro FROM entries WHERE idempotency_key = ?",
+                    (idempotency_key,),
+                )
+            if prior:
+                entry_id, prior_account, prior_amount = prior[0]
+                if (prior_account, prior_amount) != (account_id, amount_micro):
+                    raise IdempotencyConflict(
+                        "this idempotency key was already used for a different top-up "
+                        f"(account {prior_account}, {prior_amount} micro-USD)"
+                    )
+                replayed = True
+            else:
+                entry_id = await self._credit(
+                    account_id, amount_micro, kind, note, now_ms(), idempotency_key
+                )
             rows = await self._rows(
                 "SELECT balance_micro FROM accounts WHERE id = ?", (account_id,)
             )
-        return int(rows[0][0])
+        return Credit(
+            entry_id=int(entry_id),
+            account_id=account_id,
+            amount_micro=amount_micro,
+            balance_micro=int(rows[0][0]),
+            replayed=replayed,
+        )
 
     async def _credit(
-        self, account_id: int, amount: int, kind: str, note: str | None, at: int
-    ) -> None:
-        await self.db.execute(INSERT_ENTRY, (None, account_id, kind, amount, None, at, note))
+        self,
+        account_id: int,
+        amount: int,
+        kind: str,
+        note: str | None,
+        at: int,
+        idempotency_key: str | None = None,
+    ) -> int:
+        cur = await self.db.execute(
+            "INSERT INTO entries (account_id, kind, amount_micro, created_ms, note, "
+            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
+            (account_id, kind, amount, at, note, idempotency_key),
+        )
         await self.db.execute(ADD_BALANCE, (amount, account_id))
+        return int(cur.lastrowid or 0)
 
     # -- keys -------------------------------------------------------------------
 
@@ -193,6 +253,23 @@ class Store(Reports):
             )
         return cur.rowcount == 1
 
+    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
+        """A key's own requests-per-minute limit (None: the gateway's default)."""
+        rate_limit = inputs.rate_limit(rate_limit)
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE api_keys SET rate_limit = ? WHERE id = ?", (rate_limit, key_id)
+            )
+            if cur.rowcount != 1:
+                raise UnknownKey(f"no API key with id {key_id}")
+        return await self.require_key(key_id)
+
+    async def require_key(self, key_id: int) -> KeyInfo:
+        found = await self.list_keys(key_id=key_id)
+        if not found:
+            raise UnknownKey(f"no API key with id {key_id}")
+        return found[0]
+
     async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None:
         """The active key with this hash, and the stored hash, or None."""
         rows = await self._rows(
@@ -205,15 +282,22 @@ class Store(Reports):
         key_id, account_id, label, rate_limit, stored = rows[0]
         return ApiKey(key_id, account_id, label, rate_limit), bytes(stored)
 
-    async def list_keys(self, account_id: int | None = None) -> list[KeyInfo]:
+    async def list_keys(
+        self, account_id: int | None = None, *, key_id: int | None = None
+    ) -> list[KeyInfo]:
         sql = (
             "SELECT k.id, k.account_id, a.name, k.label, k.rate_limit, k.created_ms, k.revoked_ms "
             "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
         )
-        params: tuple[Any, ...] = ()
+        where, params = [], []
         if account_id is not None:
-            sql += " WHERE k.account_id = ?"
-            params = (account_id,)
+            where.append("k.account_id = ?")
+            params.append(account_id)
+        if key_id is not None:
+            where.append("k.id = ?")
+            params.append(key_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         return [KeyInfo(*r) for r in await self._rows(sql + " ORDER BY k.id", params)]
 
     # -- the request path -------------------------------------------------------

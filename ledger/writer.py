@@ -99,6 +99,11 @@ class GroupCommitter:
         self._kick()
         return future
 
+    @property
+    def failures(self) -> int:
+        """Consecutive failed commits (0 once one succeeds)."""
+        return self._failures
+
     def lingering(self, account_id: int) -> bool:
         """Whether settlements or releases of this account are waiting to commit."""
         return any(

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from teegate.sandbox import control, evidence
+from teegate.sandbox import control, evidence, signatures
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.catalog_rows import load_rows
 from teegate.sandbox.chat import ChatCompletions
@@ -85,6 +85,7 @@ def register_routes(app: web.Application, options: Options) -> None:
     control.add_routes(app)
     # Attestation evidence (sandbox/evidence.py) registers here, before the catch-all.
     evidence.add_routes(app)
+    signatures.add_routes(app)  # signs with the evidence's keys
     if options.upstream == "chutes":
         from teegate.sandbox.chutes.routes import install
 

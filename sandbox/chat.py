@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -179,8 +180,20 @@ class ChatCompletions:
             return error_response(400, e.message, "invalid_request", e.param)
         if isinstance(reply, web.Response):
             return reply
+        signatures = request.app.get("signatures")
+        model = str(body.get("model"))
         if reply.stream:
-            return await ChunkStream(request, reply, state.behaviour).send()
-        return web.Response(
-            body=json.dumps(reply.payload()).encode(), content_type="application/json"
-        )
+            stream = ChunkStream(request, reply, state.behaviour)
+            response = await stream.send()
+            if stream.completed and signatures is not None:
+                digest = stream.sent.hexdigest()
+                signatures.record(reply.completion_id, model, _sha256(raw), digest)
+            return response
+        payload = json.dumps(reply.payload()).encode()
+        if signatures is not None:
+            signatures.record(reply.completion_id, model, _sha256(raw), _sha256(payload))
+        return web.Response(body=payload, content_type="application/json")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

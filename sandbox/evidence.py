@@ -19,8 +19,11 @@ Test switches, per model: ``POST /_sandbox/evidence`` with ``{model_id: mode}``:
 ``valid``; ``stale`` (collateral whose nextUpdate has passed); ``debug`` (td_attributes debug
 bit); ``wrong_binding`` (report_data does not bind the nonce); ``bad_mrtd`` (an MRTD not on
 the published allow-list); ``sgx`` (an SGX enclave quote); ``rotate_key`` (new signing key,
-then valid). ``GET /_sandbox/evidence`` shows modes, addresses and the published measurements;
-``GET /_sandbox/evidence/root_ca.der`` is the test root (MRTD and compose hash in headers).
+then valid); ``gpu_stale_nonce`` (the GPUs' signed SPDM requests carry an old nonce while the
+payload echoes ours: canned or replayed GPU evidence); ``no_gpu`` (no ``nvidia_payload``).
+``GET /_sandbox/evidence`` shows modes, addresses and the published measurements;
+``GET /_sandbox/evidence/root_ca.der`` is the test root (MRTD and compose hash in headers),
+``GET /_sandbox/evidence/gpu_root_ca.pem`` the test GPU root.
 """
 
 from __future__ import annotations
@@ -43,8 +46,19 @@ from teegate.sandbox.dcap_pki import (
     DcapTestPki,
     TdMeasurements,
 )
+from teegate.sandbox.gpu_evidence import GpuTestPki
 
-Mode = Literal["valid", "stale", "debug", "wrong_binding", "bad_mrtd", "sgx", "rotate_key"]
+Mode = Literal[
+    "valid",
+    "stale",
+    "debug",
+    "wrong_binding",
+    "bad_mrtd",
+    "sgx",
+    "rotate_key",
+    "gpu_stale_nonce",
+    "no_gpu",
+]
 MODES: tuple[str, ...] = get_args(Mode)
 
 DAY = 86_400
@@ -147,6 +161,7 @@ class EvidenceMinter:
 
     def __init__(self, pki: DcapTestPki | None = None, clock: Callable[[], float] = time.time):
         self.pki = pki or DcapTestPki()
+        self.gpu_pki = GpuTestPki()
         self.clock = clock
         self.event_log = build_event_log()
         self.rtmrs = replay_rtmrs(self.event_log)
@@ -220,14 +235,7 @@ class EvidenceMinter:
             "signing_public_key": key.public_xy.hex(),
             "request_nonce": nonce.hex(),
             "intel_quote": quote.hex(),
-            "nvidia_payload": json.dumps(
-                {
-                    "nonce": nonce.hex(),
-                    "evidence_list": [],
-                    "arch": "HOPPER",
-                    "sandbox": "placeholder: no GPU, nothing to verify",
-                }
-            ),
+            "nvidia_payload": self.gpu_payload(mode, nonce),
             "event_log": self.event_log,
             "info": {
                 "app_id": APP_ID.hex(),
@@ -238,6 +246,12 @@ class EvidenceMinter:
             },
             "collateral": collateral,
         }
+
+    def gpu_payload(self, mode: str, nonce: bytes) -> str | None:
+        if mode == "no_gpu":
+            return None
+        stale = hashlib.sha256(b"an old GPU nonce").digest() if mode == "gpu_stale_nonce" else None
+        return self.gpu_pki.payload(nonce, spdm_nonce=stale)
 
     def published(self) -> dict[str, Any]:
         """What an operator would pin for this TD: root, MRTD, RTMRs, compose hash."""
@@ -318,6 +332,11 @@ async def root_ca_der(request: web.Request) -> web.Response:
     )
 
 
+async def gpu_root_ca_pem(request: web.Request) -> web.Response:
+    minter: EvidenceMinter = request.app["evidence"]
+    return web.Response(body=minter.gpu_pki.root_pem, content_type="application/x-pem-file")
+
+
 def add_routes(app: web.Application) -> None:
     """Plug the evidence endpoints into the sandbox app (before its /v1 catch-all)."""
     app["evidence"] = EvidenceMinter()
@@ -325,3 +344,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/_sandbox/evidence", set_evidence)
     app.router.add_get("/_sandbox/evidence", get_evidence)
     app.router.add_get("/_sandbox/evidence/root_ca.der", root_ca_der)
+    app.router.add_get("/_sandbox/evidence/gpu_root_ca.pem", gpu_root_ca_pem)

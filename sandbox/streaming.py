@@ -9,6 +9,7 @@ Every event goes through ``emit`` (and the stream opens with ``begin``), so the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ class ChunkStream:
         self.usage = reply.stream_usage  # None: no usage to report
         self.behaviour = behaviour
         self.response: web.StreamResponse | None = None
+        self.sent = hashlib.sha256()  # every byte of the event stream, for the signature
+        self.completed = False  # reached [DONE]: only then is it signed
 
     async def begin(self) -> None:
         """Called once the response is prepared, before the first event (a hook)."""
@@ -48,6 +51,7 @@ class ChunkStream:
     async def emit(self, data: bytes) -> None:
         """Write one SSE event (``data: ...\\n\\n``) as produced by the upstream."""
         assert self.response is not None
+        self.sent.update(data)
         await self.response.write(data)
 
     def _chunk(
@@ -118,6 +122,7 @@ class ChunkStream:
         if self.usage is not None and not b.usage_with_choices:
             await self.emit(_event({**self.head, "choices": [], "usage": self.usage}))
         await self.emit(DONE)
+        self.completed = True
         await response.write_eof()
         return response
 

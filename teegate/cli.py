@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules under teegate.commands, in the order their commands appear in --help.
-COMMAND_MODULES = ("run", "sandbox", "ledger_cmds", "attest", "ca")
+COMMAND_MODULES = ("run", "sandbox", "doctor", "ledger_cmds", "admin", "attest", "receipt", "ca")
 
 
 def build_parser() -> argparse.ArgumentParser:

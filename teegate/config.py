@@ -278,6 +278,57 @@ class LimitSettings(_Section):
     recursion limit (1000), which json, pydantic and re-serialization all spend."""
 
 
+class SignatureSettings(_Section):
+    """Response signatures of NEAR AI / Phala upstreams, fetched and checked after each chat."""
+
+    check: bool = True
+    """Fetch ``/v1/signature/{id}`` after each served chat and verify it against the attested
+    key; a missing or failing signature refuses the model until it re-attests. False: usage
+    rows and receipts say "unchecked". (dcap mode with a "near" upstream only.)"""
+    queue: int = Field(1000, ge=1, le=1_000_000)
+    """Checks waiting at most; beyond, a chat's signature is recorded "unchecked" (logged)."""
+    workers: int = Field(4, ge=1, le=64)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    """One signature fetch (each of up to three tries)."""
+
+
+class ReceiptSettings(_Section):
+    """The gateway's own signed receipts (``x-teegate-receipt``, ``GET /v1/receipts/{id}``)."""
+
+    key_path: Path = Path("teegate-receipt-key.pem")
+    """The gateway's Ed25519 key, generated on first start (mode 0600); a relative path is
+    beside the config file. Its public key: ``GET /v1/attestation/gateway``."""
+    quote_provider: Path | None = None
+    """When teegate itself runs in an Intel TD: the configfs-tsm report directory
+    (``/sys/kernel/config/tsm/report``) that makes its TDX quote binding that public key."""
+class AdminSettings(_Section):
+    """The admin listener: metrics, health checks and the admin API (teegate/admin/)."""
+
+    enabled: bool = True
+    """false: no admin listener at all."""
+    listen: ListenAddress = "127.0.0.1:8082"
+    """Where ``/metrics``, ``/healthz``, ``/readyz`` and the admin API are served. Off
+    loopback the gateway refuses to start until ``teegate admin token create`` made a token."""
+    recent_refusals: int = Field(200, ge=1, le=100_000)
+    """How many recent refusals (metadata only) the admin API keeps in memory."""
+    dashboard: bool = True
+    """Serve the web dashboard at /dashboard/ on the admin listener (teegate/dashboard/)."""
+    session_idle_s: int = Field(1800, ge=60, le=86_400)
+    """A dashboard sign-in ends after this many seconds without a request (12 h at most)."""
+    secure_cookie: bool = False
+    """Mark the dashboard's session cookie ``Secure`` even though this listener speaks plain
+    HTTP: for a dashboard reached through a TLS-terminating proxy (browsers then send the
+    cookie over HTTPS only). A request that arrives over TLS gets ``Secure`` regardless."""
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.listen)
+
+    @property
+    def loopback(self) -> bool:
+        return _loopback(self.listen)
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -290,8 +341,11 @@ class Settings(_Section):
     billing: BillingSettings = BillingSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
+    admin: AdminSettings = AdminSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
+    signatures: SignatureSettings = SignatureSettings()
+    receipts: ReceiptSettings = ReceiptSettings()
 
     @model_validator(mode="after")
     def _no_open_proxy(self) -> Settings:
@@ -342,6 +396,10 @@ def _beside(settings: Settings, folder: Path) -> Settings:
     if not db.is_absolute():
         ledger = settings.ledger.model_copy(update={"path": (folder / db).resolve()})
         settings = settings.model_copy(update={"ledger": ledger})
+    key = settings.receipts.key_path.expanduser()
+    if not key.is_absolute():
+        receipts = settings.receipts.model_copy(update={"key_path": (folder / key).resolve()})
+        settings = settings.model_copy(update={"receipts": receipts})
     try:
         attestation = attestation_settings.resolve(settings.attestation, folder)
     except ValueError as e:

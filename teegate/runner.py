@@ -11,6 +11,7 @@ from typing import Any
 from mitmproxy import ctx, options
 
 from teegate.addons.accesslog import AccessLog, listener_name
+from teegate.addons.account import AccountEndpoint
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
 from teegate.addons.attestation_report import AttestationReport
@@ -26,12 +27,17 @@ from teegate.addons.flowstate import Stage
 from teegate.addons.gate import Gate
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.limits import HeaderFields, ReleaseLargeBodies, Trailers
+from teegate.addons.metrics import Meter, RecentRefusals, RequestMetrics
 from teegate.addons.ratelimit import RateLimit
+from teegate.addons.receipts import Receipts
+from teegate.addons.responses import ResponsesIn, ResponsesOut
 from teegate.addons.routes import Router
 from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
-from teegate.addons.upstream import AnswerModelCheck, UpstreamRewrite
+from teegate.addons.upstream import AnswerModelCheck, UpstreamErrorRetry, UpstreamRewrite
 from teegate.addons.validate import ChatValidator
+from teegate.admin.server import AdminServer, AdminStartError, Observed, check_exposure
+from teegate.catalog.attestation.receipts import ReceiptError, load_or_create_key
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
@@ -43,41 +49,79 @@ REQUIRED_STAGES = tuple(Stage)
 
 
 def build_addons(
-    settings: Settings, ledger: LedgerLink | None = None, ready: Ready | None = None
+    settings: Settings,
+    ledger: LedgerLink | None = None,
+    ready: Ready | None = None,
+    observed: Observed | None = None,
 ) -> list[Any]:
-    """The request path, in hook order, each addon given the settings it reads."""
+    """The request path, in hook order, each addon given the settings it reads.
+
+    ``observed`` (the admin listener's view) gets the catalog and attestation objects and
+    collects the metrics; without it the counters go to a meter nobody reads.
+    """
     up = settings.upstream
     catalog = CatalogSync(settings.catalog, up)
     link = ledger or LedgerLink()
     attestation = AttestationSync(settings.attestation, up, catalog)
+    if observed is None:
+        observed = new_observed(settings)
+    observed.catalog, observed.attestation = catalog, attestation
+    meter = observed.meter
+    listed = ListedIds(catalog)
+    meter.known_models = lambda: listed
     return [
         E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
         AnswerModelCheck(),  # its response hook must run before the log and billing read
         AccessLog(),
+        RequestMetrics(meter, observed.refusals),  # reads what the hooks above settled
         Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
         EgressAuth(link, settings.egress),  # egress listener only: before anything is decided
         Egress(
-            settings.egress, up, reverse_listen=settings.listen.reverse
+            settings.egress, up, reverse_listen=settings.listen.reverse, meter=meter
         ),  # egress only; before Router so its flows arrive like reverse
         HeaderFields(),  # after Egress: the client's own (passthrough) traffic is not judged
         Auth(link),
         RateLimit(settings.ratelimit, link),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
+        # Its endpoints before Router's 404; its receipt header before the header writer.
+        Receipts(settings.receipts, settings.signatures, up, attestation, link),
+        ResponsesIn(settings.limits, settings.request),  # /v1/responses: into a chat completion
+        AccountEndpoint(link),  # GET /v1/account: the key's own account, before Router's 404
         Router(catalog, attestation),
         ChatValidator(settings.defaults, settings.request, settings.limits),
         Gate(catalog),
         AttestationGate(attestation),  # a passing cached verdict, before anything is reserved
-        Billing(link, unanswered=settings.billing.unanswered),
+        Billing(link, unanswered=settings.billing.unanswered, meter=meter),
         UpstreamRewrite(up, attestation),
         StreamRelay(),
+        ResponsesOut(),  # after billing and the relay read the chat answer: translates it back
         Seal(REQUIRED_STAGES),
         UpstreamDeadline(up),
+        UpstreamErrorRetry(),  # an upstream's own 4xx/5xx: x-should-retry by its status
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
     ]
+
+
+def new_observed(settings: Settings) -> Observed:
+    return Observed(Meter(), RecentRefusals(settings.admin.recent_refusals))
+
+
+class ListedIds:
+    """Whether the current catalog lists a model id (confidential or not): a loggable label.
+
+    A membership test on the live snapshot, so no set is built per request."""
+
+    def __init__(self, catalog: CatalogSync) -> None:
+        self._catalog = catalog
+
+    def __contains__(self, model: object) -> bool:
+        store = self._catalog.catalog
+        snap = store.snapshot if store is not None else None
+        return snap is not None and (model in snap.models or model in snap.non_confidential)
 
 
 def option_values(settings: Settings) -> dict[str, Any]:
@@ -111,6 +155,7 @@ class Ready:
 
     def __init__(self, announce: Callable[[str], None] | None = None) -> None:
         self._announce = announce or (lambda line: print(line, flush=True))
+        self.others: dict[str, str] = {}  # listeners not mitmproxy's: {"admin": url}
 
     def running(self) -> None:
         ps = ctx.master.addons.get("proxyserver")
@@ -118,6 +163,8 @@ class Ready:
             for host, port, *_ in server.listen_addrs:
                 kind = listener_name(server.mode.type_name)  # "egress", never "regular"
                 self._announce(f"TEEGATE READY {kind} http://{_fmt_host(host)}:{port}")
+        for kind, url in self.others.items():
+            self._announce(f"TEEGATE READY {kind} {url}")
         self._announce("TEEGATE RUNNING")
 
 
@@ -139,6 +186,7 @@ async def serve(
     html_free_error_pages()
     # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
     ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
+    load_or_create_key(settings.receipts.key_path)  # made (0600) or checked before listening
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
     ledger = await Ledger.open(
@@ -149,15 +197,28 @@ async def serve(
         key_poll_ms=settings.ledger.key_poll_ms,
         sweep_interval_s=settings.ledger.sweep_interval_s,
     )
+    admin: AdminServer | None = None
     try:
+        await check_exposure(settings.admin, ledger)
+        ready = ready or Ready()
+        link = LedgerLink(ledger)
+        observed = new_observed(settings)
         master = GatewayMaster(options.Options())
-        master.addons.add(*build_addons(settings, LedgerLink(ledger), ready))
+        master.addons.add(*build_addons(settings, link, ready, observed))
         master.options.update(**option_values(settings))
+        if settings.admin.active:
+            # Before the proxy listens, so READY names it; it reads the objects lazily.
+            admin = AdminServer(settings.admin, observed, link)
+            await admin.start()
+            assert admin.url is not None
+            ready.others["admin"] = admin.url
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
         await master.run()
     finally:
+        if admin is not None:
+            await admin.stop()
         await ledger.close()
 
 
@@ -176,6 +237,12 @@ def run(settings: Settings, ready: Ready | None = None) -> int:
         return 2
     except CAError as e:
         print(f"teegate: egress CA: {e}", file=sys.stderr)
+        return 2
+    except ReceiptError as e:
+        print(f"teegate: receipts: {e}", file=sys.stderr)
+        return 2
+    except AdminStartError as e:
+        print(f"teegate: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,6 +20,8 @@ from teegate.catalog.attestation import Policy
 
 ROOT_PATH = "/_sandbox/evidence/root_ca.der"
 ROOT_FILE = "sandbox-test-root-ca.der"
+GPU_ROOT_PATH = "/_sandbox/evidence/gpu_root_ca.pem"
+GPU_ROOT_FILE = "sandbox-gpu-root-ca.pem"
 
 
 class SandboxTrustError(RuntimeError):
@@ -33,14 +35,19 @@ class SandboxTrust:
     root_ca: Path
     mrtd: str
     compose_hash: str
+    gpu_root_ca: Path | None = None
+    """The sandbox's test GPU root (PEM), for ``gpu_test_root_ca``."""
 
     def settings(self) -> dict[str, Any]:
-        """``[attestation]`` keys: the test root plus allow-lists pinning the sandbox's TD."""
-        return {
+        """``[attestation]`` keys: the test roots plus allow-lists pinning the sandbox's TD."""
+        found: dict[str, Any] = {
             "test_root_ca": str(self.root_ca),
             "mrtd_allowlist": [self.mrtd],
             "compose_hash_allowlist": [self.compose_hash],
         }
+        if self.gpu_root_ca is not None:
+            found["gpu_test_root_ca"] = str(self.gpu_root_ca)
+        return found
 
     def toml(self, skip: set[str] | frozenset[str] = frozenset()) -> str:
         """The settings as ``attestation.<key> = value`` lines (keys in ``skip`` left out)."""
@@ -67,7 +74,21 @@ def fetch_sandbox_trust(
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / ROOT_FILE
     path.write_bytes(resp.content)
-    return SandboxTrust(root_ca=path.resolve(), mrtd=mrtd.lower(), compose_hash=compose.lower())
+    gpu_path = None
+    gpu_url = base_url.rstrip("/") + GPU_ROOT_PATH
+    try:
+        gpu = httpx.get(gpu_url, verify=verify, timeout=timeout_s, trust_env=False)
+    except httpx.HTTPError as e:
+        raise SandboxTrustError(f"{gpu_url}: {type(e).__name__}") from e
+    if gpu.status_code == 200 and gpu.content.startswith(b"-----BEGIN CERTIFICATE"):
+        gpu_path = (dest_dir / GPU_ROOT_FILE).resolve()
+        gpu_path.write_bytes(gpu.content)
+    return SandboxTrust(
+        root_ca=path.resolve(),
+        mrtd=mrtd.lower(),
+        compose_hash=compose.lower(),
+        gpu_root_ca=gpu_path,
+    )
 
 
 def sandbox_policy(policy: Policy, trust: SandboxTrust) -> Policy:
@@ -84,9 +105,15 @@ def banner(policy: Policy) -> str:
             "  attestation: FLAG mode: the catalog's confidential flag is trusted; "
             "no hardware attestation is verified"
         )
+    gpu = (
+        f"    GPU evidence against the sandbox's TEST GPU root {policy.gpu_test_root_ca}\n"
+        if policy.gpu_test_root_ca is not None
+        else ""
+    )
     return (
         "  attestation: dcap, quotes verified against the sandbox's TEST root CA\n"
         f"    {policy.test_root_ca}\n"
+        f"{gpu}"
         "    !!! NOT Intel's root: these 'TDX quotes' are simulated. Never configure\n"
         "    !!! attestation.test_root_ca on a gateway that serves real traffic."
     )

@@ -22,6 +22,11 @@ Against the sandbox: fetch ``GET /_sandbox/evidence/root_ca.der`` into a file, s
 ships collateral inside its evidence; that is used only while ``test_root_ca`` is set. Real
 upstreams ship none, and collateral then comes from ``pccs_url`` (cached until nextUpdate).
 
+NVIDIA GPU evidence (``nvidia_payload``) is verified offline by :mod:`.gpu` with the nonce the
+quote binds (chain to NVIDIA's pinned root, signed SPDM measurements, RIMs and OCSP answers
+when supplied); the verdict's ``gpu`` part says which checks passed. The sandbox signs its
+GPU evidence under a test GPU root, trusted only through ``gpu_test_root_ca``.
+
 Chutes (``upstream.kind = "chutes"``) is attested per instance instead: :mod:`.chutes` verifies
 each instance's quote with the same checks plus Chutes' binding (our nonce and the instance's
 E2EE key, its certificate), and :class:`teegate.catalog.chutes.pool.InstancePool` keeps the
@@ -41,6 +46,7 @@ from teegate.catalog.attestation.collateral import (
     load_collateral,
 )
 from teegate.catalog.attestation.evidence import EvidenceError, NodeEvidence
+from teegate.catalog.attestation.gpu import GpuRequirements, GpuVerdict, verify_gpu_payload
 from teegate.catalog.attestation.near_ai import NearAiSource, parse_near_ai
 from teegate.catalog.attestation.policy import Policy, load_policy
 from teegate.catalog.attestation.service import AttestationService
@@ -56,6 +62,8 @@ __all__ = [
     "EvidenceError",
     "EvidenceFetchError",
     "EvidenceSource",
+    "GpuRequirements",
+    "GpuVerdict",
     "InstanceVerdict",
     "NearAiSource",
     "NodeEvidence",
@@ -68,5 +76,6 @@ __all__ = [
     "parse_instances",
     "parse_near_ai",
     "verify_evidence",
+    "verify_gpu_payload",
     "verify_instances",
 ]

@@ -15,7 +15,13 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
+from cryptography import x509
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from teegate.catalog.attestation.gpu import GpuRequirements
+
+PATH_KEYS = ("test_root_ca", "gpu_test_root_ca", "gpu_rim_dir", "gpu_ocsp_dir")
+"""Keys naming files or folders: relative ones are read beside the file that names them."""
 
 # Intel's Provisioning Certification Service; dcap_qvl appends /{sgx,tdx}/certification/v4.
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
@@ -74,6 +80,28 @@ class Policy(BaseModel):
     """Where collateral (TCB info, QE identity, CRLs) is fetched; it is verified against the
     pinned root whatever serves it."""
 
+    gpu_evidence: Literal["verify", "require", "record"] = "verify"
+    """NVIDIA GPU evidence (``nvidia_payload``). "verify": whatever GPU evidence an upstream
+    sends is verified offline and must pass, or the model is refused; a model whose upstream
+    sends none is served on its CPU attestation, its verdict saying gpu "absent". "require":
+    the same, and a model without GPU evidence is refused. "record": GPU evidence is kept but
+    not verified (the verdict says gpu "unverified")."""
+    gpu_count: int | None = Field(None, ge=1, le=64)
+    """Exactly this many GPUs per TD; absent: any number from one up."""
+    gpu_rim_dir: Path | None = None
+    """Folder of NVIDIA RIM files (``<RIM id>.xml``, from NVIDIA's RIM service): with it,
+    every active measurement is compared to NVIDIA's signed reference values."""
+    gpu_ocsp_dir: Path | None = None
+    """Folder of DER OCSP responses for the GPU and RIM certificates (fetched ahead of time):
+    with fresh ones for every certificate, revocation is reported "good"."""
+    gpu_require_measurements: bool = False
+    """Refuse unless measurements were verified against RIMs (needs ``gpu_rim_dir``)."""
+    gpu_require_revocation: bool = False
+    """Refuse unless every GPU certificate has a fresh "good" OCSP answer."""
+    gpu_test_root_ca: Path | None = None
+    """DANGER, tests and the sandbox only: a certificate file (DER or PEM) replacing NVIDIA's
+    Device Identity CA, so the sandbox's test GPU hierarchy verifies."""
+
     test_root_ca: Path | None = None
     """DANGER, tests and the sandbox only: a DER file replacing Intel's root CA. While set,
     quotes are verified against this root instead of Intel's, and collateral that the upstream
@@ -99,6 +127,24 @@ class Policy(BaseModel):
             return None
         return self.test_root_ca.read_bytes()
 
+    def gpu_requirements(self) -> GpuRequirements:
+        """What :func:`~.gpu.verify_gpu_payload` is asked to check (reads the test root)."""
+        root = None
+        if self.gpu_test_root_ca is not None:
+            data = self.gpu_test_root_ca.read_bytes()
+            if data.lstrip().startswith(b"-----BEGIN"):
+                root = x509.load_pem_x509_certificate(data)
+            else:
+                root = x509.load_der_x509_certificate(data)
+        return GpuRequirements(
+            expected_count=self.gpu_count,
+            rim_dir=self.gpu_rim_dir,
+            ocsp_dir=self.gpu_ocsp_dir,
+            require_measurements=self.gpu_require_measurements,
+            require_revocation=self.gpu_require_revocation,
+            test_root=root,
+        )
+
 
 def load_policy(path: str | Path) -> Policy:
     """The ``[attestation]`` table of a TOML file (absent table: the strict defaults)."""
@@ -107,8 +153,9 @@ def load_policy(path: str | Path) -> Policy:
     table = doc.get("attestation", {})
     if not isinstance(table, dict):
         raise ValueError("[attestation] must be a table")
-    root = table.get("test_root_ca")
-    if isinstance(root, str) and not Path(root).is_absolute():
-        # Relative to the file that names it, not to wherever the process was started.
-        table = {**table, "test_root_ca": str(Path(path).resolve().parent / root)}
+    for key in PATH_KEYS:
+        value = table.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            # Relative to the file that names it, not to wherever the process was started.
+            table = {**table, key: str(Path(path).resolve().parent / value)}
     return Policy.model_validate(table)

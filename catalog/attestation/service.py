@@ -107,6 +107,22 @@ class AttestationService:
         )
         self._schedule(model, now)
 
+    def withdraw(self, model: str, reason: str, *, reattest_now: bool = False) -> None:
+        """Fail ``model``'s verdict now (e.g. an answer whose signature did not verify): it is
+        refused until a fresh attestation passes, which is tried ``retry_interval_s`` from now
+        (the same pace as after a failed attestation), not at once: the quote itself was fine,
+        so re-attesting at once would only put the model back in service unchanged.
+        ``reattest_now``: when the cause may be passing (the upstream could not be reached)."""
+        v = self._verdicts.get(model)
+        if v is None or v.mode != "dcap" or not v.ok:
+            return
+        now = int(self._clock())
+        self._verdicts[model] = v.model_copy(
+            update={"ok": False, "reason": f"attestation failed: {reason}", "expires_at": now}
+        )
+        log.warning("attestation_withdrawn", model=model, reason=reason)
+        self._schedule(model, now if reattest_now else now + self.policy.retry_interval_s)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:

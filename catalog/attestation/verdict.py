@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from teegate.catalog.attestation.gpu import GpuVerdict
+
 Mode = Literal["dcap", "flag"]
 EvidenceKind = Literal["near", "chutes"]
 
@@ -75,8 +77,10 @@ class Verdict(BaseModel):
     compose_hash: str | None = None
     report_data: str | None = None
     nonce: str | None = None
-    gpu: Literal["unverified"] = "unverified"
-    """GPU evidence (``nvidia_payload``) is recorded in ``evidence`` but not verified."""
+    gpu: GpuVerdict | Literal["unverified", "absent"] = "unverified"
+    """The GPU part: its own verdict (which GPU checks passed, ``measurements``,
+    ``revocation``) when GPU evidence was verified; "absent" when the upstream sent none;
+    "unverified" when it was only recorded (``gpu_evidence = "record"``, flag mode)."""
     checks: dict[str, bool] = Field(default_factory=dict)
     """Each check made, in order, and whether it passed. A check not made is not listed."""
     skipped: tuple[str, ...] = ()
@@ -95,6 +99,12 @@ class Verdict(BaseModel):
         if now >= self.expires_at:
             return f"attestation expired at {self.expires_at} (re-attestation overdue)"
         return None
+
+    def gpu_summary(self) -> str | dict[str, Any]:
+        """The GPU part in brief (no per-GPU detail), as ``/v1/models`` shows it."""
+        if isinstance(self.gpu, GpuVerdict):
+            return self.gpu.model_dump(mode="json", exclude={"gpus", "skipped"})
+        return self.gpu
 
     def summary(self) -> dict[str, Any]:
         """The verdict without the raw evidence: what a CLI or a log line shows."""

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import dcap_qvl
 
@@ -32,6 +32,7 @@ from teegate.catalog.attestation.collateral import (
 )
 from teegate.catalog.attestation.eventlog import replay
 from teegate.catalog.attestation.evidence import EvidenceError, EvidenceParser, NodeEvidence
+from teegate.catalog.attestation.gpu import GpuVerdict, combine_gpu_verdicts, verify_gpu_payload
 from teegate.catalog.attestation.near_ai import parse_near_ai
 from teegate.catalog.attestation.policy import Policy
 from teegate.catalog.attestation.verdict import Verdict
@@ -347,6 +348,7 @@ def verify_evidence(
     tls_fingerprint: bytes | None = None,
     require_binding: bool = True,
     binding: BindingCheck | None = None,
+    verify_gpu: bool = True,
 ) -> Verdict:
     """Verify ``evidence`` (as received) for ``model`` at unix time ``now``.
 
@@ -355,7 +357,8 @@ def verify_evidence(
     Intel's root (always, outside tests). ``require_binding=False`` (offline inspection of a
     bare quote only) turns a missing nonce or signing key into a skipped check instead of a
     failure. ``binding``: the upstream's own report_data checks (Chutes); None for NEAR AI /
-    Phala's layout.
+    Phala's layout. ``verify_gpu=False``: GPU evidence is only recorded (Chutes, whose GPU
+    evidence binds another value than our nonce, is not verified yet).
     """
     if nonce is not None and len(nonce) != 32:
         raise ValueError("nonce must be 32 bytes")
@@ -403,8 +406,32 @@ def verify_evidence(
                 expires_at=retry_at,
                 checks={"evidence_well_formed": False},
             )
-    gpu = any(node.gpu_payload for node in nodes)
-    return _combine(base, results, policy, now, gpu_evidence=gpu)
+    gpu = _gpu_part(nodes, nonce=nonce, policy=policy, now=now, verify=verify_gpu)
+    return _combine(base, results, policy, now, gpu=gpu, verify_gpu=verify_gpu)
+
+
+def _gpu_part(
+    nodes: list[NodeEvidence], *, nonce: bytes | None, policy: Policy, now: int, verify: bool
+) -> GpuVerdict | Literal["unverified", "absent"]:
+    """Each TD's GPU evidence verified for the same nonce its quote binds (``gpu_evidence``
+    "verify" / "require"), or only recorded ("record")."""
+    payloads = [node.gpu_payload for node in nodes if node.gpu_payload]
+    if not payloads:
+        return "absent"
+    if policy.gpu_evidence == "record" or not verify:
+        return "unverified"
+    bare = [i for i, node in enumerate(nodes) if not node.gpu_payload]
+    if bare and policy.gpu_evidence == "require":
+        reason = f"GPU evidence rejected: TD {bare[0]} sent none, and policy requires it"
+        return GpuVerdict(ok=False, reason=reason, checks={"gpu_evidence_present": False})
+    try:
+        requirements = policy.gpu_requirements()
+    except (OSError, ValueError) as e:
+        reason = f"GPU evidence rejected: test GPU root unreadable: {_first_line(e)}"
+        return GpuVerdict(ok=False, reason=reason)
+    return combine_gpu_verdicts(
+        [verify_gpu_payload(p, nonce=nonce, at=now, requirements=requirements) for p in payloads]
+    )
 
 
 def _combine(
@@ -413,7 +440,8 @@ def _combine(
     policy: Policy,
     now: int,
     *,
-    gpu_evidence: bool,
+    gpu: GpuVerdict | Literal["unverified", "absent"],
+    verify_gpu: bool = True,
 ) -> Verdict:
     checks: dict[str, bool] = {"evidence_well_formed": True}
     for res in results:
@@ -424,6 +452,13 @@ def _combine(
         for i, res in enumerate(results)
         for msg in res.failures
     ]
+    if isinstance(gpu, GpuVerdict):
+        checks["gpu_evidence_verified"] = gpu.ok
+        if not gpu.ok:
+            failures.append(gpu.reason)
+    elif gpu == "absent" and policy.gpu_evidence == "require" and verify_gpu:
+        checks["gpu_evidence_present"] = False
+        failures.append("no GPU evidence, and policy requires it")
     ok = not failures
     first = results[0].facts
     tee = first.get("tee_type")
@@ -438,9 +473,14 @@ def _combine(
         reason = f"attestation failed: {failures[0]}"
     addresses = tuple(r.facts["signing_address"] for r in results if r.facts.get("signing_address"))
     skipped = list(dict.fromkeys(s for r in results for s in r.skipped))
-    skipped.append(
-        "gpu: nvidia_payload recorded, not verified" if gpu_evidence else "gpu: no GPU evidence"
-    )
+    if isinstance(gpu, GpuVerdict):
+        skipped.extend(f"gpu: {s}" for s in gpu.skipped)
+    else:
+        skipped.append(
+            "gpu: nvidia_payload recorded, not verified"
+            if gpu == "unverified"
+            else "gpu: no GPU evidence"
+        )
     return Verdict(
         **base,
         ok=ok,
@@ -459,4 +499,5 @@ def _combine(
         report_data=_hex(first.get("report_data")),
         checks=checks,
         skipped=tuple(skipped),
+        gpu=gpu,
     )

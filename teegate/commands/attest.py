@@ -1,9 +1,11 @@
-"""``teegate attest``: verify a TDX quote offline, or attest a model of a live upstream.
+"""``teegate attest``: verify TDX / GPU evidence offline, or attest a model of a live upstream.
 
-``verify`` checks a quote file against a collateral file at a given time (never the wall
-clock, since collateral expires) and prints the verdict as JSON; ``fetch`` asks an upstream
-for fresh evidence bound to a random nonce and verifies it now. Both exit 0 only when the
-verdict is ok, 1 when the attestation fails, 2 on a usage or input error.
+``verify`` checks a quote file (or a whole NEAR AI / Phala report: quote, event log, info and
+NVIDIA payload) against a collateral file at a given time (never the wall clock, since
+collateral expires) and prints the verdict as JSON, GPU part included; ``gpu`` verifies an
+NVIDIA GPU payload alone; ``fetch`` asks an upstream for fresh evidence bound to a random
+nonce and verifies it now. All exit 0 only when the verdict is ok, 1 when the attestation
+fails, 2 on a usage or input error.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from teegate.catalog.attestation import (
     load_policy,
     verify_evidence,
 )
+from teegate.catalog.attestation.gpu import verify_gpu_payload
 from teegate.config import UpstreamSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -37,8 +40,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     attest = subparsers.add_parser("attest", help="verify TDX attestation evidence")
     sub = attest.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
 
-    verify = sub.add_parser("verify", help="verify a quote file offline at a given time")
-    verify.add_argument("--quote", type=Path, required=True, help="quote (binary or hex)")
+    verify = sub.add_parser("verify", help="verify a quote or report offline at a given time")
+    source = verify.add_mutually_exclusive_group(required=True)
+    source.add_argument("--quote", type=Path, help="quote (binary or hex)")
+    source.add_argument(
+        "--report",
+        type=Path,
+        help="a whole NEAR AI / Phala attestation report (JSON, nvidia_payload included)",
+    )
     verify.add_argument(
         "--collateral", type=Path, required=True, help="QuoteCollateralV3 JSON file"
     )
@@ -49,8 +58,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("--signing-address", help="hex address report_data[0:32] must bind")
     verify.add_argument("--event-log", type=Path, help="dstack event log JSON to replay")
     verify.add_argument("--info", type=Path, help="dstack info JSON (tcb_info.app_compose)")
+    verify.add_argument("--gpu-payload", type=Path, help="NVIDIA payload JSON to verify too")
     _common(verify)
+    _gpu_options(verify)
     verify.set_defaults(func=run_verify)
+
+    gpu = sub.add_parser("gpu", help="verify an NVIDIA GPU payload offline at a given time")
+    gpu.add_argument("payload", type=Path, metavar="PAYLOAD.json")
+    gpu.add_argument(
+        "--at", type=int, required=True, metavar="UNIX_SECONDS", help="verification time"
+    )
+    gpu.add_argument("--nonce", help="64 hex digits the signed SPDM requests must carry")
+    gpu.add_argument("--policy", type=Path, help="TOML file whose [attestation] table applies")
+    _gpu_options(gpu)
+    gpu.set_defaults(func=run_gpu)
 
     fetch = sub.add_parser("fetch", help="attest a model of a live upstream now")
     fetch.add_argument("--model", required=True)
@@ -61,7 +82,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--show-evidence", action="store_true", help="include the raw evidence in the output"
     )
     _common(fetch)
+    _gpu_options(fetch)
     fetch.set_defaults(func=run_fetch)
+
+    from teegate.commands import attest_signature  # its own module: no DCAP policy involved
+
+    attest_signature.register(sub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,6 +97,41 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="DANGER, tests only: verify against this DER root instead of Intel's",
     )
+
+
+def _gpu_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rims", type=Path, metavar="DIR", help="NVIDIA RIM files (<RIM id>.xml)")
+    p.add_argument("--ocsp", type=Path, metavar="DIR", help="DER OCSP responses")
+    p.add_argument("--gpu-count", type=int, help="exactly this many GPUs")
+    p.add_argument(
+        "--gpu-test-root-ca",
+        type=Path,
+        help="DANGER, tests only: verify GPUs against this root instead of NVIDIA's",
+    )
+
+
+def _with_gpu_options(policy: Policy, args: argparse.Namespace) -> Policy:
+    update = {
+        key: value
+        for key, value in (
+            ("gpu_rim_dir", args.rims),
+            ("gpu_ocsp_dir", args.ocsp),
+            ("gpu_count", args.gpu_count),
+            ("gpu_test_root_ca", args.gpu_test_root_ca),
+        )
+        if value is not None
+    }
+    for key in ("gpu_rim_dir", "gpu_ocsp_dir"):
+        if key in update and not update[key].is_dir():
+            raise UsageError(f"{update[key]} is not a folder")
+    policy = Policy.model_validate({**policy.model_dump(), **update})
+    if policy.gpu_test_root_ca is not None:
+        print(
+            f"WARNING: verifying GPUs against the TEST root {policy.gpu_test_root_ca}, "
+            "not NVIDIA's",
+            file=sys.stderr,
+        )
+    return policy
 
 
 class UsageError(Exception):
@@ -129,8 +190,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    policy = _policy(args)
-    evidence: dict[str, Any] = {"intel_quote": _read_quote(args.quote).hex()}
+    policy = _with_gpu_options(_policy(args), args)
+    if args.report is not None:
+        evidence = json.loads(args.report.read_text())
+        if not isinstance(evidence, dict):
+            raise UsageError("--report must be a JSON object")
+    else:
+        evidence = {"intel_quote": _read_quote(args.quote).hex()}
+    if args.gpu_payload:
+        evidence["nvidia_payload"] = args.gpu_payload.read_text()
     if args.signing_address:
         evidence["signing_address"] = args.signing_address
     if args.event_log:
@@ -149,6 +217,23 @@ def _verify(args: argparse.Namespace) -> int:
     return _emit(verdict)
 
 
+def run_gpu(args: argparse.Namespace) -> int:
+    return _guard(_gpu, args)
+
+
+def _gpu(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy) if args.policy else Policy()
+    policy = _with_gpu_options(policy, args)
+    verdict = verify_gpu_payload(
+        args.payload.read_text(),
+        nonce=_hex32(args.nonce, "--nonce"),
+        at=args.at,
+        requirements=policy.gpu_requirements(),
+    )
+    print(json.dumps(verdict.model_dump(mode="json"), indent=2))
+    return EXIT_OK if verdict.ok else EXIT_FAILED
+
+
 def run_fetch(args: argparse.Namespace) -> int:
     return _guard(_fetch, args)
 
@@ -162,7 +247,7 @@ def _upstream_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    policy = _policy(args)
+    policy = _with_gpu_options(_policy(args), args)
     upstream = _upstream_table(args)
     base_url = args.upstream or upstream.get("base_url")
     if not base_url:

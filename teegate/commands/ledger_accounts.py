@@ -19,8 +19,9 @@ from teegate.commands.ledger_common import (
     table,
     when,
 )
-from teegate.commands.ledger_keys import key_json, keys_table
+from teegate.commands.ledger_keys import keys_table
 from teegate.ledger import format_usd, inputs
+from teegate.ledger_json import account_json, active_keys, key_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -41,6 +42,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("account", metavar="ID", help="account id or name")
     p.add_argument("amount", metavar="USD", help="amount in USD, e.g. 12.50")
     p.add_argument("--note", help="free text stored with the entry")
+    p.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help="a retry with the same key credits nothing more (safe to re-run)",
+    )
     p.set_defaults(func=command(_accounts_topup))
 
 
@@ -60,24 +66,9 @@ async def _accounts_list(args: argparse.Namespace, db: str) -> int:
     async with await open_store(db) as store:
         accounts = await store.list_accounts()
         keys = await store.list_keys()
-    active: dict[int, int] = {}
-    for k in keys:
-        if k.revoked_ms is None:
-            active[k.account_id] = active.get(k.account_id, 0) + 1
+    active = active_keys(keys)
     if args.json:
-        print_json(
-            [
-                {
-                    "id": a.id,
-                    "name": a.name,
-                    "balance_micro": a.balance_micro,
-                    "balance_usd": format_usd(a.balance_micro),
-                    "active_keys": active.get(a.id, 0),
-                    "created": when(a.created_ms),
-                }
-                for a in accounts
-            ]
-        )
+        print_json([account_json(a, active_keys=active.get(a.id, 0)) for a in accounts])
         return EXIT_OK
     rows = [
         (a.id, a.name, format_usd(a.balance_micro), active.get(a.id, 0), when(a.created_ms))
@@ -128,9 +119,17 @@ async def _accounts_topup(args: argparse.Namespace, db: str) -> int:
         inputs.label(args.note)
     async with await open_store(db) as store:
         account = await store.require_account(args.account)
-        balance = await store.credit(account.id, micro, "topup", args.note)
+        credit = await store.topup(
+            account.id, micro, args.note, idempotency_key=args.idempotency_key
+        )
+    if credit.replayed:
+        print(
+            f"already topped up with this idempotency key (entry {credit.entry_id}); "
+            f"nothing credited; balance {format_usd(credit.balance_micro)} USD"
+        )
+        return EXIT_OK
     print(
         f"topped up account {account.id} ({account.name}) by {format_usd(micro)} USD; "
-        f"balance {format_usd(balance)} USD"
+        f"balance {format_usd(credit.balance_micro)} USD"
     )
     return EXIT_OK

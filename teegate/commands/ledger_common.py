@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from teegate.ledger import (
+    IdempotencyConflict,
     LedgerError,
     LedgerLocked,
     LedgerNotFound,
@@ -27,6 +27,7 @@ from teegate.ledger import (
     parse_usd,
 )
 from teegate.ledger.errors import InvalidInput
+from teegate.ledger_json import when  # noqa: F401 - the commands' timestamps
 from teegate.money import InvalidAmount
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,7 +52,14 @@ def command(handler: Handler) -> Callable[[argparse.Namespace], int]:
         db = args.db or default_db()
         try:
             return asyncio.run(handler(args, db))
-        except (UsageError, InvalidAmount, InvalidInput, UnknownAccount, UnknownKey) as e:
+        except (
+            UsageError,
+            InvalidAmount,
+            InvalidInput,
+            UnknownAccount,
+            UnknownKey,
+            IdempotencyConflict,
+        ) as e:
             return fail(str(e), EXIT_USAGE)
         except LedgerNotFound as e:
             return fail(f"{e} (pass --db PATH or set TEEGATE_DB)", EXIT_USAGE)
@@ -76,12 +84,6 @@ def positive_usd(text: str) -> int:
     if micro <= 0:
         raise UsageError(f"amount must be positive, got {text!r}")
     return micro
-
-
-def when(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int]) -> str:

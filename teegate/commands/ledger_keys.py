@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 from teegate.commands.ledger_common import (
@@ -25,6 +24,7 @@ from teegate.commands.ledger_common import (
 )
 from teegate.ledger import inputs
 from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
+from teegate.ledger_json import key_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = actions.add_parser("revoke", parents=[common], help="revoke a key")
     p.add_argument("key_id", metavar="KEY_ID", type=int)
     p.set_defaults(func=command(_keys_revoke))
+    p = actions.add_parser(
+        "limit", parents=[common], help="set a key's requests per minute (or 'default')"
+    )
+    p.add_argument("key_id", metavar="KEY_ID", type=int)
+    p.add_argument("rate_limit", metavar="N|default")
+    p.set_defaults(func=command(_keys_limit))
 
 
 async def _keys_create(args: argparse.Namespace, db: str) -> int:
@@ -71,13 +77,6 @@ async def _keys_create(args: argparse.Namespace, db: str) -> int:
     print(f"api key:    {plaintext}")
     print("This is the only time the key is shown; only its hash is stored.", file=sys.stderr)
     return EXIT_OK
-
-
-def key_json(k: Any) -> dict[str, Any]:
-    d = asdict(k)
-    d["created"] = when(k.created_ms)
-    d["revoked"] = when(k.revoked_ms) if k.revoked_ms else None
-    return d
 
 
 def keys_table(keys: Sequence[Any]) -> str:
@@ -116,4 +115,18 @@ async def _keys_revoke(args: argparse.Namespace, db: str) -> int:
         print(f"revoked key {args.key_id} (a running proxy stops accepting it within ~1 s)")
     else:
         print(f"key {args.key_id} was already revoked")
+    return EXIT_OK
+
+
+async def _keys_limit(args: argparse.Namespace, db: str) -> int:
+    text = args.rate_limit
+    if text != "default" and not text.isdigit():
+        raise UsageError(
+            f"rate limit must be a number of requests per minute or 'default', got {text!r}"
+        )
+    limit = None if text == "default" else inputs.rate_limit(int(text))
+    async with await open_store(db) as store:
+        info = await store.set_rate_limit(args.key_id, limit)
+    shown = f"{info.rate_limit} requests/minute" if info.rate_limit else "the gateway's default"
+    print(f"key {info.key_id}: {shown} (a running proxy applies it within ~1 s)")
     return EXIT_OK

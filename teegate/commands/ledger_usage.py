@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import sys
-from dataclasses import asdict
 
 from teegate.commands.ledger_common import (
     EXIT_OK,
@@ -17,6 +15,7 @@ from teegate.commands.ledger_common import (
     table,
 )
 from teegate.ledger import UnknownKey, format_usd
+from teegate.ledger_json import day_start_ms, usage_json
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -50,16 +49,10 @@ _USAGE_FIELDS = (
 
 
 def _since_ms(text: str | None) -> int | None:
-    if text is None:
-        return None
     try:
-        day = dt.date.fromisoformat(text)
+        return day_start_ms(text)
     except ValueError:
         raise UsageError(f"--since must be a date like 2025-01-31, got {text!r}") from None
-    if len(text) != 10:
-        raise UsageError(f"--since must be a date like 2025-01-31, got {text!r}")
-    start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-    return int(start.timestamp()) * 1000
 
 
 async def _usage(args: argparse.Namespace, db: str) -> int:
@@ -78,10 +71,7 @@ async def _usage(args: argparse.Namespace, db: str) -> int:
         groups = await store.usage_report(
             account_id=account_id, key_id=args.key, model=args.model, since_ms=since
         )
-    records = [asdict(g) for g in groups]
-    for r in records:
-        r["charge_usd"] = format_usd(r["charge_micro"])
-        r["unrecovered_usd"] = format_usd(r["unrecovered_micro"])
+    records = [usage_json(g) for g in groups]
     if args.json:
         print_json(records)
     elif args.csv:

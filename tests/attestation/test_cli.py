@@ -111,6 +111,10 @@ def test_fetch_against_the_sandbox(tmp_path: Path, capsys: pytest.CaptureFixture
     with start_sandbox() as sandbox:
         root = tmp_path / "root.der"
         root.write_bytes(httpx.get(f"{sandbox.base_url}/_sandbox/evidence/root_ca.der").content)
+        gpu_root = tmp_path / "gpu-root.pem"
+        gpu_root.write_bytes(
+            httpx.get(f"{sandbox.base_url}/_sandbox/evidence/gpu_root_ca.pem").content
+        )
         with sandbox.client() as api:
             models = api.get("/models").json()["data"]
         model = next(m["id"] for m in models if m.get("confidential_compute") is True)
@@ -118,10 +122,12 @@ def test_fetch_against_the_sandbox(tmp_path: Path, capsys: pytest.CaptureFixture
         policy.write_text(
             f"[upstream]\nbase_url = '{sandbox.base_url}'\napi_key = '{sandbox.api_key}'\n"
         )
-        base = ["attest", "fetch", "--model", model, "--policy", str(policy)]
+        base = ["attest", "fetch", "--model", model, "--policy", str(policy),
+                "--gpu-test-root-ca", str(gpu_root)]  # fmt: skip
         rc, doc = _run([*base, "--test-root-ca", str(root), "--show-evidence"], capsys)
         assert rc == 0, doc
         assert doc["ok"] is True and doc["model"] == model
+        assert doc["gpu"]["ok"] is True and doc["gpu"]["root"] == "test"
         assert doc["evidence"]["intel_quote"]
         httpx.post(f"{sandbox.base_url}/_sandbox/evidence", json={model: "debug"})
         rc, doc = _run([*base, "--test-root-ca", str(root)], capsys)

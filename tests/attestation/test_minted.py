@@ -16,6 +16,7 @@ from teegate.catalog.attestation import Policy, verify_evidence
 from teegate.catalog.attestation.binding import ethereum_address, expected_report_data
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import SANDBOX_MRTD, EvidenceMinter
+from tests.support.gpu_vectors import trusting_sandbox_gpus
 from tests.support.tdx_vectors import NOW
 from tests.support.testdata import REPO_ROOT
 
@@ -26,7 +27,7 @@ def _verify(evidence: dict[str, Any], nonce: bytes, pki: DcapTestPki, **kw: Any)
     return verify_evidence(
         evidence,
         nonce=nonce,
-        policy=kw.pop("policy", Policy()),
+        policy=trusting_sandbox_gpus(kw.pop("policy", Policy())),
         collateral=kw.pop("collateral", evidence.get("collateral")),
         now=kw.pop("now", NOW),
         root_ca_der=kw.pop("root_ca_der", pki.root_ca_der),
@@ -70,8 +71,10 @@ def test_full_evidence_verifies(minter: EvidenceMinter, pki: DcapTestPki) -> Non
         "app_compose_matches",
     ):
         assert verdict.checks[check] is True
-    assert verdict.gpu == "unverified"
-    assert "gpu: nvidia_payload recorded, not verified" in verdict.skipped
+    assert verdict.checks["gpu_evidence_verified"] is True
+    assert verdict.gpu.ok and verdict.gpu.root == "test" and verdict.gpu.gpu_count == 2
+    assert (verdict.gpu.measurements, verdict.gpu.revocation) == ("unverified", "unchecked")
+    assert verdict.gpu.checks["gpu_nonce"] is True
 
 
 def test_same_evidence_fails_under_intels_root(minter: EvidenceMinter, pki: DcapTestPki) -> None:
@@ -195,13 +198,16 @@ def test_all_attestations_must_all_pass(minter: EvidenceMinter, pki: DcapTestPki
     minter.set_mode(MODEL, "rotate_key")
     second = minter.report(MODEL, nonce)
     both = {**first, "all_attestations": [first, second]}
-    verdict = _verify(both, nonce, pki, collateral=lambda q: first["collateral"])
+    # One sandbox, so both "TDs" report the same test GPUs, which the GPU part refuses
+    # (tests/attestation/test_gpu_verdict.py): this test is about the TDs.
+    record = Policy(gpu_evidence="record")
+    verdict = _verify(both, nonce, pki, collateral=lambda q: first["collateral"], policy=record)
     assert verdict.ok, verdict.reason
     assert verdict.signing_addresses == (first["signing_address"], second["signing_address"])
     minter.set_mode(MODEL, "wrong_binding")
     third = minter.report(MODEL, nonce)
     mixed = {**first, "all_attestations": [first, third]}
-    verdict = _verify(mixed, nonce, pki, collateral=lambda q: first["collateral"])
+    verdict = _verify(mixed, nonce, pki, collateral=lambda q: first["collateral"], policy=record)
     assert not verdict.ok
     assert verdict.reason == "attestation failed: TD 1: report_data does not bind our nonce"
 

@@ -20,6 +20,7 @@ from aiohttp import test_utils, web
 from teegate.catalog.attestation import AttestationService, CollateralCache, Policy, parse_near_ai
 from teegate.sandbox.dcap_pki import DcapTestPki, TdMeasurements
 from teegate.sandbox.evidence import EvidenceMinter
+from tests.support.gpu_vectors import trusting_sandbox_gpus
 from tests.support.tdx_vectors import NOW
 
 VALID_FOR = 3600
@@ -109,7 +110,7 @@ async def test_service_fetches_from_pccs_when_no_collateral_is_shipped(
 ) -> None:
     url, state = pccs
     source = NoShippedCollateral(EvidenceMinter(pki, clock=lambda: NOW))
-    policy = Policy(test_root_ca=root_der_file, pccs_url=url)
+    policy = trusting_sandbox_gpus(Policy(test_root_ca=root_der_file, pccs_url=url))
     service = AttestationService(source, policy, clock=lambda: NOW)
     verdict = await service.attest_now("org/m-TEE", os.urandom(32))
     assert verdict.ok, verdict.reason

@@ -35,14 +35,22 @@ def published(sandbox: SandboxProc, tmp_path_factory: pytest.TempPathFactory) ->
     """The root CA and MRTD the sandbox publishes, as ``teegate sandbox`` would pin them."""
     resp = httpx.get(f"{sandbox.base_url}/_sandbox/evidence/root_ca.der", timeout=10.0)
     resp.raise_for_status()
-    root = tmp_path_factory.mktemp("sandbox-root") / "root.der"
+    folder = tmp_path_factory.mktemp("sandbox-root")
+    root = folder / "root.der"
     root.write_bytes(resp.content)
-    return {"root": root, "mrtd": resp.headers["X-Sandbox-Mrtd"]}
+    gpu = httpx.get(f"{sandbox.base_url}/_sandbox/evidence/gpu_root_ca.pem", timeout=10.0)
+    gpu.raise_for_status()
+    (folder / "gpu-root.pem").write_bytes(gpu.content)
+    return {"root": root, "mrtd": resp.headers["X-Sandbox-Mrtd"], "gpu": folder / "gpu-root.pem"}
 
 
 @pytest.fixture
 def policy(published: dict[str, Any]) -> Policy:
-    return Policy(test_root_ca=published["root"], mrtd_allowlist=(published["mrtd"],))
+    return Policy(
+        test_root_ca=published["root"],
+        mrtd_allowlist=(published["mrtd"],),
+        gpu_test_root_ca=published["gpu"],
+    )
 
 
 @pytest.fixture
@@ -79,7 +87,7 @@ async def test_valid_evidence_verifies(
         "report_data_nonce",
     ):
         assert verdict.checks[check] is True
-    assert verdict.gpu == "unverified"
+    assert verdict.gpu != "unverified" and verdict.gpu.ok and verdict.gpu.root == "test"
     assert "nvidia_payload" in verdict.evidence and "collateral" in verdict.evidence
 
 

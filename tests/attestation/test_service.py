@@ -26,6 +26,7 @@ from teegate.catalog.attestation import (
 )
 from teegate.sandbox.dcap_pki import DcapTestPki
 from teegate.sandbox.evidence import EvidenceMinter
+from tests.support.gpu_vectors import trusting_sandbox_gpus
 from tests.support.tdx_vectors import NOW
 
 A, B = "org/model-a-TEE", "org/model-b-TEE"
@@ -90,7 +91,7 @@ def source(pki: DcapTestPki, clock: Clock) -> MinterSource:
 
 @pytest.fixture
 def policy(root_der_file: Path) -> Policy:
-    return Policy(test_root_ca=root_der_file)
+    return trusting_sandbox_gpus(Policy(test_root_ca=root_der_file))
 
 
 @pytest.fixture
@@ -210,9 +211,8 @@ async def test_concurrency_is_capped(
     source: MinterSource, root_der_file: Path, clock: Clock
 ) -> None:
     source.hold = asyncio.Event()
-    svc = AttestationService(
-        source, Policy(test_root_ca=root_der_file, max_concurrency=2), clock=clock
-    )
+    capped = trusting_sandbox_gpus(Policy(test_root_ca=root_der_file, max_concurrency=2))
+    svc = AttestationService(source, capped, clock=clock)
     await svc.start()
     try:
         models = [f"org/m{i}-TEE" for i in range(6)]

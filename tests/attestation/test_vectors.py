@@ -66,7 +66,7 @@ def test_verdict_reports_the_quote_fields() -> None:
     assert verdict.mrtd == parsed.mr_td.hex()
     assert verdict.rtmrs == tuple(getattr(parsed, f"rt_mr{i}").hex() for i in range(4))
     assert verdict.report_data == parsed.report_data.hex()
-    assert verdict.gpu == "unverified"
+    assert verdict.gpu == "absent"  # a bare quote: no GPU evidence
 
 
 @pytest.mark.parametrize("offset", [6, 48 + 16, 48 + 136, 48 + 520, HEADER_AND_BODY - 1])

@@ -18,7 +18,7 @@ import pytest
 
 from teegate.catalog.attestation import Policy, verify_evidence
 from tests.support.clients import chat_count
-from tests.support.reattest import MSG, refusal, root_ca, until
+from tests.support.reattest import MSG, gpu_root_file, refusal, root_ca, until
 
 VALID = "deepseek-ai/DeepSeek-V3.2-TEE"
 NON_TEE = "deepseek-ai/DeepSeek-V3"
@@ -89,7 +89,10 @@ def test_model_list_carries_the_attestation_of_each_model(http):
         assert att["mode"] == "dcap" and att["verified"] is True, att
         assert att["tcb_status"] == "UpToDate" and att["root"] == "test"
         assert len(att["quote_sha256"]) == 64 and att["signing_address"].startswith("0x")
-        assert att["verified_at"] < att["expires_at"] and att["gpu"] == "unverified"
+        assert att["verified_at"] < att["expires_at"]
+        gpu = att["gpu"]  # the sandbox's two test GPUs, verified with the same nonce
+        assert gpu["ok"] is True and gpu["root"] == "test" and gpu["gpu_count"] == 2, gpu
+        assert (gpu["measurements"], gpu["revocation"]) == ("unverified", "unchecked")
     one = http.get(f"/v1/models/{VALID}").json()
     assert one["attestation"]["verified"] is True
 
@@ -100,6 +103,8 @@ CASES = [
     ("wrong_binding", "deepseek-ai/DeepSeek-V3-0324-TEE", "report_data does not bind our nonce"),
     ("bad_mrtd", "deepseek-ai/DeepSeek-R1-0528-TEE", "is not on the allow-list"),
     ("sgx", "tngtech/DeepSeek-TNG-R1T2-Chimera-TEE", "is not TDX"),
+    # GPU evidence whose signed SPDM request carries an old nonce (canned or replayed).
+    ("gpu_stale_nonce", "zai-org/GLM-5.1-TEE", "GPU evidence rejected: GPU 0: the signed SPDM"),
 ]
 
 
@@ -136,7 +141,9 @@ def test_a_rotated_signing_key_is_what_the_headers_then_name(http, client, evide
     assert headers["x-teegate-signing-address"] == new == rep["evidence"]["signing_address"]
 
 
-def test_client_nonce_yields_evidence_bound_to_it_that_the_client_can_verify(http, upstream):
+def test_client_nonce_yields_evidence_bound_to_it_that_the_client_can_verify(
+    http, upstream, tmp_path
+):
     model = "Qwen/Qwen3.5-397B-A17B-TEE"
     nonce = secrets.token_bytes(32)
     rep = report(http, model, nonce=nonce.hex())
@@ -148,7 +155,10 @@ def test_client_nonce_yields_evidence_bound_to_it_that_the_client_can_verify(htt
     assert ev["request_nonce"] == nonce.hex()
     # Verify it here, independently of the gateway, against the sandbox's test root.
     root = root_ca(upstream)
-    policy = Policy(mrtd_allowlist=(root.headers["x-sandbox-mrtd"],))
+    policy = Policy(
+        mrtd_allowlist=(root.headers["x-sandbox-mrtd"],),
+        gpu_test_root_ca=gpu_root_file(upstream, tmp_path),
+    )
     mine = verify_evidence(
         ev,
         nonce=nonce,
@@ -159,6 +169,7 @@ def test_client_nonce_yields_evidence_bound_to_it_that_the_client_can_verify(htt
         model=model,
     )
     assert mine.ok, mine.reason
+    assert mine.gpu.ok and mine.gpu.checks["gpu_nonce"] is True
     assert mine.report_data.endswith(nonce.hex())
     assert mine.quote_sha256 == body["verdict"]["quote_sha256"]
     # The same evidence does not pass for another nonce: it is bound to this one.
@@ -173,7 +184,7 @@ def test_client_nonce_yields_evidence_bound_to_it_that_the_client_can_verify(htt
     assert not other.ok and "does not bind our nonce" in other.reason
 
 
-def test_the_cached_report_verifies_under_the_gateways_own_nonce(http, upstream):
+def test_the_cached_report_verifies_under_the_gateways_own_nonce(http, upstream, tmp_path):
     body = report(http, VALID).json()
     assert body["fresh"] is False and body["nonce"] == body["verdict"]["nonce"]
     root = root_ca(upstream)
@@ -181,7 +192,7 @@ def test_the_cached_report_verifies_under_the_gateways_own_nonce(http, upstream)
     mine = verify_evidence(
         ev,
         nonce=bytes.fromhex(body["nonce"]),
-        policy=Policy(),
+        policy=Policy(gpu_test_root_ca=gpu_root_file(upstream, tmp_path)),
         collateral=ev["collateral"],
         now=int(time.time()),
         root_ca_der=root.content,

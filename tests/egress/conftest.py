@@ -15,8 +15,6 @@ connections; the gateway's own CA is a different one, made on its first start.
 from __future__ import annotations
 
 import ssl
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,10 +22,16 @@ import httpx
 import openai
 import pytest
 
-from tests.support.egress import AUDITED, LISTED, UNLISTED
+from tests.support.egress import (
+    AUDITED,
+    LISTED,
+    UNLISTED,
+    gateway_ca_path,
+    start_tls_sandbox,
+)
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
-from tests.support.testdata import REPO_ROOT, TEST_MODELS
+from tests.support.testdata import TEST_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +39,15 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sandbox-tls")
 
 
-def _tls_sandbox(tls_dir: Path, host: str = "127.0.0.1") -> SandboxProc:
-    # Every TLS sandbox asks for the same names, so none re-issues another's certificate.
-    names = [a for n in (LISTED, AUDITED, UNLISTED) for a in ("--tls-hostname", n)]
-    return start_sandbox(
-        "--host", host, "--models", str(TEST_MODELS), "--tls-dir", str(tls_dir), *names
-    )
-
-
 @pytest.fixture(scope="module")
 def upstream(tls_dir: Path) -> Iterator[SandboxProc]:
-    with _tls_sandbox(tls_dir) as proc:
+    with start_tls_sandbox(tls_dir) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
 def listed_tls(tls_dir: Path) -> Iterator[SandboxProc]:
-    with _tls_sandbox(tls_dir, LISTED) as proc:
+    with start_tls_sandbox(tls_dir, LISTED) as proc:
         yield proc
 
 
@@ -63,13 +59,13 @@ def listed_plain() -> Iterator[SandboxProc]:
 
 @pytest.fixture(scope="module")
 def audited(tls_dir: Path) -> Iterator[SandboxProc]:
-    with _tls_sandbox(tls_dir, AUDITED) as proc:
+    with start_tls_sandbox(tls_dir, AUDITED) as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
 def unlisted_tls(tls_dir: Path) -> Iterator[SandboxProc]:
-    with _tls_sandbox(tls_dir, UNLISTED) as proc:
+    with start_tls_sandbox(tls_dir, UNLISTED) as proc:
         yield proc
 
 
@@ -108,15 +104,7 @@ def _fresh_sandboxes(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="module")
 def gateway_ca(gateway: GatewayProc) -> Path:
     """The CA path as ``teegate ca path`` reports it for the gateway's own proxy.toml."""
-    out = subprocess.run(
-        [sys.executable, "-m", "teegate", "ca", "path", "-c", str(gateway.config_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO_ROOT,
-        timeout=30,
-    )
-    return Path(out.stdout.strip())
+    return gateway_ca_path(gateway)
 
 
 @pytest.fixture

@@ -267,7 +267,7 @@ def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
 
 
 def test_reverse_listener_still_gates_while_egress_runs(gateway, upstream, unlisted_plain):
-    assert set(gateway.urls) == {"reverse", "egress"}
+    assert set(gateway.urls) == {"reverse", "egress", "admin"}
     with openai.OpenAI(base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0) as c:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=NON_TEE, messages=MSG)

@@ -53,3 +53,34 @@ def test_a_400_is_sent_once(gateway):
     assert exc.value.response.headers["x-should-retry"] == "false"
     assert exc.value.body["status"] == 400
     assert attempts(gateway, "/v1/chat/completions", 400) - before == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict", "sent"),
+    [
+        (400, "false", 1),  # the request is wrong for the upstream: refused again
+        (503, "true", 2),  # the upstream is busy: the one retry allowed is made
+    ],
+)
+def test_an_upstream_error_says_whether_to_retry(gateway, upstream, status, verdict, sent):
+    upstream.behaviour(status=status)
+    before = upstream.requests_seen()
+    with (
+        openai.OpenAI(
+            base_url=gateway.api_base, api_key=gateway.api_key, max_retries=1, timeout=30
+        ) as client,
+        pytest.raises(openai.APIStatusError) as exc,
+    ):
+        client.chat.completions.create(model=TEE, messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == status
+    assert exc.value.response.headers["x-should-retry"] == verdict
+    chats = [r for r in upstream.requests(since=before) if r["path"] == "/v1/chat/completions"]
+    assert len(chats) == sent
+
+
+def test_an_upstream_500_leaves_the_sdk_its_own_rule(gateway, upstream, http):
+    upstream.behaviour(status=500)
+    body = {"model": TEE, "messages": [{"role": "user", "content": "x"}]}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 500
+    assert "x-should-retry" not in resp.headers

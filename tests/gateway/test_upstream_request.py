@@ -37,11 +37,12 @@ class Recorded:
         self._upstream = upstream
 
     def chats(self) -> list[dict]:
-        """Records that reached the chat endpoint, however spelled."""
+        """Records that reached the chat endpoint, however spelled (not the gateway's own
+        fetches of each answer's signature, ``/v1/signature/chatcmpl-...``)."""
         return [
             {**r, "query": r["query"] or "", "body": r["body_text"]}
             for r in self._upstream.requests()
-            if "chat" in r["target"]
+            if "chat" in r["target"] and not r["path"].startswith("/v1/signature/")
         ]
 
 

@@ -59,6 +59,9 @@ FETCH_HEADERS = frozenset(
     {"host", "accept", "accept-encoding", "connection", "user-agent", "authorization"}
 )
 ATTESTATION_QUERY = re.compile(r"^model=[^&]+&nonce=[0-9a-f]{64}&signing_algo=ecdsa$")
+# The response signature of a served chat, by the completion id the upstream gave it.
+SIGNATURE_PATH = re.compile(r"^/v1/signature/chatcmpl-sbx-[0-9]+$")
+SIGNATURE_QUERY = re.compile(r"^model=[^&]+&signing_algo=ecdsa$")
 DOCUMENTED_5XX = frozenset({502, 503, 504})  # upstream conditions only (addons/deadline.py, ...)
 
 
@@ -114,6 +117,11 @@ def upstream_violations(entry: dict[str, Any], upstream: SandboxProc, client_key
     elif (entry["method"], entry["path"]) == ("GET", "/v1/attestation/report"):
         query = entry["query"] or ""
         ok = ATTESTATION_QUERY.match(query) is not None
+        ok = ok and dict(parse_qsl(query)).get("model") in CONFIDENTIAL
+        bad += _fetch_violations(entry, where, set(names), query_ok=ok)
+    elif entry["method"] == "GET" and SIGNATURE_PATH.match(entry["path"]):
+        query = entry["query"] or ""
+        ok = SIGNATURE_QUERY.match(query) is not None
         ok = ok and dict(parse_qsl(query)).get("model") in CONFIDENTIAL
         bad += _fetch_violations(entry, where, set(names), query_ok=ok)
     else:

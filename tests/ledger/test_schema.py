@@ -112,7 +112,7 @@ async def test_a_version_2_database_with_settled_usage_upgrades_and_still_verifi
         assert (group.charge_micro, group.unrecovered_micro) == (300, 0)
     finally:
         await led.close()
-    assert _version(db_path) == SCHEMA_VERSION == 3
+    assert _version(db_path) == SCHEMA_VERSION == 5
     with sqlite3.connect(db_path) as conn:
         with pytest.raises(sqlite3.IntegrityError):  # never negative
             conn.execute("UPDATE usage SET unrecovered_micro = -1")

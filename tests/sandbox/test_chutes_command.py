@@ -27,3 +27,11 @@ def test_chutes_sets_kind_and_keeps_e2ee_unless_told() -> None:
     assert "e2ee" not in _upstream_update(_args("--upstream", "chutes"), "http://x:1")
     off = _upstream_update(_args("--upstream", "chutes", "--no-e2ee"), "http://x:1")
     assert off["e2ee"] is False
+
+
+def test_tls_makes_the_gateway_trust_the_sandboxs_ca(tmp_path) -> None:
+    args = _args("--tls")
+    assert args.tls is True and _args().tls is False
+    update = _upstream_update(args, "https://127.0.0.1:1", tmp_path / "ca.pem")
+    assert update["ca_file"] == tmp_path / "ca.pem"
+    assert "ca_file" not in _upstream_update(_args(), "http://x:1")

@@ -8,14 +8,7 @@ the same banner), and the simulated upstream answers through the proxy.
 
 from __future__ import annotations
 
-import os
-import queue
-import re
-import signal
 import ssl
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,60 +16,13 @@ import httpx
 import pytest
 
 from teegate.commands.sandbox import _egress_banner
-from tests.support.gateway_proc import REPO_ROOT
-
-BANNER_END = "Ctrl-C stops both."
+from tests.support.sandbox_command import field, run_sandbox_command
 
 
 @pytest.fixture(scope="module")
 def banner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("sandbox-banner")
-    toml = work / "proxy.toml"
-    toml.write_text(
-        'listen.reverse = "127.0.0.1:0"\n'
-        'listen.egress = "127.0.0.2:0"\n'
-        f'egress.confdir = "{work / "ca"}"\n',
-        encoding="utf-8",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "teegate", "sandbox", "-c", str(toml)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        text = ""
-        while BANNER_END not in text:
-            line = lines.get(timeout=60)
-            assert line is not None, f"teegate sandbox exited early:\n{text}"
-            text += line
+    with run_sandbox_command(tmp_path_factory.mktemp("sandbox-banner")) as text:
         yield text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def field(text: str, pattern: str) -> str:
-    match = re.search(pattern, text)
-    assert match, f"{pattern!r} not in the banner:\n{text}"
-    return match.group(1)
 
 
 def test_the_banner_shows_how_to_try_egress(banner):
@@ -111,3 +57,15 @@ def test_the_banners_egress_instructions_work(banner):
 def test_without_a_ca_path_the_banner_names_the_command():
     text = _egress_banner("http://127.0.0.1:8081", None, "http://up:1", "k")
     assert "NODE_EXTRA_CA_CERTS=$(teegate ca path -c proxy.toml)" in text
+
+
+def test_the_banners_dashboard_sign_in_works(banner):
+    """The dashboard URL and the sandbox's own admin token, used as printed."""
+    dashboard = field(banner, r"dashboard: (\S+)")
+    token = field(banner, r"sign in with the admin token (\S+)")
+    assert dashboard.endswith("/dashboard/") and token.startswith("tgadm_")
+    with httpx.Client(timeout=30, trust_env=False) as c:
+        assert "Admin token or API key" in c.get(dashboard).text  # the sign-in page
+        signed_in = c.post(dashboard + "login", data={"token": token})
+        assert signed_in.status_code == 303 and "teegate_dashboard" in c.cookies
+        assert c.get(dashboard + "api/session").json()["role"] == "admin"

@@ -4,7 +4,8 @@ sandbox's evidence, against the sandbox's test root (fetched into the gateway's 
 Modes (``start_gateway(..., attestation=...)``):
 
 * ``"sandbox"`` (default): dcap mode, ``test_root_ca`` = the sandbox's root, MRTD and compose
-  hash pinned to what it publishes. A key the test's ``extra_toml`` sets itself is left to it.
+  hash pinned to what it publishes, ``gpu_test_root_ca`` = its test GPU root. A key the
+  test's ``extra_toml`` sets itself is left to it.
   An upstream that publishes no test root (down, or not a sandbox) gets nothing added, so the
   gateway keeps Intel's root and refuses every model: fail closed.
 * ``"flag"``: ``attestation.mode = "flag"`` (the catalog's flag only).
@@ -24,7 +25,7 @@ from typing import Any
 from teegate.sandbox_attestation import SandboxTrustError, fetch_sandbox_trust
 
 MODES = ("sandbox", "flag", "defaults")
-TRUST_KEYS = ("test_root_ca", "mrtd_allowlist", "compose_hash_allowlist")
+TRUST_KEYS = ("test_root_ca", "mrtd_allowlist", "compose_hash_allowlist", "gpu_test_root_ca")
 
 
 def _sets(extra_toml: str, key: str) -> bool:

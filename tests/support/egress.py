@@ -8,16 +8,43 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from tests.support.accounts import balance_micro
 from tests.support.billing import open_reservations
 from tests.support.gateway_proc import GatewayProc
+from tests.support.sandbox_proc import SandboxProc, start_sandbox
+from tests.support.testdata import REPO_ROOT, TEST_MODELS
 
 LISTED, AUDITED, UNLISTED = "127.0.0.3", "127.0.0.5", "127.0.0.4"
+
+
+def start_tls_sandbox(tls_dir: Path, host: str = "127.0.0.1") -> SandboxProc:
+    """A sandbox serving HTTPS with the test CA in ``tls_dir`` (made on first use)."""
+    # Every TLS sandbox asks for the same names, so none re-issues another's certificate.
+    names = [a for n in (LISTED, AUDITED, UNLISTED) for a in ("--tls-hostname", n)]
+    return start_sandbox(
+        "--host", host, "--models", str(TEST_MODELS), "--tls-dir", str(tls_dir), *names
+    )
+
+
+def gateway_ca_path(gateway: GatewayProc) -> Path:
+    """The egress CA as ``teegate ca path`` reports it for the gateway's own proxy.toml."""
+    out = subprocess.run(
+        [sys.executable, "-m", "teegate", "ca", "path", "-c", str(gateway.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        timeout=30,
+    )
+    return Path(out.stdout.strip())
 
 
 def balance(gw: GatewayProc) -> int:

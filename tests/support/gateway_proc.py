@@ -41,7 +41,7 @@ class GatewayProc:
         api_key: str | None,
     ) -> None:
         self.process = process
-        self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "egress": ...}
+        self.urls = urls  # {"reverse": "http://127.0.0.1:PORT", "egress": ..., "admin": ...}
         self.workdir = workdir
         self.log_path = workdir / "gateway.log"
         self.stdout_path = workdir / "stdout.log"
@@ -107,13 +107,16 @@ def write_config(
 ) -> Path:
     """A proxy.toml on free ports; ``extra_toml`` may add keys to any table (TOML dotted keys).
 
-    The egress listener also gets a free port, and its CA a directory in ``workdir`` (never the
-    user's ~/.teegate), unless ``extra_toml`` sets them itself.
+    The egress and admin listeners also get free ports, and the CA a directory in ``workdir``
+    (never the user's ~/.teegate), unless ``extra_toml`` sets them itself.
     """
     defaults = ""
     if not re.search(r"^\s*listen\.egress\s*=", extra_toml, re.M):
         # Another loopback address: mitmproxy refuses two listeners both spelled "127.0.0.1:0".
         defaults += 'listen.egress = "127.0.0.2:0"\n'
+    if not re.search(r"^\s*(admin\.listen\s*=|\[admin\])", extra_toml, re.M):
+        # A free port: several gateways run at once, and 8082 may be anyone's.
+        defaults += 'admin.listen = "127.0.0.1:0"\n'
     if not re.search(r"^\s*(egress\.confdir\s*=|\[egress\])", extra_toml, re.M):
         defaults += f'egress.confdir = "{workdir / "ca"}"\n'
     # dcap against the sandbox's test root unless asked otherwise: tests/support/attestation.py

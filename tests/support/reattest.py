@@ -3,6 +3,7 @@ polling with a deadline, since re-attestation runs on the gateway's own schedule
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,15 @@ def refusal(client: openai.OpenAI, model: str) -> dict[str, Any] | None:
     except openai.APIStatusError as e:
         return {"status": e.status_code, **(e.body if isinstance(e.body, dict) else {})}
     return None
+
+
+def gpu_root_file(upstream: SandboxProc, folder: Path) -> Path:
+    """The sandbox's published test GPU root, saved as ``folder/gpu-root.pem``."""
+    resp = httpx.get(f"{upstream.base_url}/_sandbox/evidence/gpu_root_ca.pem", timeout=10)
+    resp.raise_for_status()
+    path = folder / "gpu-root.pem"
+    path.write_bytes(resp.content)
+    return path
 
 
 def root_ca(upstream: SandboxProc) -> httpx.Response:

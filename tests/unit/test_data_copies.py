@@ -35,6 +35,12 @@ def _copies(original: str) -> list[Path]:
         return [REPO / "sandbox" / "data" / "tee-models.json"]
     if original.startswith("tdx-vectors/"):
         return [REPO / "tests" / "data" / "tdx" / original.removeprefix("tdx-vectors/")]
+    if original.startswith("gpu-vectors/roots/"):
+        # The pinned NVIDIA roots ship with the package too (catalog/attestation/nvidia_roots).
+        shipped = REPO / "catalog" / "attestation" / "nvidia_roots" / Path(original).name
+        return [REPO / "tests" / "data" / original, shipped]
+    if original.startswith("gpu-vectors/"):
+        return [REPO / "tests" / "data" / original]
     raise AssertionError(f"no copy known for {original}")
 
 
@@ -53,6 +59,9 @@ def test_every_copied_vector_is_in_the_manifest() -> None:
     for path in (REPO / "tests" / "data" / "tdx").rglob("*"):
         if path.is_file() and path.name != "SOURCE.md":  # SOURCE.md is ours: where they came from
             assert f"tdx-vectors/{path.relative_to(REPO / 'tests' / 'data' / 'tdx')}" in listed
+    for path in (REPO / "tests" / "data" / "gpu-vectors").rglob("*"):
+        if path.is_file():
+            assert str(path.relative_to(REPO / "tests" / "data")) in listed
 
 
 def test_test_catalog_is_the_shipped_one_plus_test_models() -> None:
@@ -68,7 +77,6 @@ def test_shared_originals_unchanged_since_copied() -> None:
         pytest.skip("no ../shared beside this checkout (the copies were still checked above)")
     for original, digest in _manifest().items():
         assert _sha256(SHARED / original) == digest, f"shared/{original} changed: copy it again"
-    on_disk = {
-        str(p.relative_to(SHARED)) for p in (SHARED / "tdx-vectors").rglob("*") if p.is_file()
-    }
-    assert on_disk <= set(_manifest()), "new files in shared/tdx-vectors: copy and list them"
+    for folder in ("tdx-vectors", "gpu-vectors"):
+        on_disk = {str(p.relative_to(SHARED)) for p in (SHARED / folder).rglob("*") if p.is_file()}
+        assert on_disk <= set(_manifest()), f"new files in shared/{folder}: copy and list them"

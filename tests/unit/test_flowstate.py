@@ -98,6 +98,7 @@ SLOTS = [
     (flowstate.egress_verdict, flowstate.set_egress_verdict, "audit", None),
     (flowstate.headers_written, flowstate.set_headers_written, RESPONSE, None),
     (flowstate.pop_deadline, flowstate.set_deadline, TIMER, None),
+    (flowstate.responses_call, flowstate.set_responses_call, object(), None),
 ]
 
 

@@ -1,0 +1,122 @@
+"""Where issued receipts live: in memory while fresh, in the ledger database for good.
+
+Issuing happens in a response hook, so nothing here waits on the database there: a receipt is
+put in a bounded in-memory map (what ``GET /v1/receipts/{id}`` reads first) and queued; a
+writer task commits what queued up within 50 ms in one transaction
+(:meth:`teegate.ledger.Ledger.write_receipts`), with the usage rows' signature outcomes.
+A receipt promised in a response header but not yet issued (a stream still finishing) can be
+waited for, briefly, by the key that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.catalog.attestation.receipts import canonical
+from teegate.ledger.receipts import StoredReceipt
+
+log = structlog.get_logger("teegate.receipts")
+
+KEPT_IN_MEMORY = 4096
+WRITE_LINGER_S = 0.05
+
+
+class ReceiptBook:
+    def __init__(self, link: LedgerLink) -> None:
+        self._link = link
+        self._recent: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._issuing: dict[str, tuple[int, asyncio.Event]] = {}
+        self._to_write: list[StoredReceipt] = []
+        self._sig_rows: list[tuple[int, str]] = []
+        self._dirty = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="receipt-writer")
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self._flush()
+
+    # -- promised, then issued -----------------------------------------------------------
+
+    def promise(self, receipt_id: str, key_id: int) -> None:
+        self._issuing[receipt_id] = (key_id, asyncio.Event())
+
+    def settled(self, receipt_id: str) -> None:
+        """Issued, or never will be: stop waiting for it."""
+        entry = self._issuing.pop(receipt_id, None)
+        if entry is not None:
+            entry[1].set()
+
+    def put(self, doc: dict[str, Any], key_id: int, signature_row: tuple[int, str] | None) -> None:
+        """Keep a signed receipt (a later revision replaces an earlier) and queue its write."""
+        body = doc["receipt"]
+        rid = body["id"]
+        self._recent[rid] = (key_id, doc)
+        self._recent.move_to_end(rid)
+        while len(self._recent) > KEPT_IN_MEMORY:
+            self._recent.popitem(last=False)
+        self._to_write.append(
+            StoredReceipt(
+                id=rid,
+                key_id=key_id,
+                request_id=str(body.get("request_id")),
+                revision=int(body["revision"]),
+                created_ms=int(time.time() * 1000),
+                document=canonical(doc).decode(),
+            )
+        )
+        if signature_row is not None:
+            self._sig_rows.append(signature_row)
+        self._dirty.set()
+
+    def signature_row(self, reservation_id: int, status: str) -> None:
+        """A usage row's signature outcome alone (its receipt already left memory)."""
+        self._sig_rows.append((reservation_id, status))
+        self._dirty.set()
+
+    def kept(self, receipt_id: str) -> tuple[int, dict[str, Any]] | None:
+        return self._recent.get(receipt_id)
+
+    async def get(self, receipt_id: str, key_id: int, wait_s: float) -> dict[str, Any] | None:
+        """The newest revision, only for ``key_id``; waits up to ``wait_s`` for a promised one."""
+        issuing = self._issuing.get(receipt_id)
+        if issuing is not None and issuing[0] == key_id:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(issuing[1].wait(), wait_s)
+        kept = self._recent.get(receipt_id)
+        if kept is not None:
+            return kept[1] if kept[0] == key_id else None
+        stored = await self._link.get().receipt(receipt_id, key_id)
+        return json.loads(stored) if stored is not None else None
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(WRITE_LINGER_S)  # batch what arrives meanwhile: one commit
+            self._dirty.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        stored, rows = self._to_write, self._sig_rows
+        if not stored and not rows:
+            return
+        self._to_write, self._sig_rows = [], []
+        try:
+            await self._link.get().write_receipts(stored, rows)
+        except Exception as e:  # still served from memory while kept there; not retried
+            log.error("receipt_write_failed", error=type(e).__name__, receipts=len(stored))

@@ -1,0 +1,350 @@
+"""Signed receipts for served chats, and the endpoints that hand them (and the key) out.
+
+Every chat completion that reached the upstream and was answered gets ``x-teegate-receipt:
+<id>`` in its response headers (written before a stream's first byte). When the answer has been
+relayed whole (a plain answer, or a stream that ended normally), the receipt is issued: hashes
+of the request sent and of the bytes received and relayed, the model, the time and the verdict
+the gate relied on, signed with the gateway's Ed25519 key (:mod:`teegate.catalog.attestation.
+receipts`). An answer that was cut off, refused or replaced by an error gets no receipt (its id
+then answers 404).
+
+Under a NEAR AI / Phala verdict the receipt starts with ``upstream_signature.status =
+"pending"``; the upstream's signature is checked in the background (:mod:`.signatures`) and the
+receipt re-issued with the outcome (``revision`` 2). ``GET /v1/receipts/{id}`` answers the
+newest revision to the API key that made the request, and 404 to every other key (as for an
+unknown id: no key learns that another's receipt exists). An id whose chat is still finishing
+is waited for, briefly. ``GET /v1/attestation/gateway`` gives the public key (and, in a TD,
+the gateway's own quote binding it; ``?nonce=<64 hex>`` for a fresh one).
+
+Receipts are kept in memory and written to the ledger database in batches, off the response
+path (:mod:`.receipt_book`), with the signature outcome on the usage row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mitmproxy import http
+
+from teegate.addons import flowstate
+from teegate.addons.attestation_gate import RECEIPT
+from teegate.addons.attestation_report import parse_nonce
+from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.flowstate import Route, Stage
+from teegate.addons.headers import add_headers
+from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.receipt_book import ReceiptBook
+from teegate.addons.signatures import SignatureChecker, SignatureJob, SignatureResult
+from teegate.catalog.attestation.gateway_quote import (
+    QuoteProvider,
+    TsmQuoteProvider,
+    gateway_report_data,
+)
+from teegate.catalog.attestation.receipts import (
+    RECEIPT_VERSION,
+    canonical,
+    load_or_create_key,
+    public_hex,
+    sign_receipt,
+)
+
+if TYPE_CHECKING:
+    from teegate.addons.attestation import AttestationSync
+    from teegate.catalog.attestation import Verdict
+    from teegate.config import ReceiptSettings, SignatureSettings, UpstreamSettings
+
+log = structlog.get_logger("teegate.receipts")
+
+RECEIPTS_PATH = "/v1/receipts/"
+GATEWAY_PATH = "/v1/attestation/gateway"
+ISSUE_WAIT_S = 5.0
+
+
+def _jsonable(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else value
+
+
+class Receipts:
+    def __init__(
+        self,
+        settings: ReceiptSettings,
+        signatures: SignatureSettings,
+        upstream: UpstreamSettings,
+        attestation: AttestationSync,
+        link: LedgerLink,
+        quote_provider: QuoteProvider | None = None,
+    ) -> None:
+        self._settings = settings
+        self._sig_settings = signatures
+        self._upstream = upstream
+        self._att = attestation
+        self._link = link
+        self._policy_sha256 = hashlib.sha256(
+            canonical(attestation.policy.model_dump(mode="json"))
+        ).hexdigest()
+        self._provider = quote_provider
+        if self._provider is None and settings.quote_provider is not None:
+            self._provider = TsmQuoteProvider(settings.quote_provider)
+        self._key: Ed25519PrivateKey | None = None
+        self._quote: bytes | None = None
+        self.book = ReceiptBook(link)
+        self.checker: SignatureChecker | None = None
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def running(self) -> None:
+        self._key = load_or_create_key(self._settings.key_path)
+        if self._provider is not None:
+            data = gateway_report_data(bytes.fromhex(public_hex(self._key)))
+            try:
+                self._quote = await asyncio.to_thread(self._provider, data)
+            except Exception as e:  # served without a quote; said so in the endpoint
+                log.error("gateway_quote_failed", error=type(e).__name__)
+        self.book.start()
+        if self._sig_settings.check and self._upstream.kind == "near":
+            self.checker = SignatureChecker(
+                origin=self._upstream.origin,
+                api_key=self._upstream.resolved_api_key,
+                withdraw=self._att.withdraw,
+                on_result=self._signature_checked,
+                queue_size=self._sig_settings.queue,
+                workers=self._sig_settings.workers,
+                timeout_s=self._sig_settings.timeout_s,
+                verify=self._upstream.verify,
+            )
+            self.checker.start()
+
+    async def done(self) -> None:
+        if self.checker is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.checker.drain(), 5.0)
+            await self.checker.stop()
+        await self.book.stop()
+
+    # -- the endpoints -----------------------------------------------------------------
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flowstate.route(flow) == Route.PASSTHROUGH:
+            return
+        path, _, _ = flow.request.path.partition("?")
+        if path != GATEWAY_PATH and not path.startswith(RECEIPTS_PATH):
+            return
+        flowstate.set_route(flow, Route.LOCAL)
+        method = flow.request.method.upper()
+        if method != "GET":
+            message = f"Method {method[:16]} is not allowed on {path[:200]}; use GET."
+            refuse(flow, GatewayError(405, message, "method_not_allowed", headers={"allow": "GET"}))
+            return
+        try:
+            if path == GATEWAY_PATH:
+                body = await self._gateway(parse_nonce(flow.request.query.get("nonce")))
+            else:
+                body = await self._receipt(flow, path.removeprefix(RECEIPTS_PATH))
+        except GatewayError as e:
+            refuse(flow, e)
+            return
+        flow.response = json_response(200, body)
+
+    async def _gateway(self, nonce: bytes | None) -> dict[str, Any]:
+        key = self._need_key()
+        pub = public_hex(key)
+        quote = self._quote
+        if nonce is not None and self._provider is not None:
+            data = gateway_report_data(bytes.fromhex(pub), nonce)
+            try:
+                quote = await asyncio.to_thread(self._provider, data)
+            except Exception as e:
+                log.error("gateway_quote_failed", error=type(e).__name__)
+                raise GatewayError(
+                    503,
+                    "The gateway could not make a fresh quote.",
+                    "attestation_unavailable",
+                    type="api_error",
+                ) from None
+        return {
+            "object": "attestation.gateway",
+            "algorithm": "ed25519",
+            "public_key": pub,
+            "receipt_version": RECEIPT_VERSION,
+            "quote": quote.hex() if quote is not None else None,
+            "nonce": (nonce or bytes(32)).hex() if quote is not None else None,
+            "report_data_layout": "public_key[32] || nonce[32]",
+        }
+
+    async def _receipt(self, flow: http.HTTPFlow, receipt_id: str) -> dict[str, Any]:
+        key = flowstate.need(flowstate.api_key(flow), "api key")
+        not_found = GatewayError(404, "No such receipt for this API key.", "receipt_not_found")
+        if not receipt_id or len(receipt_id) > 64:
+            raise not_found
+        doc = await self.book.get(receipt_id, key.key_id, ISSUE_WAIT_S)
+        if doc is None:
+            raise not_found
+        return doc
+
+    def _need_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            raise GatewayError(
+                503, "Receipts are not available yet.", "receipts_unavailable", type="api_error"
+            )
+        return self._key
+
+    # -- issuing -----------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Promise a receipt before the answer's first byte leaves."""
+        if flowstate.route(flow) != Route.CHAT or not flowstate.has_passed(flow, Stage.UPSTREAM):
+            return
+        resp, key = flow.response, flowstate.api_key(flow)
+        if resp is None or resp.status_code >= 400 or key is None or self._key is None:
+            return
+        receipt_id = "rcpt_" + secrets.token_hex(16)
+        flowstate.set_receipt_id(flow, receipt_id)
+        self.book.promise(receipt_id, key.key_id)
+        add_headers(flow, {RECEIPT: receipt_id})
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        receipt_id = flowstate.receipt_id(flow)
+        if receipt_id is None:
+            return
+        try:
+            if self._answered_whole(flow):
+                self._issue(flow, receipt_id)
+            else:
+                flowstate.response_headers(flow).pop(RECEIPT, None)
+        except Exception as e:  # the client has its answer; the receipt is what is lost
+            rid = flowstate.request_id(flow)
+            log.error("receipt_failed", request_id=rid, error=type(e).__name__)
+        finally:
+            self.book.settled(receipt_id)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        receipt_id = flowstate.receipt_id(flow)
+        if receipt_id is not None:
+            self.book.settled(receipt_id)
+
+    @staticmethod
+    def _answered_whole(flow: http.HTTPFlow) -> bool:
+        resp = flow.response
+        if resp is None or resp.status_code >= 400 or flowstate.error_code(flow) is not None:
+            return False
+        tally = flowstate.stream_tally(flow)
+        if tally is None:
+            return True
+        return tally.complete and not (tally.model_mismatch or tally.e2ee_failed or tally.opaque)
+
+    def _issue(self, flow: http.HTTPFlow, receipt_id: str) -> None:
+        key = flowstate.need(flowstate.api_key(flow), "api key")
+        verdict = flowstate.verdict(flow)
+        tally = flowstate.stream_tally(flow)
+        sent = flow.request.content or b""
+        if tally is not None:
+            received, relayed = tally.received.hexdigest(), tally.relayed.hexdigest()
+            completion_id = tally.completion_id
+        else:
+            body = flow.response.content if flow.response is not None else b""
+            received = relayed = hashlib.sha256(body or b"").hexdigest()
+            completion_id = _completion_id(flow)
+        request_sha256 = hashlib.sha256(sent).hexdigest()
+        res = flowstate.reservation(flow)
+        checking = self._expects_signature(verdict)
+        status = "pending" if checking else "not_applicable"
+        if checking and self.checker is None:
+            status = "unchecked"
+        body = {
+            "version": RECEIPT_VERSION,
+            "id": receipt_id,
+            "revision": 1,
+            "issued_at": int(time.time()),
+            "request_id": flowstate.request_id(flow),
+            "model": flowstate.catalog_model(flow).id,
+            "stream": tally is not None,
+            "completion_id": completion_id,
+            "request_sha256": request_sha256,
+            "response_sha256": received,
+            "relayed_sha256": relayed,
+            "verdict": self._verdict_part(verdict),
+            "upstream_signature": {"status": status},
+        }
+        if status == "pending" and self.checker is not None:
+            job = SignatureJob(
+                request_id=str(flowstate.request_id(flow)),
+                model=body["model"],
+                upstream_model=flowstate.upstream_model(flow) or body["model"],
+                completion_id=completion_id or "",
+                request_sha256=request_sha256,
+                response_sha256=received,
+                attested=tuple(verdict.signing_addresses) if verdict is not None else (),
+                receipt_id=receipt_id,
+                reservation_id=res.id if res is not None else None,
+            )
+            if not completion_id:
+                self._store(body, key.key_id, res.id if res else None)
+                self._signature_checked(job, SignatureResult("missing", "the answer has no id"))
+                self._att.withdraw(body["model"], "response signature missing: answer has no id")
+                return
+            if not self.checker.submit(job):
+                body["upstream_signature"] = {"status": "unchecked"}
+        self._store(body, key.key_id, res.id if res is not None else None)
+
+    def _expects_signature(self, verdict: Verdict | None) -> bool:
+        return (
+            verdict is not None
+            and verdict.mode == "dcap"
+            and getattr(verdict, "evidence_kind", "near") == "near"
+            and self._upstream.kind == "near"
+        )
+
+    def _verdict_part(self, v: Verdict | None) -> dict[str, Any]:
+        if v is None:
+            return {"mode": self._att.mode, "policy_sha256": self._policy_sha256}
+        return {
+            "mode": v.mode,
+            "verified_at": v.verified_at,
+            "quote_sha256": v.quote_sha256,
+            "signing_address": v.signing_address,
+            "tcb_status": v.tcb_status,
+            "root": v.root,
+            "gpu": _jsonable(v.gpu),
+            "policy_sha256": self._policy_sha256,
+        }
+
+    def _store(self, body: dict[str, Any], key_id: int, reservation_id: int | None) -> None:
+        status = body["upstream_signature"]["status"]
+        row = None
+        if reservation_id is not None and status != "not_applicable":
+            row = (reservation_id, status)
+        self.book.put(sign_receipt(body, self._need_key()), key_id, row)
+
+    def _signature_checked(self, job: SignatureJob, result: SignatureResult) -> None:
+        """Re-issue the receipt with the upstream's signature and its outcome."""
+        if job.receipt_id is None:
+            return
+        kept = self.book.kept(job.receipt_id)
+        if kept is None:  # only with more checks queued than receipts kept in memory
+            log.warning("receipt_gone_before_signature", request_id=job.request_id)
+            if job.reservation_id is not None:
+                self.book.signature_row(job.reservation_id, result.status)
+            return
+        key_id, doc = kept
+        body = dict(doc["receipt"])
+        body["revision"] = int(body["revision"]) + 1
+        body["upstream_signature"] = result.to_json()
+        self._store(body, key_id, job.reservation_id)
+
+
+def _completion_id(flow: http.HTTPFlow) -> str | None:
+    try:
+        doc = flow.response.json() if flow.response is not None else None
+    except ValueError:
+        return None
+    cid = doc.get("id") if isinstance(doc, dict) else None
+    return cid if isinstance(cid, str) and 0 < len(cid) <= 200 else None

@@ -1,0 +1,68 @@
+"""Certificate chains for GPU attestation: pinned root, each link signed, valid at a time.
+
+Shared by the device chain (GPU leaf up to NVIDIA's Device Identity CA) and the RIM signing
+chain (L4 signer up to NVIDIA's CoRIM signing root). The root is compared by the SHA-256 of
+its DER, never by name: a forged chain can copy every name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+
+class ChainError(ValueError):
+    """The chain is not a valid path to the pinned root at the given time."""
+
+
+def der_sha256(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def iso(unix_seconds: int) -> str:
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_validity(cert: x509.Certificate, at: int, what: str) -> None:
+    moment = datetime.fromtimestamp(at, UTC)
+    if moment < cert.not_valid_before_utc:
+        raise ChainError(f"{what} not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    if moment > cert.not_valid_after_utc:
+        raise ChainError(f"{what} expired {cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _name(cert: x509.Certificate) -> str:
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cn[0].value) if cn else cert.subject.rfc4514_string()
+
+
+def root_pinned(chain: list[x509.Certificate], root: x509.Certificate) -> bool:
+    """Is the chain's last certificate byte-identical to ``root``?"""
+    return bool(chain) and der_sha256(chain[-1]) == der_sha256(root)
+
+
+def verify_chain(chain: list[x509.Certificate], at: int) -> None:
+    """Each certificate issued and signed by the next, issuers CAs, all valid at ``at``;
+    the last one (the already pinned root) signed by itself. Raises :class:`ChainError`."""
+    for i, cert in enumerate(chain):
+        issuer = chain[i + 1] if i + 1 < len(chain) else cert
+        what = f"certificate {i} ({_name(cert)})"
+        if i > 0 and not _is_ca(cert):
+            raise ChainError(f"{what} is not a CA but issues certificate {i - 1}")
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            detail = str(e) or 'bad signature'
+            raise ChainError(f"{what} is not signed by {_name(issuer)}: {detail}") from None
+        check_validity(cert, at, what)
