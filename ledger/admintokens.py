@@ -3,7 +3,8 @@
 ``teegate admin token create`` makes one and prints it once; the gateway's admin listener
 looks a presented token up by its hash (:mod:`teegate.ledger.keys` explains why a plain
 SHA-256 of a 256-bit random token is enough). A token is not an API key: it cannot call the
-``/v1`` API, and an API key cannot call the admin API (another prefix, another table).
+``/v1`` API, and an API key cannot call the admin API (another prefix, another table). The SQL
+is portable (:meth:`Reports.fetch`): one class for the SQLite and the PostgreSQL store.
 """
 
 from __future__ import annotations
@@ -42,58 +43,56 @@ class AdminTokens:
         label = inputs.label(label)
         plaintext, digest = new_key(PREFIX)
         created = time.time_ns() // 1_000_000
-        async with self._store.transaction() as db:
-            cur = await db.execute(
-                "INSERT INTO admin_tokens (token_hash, label, created_ms) VALUES (?, ?, ?)",
+        async with self._store.transaction():
+            ((token_id,),) = await self._store.fetch(
+                "INSERT INTO admin_tokens (token_hash, label, created_ms) VALUES (?, ?, ?) "
+                "RETURNING id",
                 (digest, label, created),
             )
-        return AdminToken(int(cur.lastrowid or 0), label, created, None), plaintext
+        return AdminToken(int(token_id), label, created, None), plaintext
 
     async def list(self) -> list[AdminToken]:
-        rows = await self._store.db.execute_fetchall(
+        rows = await self._store.fetch(
             "SELECT id, label, created_ms, revoked_ms FROM admin_tokens ORDER BY id"
         )
         return [AdminToken(*r) for r in rows]
 
     async def revoke(self, token_id: int) -> bool:
         """Revoke; True if it was active."""
-        async with self._store.transaction() as db:
-            found = await db.execute_fetchall(
-                "SELECT 1 FROM admin_tokens WHERE id = ?", (token_id,)
-            )
-            if not list(found):
+        async with self._store.transaction():
+            found = await self._store.fetch("SELECT 1 FROM admin_tokens WHERE id = ?", (token_id,))
+            if not found:
                 raise UnknownAdminToken(f"no admin token with id {token_id}")
-            cur = await db.execute(
-                "UPDATE admin_tokens SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
+            changed = await self._store.fetch(
+                "UPDATE admin_tokens SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL "
+                "RETURNING id",
                 (time.time_ns() // 1_000_000, token_id),
             )
-        return cur.rowcount == 1
+        return bool(changed)
 
     async def any_active(self) -> bool:
-        rows = await self._store.db.execute_fetchall(
+        rows = await self._store.fetch(
             "SELECT 1 FROM admin_tokens WHERE revoked_ms IS NULL LIMIT 1"
         )
-        return bool(list(rows))
+        return bool(rows)
 
     async def active(self, token_id: int) -> bool:
         """Whether token ``token_id`` exists and is not revoked (a dashboard session re-checks
         its token this way on every request, having never kept the token itself)."""
-        rows = await self._store.db.execute_fetchall(
+        rows = await self._store.fetch(
             "SELECT 1 FROM admin_tokens WHERE id = ? AND revoked_ms IS NULL", (token_id,)
         )
-        return bool(list(rows))
+        return bool(rows)
 
     async def authenticate(self, presented: str) -> AdminToken | None:
         """The active token ``presented`` is, or None. Never raises for bad input."""
         if not plausible(presented, PREFIX):
             return None
         digest = hash_key(presented)
-        rows = list(
-            await self._store.db.execute_fetchall(
-                "SELECT id, label, created_ms, revoked_ms, token_hash FROM admin_tokens "
-                "WHERE token_hash = ? AND revoked_ms IS NULL",
-                (digest,),
-            )
+        rows = await self._store.fetch(
+            "SELECT id, label, created_ms, revoked_ms, token_hash FROM admin_tokens "
+            "WHERE token_hash = ? AND revoked_ms IS NULL",
+            (digest,),
         )
         if not rows or not same_hash(bytes(rows[0][4]), digest):
             return None

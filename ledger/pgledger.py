@@ -48,7 +48,8 @@ from typing import Any, Self
 
 import structlog
 
-from teegate.ledger import inputs
+from teegate.ledger import inputs, receipts
+from teegate.ledger.admintokens import AdminTokens
 from teegate.ledger.billing import Prices, charge_micro
 from teegate.ledger.errors import (
     InsufficientBalance,
@@ -63,9 +64,13 @@ from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix, hash_key, plausibl
 from teegate.ledger.models import (
     Account,
     ApiKey,
+    Credit,
+    KeyInfo,
+    OpenReservation,
     Recovered,
     Reservation,
     Timing,
+    UsageBucket,
     UsageGroup,
     UsageSource,
     VerifyReport,
@@ -277,6 +282,90 @@ class PgLedger:
 
     async def account(self, account: int | str) -> Account | None:
         return await self._admin.find_account(account)
+
+    async def list_accounts(self) -> list[Account]:
+        return await self._admin.list_accounts()
+
+    async def list_keys(
+        self, account_id: int | None = None, *, key_id: int | None = None
+    ) -> list[KeyInfo]:
+        return await self._admin.list_keys(account_id, key_id=key_id)
+
+    async def open_reservations(self, account_id: int | None = None) -> list[OpenReservation]:
+        """Committed holds not yet settled, of one account or all (every worker's)."""
+        found = await self._admin.open_reservations()
+        return [r for r in found if account_id is None or r.account_id == account_id]
+
+    @property
+    def open_count(self) -> int:
+        """Reservations this worker holds open right now (requests in flight)."""
+        return len(self._open)
+
+    # -- operator writes: the same PgStore operations the command line makes ----
+
+    async def topup(
+        self,
+        account: int | str,
+        amount_micro: int,
+        note: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Credit:
+        """:meth:`PgStore.topup`: spendable at once by every worker (each reservation
+        reads the balance in the database)."""
+        acct = await self._admin.require_account(account)
+        credit = await self._admin.topup(
+            acct.id, amount_micro, note, idempotency_key=idempotency_key
+        )
+        self._seen[acct.id] = credit.balance_micro  # informational (see available_micro)
+        return credit
+
+    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
+        """:meth:`PgStore.set_rate_limit`: at once in this worker, within ``key_poll_ms``
+        in the others (the trigger bumps ``key_version``)."""
+        info = await self._admin.set_rate_limit(key_id, rate_limit)
+        self._keys.drop_key(key_id)
+        return info
+
+    @property
+    def admin_tokens(self) -> AdminTokens:
+        return AdminTokens(self._admin)
+
+    async def writable(self) -> bool:
+        """Whether a write could commit now (readiness probes, not the request path).
+
+        Open, group commits not failing, the writing connection up with this worker's
+        lock, and the server a primary: a standby (``pg_is_in_recovery``) answers reads
+        but can commit nothing.
+        """
+        if self._closed or self._writer.failures:
+            return False
+        try:
+            conn = await self._connect_writer()
+            cur = await conn.execute("SELECT pg_is_in_recovery()")
+            row = await cur.fetchone()
+        except Exception:
+            return False
+        return bool(row) and not row[0]
+
+    # -- receipts and response signatures -----------------------------------------
+
+    async def write_receipts(
+        self,
+        stored: list[receipts.StoredReceipt],
+        signatures: list[tuple[int, str]],
+    ) -> None:
+        """Receipts and signature outcomes (reservation id, status), in one transaction.
+
+        A signature outcome names a reservation this worker committed before its request
+        went upstream, so its usage row exists (settled or not: the settlement does not
+        touch ``signature``).
+        """
+        await receipts.write(self._admin, stored, signatures)
+
+    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
+        """A stored receipt's signed JSON, only for the key that made its request."""
+        return await receipts.read(self._admin, receipt_id, key_id)
 
     def available_micro(self, account_id: int) -> int | None:
         """The balance as of this worker's last commit touching the account (None: never seen).
@@ -560,6 +649,9 @@ class PgLedger:
         return await self._admin.usage_report(
             account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
         )
+
+    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
+        return await self._admin.usage_timeline(since_ms=since_ms, bucket_ms=bucket_ms)
 
     async def refresh(self) -> bool:
         """Drop the key cache if a key was revoked anywhere; True if one was."""

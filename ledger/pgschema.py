@@ -1,6 +1,6 @@
 """The ledger's PostgreSQL schema, its migrations, and the request path's one function.
 
-The tables mirror the SQLite schema (:mod:`teegate.ledger.schema`, at its version 3)
+The tables mirror the SQLite schema (:mod:`teegate.ledger.schema`, at its version 5)
 column for column, so reports, ``ledger verify`` and ``ledger migrate`` read both
 alike; money is ``bigint`` micro-USD. What PostgreSQL adds:
 
@@ -14,7 +14,8 @@ alike; money is ``bigint`` micro-USD. What PostgreSQL adds:
   or its rate limit changes (and announced with ``NOTIFY teegate_keys``), so
   every worker drops its key cache within its poll interval, whoever changed it.
 * ``entries.idempotency_key`` and ``admin_tokens``, as SQLite's schema version 4
-  has them (idempotent top-ups, the admin API's hashed tokens).
+  has them (idempotent top-ups, the admin API's hashed tokens); version 2 adds
+  ``usage.signature`` and ``receipts``, as SQLite's version 5.
 * ``teegate_apply(ops, worker, now)``: one group commit's reservations,
   settlements and releases, applied in submission order in one statement (one
   round trip, one commit). The balance check is the database's own: the
@@ -286,7 +287,25 @@ _V1: tuple[str, ...] = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2: tuple[str, ...] = (
+    # SQLite schema version 5: whether the upstream's response signature was checked, per
+    # request (NULL: none was expected), and the signed receipts handed to clients (hashes
+    # and the verdict relied on, never content; only the key that made the request reads one).
+    "ALTER TABLE usage ADD COLUMN signature text CHECK (signature IS NULL OR "
+    "signature IN ('pending', 'verified', 'missing', 'failed', 'unchecked'))",
+    """
+    CREATE TABLE receipts (
+        id         text    PRIMARY KEY,
+        key_id     bigint  NOT NULL REFERENCES api_keys(id),
+        request_id text    NOT NULL,
+        revision   integer NOT NULL CHECK (revision >= 1),
+        created_ms bigint  NOT NULL,
+        document   text    NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

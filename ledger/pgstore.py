@@ -1,16 +1,22 @@
 """The ledger's operator writes and reports on PostgreSQL: :class:`Store`'s twin.
 
 :class:`PgStore` has the methods of :class:`teegate.ledger.store.Store` that
-the command line and the serving ledger call (accounts, keys, credits,
-revocations, verify, usage, recovery), over one autocommit psycopg connection,
-with the same validation (:mod:`teegate.ledger.inputs`) and the same report SQL
-(:class:`teegate.ledger.reports.Reports`, whose ``?`` placeholders are turned
-into psycopg's ``%s`` here). :meth:`teegate.ledger.store.Store.open` returns one
+the command line, the admin API and the serving ledger call (accounts, keys,
+idempotent top-ups, rate limits, revocations, verify, usage, recovery; admin
+tokens and receipts through the portable :meth:`Reports.fetch`), over one
+autocommit psycopg connection, with the same validation
+(:mod:`teegate.ledger.inputs`) and the same report SQL
+(:class:`teegate.ledger.reports.Reports`, whose ``?`` placeholders are
+turned into psycopg's ``%s`` here). :meth:`teegate.ledger.store.Store.open` returns one
 for a ``postgresql://`` URL, so every operator command works on both stores.
 
 Recovery differs from SQLite's on purpose: many workers serve from one
 database, so :meth:`recover` only charges the open reservations of workers
 whose advisory lock it can take (dead ones), never a live worker's.
+
+Why this module is long: it is :class:`~teegate.ledger.store.Store`'s twin,
+method for method (so the two are compared side by side), plus the sweep of
+dead workers' reservations that only a shared database needs.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import psycopg
+import psycopg.errors
 import structlog
 
 from teegate.ledger import inputs
 from teegate.ledger.errors import (
+    IdempotencyConflict,
     InvalidInput,
     LedgerNotFound,
     LedgerUnavailable,
@@ -34,7 +42,7 @@ from teegate.ledger.errors import (
     UnknownKey,
 )
 from teegate.ledger.keys import DEFAULT_PREFIX, new_key
-from teegate.ledger.models import Account, ApiKey, KeyInfo, Recovered, UsageGroup
+from teegate.ledger.models import Account, ApiKey, Credit, KeyInfo, Recovered, UsageGroup
 from teegate.ledger.pgschema import LOCK_SPACE, migrate, redact
 from teegate.ledger.reports import Reports
 from teegate.ledger.store import now_ms
@@ -144,6 +152,11 @@ class PgStore(Reports):
             return []
         return [tuple(_plain(v) for v in row) for row in await cur.fetchall()]
 
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """One statement per parameter tuple, in one round trip (inside :meth:`transaction`)."""
+        async with self.db.cursor() as cur:
+            await cur.executemany(sql.replace("?", "%s"), [tuple(p) for p in params])
+
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = await self._rows(sql, params)
         return rows[0] if rows else None
@@ -192,28 +205,96 @@ class PgStore(Reports):
         return dict(await self._rows("SELECT id, balance_micro FROM accounts"))
 
     async def credit(self, account_id: int, amount_micro: int, kind: str, note: str | None) -> int:
+        return (await self.topup(account_id, amount_micro, note, kind=kind)).balance_micro
+
+    async def topup(
+        self,
+        account_id: int,
+        amount_micro: int,
+        note: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        kind: str = "topup",
+    ) -> Credit:
+        """:meth:`teegate.ledger.store.Store.topup`: same key, same top-up → ``replayed``.
+
+        Two workers (or two admin calls) racing with one key: both may find no entry,
+        and the unique index lets only one insert commit; the other's insert waits for
+        that commit, fails, and this tries again, finding the winner's entry.
+        """
         inputs.credit_amount(amount_micro)
+        if idempotency_key is not None:
+            inputs.idempotency_key(idempotency_key)
         if kind not in ("topup", "refund"):
             raise ValueError(f"not a credit kind: {kind}")
+        for attempt in range(3):
+            try:
+                return await self._topup_once(account_id, amount_micro, note, idempotency_key, kind)
+            except psycopg.errors.UniqueViolation:
+                if idempotency_key is None or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _topup_once(
+        self, account_id: int, amount: int, note: str | None, key: str | None, kind: str
+    ) -> Credit:
         async with self.transaction():
             if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
                 raise UnknownAccount(f"no account {account_id}")
-            return await self._credit(account_id, amount_micro, kind, note, now_ms())
+            prior = None
+            if key is not None:
+                prior = await self._one(
+                    "SELECT id, account_id, amount_micro FROM entries WHERE idempotency_key = ?",
+                    (key,),
+                )
+            if prior is None:
+                entry_id, balance = await self._credit(
+                    account_id, amount, kind, note, now_ms(), key
+                )
+                return Credit(
+                    entry_id=entry_id,
+                    account_id=account_id,
+                    amount_micro=amount,
+                    balance_micro=balance,
+                )
+            entry_id, prior_account, prior_amount = prior
+            if (prior_account, prior_amount) != (account_id, amount):
+                raise IdempotencyConflict(
+                    "this idempotency key was already used for a different top-up "
+                    f"(account {prior_account}, {prior_amount} micro-USD)"
+                )
+            (balance,) = await self._one(
+                "SELECT balance_micro FROM accounts WHERE id = ?", (account_id,)
+            )
+        return Credit(
+            entry_id=int(entry_id),
+            account_id=account_id,
+            amount_micro=amount,
+            balance_micro=int(balance),
+            replayed=True,
+        )
 
     async def _credit(
-        self, account_id: int, amount: int, kind: str, note: str | None, at: int
-    ) -> int:
-        await self._rows(
-            "INSERT INTO entries (account_id, kind, amount_micro, created_ms, note) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (account_id, kind, amount, at, note),
+        self,
+        account_id: int,
+        amount: int,
+        kind: str,
+        note: str | None,
+        at: int,
+        idempotency_key: str | None = None,
+    ) -> tuple[int, int]:
+        """Insert the entry and move the cached balance: ``(entry id, new balance)``."""
+        (entry_id,) = await self._one(
+            "INSERT INTO entries (account_id, kind, amount_micro, created_ms, note, "
+            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (account_id, kind, amount, at, note, idempotency_key),
         )
         (balance,) = await self._one(
             "UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
             "RETURNING balance_micro",
             (amount, account_id),
         )
-        return int(balance)
+        return int(entry_id), int(balance)
 
     # -- keys -------------------------------------------------------------------
 
@@ -260,15 +341,43 @@ class PgStore(Reports):
         key_id, account_id, label, rate_limit, stored = row
         return ApiKey(key_id, account_id, label, rate_limit), bytes(stored)
 
-    async def list_keys(self, account_id: int | None = None) -> list[KeyInfo]:
+    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
+        """A key's own requests-per-minute limit (None: the gateway's default).
+
+        The ``api_keys_changed`` trigger bumps ``key_version``: every worker drops its
+        cached copy of the key within its poll interval.
+        """
+        rate_limit = inputs.rate_limit(rate_limit)
+        async with self.transaction():
+            changed = await self._rows(
+                "UPDATE api_keys SET rate_limit = ? WHERE id = ? RETURNING id",
+                (rate_limit, key_id),
+            )
+            if not changed:
+                raise UnknownKey(f"no API key with id {key_id}")
+        return await self.require_key(key_id)
+
+    async def require_key(self, key_id: int) -> KeyInfo:
+        found = await self.list_keys(key_id=key_id)
+        if not found:
+            raise UnknownKey(f"no API key with id {key_id}")
+        return found[0]
+
+    async def list_keys(
+        self, account_id: int | None = None, *, key_id: int | None = None
+    ) -> list[KeyInfo]:
         sql = (
             "SELECT k.id, k.account_id, a.name, k.label, k.rate_limit, k.created_ms, k.revoked_ms "
             "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
         )
-        params: tuple[Any, ...] = ()
-        if account_id is not None:
-            sql += " WHERE k.account_id = ?"
-            params = (account_id,)
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("k.account_id = ?", account_id), ("k.id = ?", key_id)):
+            if value is not None:
+                where.append(column)
+                params.append(value)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         return [KeyInfo(*r) for r in await self._rows(sql + " ORDER BY k.id", params)]
 
     async def key_version(self) -> int:

@@ -73,6 +73,11 @@ class PgCommitter:
         self._failures = 0
         self.commits = 0
 
+    @property
+    def failures(self) -> int:
+        """Consecutive failed commits (0 once one succeeds)."""
+        return self._failures
+
     def start(self) -> None:
         self._started = True
         self._kick()

@@ -3,7 +3,8 @@
 The request path hands these over off the response path (:mod:`teegate.addons.receipts`
 buffers them and writes each batch in one transaction), so a chat costs no extra commit of
 its own. A receipt is stored whole (its signed JSON, hashes only) and replaced by a later
-revision; a usage row gets the outcome of its response-signature check.
+revision; a usage row gets the outcome of its response-signature check. The SQL is portable:
+it runs on the SQLite and the PostgreSQL store alike (:meth:`Reports.fetch`).
 """
 
 from __future__ import annotations
@@ -39,21 +40,20 @@ async def write(
     signatures: Sequence[tuple[int, str]],
 ) -> None:
     """Every receipt (a later revision replaces an earlier) and signature outcome, at once."""
-    async with store.transaction() as db:
+    async with store.transaction():
         if receipts:
-            await db.executemany(
+            await store.execute_many(
                 UPSERT_RECEIPT,
                 [(r.id, r.key_id, r.request_id, r.revision, r.created_ms, r.document)
                  for r in receipts],
             )  # fmt: skip
         if signatures:
-            await db.executemany(SET_SIGNATURE, [(s, rid) for rid, s in signatures])
+            await store.execute_many(SET_SIGNATURE, [(s, rid) for rid, s in signatures])
 
 
 async def read(store: Reports, receipt_id: str, key_id: int) -> str | None:
     """The receipt's signed JSON, only for the key that made the request."""
-    rows = await store.db.execute_fetchall(
+    rows = await store.fetch(
         "SELECT document FROM receipts WHERE id = ? AND key_id = ?", (receipt_id, key_id)
     )
-    rows = list(rows)
     return str(rows[0][0]) if rows else None

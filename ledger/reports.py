@@ -53,6 +53,18 @@ class Reports:
         # One round trip to the connection's thread (execute + fetchall + close).
         return list(await self.db.execute_fetchall(sql, params))
 
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one portable statement (``?`` placeholders; ``RETURNING`` for writes).
+
+        For modules that keep their own SQL (admin tokens, receipts) and must run on both
+        stores: :class:`teegate.ledger.pgstore.PgStore` translates the placeholders.
+        """
+        return await self._rows(sql, params)
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """One portable statement for each parameter tuple (inside :meth:`transaction`)."""
+        await self.db.executemany(sql, params)
+
     async def open_reservations(self) -> list[OpenReservation]:
         return [
             OpenReservation(
