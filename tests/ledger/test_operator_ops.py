@@ -59,6 +59,23 @@ async def test_the_gateway_ledger_spends_a_topup_at_once(ledger: Ledger):
     assert await ledger.writable()
 
 
+async def test_the_usage_timeline_buckets_requests_by_model(ledger: Ledger):
+    acct = await ledger.create_account("acme", topup_micro=10_000_000)
+    key, _ = await ledger.create_key(acct.id)
+    for i, model in enumerate(("m1", "m1", "m2")):
+        res = await ledger.reserve(f"req_{i}", key, model, PRICES, 1_000_000)
+        if model == "m1":
+            await ledger.settle(res, 100, 10, 0, "usage")
+    await ledger.flush()
+    buckets = await ledger.usage_timeline(since_ms=0, bucket_ms=3_600_000)
+    by_model = {b.model: b for b in buckets}
+    assert (by_model["m1"].requests, by_model["m1"].prompt_tokens) == (2, 200)
+    assert by_model["m1"].completion_tokens == 20 and by_model["m1"].charge_micro == 2 * 120
+    assert (by_model["m2"].requests, by_model["m2"].charge_micro) == (1, 0)  # still open
+    assert all(b.start_ms % 3_600_000 == 0 and type(b.charge_micro) is int for b in buckets)
+    assert await ledger.usage_timeline(since_ms=2**50, bucket_ms=60_000) == []
+
+
 async def test_a_new_rate_limit_applies_to_the_next_authentication(ledger: Ledger):
     acct = await ledger.create_account("acme")
     key, plaintext = await ledger.create_key(acct.id, rate_limit=10)

@@ -25,6 +25,7 @@ from teegate.ledger import (
     Reservation,
     Store,
 )
+from teegate.ledger.receipts import StoredReceipt
 from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
 
@@ -300,3 +301,44 @@ async def test_a_settlement_after_the_sweeper_is_a_harmless_duplicate(url: str) 
         assert (await a.verify()).ok
     finally:
         await a.close()
+
+
+async def test_racing_topups_with_one_idempotency_key_credit_once(url: str) -> None:
+    """Two admin connections (two workers' admin APIs) retry one top-up at the same moment:
+    the unique index admits one entry; the other call finds it and reports it replayed."""
+    async with await Store.open(url) as setup:
+        acct = await setup.create_account("acme")
+    stores = [await Store.open(url, create=False) for _ in range(4)]
+    try:
+        for attempt in range(5):  # each round a fresh key, all stores at once
+            credits = await asyncio.gather(
+                *(s.topup(acct.id, 1000, idempotency_key=f"k{attempt}") for s in stores)
+            )
+            assert sorted(c.replayed for c in credits) == [False, True, True, True]
+            assert len({c.entry_id for c in credits}) == 1
+        assert db.one(url, "SELECT balance_micro FROM accounts WHERE id = ?", (acct.id,)) == (
+            5000,
+        )
+        assert (await stores[0].verify()).ok
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_admin_tokens_and_receipts_are_shared_by_every_worker(url: str) -> None:
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        _, plaintext = await a.admin_tokens.create("ops")
+        assert (await b.admin_tokens.authenticate(plaintext)) is not None
+        f = await fund(a, "alice", 10_000)
+        res = await a.reserve("req-1", f.key, "m", PRICES, 1000)
+        doc = StoredReceipt("rcpt_1", f.key.key_id, "req-1", 1, 1, '{"v":1}')
+        await a.write_receipts([doc], [(res.id, "pending")])
+        assert await b.receipt("rcpt_1", f.key.key_id) == '{"v":1}'
+        assert await a.writable() and await b.writable()
+        await a.close()
+        assert not await a.writable()
+    finally:
+        await a.close()
+        await b.close()
