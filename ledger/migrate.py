@@ -13,7 +13,8 @@ reports and logs); the identity sequences continue after the highest.
 Reservations still open in the file are copied open and without a worker, so
 the first PostgreSQL worker's sweeper charges them in full: the crash rule,
 which is what they are (the SQLite gateway is stopped). Rate-limit windows are
-not copied.
+not copied. Idempotency keys, admin tokens (hashes), receipts and signature
+outcomes are: a top-up retried after the move is still recognised.
 
 The check after the copy: PostgreSQL's own ``verify`` is clean, every table
 holds as many rows as the file's, and every account's balance and entry sum
@@ -33,7 +34,8 @@ from teegate.ledger.pgstore import PgStore
 from teegate.ledger.schema import SCHEMA_VERSION
 from teegate.ledger.store import Store
 
-# Column lists shared by both schemas (SQLite version 3, PostgreSQL version 1).
+# Column lists shared by both schemas (SQLite version 5, PostgreSQL version 2), in an
+# order that satisfies the foreign keys.
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("id", "name", "created_ms", "balance_micro"),
     "api_keys": (
@@ -41,15 +43,20 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "entries": (
         "id", "account_id", "kind", "amount_micro", "reservation_id", "created_ms", "note",
+        "idempotency_key",
     ),
     "usage": (
         "reservation_id", "request_id", "account_id", "key_id", "model", "price_input",
         "price_output", "price_cache_read", "reserved_micro", "state", "prompt_tokens",
         "completion_tokens", "cached_tokens", "charge_micro", "source", "status", "start_ms",
         "first_byte_ms", "end_ms", "created_ms", "finalized_ms", "unrecovered_micro",
+        "signature",
     ),
+    "admin_tokens": ("id", "token_hash", "label", "created_ms", "revoked_ms"),
+    "receipts": ("id", "key_id", "request_id", "revision", "created_ms", "document"),
 }  # fmt: skip
 _ORDER = {"usage": "reservation_id"}
+_IDENTITY = ("accounts", "api_keys", "entries", "admin_tokens")  # receipts' ids are text
 
 
 @dataclass
@@ -114,7 +121,7 @@ async def _copy(source: dict[str, list[tuple[Any, ...]]], target: PgStore) -> Mi
                 async with cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy:
                     for r in source[table]:
                         await copy.write_row(r)
-        for table in ("accounts", "api_keys", "entries"):
+        for table in _IDENTITY:
             await db.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                 f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"

@@ -14,6 +14,7 @@ import pytest
 from teegate.cli import main
 from teegate.ledger import Ledger, Prices, is_postgres
 from teegate.ledger.migrate import TABLES
+from teegate.ledger.receipts import StoredReceipt
 from tests.support import ledgerdb
 
 PRICES = Prices(1_000_000, 2_000_000)
@@ -258,6 +259,11 @@ async def test_migrate_copies_an_sqlite_ledger_into_postgres_and_verifies(
     done = await led.reserve("done", key, "m", PRICES, 4000)
     await led.settle(done, 100, 100, 0, "usage")
     await led.reserve("left-open", key, "m", PRICES, 3000)
+    # What main's schema versions 4 and 5 added: idempotency keys, admin tokens, receipts.
+    await led.topup(key.account_id, 1000, idempotency_key="wire-7")
+    _, admin_plain = await led.admin_tokens.create("ops")
+    receipt = StoredReceipt("rcpt_1", key.key_id, "done", 2, 1, '{"v":2}')
+    await led.write_receipts([receipt], [(done.id, "verified")])
     await led.close()
     url = pg_cluster.new_database("migrate")
     code, out, err = await arun(capsys, "ledger", "migrate", "--to", url, "--db", db)
@@ -266,8 +272,9 @@ async def test_migrate_copies_an_sqlite_ledger_into_postgres_and_verifies(
     for table, cols in TABLES.items():  # PostgreSQL's usage has a worker_id besides
         sql = f"SELECT {', '.join(cols)} FROM {table} ORDER BY 1"
         assert ledgerdb.rows(db, sql) == ledgerdb.rows(url, sql), table
+    assert {"admin_tokens", "receipts"} <= set(TABLES)
     code, out, _ = await arun(capsys, "accounts", "list", "--json", "--db", url)
-    assert [a["balance_micro"] for a in json.loads(out)] == [12_500_000 - 300 - 3000, 0]
+    assert [a["balance_micro"] for a in json.loads(out)] == [12_500_000 - 300 - 3000 + 1000, 0]
     # The key works against the copy, and new rows continue after the copied ids.
     served = await Ledger.open(url)
     try:
@@ -275,7 +282,12 @@ async def test_migrate_copies_an_sqlite_ledger_into_postgres_and_verifies(
         key = await served.authenticate(plaintext)
         assert key is not None and key.rate_limit == 30
         res = await served.reserve("after", key, "m", PRICES, 10)
-        assert res.id == 6  # after the top-up, 3 copied entries and the sweep's settlement
+        assert res.id == 7  # after the top-ups, 3 copied entries and the sweep's settlement
+        again = await served.topup(key.account_id, 1000, idempotency_key="wire-7")
+        assert again.replayed  # the key was copied: a retry after the move credits nothing
+        assert await served.admin_tokens.authenticate(admin_plain) is not None
+        assert (await served.admin_tokens.create("new"))[0].token_id == 2
+        assert await served.receipt("rcpt_1", key.key_id) == '{"v":2}'
         account = await served.create_account("carol")
         assert account.id == 3
     finally:
