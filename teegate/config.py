@@ -3,6 +3,10 @@
 Every setting has a default, so an empty file is a valid configuration. An
 unknown key, a wrong type or a bad URL stops the start with a message that
 names the key: a typo in a security setting must never be silently ignored.
+
+Why this module is long: every section's defaults live here exactly once (a project rule), and
+the sections are small typed models with their validators; splitting them across modules would
+scatter the one place an operator's setting is checked.
 """
 
 from __future__ import annotations
