@@ -19,6 +19,7 @@ from tests.support.accounts import create_account, create_key, teegate
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import TEE
+from tests.support.wait import until
 
 MSG = [{"role": "user", "content": "Say hello"}]
 BODY = {"model": TEE, "messages": MSG, "stream": True, "max_tokens": 64}
@@ -181,6 +182,41 @@ def test_the_admin_api_of_either_worker_serves_the_one_ledger(
         pg_url, "SELECT balance_micro FROM accounts WHERE name = ?", ("admin-api",)
     ) or (None,)
     assert balance == 3_000_000
+
+
+def test_a_receipt_and_its_signature_outcome_reach_the_shared_ledger(
+    pair: tuple[GatewayProc, GatewayProc], pg_url: str
+) -> None:
+    """Served by one worker, the checked receipt is read through the other (only by its key),
+    and the usage row in PostgreSQL records the verified signature."""
+    create_account(pg_url, "receipts", "100")  # type: ignore[arg-type]
+    key = create_key(pg_url, "receipts")  # type: ignore[arg-type]
+    stranger = create_key(pg_url, "probe")  # type: ignore[arg-type]
+    body = {**BODY, "stream": False, "max_tokens": 8}
+    with httpx.Client(timeout=30) as c:
+        r = c.post(f"{pair[0].api_base}/chat/completions", json=body, headers=_auth(key))
+        assert r.status_code == 200, r.text
+        rid, receipt_id = r.headers["x-request-id"], r.headers["x-teegate-receipt"]
+        url = f"{pair[1].api_base}/receipts/{receipt_id}"
+
+        def checked() -> dict | None:
+            got = c.get(url, headers=_auth(key))
+            if got.status_code != 200:
+                return None
+            doc = got.json()["receipt"]
+            return doc if doc["upstream_signature"]["status"] != "pending" else None
+
+        doc = until(checked, "the checked receipt on the other worker")
+        assert doc["upstream_signature"]["status"] == "verified" and doc["revision"] == 2
+        assert c.get(url, headers=_auth(stranger)).status_code == 404
+    signature = until(
+        lambda: ledgerdb.one(
+            pg_url, "SELECT signature FROM usage WHERE request_id = ? AND signature <> 'pending'",
+            (rid,),
+        ),
+        "the usage row's signature outcome",
+    )
+    assert signature == ("verified",)
 
 
 def test_a_worker_killed_mid_stream_is_charged_by_the_other(
