@@ -342,3 +342,27 @@ async def test_admin_tokens_and_receipts_are_shared_by_every_worker(url: str) ->
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_version_1_database_gains_signatures_and_receipts(url: str) -> None:
+    """The branch's first schema (before main's receipts) is migrated in place, rows kept."""
+    import psycopg
+
+    from teegate.ledger.pgschema import MIGRATIONS, SCHEMA_VERSION
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE teegate_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO teegate_schema VALUES (1)")
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO accounts (name, created_ms) VALUES ('old', 1)")
+    led = await Ledger.open(url)
+    try:
+        assert db.one(url, "SELECT version FROM teegate_schema") == (SCHEMA_VERSION,)
+        key, _ = await led.create_key("old")
+        doc = StoredReceipt("rcpt_old", key.key_id, "req", 1, 1, "{}")
+        await led.write_receipts([doc], [])
+        assert await led.receipt("rcpt_old", key.key_id) == "{}"
+        assert db.rows(url, "SELECT name FROM accounts") == [("old",)]
+    finally:
+        await led.close()
