@@ -253,6 +253,17 @@ class LimitSettings(_Section):
     recursion limit (1000), which json, pydantic and re-serialization all spend."""
 
 
+class WorkerSettings(_Section):
+    """Gateway processes sharing the listeners (``teegate run --workers N``); docs in proxy.toml."""
+
+    count: int = Field(1, ge=1, le=256)
+    """Gateway processes (``--workers`` overrides). Above 1 needs a ledger every process
+    shares (PostgreSQL): the SQLite ledger serves one process."""
+    drain_s: int = Field(30, ge=0, le=3600)
+    """On SIGTERM/Ctrl-C, seconds to let requests in flight (streams) finish after the
+    listeners close, before the process stops anyway. A second signal stops at once."""
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -265,6 +276,7 @@ class Settings(_Section):
     billing: BillingSettings = BillingSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
+    workers: WorkerSettings = WorkerSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
 

@@ -19,6 +19,7 @@ from teegate.addons.billing import Billing
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.chutes import E2EEOpen
 from teegate.addons.deadline import UpstreamDeadline
+from teegate.addons.drain import Drain
 from teegate.addons.egress import Egress
 from teegate.addons.egress_auth import EgressAuth
 from teegate.addons.errors import html_free_error_pages
@@ -35,7 +36,9 @@ from teegate.addons.validate import ChatValidator
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
+from teegate.listeners import share_port
 from teegate.master import GatewayMaster
+from teegate.supervisor import die_with_parent
 
 # Every stage must approve a chat completion before Seal lets it leave.
 REQUIRED_STAGES = tuple(Stage)
@@ -76,6 +79,7 @@ def build_addons(
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
+        Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran
     ]
 
 
@@ -124,13 +128,21 @@ def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve(settings: Settings, ready: Ready | None = None) -> None:
+async def serve(
+    settings: Settings, ready: Ready | None = None, worker_id: int | None = None
+) -> None:
+    """``worker_id``: set for a worker of ``teegate run --workers N`` (teegate/supervisor.py),
+    whose listeners share their ports with the other workers'."""
     settings.upstream.resolved_api_key()  # none: stop here, not at the first request
     html_free_error_pages()
     # Ours, before mitmproxy would make one named "mitmproxy"; permitting only what is intercepted.
     ensure_ca(settings.egress.confdir, intercepted_hosts(settings))
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
+    if worker_id is not None:
+        die_with_parent()
+        share_port()
+    # worker_id: the PostgreSQL ledger's per-worker lock (issue 15); SQLite serves one process.
     ledger = await Ledger.open(
         settings.ledger.path,
         key_prefix=settings.ledger.key_prefix,
@@ -140,9 +152,10 @@ async def serve(settings: Settings, ready: Ready | None = None) -> None:
         master = GatewayMaster(options.Options())
         master.addons.add(*build_addons(settings, LedgerLink(ledger), ready))
         master.options.update(**option_values(settings))
+        drain = master.addons.get("drain")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, master.shutdown)
+            loop.add_signal_handler(sig, drain.stop)
         await master.run()
     finally:
         await ledger.close()
@@ -153,9 +166,9 @@ def intercepted_hosts(settings: Settings) -> list[str]:
     return [settings.upstream.origin_parts.host, *settings.egress.all_llm_hosts]
 
 
-def run(settings: Settings, ready: Ready | None = None) -> int:
+def run(settings: Settings, ready: Ready | None = None, worker_id: int | None = None) -> int:
     try:
-        asyncio.run(serve(settings, ready))
+        asyncio.run(serve(settings, ready, worker_id))
     except KeyboardInterrupt:
         pass
     except LedgerError as e:
