@@ -129,7 +129,7 @@ def _fmt_host(host: str) -> str:
 
 
 async def serve(
-    settings: Settings, ready: Ready | None = None, worker_id: int | None = None
+    settings: Settings, ready: Ready | None = None, *, worker_id: int | None = None
 ) -> None:
     """``worker_id``: set for a worker of ``teegate run --workers N`` (teegate/supervisor.py),
     whose listeners share their ports with the other workers'."""
@@ -166,9 +166,9 @@ def intercepted_hosts(settings: Settings) -> list[str]:
     return [settings.upstream.origin_parts.host, *settings.egress.all_llm_hosts]
 
 
-def run(settings: Settings, ready: Ready | None = None, worker_id: int | None = None) -> int:
+def run(settings: Settings, ready: Ready | None = None, *, worker_id: int | None = None) -> int:
     try:
-        asyncio.run(serve(settings, ready, worker_id))
+        asyncio.run(serve(settings, ready, worker_id=worker_id))
     except KeyboardInterrupt:
         pass
     except LedgerError as e:
