@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="JSON of everything measured")
+    p.add_argument(
+        "--before",
+        action="store_true",
+        help="also run teegate with the reservation path as before the express lane (and "
+        "with one more future between commit and request), interleaved with the others",
+    )
     args = p.parse_args(argv)
     spread = (STREAM_CHUNKS - 1) * STREAM_DELAY_MS
     results: dict[str, Any] = {"load_average_start": load_average(), "repeats": []}
@@ -95,10 +101,20 @@ def main(argv: list[str] | None = None) -> int:
                 module="bench.timeline_probe", env={"TEEGATE_TIMELINE_OUT": str(timeline)}
             )
             tee = tee_path.start(up, work / "teegate", True)
+            targets = [("mitmdump", mitm), ("teegate", tee)]
+            if args.before:
+                hop_path = TeegatePath(
+                    module="bench.timeline_probe",
+                    env={
+                        "TEEGATE_TIMELINE_OUT": str(work / "hop.jsonl"),
+                        "TEEGATE_TIMELINE_EXTRA_HOP": "1",
+                    },
+                )
+                targets.append(("teegate-before", hop_path.start(up, work / "hop", True)))
             try:
                 for rep in range(args.repeat):
                     row: dict[str, Any] = {}
-                    for name, target in (("mitmdump", mitm), ("teegate", tee)):
+                    for name, target in targets:
                         log(f"{args.streams} streams, {name} ({rep + 1}/{args.repeat})")
                         r = load.run(
                             "stream",
@@ -117,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     results["repeats"].append(row)
             finally:
-                mitm.stop()
-                tee.stop()
+                for _, target in targets:
+                    target.stop()
         records = [json.loads(line) for line in timeline.read_text().splitlines()]
         commits = [
             json.loads(line)
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     streams = [r for r in records if r["path"].endswith("/chat/completions")]
     last = streams[-args.streams * args.rounds :]
     results["timeline"] = summary(last)
-    results["commits"] = commit_summary(commits[-len(commits) // max(1, args.repeat) :])
+    results["commits"] = commit_summary(commits)
     results["load_average_end"] = load_average()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -145,13 +161,15 @@ def markdown(results: dict[str, Any], streams: int) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, row in enumerate(results["repeats"], 1):
-        m, t = row["mitmdump"], row["teegate"]
-        lines.append(
-            f"| {i} | {m['ttft_p50']:.2f} | {t['ttft_p50']:.2f} | "
-            f"{t['ttft_p50'] - m['ttft_p50']:+.2f} | {t['ttft_p50'] / m['ttft_p50']:.2f}x | "
-            f"{m['first_byte_p50']:.2f} | {t['first_byte_p50']:.2f} | "
-            f"{m['cpu_ms']} / {t['cpu_ms']} |"
-        )
+        m = row["mitmdump"]
+        for name in [n for n in row if n != "mitmdump"]:
+            t = row[name]
+            lines.append(
+                f"| {i} {name} | {m['ttft_p50']:.2f} | {t['ttft_p50']:.2f} | "
+                f"{t['ttft_p50'] - m['ttft_p50']:+.2f} | {t['ttft_p50'] / m['ttft_p50']:.2f}x | "
+                f"{m['first_byte_p50']:.2f} | {t['first_byte_p50']:.2f} | "
+                f"{m['cpu_ms']} / {t['cpu_ms']} |"
+            )
     lines += [
         "",
         "teegate timeline of the last repetition, ms from the request's first byte "
@@ -164,7 +182,8 @@ def markdown(results: dict[str, Any], streams: int) -> str:
         if k.startswith("  ") and (s.get("p90") or 0) < 0.05:
             continue  # addons that cost nothing measurable
         lines.append(f"| {k.strip()} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} |")
-    lines += ["", "Group commits of the last repetition:", "", "| step | n | p50 | p90 | p99 |"]
+    lines += ["", "teegate's group commits over every repetition, ms:", ""]
+    lines.append("| step | n | p50 | p90 | p99 |")
     lines.append("|---|---:|---:|---:|---:|")
     for k, s in results["commits"].items():
         lines.append(f"| {k} | {s['n']} | {s['p50']} | {s['p90']} | {s['p99']} |")
