@@ -60,7 +60,6 @@ def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]
 def commit_summary(commits: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Where a group commit's time goes, ms: each step from the one before."""
     steps = {
-        "queued (first submit -> drain starts)": ("t_first_submit", "t_drain"),
         "lock + hand-off (drain -> database thread runs)": ("t_drain", "t_thread"),
         "transaction (BEGIN .. COMMIT on the thread)": ("t_thread", "t_thread_end"),
         "back on the loop (COMMIT -> writer resumes)": ("t_thread_end", "t_resumed"),
@@ -135,15 +134,19 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for _, target in targets:
                     target.stop()
-        records = [json.loads(line) for line in timeline.read_text().splitlines()]
-        commits = [
-            json.loads(line)
-            for line in Path(str(timeline) + ".commits").read_text().splitlines()
-        ]
-    streams = [r for r in records if r["path"].endswith("/chat/completions")]
-    last = streams[-args.streams * args.rounds :]
-    results["timeline"] = summary(last)
-    results["commits"] = commit_summary(commits)
+        files = {"teegate": timeline}
+        if args.before:
+            files["teegate-before"] = work / "hop.jsonl"
+        for name, path in files.items():
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            commits = [
+                json.loads(line)
+                for line in Path(str(path) + ".commits").read_text().splitlines()
+            ]
+            streams = [r for r in records if r["path"].endswith("/chat/completions")]
+            last = streams[-args.streams * args.rounds :]
+            results.setdefault("timeline", {})[name] = summary(last)
+            results.setdefault("commits", {})[name] = commit_summary(commits)
     results["load_average_end"] = load_average()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -170,23 +173,25 @@ def markdown(results: dict[str, Any], streams: int) -> str:
                 f"{m['first_byte_p50']:.2f} | {t['first_byte_p50']:.2f} | "
                 f"{m['cpu_ms']} / {t['cpu_ms']} |"
             )
-    lines += [
-        "",
-        "teegate timeline of the last repetition, ms from the request's first byte "
-        "(indented: time spent in that addon's request hook, awaits included; @: a point in time):",
-        "",
-        "| step | p50 | p90 | p99 |",
-        "|---|---:|---:|---:|",
-    ]
-    for k, s in results["timeline"].items():
-        if k.startswith("  ") and (s.get("p90") or 0) < 0.05:
-            continue  # addons that cost nothing measurable
-        lines.append(f"| {k.strip()} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} |")
-    lines += ["", "teegate's group commits over every repetition, ms:", ""]
-    lines.append("| step | n | p50 | p90 | p99 |")
-    lines.append("|---|---:|---:|---:|---:|")
-    for k, s in results["commits"].items():
-        lines.append(f"| {k} | {s['n']} | {s['p50']} | {s['p90']} | {s['p99']} |")
+    for name, timeline in results["timeline"].items():
+        lines += [
+            "",
+            f"{name}: timeline of the last repetition, ms from the request's first byte "
+            "(indented: time spent in that addon's request hook, awaits included; "
+            "@: a point in time):",
+            "",
+            "| step | p50 | p90 | p99 |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, s in timeline.items():
+            if k.startswith("  ") and (s.get("p90") or 0) < 0.05:
+                continue  # addons that cost nothing measurable
+            lines.append(f"| {k.strip()} | {s.get('p50')} | {s.get('p90')} | {s.get('p99')} |")
+        lines += ["", f"{name}: group commits over every repetition, ms:", ""]
+        lines.append("| step | n | p50 | p90 | p99 |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for k, s in results["commits"][name].items():
+            lines.append(f"| {k} | {s['n']} | {s['p50']} | {s['p90']} | {s['p99']} |")
     return "\n".join(lines)
 
 
