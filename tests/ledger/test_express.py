@@ -108,3 +108,29 @@ async def test_a_request_cancelled_while_in_the_express_lane_is_released(db_path
         assert led.available_micro(f.account_id) == 9000
     finally:
         await led.close()
+
+
+async def test_many_rows_in_one_statement_land_each_in_its_own_row(db_path: str):
+    """Reservations and settlements of one batch are written with multi-row statements
+    (ledger/batch.py: insert_rows, finalize_rows): every row gets its own values."""
+    led = await Ledger.open(db_path, settle_linger_ms=3_600_000)
+    try:
+        f = await fund(led, "alice", 10_000_000)
+        held = await asyncio.gather(
+            *(led.reserve(f"m-{i}", f.key, "m", PRICES, 10_000) for i in range(300))
+        )
+        for i, res in enumerate(held):  # linger: all 300 commit together at the flush
+            await led.settle(res, i + 1, 2 * i + 1, 0, "usage")
+        await led.flush()
+        with sqlite3.connect(db_path) as conn:
+            rows = conn.execute(
+                "SELECT request_id, state, prompt_tokens, completion_tokens FROM usage"
+            ).fetchall()
+        assert len(rows) == 300
+        for request_id, state, prompt, completion in rows:
+            i = int(request_id.removeprefix("m-"))
+            assert (state, prompt, completion) == ("settled", i + 1, 2 * i + 1)
+        report = await led.verify()
+        assert report.ok and not report.open_reservations
+    finally:
+        await led.close()

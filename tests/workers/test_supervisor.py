@@ -69,7 +69,8 @@ def _chat(gw: GatewayProc) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def supervised(upstream: SandboxProc) -> Iterator[GatewayProc]:
-    with start_gateway(upstream.base_url, args=("--workers", "1")) as gw:
+    # A supervisor starts its worker after its own start: more time on a loaded machine.
+    with start_gateway(upstream.base_url, args=("--workers", "1"), start_timeout=60) as gw:
         yield gw
 
 
