@@ -8,9 +8,9 @@ real :class:`~teegate.ledger.Ledger` on a temporary SQLite file (fsync on), ``--
 tasks that each wake every ``--chunk-ms`` and burn ``--work-us`` of CPU (a chunk relayed),
 and as many requesters that reserve, hold the reservation for a stream's length and settle.
 It reports the reservation's wait (call to return) and the loop's turn time, for the
-reservation path as it is ("after") and as it was before the express lane ("before": no
-follow-up transactions, one more future between the commit and its waiter), alternating
-in one process so that both see the same machine.
+reservation path as it is ("after") and as it was before (issue 15, "before": no
+follow-up transactions, one more future between the commit and its waiter, one sqlite3
+step per row), alternating in one process so that both see the same machine.
 """
 
 from __future__ import annotations
@@ -42,12 +42,18 @@ def _before(on: bool) -> Any:
         future = submit(self, op, hold, wait=wait)
         return _relayed(future) if future is not None else future
 
+    from teegate.ledger import batch as batch_mod
+
+    insert_rows, finalize_rows = batch_mod.insert_rows, batch_mod.finalize_rows
     writer_mod.GroupCommitter.submit = old_submit  # type: ignore[method-assign]
     writer_mod.EXPRESS_ROUNDS = 0
+    batch_mod.insert_rows = lambda conn, sql, rows: conn.executemany(sql, rows)
+    batch_mod.finalize_rows = lambda conn, rows: conn.executemany(batch_mod.FINALIZE_USAGE, rows)
 
     def restore() -> None:
         writer_mod.GroupCommitter.submit = submit  # type: ignore[method-assign]
         writer_mod.EXPRESS_ROUNDS = rounds
+        batch_mod.insert_rows, batch_mod.finalize_rows = insert_rows, finalize_rows
 
     return restore
 
@@ -102,7 +108,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             row = {}
             for variant in ("before", "after"):
                 restore = _before(variant == "before")
-                led = await Ledger.open(str(Path(tmp) / f"{variant}-{r}.sqlite3"))
+                led = await Ledger.open(
+                    str(Path(tmp) / f"{variant}-{r}.sqlite3"), synchronous=args.sync
+                )
                 try:
                     f = await fund(led, "load", 10**12)
                     row[variant] = await _phase(led, f.key, args, f"{variant}{r}")
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-s", type=float, default=1.0)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sync", choices=("FULL", "NORMAL"), default="FULL")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     result = asyncio.run(main_async(args))

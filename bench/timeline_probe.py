@@ -117,8 +117,14 @@ def _probe_ledger() -> None:
     submit = writer_mod.GroupCommitter.submit
 
     extra_hop = os.environ.get("TEEGATE_TIMELINE_EXTRA_HOP") == "1"
-    if extra_hop:  # the reservation path as before the express lane and without the shield
+    if extra_hop:  # the reservation path as before issue 15's changes (bench.timeline --before)
+        from teegate.ledger import batch as batch_mod
+
         writer_mod.EXPRESS_ROUNDS = 0
+        batch_mod.insert_rows = lambda conn, sql, rows: conn.executemany(sql, rows)
+        batch_mod.finalize_rows = lambda conn, rows: conn.executemany(
+            batch_mod.FINALIZE_USAGE, rows
+        )
 
     def probed_submit(self: Any, op: Any, hold: int, *, wait: bool) -> Any:
         if wait:
