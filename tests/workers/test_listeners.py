@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from mitmproxy.proxy import mode_servers
 
@@ -81,9 +82,15 @@ def two_on_one_port() -> Iterator[tuple[int, list[subprocess.Popen[str]]]]:
 def _pids(port: int, n: int) -> list[int]:
     seen = []
     for _ in range(n):  # a new connection each time: the kernel picks a listener per connection
-        r = httpx.get(f"http://127.0.0.1:{port}/", headers={"connection": "close"}, timeout=10)
-        assert r.status_code == 200
-        seen.append(int(r.headers["x-worker-pid"]))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        pid = re.search(rb"(?im)^x-worker-pid: (\d+)", answer)
+        assert pid is not None, answer[:300]
+        seen.append(int(pid[1]))
     return seen
 
 
