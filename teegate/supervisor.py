@@ -248,12 +248,17 @@ class Supervisor:
                     log.error("worker_restart_failed", worker=worker.id, error=str(e))
 
 
+SHARED_LISTENERS = ("reverse", "egress")  # mitmproxy's listeners, bound with SO_REUSEPORT
+
+
 def _addresses(ready_lines: list[str]) -> dict[str, str]:
-    """``{"reverse": "127.0.0.1:8080", ...}`` from a worker's ``TEEGATE READY`` lines."""
+    """``{"reverse": "127.0.0.1:8080", ...}`` from a worker's ``TEEGATE READY`` lines (only
+    the listeners every worker shares)."""
     found = {}
     for line in ready_lines:
         kind, url = line[len(READY_PREFIX) :].split()
-        found[kind] = url.removeprefix("http://")
+        if kind in SHARED_LISTENERS:
+            found[kind] = url.removeprefix("http://")
     return found
 
 
