@@ -129,3 +129,19 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_stops_every_process(
     assert supervised.process.wait(30) == 0
     assert not [p for p in workers if Path(f"/proc/{p}").exists()]
     assert '"event": "drained"' in supervised.log_text()
+
+
+def test_a_postgresql_ledger_allows_several_workers(monkeypatch):
+    from teegate.config import Settings
+    from teegate.supervisor import _addresses, refusal
+
+    assert refusal(Settings(), 1) is None
+    assert "SQLite" in (refusal(Settings(), 3) or "")
+    monkeypatch.setenv("TEEGATE_DB", "postgresql://gw@/teegate?host=/run/pg")
+    assert refusal(Settings(), 3) is None
+    lines = [
+        "TEEGATE READY reverse http://127.0.0.1:8080",
+        "TEEGATE READY egress http://[::1]:8081",
+        "TEEGATE READY admin http://127.0.0.1:8082",  # not a shared mitmproxy listener
+    ]
+    assert _addresses(lines) == {"reverse": "127.0.0.1:8080", "egress": "[::1]:8081"}
