@@ -25,6 +25,12 @@ No response headers (the error hook without ``flow.response``):
   crash recovery applies; with ``"release"`` it is released.
 
 An upstream that answered with an HTTP error before any token is released.
+
+An answer a response-side addon failed closed on (:mod:`teegate.addons.response_guard`)
+is withheld from the client or cut short; it is charged as :func:`_failed_closed` says: an
+answer withheld whole follows ``billing.unanswered``, a stream cut after part of it was
+relayed is charged its reservation. If this addon's own ``response`` or ``error`` hook
+raises, the reservation stays open and the ledger's recovery rule charges it in full.
 Settling runs off the response path; it is idempotent, so a response and an
 error hook for one flow cannot charge twice. A crash in between is covered by
 the ledger's recovery rule (the reservation is charged).
@@ -44,6 +50,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.streaming import generated_bytes
 from teegate.ledger import (
     InsufficientBalance,
@@ -145,13 +152,16 @@ class Billing:
         flowstate.set_reservation(flow, res)
         flowstate.passed(flow, Stage.BILLING)
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flowstate.reservation(flow) is not None:
             flowstate.set_first_byte_ms(flow, _ms())
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._close(flow, complete=True)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._close(flow, complete=False)
 
@@ -225,6 +235,9 @@ def _settlement(
     status = "ok" if complete else "aborted"
     if flowstate.error_code(flow) == "upstream_model_mismatch":
         return Release("the upstream answered for another model")
+    failed = flowstate.failed_closed(flow)
+    if failed is not None:
+        return _failed_closed(flow, res, failed, unanswered)
     if resp is None:
         return _unanswered(flow, res, unanswered)
     if resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0):
@@ -268,6 +281,33 @@ def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> Plan
     if rule == "release":
         return Release(f"unanswered ({why}); billing.unanswered = release")
     return replace(_full_hold(flow, res), status=f"unanswered ({why}): charged the reservation")
+
+
+def _failed_closed(
+    flow: http.HTTPFlow,
+    res: Reservation,
+    failed: tuple[flowstate.FailedClosed, int | None],
+    rule: Unanswered,
+) -> Plan:
+    """A response-side addon raised (addons/response_guard.py): the answer was withheld or cut.
+
+    The upstream ran the request, so it is not released for free: withheld whole, it is the
+    unanswered case (``billing.unanswered``: charged the reservation, or released), unless the
+    upstream had answered with an HTTP error, which is released as it would have been. Cut
+    after part of a stream was relayed, the tally is no longer complete: charged the
+    reservation whatever the rule, like a stream that could not be read.
+    """
+    how, status = failed
+    if how == flowstate.FailedClosed.CUT:
+        cut = "cut by a gateway fault: charged the reservation"
+        return replace(_full_hold(flow, res), status=cut)
+    if status is not None and status >= 400:
+        return Release(f"upstream answered HTTP {status} (withheld after a gateway fault)")
+    if rule == "release":
+        return Release("withheld after a gateway fault; billing.unanswered = release")
+    return replace(
+        _full_hold(flow, res), status="withheld after a gateway fault: charged the reservation"
+    )
 
 
 def _usage(usage: Any) -> tuple[int, int, int] | None:
