@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -166,22 +167,28 @@ class Billing:
         self._close(flow, complete=False)
 
     def _close(self, flow: http.HTTPFlow, *, complete: bool) -> None:
-        """Settle or release the flow's reservation, however the flow ended."""
+        """Settle or release the flow's reservation, however the flow ended.
+
+        The plan is made in the settling task, after its first step: after every ``response``
+        (or ``error``) hook of the chain (they are synchronous), so an answer a later addon
+        withheld (:mod:`teegate.addons.response_guard`) is charged as withheld."""
         res = flowstate.reservation(flow)
         if res is None:
             return
+        self._spawn(flow, res, lambda: self._plan(flow, res, complete))
+
+    def _plan(self, flow: http.HTTPFlow, res: Reservation, complete: bool) -> Plan:
         try:
-            plan = _settlement(flow, res, complete=complete, unanswered=self._unanswered)
+            return _settlement(flow, res, complete=complete, unanswered=self._unanswered)
         except Exception as e:  # the flow must still be charged: fall back to the whole hold
             log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
-            plan = _full_hold(flow, res)
-        self._spawn(flow, res, plan)
+            return _full_hold(flow, res)
 
     async def done(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> None:
+    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Callable[[], Plan]) -> None:
         started = flowstate.started_ms(flow)
         timing = Timing(
             start_ms=res.created_ms if started is None else started,
@@ -192,9 +199,15 @@ class Billing:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _finish(self, res: Reservation, plan: Plan, timing: Timing) -> None:
+    async def _finish(
+        self, res: Reservation, make_plan: Callable[[], Plan], timing: Timing
+    ) -> None:
+        # mitmproxy starts tasks eagerly (up to their first await): yield once, so the plan is
+        # made after the rest of this hook chain ran (see :meth:`_close`).
+        await asyncio.sleep(0)
         ledger = self._link.get()
         try:
+            plan = make_plan()
             match plan:
                 case Release(reason=reason):
                     await ledger.release(res, reason, timing)
