@@ -169,13 +169,18 @@ class Billing:
     def _close(self, flow: http.HTTPFlow, *, complete: bool) -> None:
         """Settle or release the flow's reservation, however the flow ended.
 
-        The plan is made in the settling task, after its first step: after every ``response``
-        (or ``error``) hook of the chain (they are synchronous), so an answer a later addon
-        withheld (:mod:`teegate.addons.response_guard`) is charged as withheld."""
+        The plan is made now, from the chat answer (:class:`~teegate.addons.responses.
+        ResponsesOut` translates it later in the chain), and looked at again in the settling
+        task once the rest of the chain ran: an answer a later addon withheld
+        (:mod:`teegate.addons.response_guard`) is charged as withheld."""
         res = flowstate.reservation(flow)
         if res is None:
             return
-        self._spawn(flow, res, lambda: self._plan(flow, res, complete))
+        plan = self._plan(flow, res, complete)
+        if flowstate.failed_closed(flow) is None:
+            self._spawn(flow, res, lambda: self._plan_after_chain(flow, res, plan))
+        else:
+            self._spawn(flow, res, lambda: plan)
 
     def _plan(self, flow: http.HTTPFlow, res: Reservation, complete: bool) -> Plan:
         try:
@@ -183,6 +188,13 @@ class Billing:
         except Exception as e:  # the flow must still be charged: fall back to the whole hold
             log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
             return _full_hold(flow, res)
+
+    def _plan_after_chain(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> Plan:
+        """``plan``, unless an addon after this one failed the flow closed."""
+        failed = flowstate.failed_closed(flow)
+        if failed is None:
+            return plan
+        return _failed_closed(flow, res, failed, self._unanswered)
 
     async def done(self) -> None:
         if self._pending:
@@ -203,7 +215,7 @@ class Billing:
         self, res: Reservation, make_plan: Callable[[], Plan], timing: Timing
     ) -> None:
         # mitmproxy starts tasks eagerly (up to their first await): yield once, so the plan is
-        # made after the rest of this hook chain ran (see :meth:`_close`).
+        # final only after the rest of this hook chain ran (see :meth:`_close`).
         await asyncio.sleep(0)
         ledger = self._link.get()
         try:

@@ -36,7 +36,7 @@ import functools
 import inspect
 import json
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -209,8 +209,11 @@ class GuardedStream:
         return out
 
 
-def _pieces(chunks: bytes | Iterable[bytes]) -> list[bytes]:
-    """What mitmproxy accepts from a stream callable, as a list of non-empty pieces."""
-    if isinstance(chunks, bytes | bytearray):
-        return [bytes(chunks)] if chunks else []
-    return [bytes(c) for c in chunks if c]
+def _pieces(chunks: Any) -> Any:
+    """What mitmproxy accepts from a stream callable (bytes, or an iterable of them) as a list."""
+    if isinstance(chunks, _BYTES):
+        return [chunks] if chunks else []
+    return chunks if type(chunks) is list else list(chunks)
+
+
+_BYTES = (bytes, bytearray)

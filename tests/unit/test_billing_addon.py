@@ -452,3 +452,13 @@ async def test_a_failed_closed_answer_is_charged_by_the_unanswered_rule(
             f.error = mflow.Error("Client disconnected.")
         await finish(billing, f, hook)
     assert ledger.finished == [expected]
+
+
+async def test_an_answer_withheld_after_billing_read_it_is_charged_as_withheld(ledger, billing):
+    """A later addon's response hook raised after Billing planned from the usage it read."""
+    f = await reserved_flow(billing)
+    f.response = json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    billing.response(f)
+    flowstate.set_failed_closed(f, FailedClosed.WITHHELD, 200)  # the later addon's guard
+    await billing.done()
+    assert ledger.finished == [charged("withheld after a gateway fault: charged the reservation")]
