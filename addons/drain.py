@@ -21,6 +21,8 @@ import time
 import structlog
 from mitmproxy import ctx, http
 
+from teegate.addons.response_guard import guarded_response
+
 log = structlog.get_logger("teegate.drain")
 
 
@@ -40,9 +42,11 @@ class Drain:
         self._in_flight.add(flow.id)
         self._idle.clear()
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._finished(flow)
 
