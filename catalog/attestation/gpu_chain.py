@@ -3,6 +3,11 @@
 Shared by the device chain (GPU leaf up to NVIDIA's Device Identity CA) and the RIM signing
 chain (L4 signer up to NVIDIA's CoRIM signing root). The root is compared by the SHA-256 of
 its DER, never by name: a forged chain can copy every name.
+
+Signatures that verified are remembered by the SHA-256 of the certificate's and its issuer's
+DER (bounded): whether given bytes are signed by a given key never changes, and a gateway
+re-attesting many Chutes instances every few minutes sees the same GPU chains again and again
+(each link's P-384 check costs milliseconds). Validity times are still checked every time.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+
+SIGNED_CACHE_MAX = 4096
+_signed: set[tuple[bytes, bytes]] = set()
+"""(sha256(cert DER), sha256(issuer DER)) pairs whose signature verified."""
 
 
 class ChainError(ValueError):
@@ -60,9 +69,23 @@ def verify_chain(chain: list[x509.Certificate], at: int) -> None:
         what = f"certificate {i} ({_name(cert)})"
         if i > 0 and not _is_ca(cert):
             raise ChainError(f"{what} is not a CA but issues certificate {i - 1}")
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            detail = str(e) or 'bad signature'
-            raise ChainError(f"{what} is not signed by {_name(issuer)}: {detail}") from None
+        _signed_by(cert, issuer, what)
         check_validity(cert, at, what)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    """``cert`` issued and signed by ``issuer`` (see the module docstring for the cache)."""
+    pair = (
+        hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(),
+        hashlib.sha256(issuer.public_bytes(serialization.Encoding.DER)).digest(),
+    )
+    if pair in _signed:
+        return
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        detail = str(e) or 'bad signature'
+        raise ChainError(f"{what} is not signed by {_name(issuer)}: {detail}") from None
+    if len(_signed) >= SIGNED_CACHE_MAX:
+        _signed.clear()
+    _signed.add(pair)

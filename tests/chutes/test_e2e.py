@@ -53,6 +53,11 @@ def test_the_model_list_names_the_evidence_and_the_verified_instances(http):
     usable = [i for i in att["instances"] if i["usable"]]
     assert usable and all(i["quote_sha256"] and i["key_sha256"] for i in usable)
     assert all("e2e_pubkey" not in i for i in att["instances"])
+    # Each instance's test GPUs, verified for the digest its quote binds (nonce and key).
+    for i in usable:
+        assert i["gpu"]["ok"] is True and i["gpu"]["root"] == "test", i["gpu"]
+        assert i["gpu"]["gpu_count"] == 2 and i["gpu"]["checks"]["gpu_nonce"] is True
+    assert att["gpu"]["ok"] is True and "gpus" not in att["gpu"]
 
 
 def test_a_chat_is_sealed_to_a_verified_instance_and_the_front_door_reads_nothing(
@@ -243,7 +248,9 @@ def test_a_refused_token_is_a_503_to_retry_and_nothing_is_charged(gateway, clien
     assert client.chat.completions.create(model=TEE, messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("switch", ["chutes_unbound_key", "chutes_no_tee_instance"])
+@pytest.mark.parametrize(
+    "switch", ["chutes_unbound_key", "chutes_no_tee_instance", "chutes_gpu_stale_nonce"]
+)
 def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(client, http, sandbox, switch):
     sandbox.behaviour(**{switch: True})
 
@@ -251,6 +258,10 @@ def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(client, http, s
         return {i["instance_id"] for i in _attested(http)["instances"] if not i["usable"]}
 
     bad = until(refused, f"an instance refused under {switch}")
+    if switch == "chutes_gpu_stale_nonce":  # its quote verifies; its GPUs signed an old nonce
+        [shown] = [i for i in _attested(http)["instances"] if i["instance_id"] in bad]
+        assert shown["checks"]["quote_verified"] is True and shown["gpu"]["ok"] is False
+        assert "GPU evidence rejected: GPU 0: the signed SPDM" in shown["reason"]
     since = door_mark(sandbox)
     used = set()
     for _ in range(6):
