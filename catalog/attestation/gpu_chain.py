@@ -66,14 +66,20 @@ def verify_chain(chain: list[x509.Certificate], at: int) -> None:
     the last one (the already pinned root) signed by itself. Raises :class:`ChainError`."""
     for i, cert in enumerate(chain):
         issuer = chain[i + 1] if i + 1 < len(chain) else cert
-        what = f"certificate {i} ({_name(cert)})"
         if i > 0 and not _is_ca(cert):
-            raise ChainError(f"{what} is not a CA but issues certificate {i - 1}")
-        _signed_by(cert, issuer, what)
-        check_validity(cert, at, what)
+            raise ChainError(f"{_what(i, cert)} is not a CA but issues certificate {i - 1}")
+        _signed_by(cert, issuer, i)
+        moment = datetime.fromtimestamp(at, UTC)
+        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
+            check_validity(cert, at, _what(i, cert))  # raises, naming the certificate
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+def _what(i: int, cert: x509.Certificate) -> str:
+    # Only on failure: reading names costs more than the cached signature check.
+    return f"certificate {i} ({_name(cert)})"
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate, i: int) -> None:
     """``cert`` issued and signed by ``issuer`` (see the module docstring for the cache)."""
     pair = (
         hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest(),
@@ -85,7 +91,9 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> N
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature) as e:
         detail = str(e) or 'bad signature'
-        raise ChainError(f"{what} is not signed by {_name(issuer)}: {detail}") from None
+        raise ChainError(
+            f"{_what(i, cert)} is not signed by {_name(issuer)}: {detail}"
+        ) from None
     if len(_signed) >= SIGNED_CACHE_MAX:
         _signed.clear()
     _signed.add(pair)

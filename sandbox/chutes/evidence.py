@@ -12,8 +12,10 @@ that the enclave holds the key it is about to encrypt to.
 
 Answer (as ``api/chute/router.py`` ``TeeChuteEvidence``): ``{"evidence": [{"quote": base64,
 "gpu_evidence": [dicts], "instance_id", "certificate": base64 DER}], "failed_instance_ids":
-[...]}``. ``gpu_evidence`` is the test GPU hierarchy's (``sandbox/gpu_evidence.py``), each
-GPU's signed SPDM request over the same 32 bytes as ``report_data[0:32]``, as a Chutes node's
+[...]}``. ``gpu_evidence`` is the test GPU hierarchy's (``sandbox/gpu_evidence.py``, same
+root as the NEAR-format evidence; one GPU per instance, which keeps re-attesting a whole
+fleet every few seconds in the tests cheap), its signed SPDM request over the same 32 bytes
+as ``report_data[0:32]``, as a Chutes node's
 attestation service does (``chutesai/sek8s`` ``/server/attest`` hands one nonce to both the
 quote and NVIDIA's SDK); under ``chutes_gpu_stale_nonce`` the first instance's GPUs sign an
 old nonce instead (canned or replayed GPU evidence).
@@ -37,9 +39,11 @@ from cryptography.hazmat.primitives import serialization
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chutes.fleet import Fleet, Instance
 from teegate.sandbox.evidence import EvidenceMinter
+from teegate.sandbox.gpu_evidence import GpuTestPki
 
 NONCE_RE = re.compile(r"[0-9a-fA-F]{64}")
 STALE_GPU_NONCE = hashlib.sha256(b"an old Chutes GPU nonce").digest()
+GPUS = GpuTestPki(gpus=1)
 
 
 def spki_sha256(cert_der: bytes) -> bytes:
@@ -61,7 +65,7 @@ def _item(minter: EvidenceMinter, inst: Instance, nonce: str, behaviour: Behavio
     stale = inst.index == 0 and behaviour.chutes_gpu_stale_nonce
     return {
         "quote": base64.b64encode(quote).decode(),
-        "gpu_evidence": minter.gpu_pki.items(STALE_GPU_NONCE if stale else data[:32]),
+        "gpu_evidence": GPUS.items(STALE_GPU_NONCE if stale else data[:32]),
         "instance_id": inst.instance_id,
         "certificate": base64.b64encode(inst.cert_der).decode(),
         "collateral": minter.collateral("tdx", stale=False),
