@@ -19,6 +19,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import error_category
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import add_headers
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import RESPONSES_PATH
 
 log = structlog.get_logger("teegate.access")
@@ -39,9 +40,11 @@ class AccessLog:
         flowstate.set_request_id(flow, rid)
         add_headers(flow, {"x-request-id": rid})
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
 

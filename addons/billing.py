@@ -28,6 +28,12 @@ No response headers (the error hook without ``flow.response``):
   crash recovery applies; with ``"release"`` it is released.
 
 An upstream that answered with an HTTP error before any token is released.
+
+An answer a response-side addon failed closed on (:mod:`teegate.addons.response_guard`)
+is withheld from the client or cut short; it is charged as :func:`_failed_closed` says: an
+answer withheld whole follows ``billing.unanswered``, a stream cut after part of it was
+relayed is charged its reservation. If this addon's own ``response`` or ``error`` hook
+raises, the reservation stays open and the ledger's recovery rule charges it in full.
 Settling runs off the response path; it is idempotent, so a response and an
 error hook for one flow cannot charge twice. A crash in between is covered by
 the ledger's recovery rule (the reservation is charged).
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +55,7 @@ from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.ratelimit import enforce
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.streaming import generated_bytes
 from teegate.ledger import (
     InsufficientBalance,
@@ -167,33 +175,54 @@ class Billing:
         flowstate.set_reservation(flow, res)
         flowstate.passed(flow, Stage.BILLING)
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flowstate.reservation(flow) is not None:
             flowstate.set_first_byte_ms(flow, _ms())
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._close(flow, complete=True)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._close(flow, complete=False)
 
     def _close(self, flow: http.HTTPFlow, *, complete: bool) -> None:
-        """Settle or release the flow's reservation, however the flow ended."""
+        """Settle or release the flow's reservation, however the flow ended.
+
+        The plan is made now, from the chat answer (:class:`~teegate.addons.responses.
+        ResponsesOut` translates it later in the chain), and looked at again in the settling
+        task once the rest of the chain ran: an answer a later addon withheld
+        (:mod:`teegate.addons.response_guard`) is charged as withheld."""
         res = flowstate.reservation(flow)
         if res is None:
             return
+        plan = self._plan(flow, res, complete)
+        if flowstate.failed_closed(flow) is None:
+            self._spawn(flow, res, lambda: self._plan_after_chain(flow, res, plan))
+        else:
+            self._spawn(flow, res, lambda: plan)
+
+    def _plan(self, flow: http.HTTPFlow, res: Reservation, complete: bool) -> Plan:
         try:
-            plan = _settlement(flow, res, complete=complete, unanswered=self._unanswered)
+            return _settlement(flow, res, complete=complete, unanswered=self._unanswered)
         except Exception as e:  # the flow must still be charged: fall back to the whole hold
             log.error("settlement_plan_failed", error=type(e).__name__, request_id=res.request_id)
-            plan = _full_hold(flow, res)
-        self._spawn(flow, res, plan)
+            return _full_hold(flow, res)
+
+    def _plan_after_chain(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> Plan:
+        """``plan``, unless an addon after this one failed the flow closed."""
+        failed = flowstate.failed_closed(flow)
+        if failed is None:
+            return plan
+        return _failed_closed(flow, res, failed, self._unanswered)
 
     async def done(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Plan) -> None:
+    def _spawn(self, flow: http.HTTPFlow, res: Reservation, plan: Callable[[], Plan]) -> None:
         started = flowstate.started_ms(flow)
         timing = Timing(
             start_ms=res.created_ms if started is None else started,
@@ -204,9 +233,15 @@ class Billing:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _finish(self, res: Reservation, plan: Plan, timing: Timing) -> None:
+    async def _finish(
+        self, res: Reservation, make_plan: Callable[[], Plan], timing: Timing
+    ) -> None:
+        # mitmproxy starts tasks eagerly (up to their first await): yield once, so the plan is
+        # final only after the rest of this hook chain ran (see :meth:`_close`).
+        await asyncio.sleep(0)
         ledger = self._link.get()
         try:
+            plan = make_plan()
             match plan:
                 case Release(reason=reason):
                     await ledger.release(res, reason, timing)
@@ -247,6 +282,9 @@ def _settlement(
     status = "ok" if complete else "aborted"
     if flowstate.error_code(flow) == "upstream_model_mismatch":
         return Release("the upstream answered for another model")
+    failed = flowstate.failed_closed(flow)
+    if failed is not None:
+        return _failed_closed(flow, res, failed, unanswered)
     if resp is None:
         return _unanswered(flow, res, unanswered)
     if resp.status_code >= 400 and (tally is None or tally.generated_bytes == 0):
@@ -290,6 +328,33 @@ def _unanswered(flow: http.HTTPFlow, res: Reservation, rule: Unanswered) -> Plan
     if rule == "release":
         return Release(f"unanswered ({why}); billing.unanswered = release")
     return replace(_full_hold(flow, res), status=f"unanswered ({why}): charged the reservation")
+
+
+def _failed_closed(
+    flow: http.HTTPFlow,
+    res: Reservation,
+    failed: tuple[flowstate.FailedClosed, int | None],
+    rule: Unanswered,
+) -> Plan:
+    """A response-side addon raised (addons/response_guard.py): the answer was withheld or cut.
+
+    The upstream ran the request, so it is not released for free: withheld whole, it is the
+    unanswered case (``billing.unanswered``: charged the reservation, or released), unless the
+    upstream had answered with an HTTP error, which is released as it would have been. Cut
+    after part of a stream was relayed, the tally is no longer complete: charged the
+    reservation whatever the rule, like a stream that could not be read.
+    """
+    how, status = failed
+    if how == flowstate.FailedClosed.CUT:
+        cut = "cut by a gateway fault: charged the reservation"
+        return replace(_full_hold(flow, res), status=cut)
+    if status is not None and status >= 400:
+        return Release(f"upstream answered HTTP {status} (withheld after a gateway fault)")
+    if rule == "release":
+        return Release("withheld after a gateway fault; billing.unanswered = release")
+    return replace(
+        _full_hold(flow, res), status="withheld after a gateway fault: charged the reservation"
+    )
 
 
 def _usage(usage: Any) -> tuple[int, int, int] | None:

@@ -43,6 +43,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, refuse
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import add_headers
+from teegate.addons.response_guard import guarded_response
 from teegate.catalog.chutes.e2ee import E2EEError, StreamOpener, open_response, seal_request
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ def instance_headers(pool: InstancePool, instance_id: str) -> dict[str, str]:
 class E2EEOpen:
     """Opens non-streamed E2EE answers; reports failed instances. First in the chain."""
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         state = flowstate.e2ee(flow)
         resp = flow.response
@@ -183,6 +185,7 @@ class E2EEOpen:
             log.error("e2ee_open_fault", error=type(e).__name__)
             refuse(flow, e2ee_failed())
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         """No answer from the instance (unreachable, reset, timed out): withdraw it until it is
         verified again. A client that left, or a stream already answered, says nothing about

@@ -23,6 +23,7 @@ from mitmproxy import ctx, http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, next_error_page
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 
 if TYPE_CHECKING:
     from teegate.config import UpstreamSettings
@@ -40,12 +41,15 @@ class UpstreamDeadline:
         loop = asyncio.get_running_loop()
         flowstate.set_deadline(flow, loop.call_later(self._timeout_s, self._expire, flow))
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         _cancel(flow)
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         _cancel(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         _cancel(flow)
         if flow.response is not None or flowstate.route(flow) != Route.CHAT:

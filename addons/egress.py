@@ -50,6 +50,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 from teegate.egress.hosts import (
     Decision,
     EgressPolicy,
@@ -305,6 +306,7 @@ class Egress:
             else:
                 r.stream = True  # not ours to read: relay without buffering
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and flowstate.route(flow) == Route.PASSTHROUGH:
             flow.response.stream = True

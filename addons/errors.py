@@ -4,7 +4,8 @@ mitmproxy logs an addon's exception and *forwards the request anyway*. Every
 request-path hook is therefore wrapped in :func:`guarded`: an exception turns
 into a ``500`` envelope (so nothing goes upstream) and a log line that names
 the exception's type and where it was raised, never its message (messages can
-quote request content).
+quote request content). The response path has its own guard, which withholds an answer
+instead: :mod:`teegate.addons.response_guard`.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ _VERDICT = "teegate.verdict"
 _RECEIPT_ID = "teegate.receipt_id"
 _RESPONSES = "teegate.responses"
 _COUNTED = "teegate.counted"
+_FAILED_CLOSED = "teegate.failed_closed"
 
 
 # -- route and approvals -------------------------------------------------------------------
@@ -339,6 +340,26 @@ def headers_written(flow: http.HTTPFlow) -> http.Response | None:
 
 def set_headers_written(flow: http.HTTPFlow, resp: http.Response) -> None:
     flow.metadata[_HEADERS_WRITTEN] = resp
+
+
+# -- response-side faults (addons/response_guard.py) --------------------------------------
+
+
+class FailedClosed(StrEnum):
+    """How much of the answer reached the client before a response-side addon raised."""
+
+    WITHHELD = "withheld"  # none of it: the client got the gateway's 502 envelope instead
+    CUT = "cut"  # a streamed answer, ended early with an error event
+
+
+def failed_closed(flow: http.HTTPFlow) -> tuple[FailedClosed, int | None] | None:
+    """How the flow failed closed, and the status the withheld answer had; None if it did not."""
+    return flow.metadata.get(_FAILED_CLOSED)
+
+
+def set_failed_closed(flow: http.HTTPFlow, how: FailedClosed, status: int | None) -> None:
+    """Record the first response-side fault only: the later ones act on the gateway's own error."""
+    flow.metadata.setdefault(_FAILED_CLOSED, (FailedClosed(how), status))
 
 
 # -- metrics -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 
 
 def add_headers(flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
@@ -41,9 +42,11 @@ class ResponseHeaders:
         self._own = frozenset(name.lower() for name in own)
         self._defaults = defaults
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._write(flow)
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._write(flow)
 

@@ -35,6 +35,7 @@ from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 
 if TYPE_CHECKING:
     from teegate.config import LimitSettings
@@ -119,9 +120,11 @@ class ReleaseLargeBodies:
         self._large = min(limits.max_body_bytes, LARGE_BODY)
         self._pending: asyncio.TimerHandle | None = None
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._after(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._after(flow)
 

@@ -34,6 +34,7 @@ from teegate.addons.accesslog import decision
 from teegate.addons.account import ACCOUNT_PATH
 from teegate.addons.attestation_report import REPORT_PATH
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import CHAT_PATH, RESPONSES_PATH
 
 log = structlog.get_logger("teegate.metrics")
@@ -196,9 +197,11 @@ class RequestMetrics:
         self._meter = meter
         self._refusals = refusals
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
 

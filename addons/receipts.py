@@ -41,6 +41,7 @@ from teegate.addons.flowstate import Route, Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.receipt_book import ReceiptBook
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.signatures import SignatureChecker, SignatureJob, SignatureResult
 from teegate.catalog.attestation.gateway_quote import (
     QuoteProvider,
@@ -199,6 +200,7 @@ class Receipts:
 
     # -- issuing -----------------------------------------------------------------------
 
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Promise a receipt before the answer's first byte leaves."""
         if flowstate.route(flow) != Route.CHAT or not flowstate.has_passed(flow, Stage.UPSTREAM):
@@ -211,6 +213,7 @@ class Receipts:
         self.book.promise(receipt_id, key.key_id)
         add_headers(flow, {RECEIPT: receipt_id})
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         receipt_id = flowstate.receipt_id(flow)
         if receipt_id is None:
@@ -226,6 +229,7 @@ class Receipts:
         finally:
             self.book.settled(receipt_id)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         receipt_id = flowstate.receipt_id(flow)
         if receipt_id is not None:

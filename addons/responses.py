@@ -28,6 +28,7 @@ from teegate.addons import flowstate
 from teegate.addons.errors import GatewayError, guarded, json_response, refuse
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.jsonbody import parse_json_object
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.responses_answer import response_from_chat
 from teegate.addons.responses_api import passthrough_fields, responses_param, to_chat
 from teegate.addons.responses_stream import ResponsesStream
@@ -111,7 +112,7 @@ class _Translated:
 
 
 class ResponsesOut:
-    @guarded
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = flowstate.responses_call(flow)
         resp = flow.response
@@ -124,6 +125,7 @@ class ResponsesOut:
         stream = ResponsesStream(call, effective)
         resp.stream = _Translated(resp.stream, stream, flowstate.request_id(flow))
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         call = flowstate.responses_call(flow)
         resp = flow.response

@@ -39,8 +39,8 @@ from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.chutes import e2ee_failed, upstream_error
-from teegate.addons.errors import guarded
 from teegate.addons.flowstate import Route
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.sse import Event, SSESplitter
 from teegate.addons.upstream import log_mismatch, model_mismatch
 from teegate.catalog.chutes.e2ee import E2EEError
@@ -256,7 +256,7 @@ def generated_bytes(choices: list[Any]) -> int:
 
 
 class StreamRelay:
-    @guarded
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flowstate.route(flow) != Route.CHAT or flow.response is None:
             return

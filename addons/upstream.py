@@ -31,6 +31,7 @@ from teegate.addons import chutes, flowstate
 from teegate.addons.errors import GatewayError, guarded, refuse, should_retry
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ class AnswerModelCheck:
     (their headers are already on the wire when the first chunk arrives).
     """
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or resp.status_code >= 400:
@@ -201,7 +203,7 @@ class UpstreamErrorRetry:
     on the chat path are touched: an egress passthrough's answers are the other site's own.
     """
 
-    @guarded
+    @guarded_response
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None or resp.status_code < 400:

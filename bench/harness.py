@@ -25,7 +25,7 @@ from bench.litellm import LiteLLMPath, LiteLLMUnavailable, ensure_installed
 from bench.paths import Direct, Mitmdump, Path_, Running
 from bench.procs import cpu_seconds, load_average, memory_mb
 from bench.report import evaluate_targets, markdown
-from bench.teegate_path import TeegatePath
+from bench.teegate_path import PostgresTeegatePath, TeegatePath
 from tests.support.gateway_proc import REPO_ROOT
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-requests", type=_levels, help="the two RSS checkpoints, e.g. 5000,50000")
     p.add_argument("--rss-all", action="store_true", help="RSS phase for every path")
     p.add_argument("--repeat", type=int, help="repetitions per measurement (best kept)")
+    p.add_argument(
+        "--pg",
+        metavar="URL",
+        default=None,
+        help="a PostgreSQL database (postgresql://...) for the paths that need one: teegate "
+        "on PostgreSQL with one worker and with --workers 2 (left out without it)",
+    )
     return p
 
 
@@ -198,12 +205,20 @@ class LoadGen:
 
 
 class Bench:
-    def __init__(self, prof: Profile, skip_litellm: bool, workdir: Path) -> None:
+    def __init__(
+        self, prof: Profile, skip_litellm: bool, workdir: Path, pg: str | None = None
+    ) -> None:
         self.prof = prof
         self.workdir = workdir
         self.load = LoadGen(workdir)
         self.paths: list[Path_] = [Direct(), Mitmdump(), TeegatePath()]
         self.skipped: dict[str, str] = {}
+        if pg:
+            self.paths += [PostgresTeegatePath(pg, 1), PostgresTeegatePath(pg, 2)]
+        else:
+            why = "skipped: needs a PostgreSQL database (--pg postgresql://...)"
+            self.skipped["teegate-pg"] = self.skipped["teegate-w2"] = why
+            log(f"teegate on PostgreSQL (1 and 2 workers) {why}")
         if skip_litellm:
             self.skipped["litellm"] = "skipped (--skip-litellm)"
         else:
@@ -227,10 +242,10 @@ class Bench:
             try:
                 running[p.name] = p.start(upstream, self._dir(f"{p.name}-{tag}"), streaming)
             except Exception as e:
-                if p.name == "litellm":
-                    self.skipped["litellm"] = f"{e}"
+                if p.name not in ("direct", "mitmdump", "teegate"):  # optional paths
+                    self.skipped[p.name] = f"{e}"
                     self.paths.remove(p)
-                    log(f"LiteLLM skipped: {e}")
+                    log(f"{p.name} skipped: {e}")
                 else:
                     for r in running.values():
                         r.stop()
@@ -342,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="teegate-bench-") as tmp:
-        bench = Bench(prof, args.skip_litellm, Path(tmp))
+        bench = Bench(prof, args.skip_litellm, Path(tmp), args.pg)
         meta: dict[str, Any] = {
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "host": platform.node(),

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("direct", "mitmdump", "teegate", "litellm")
+ORDER = ("direct", "mitmdump", "teegate", "teegate-pg", "teegate-w2", "litellm")
 THROUGHPUT_MIN_RATIO = 0.85
 ADDED_P50_MAX_MS = 1.0
 ADDED_TTFT_P50_MAX_MS = 2.0
 RSS_GROWTH_MAX = 1.10
+# Several workers (issue 15), each against one worker on the same (PostgreSQL) ledger.
+WORKERS_RPS_MIN = 1.6  # 2 workers' requests/second at 32 connections
+WORKERS_TTFT_MAX = 0.7  # 2 workers' TTFT p50 at 500 streams
+PG_RPS_MIN = 0.9  # one worker on PostgreSQL against one on SQLite
 PACE_TIE_MS = 0.5  # inter-chunk delays this close count as level (timer resolution, not a lead)
 
 
@@ -130,6 +134,44 @@ def _checkpoints(ph: dict[str, Any]) -> tuple[dict | None, dict | None, dict | N
     return a, b, ph.get("after_warm")
 
 
+def workers_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two workers against one (both on PostgreSQL), and PostgreSQL against SQLite; only
+    when the run had a database (``--pg``)."""
+    small, stream = doc.get("small", {}), doc.get("stream", {})
+    out: list[dict[str, Any]] = []
+
+    def ratio(target: str, a: float | None, b: float | None, ok: Any) -> None:
+        if a is not None and b:
+            out.append({"target": target, "value": f"{a / b:.2f}×", "met": ok(a / b)})
+
+    one, two = small.get("teegate-pg", {}), small.get("teegate-w2", {})
+    lite = small.get("teegate", {})
+    if "32" in one and "32" in two:
+        ratio(
+            f"2 workers >= {WORKERS_RPS_MIN}× one worker's req/s at c=32 (PostgreSQL)",
+            two["32"]["rps"],
+            one["32"]["rps"],
+            lambda r: r >= WORKERS_RPS_MIN,
+        )
+    s1, s2 = stream.get("teegate-pg", {}).get("500"), stream.get("teegate-w2", {}).get("500")
+    if s1 and s2:
+        ratio(
+            f"2 workers' TTFT p50 at 500 streams <= {WORKERS_TTFT_MAX}× one worker's",
+            s2["ttft_ms"]["p50"],
+            s1["ttft_ms"]["p50"],
+            lambda r: r <= WORKERS_TTFT_MAX,
+        )
+    for c in sorted(one, key=int):
+        if c in lite:
+            ratio(
+                f"PostgreSQL one worker >= {PG_RPS_MIN}× SQLite's req/s at c={c}",
+                one[c]["rps"],
+                lite[c]["rps"],
+                lambda r: r >= PG_RPS_MIN,
+            )
+    return out
+
+
 def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the figures it was judged on and whether it was met
     (``None`` when a figure is missing)."""
@@ -194,7 +236,8 @@ def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": not behind,
             }
         )
-    for name in ("direct", "mitmdump", "teegate", "litellm"):
+    out += workers_targets(doc)
+    for name in ORDER:
         bad = sum(_bad(r) for r in small.get(name, {}).values()) + sum(
             _bad(r) + r.get("no_token", 0) for r in stream.get(name, {}).values()
         )

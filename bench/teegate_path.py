@@ -17,6 +17,7 @@ months apart say what they measured.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,18 @@ def _cli(*args: str) -> str:
 class TeegatePath:
     name, label = "teegate", "teegate (full)"
 
-    def __init__(self, extra_toml: str = "") -> None:
+    def __init__(
+        self,
+        extra_toml: str = "",
+        *,
+        module: str = "teegate",
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.extra_toml = extra_toml  # added to the gateway's proxy.toml (e.g. the upstream kind)
+        self.module = module  # what ``python -m`` runs: teegate, or bench.timeline_probe
+        self.env = env or {}
+        self.args = args  # added to ``teegate run`` (e.g. --workers 2)
         sections = _sections()
         self.ledger_section = next((s for s in ("ledger", "billing") if s in sections), None)
         self.attestation = "attestation" in sections
@@ -113,7 +124,15 @@ class TeegatePath:
         if self.attestation:
             extra += _attestation_toml(upstream)
         extra += self.extra_toml
-        gw = start_gateway(upstream.base_url, upstream.api_key, extra_toml=extra, workdir=workdir)
+        gw = start_gateway(
+            upstream.base_url,
+            upstream.api_key,
+            extra_toml=extra,
+            workdir=workdir,
+            module=self.module,
+            env=self.env,
+            args=self.args,
+        )
         return Running(gw.base_url + CHAT, key, gw.process.pid, gw.stop)
 
 
@@ -128,3 +147,39 @@ def _attestation_toml(upstream: SandboxProc) -> str:
 
     make = getattr(sandbox, "attestation_toml", None)
     return make(upstream.base_url) if callable(make) else ""
+
+
+class PostgresTeegatePath(TeegatePath):
+    """teegate on a PostgreSQL ledger (``$TEEGATE_DB``), with one or several workers.
+
+    Every start gets its own funded account and key in the one database given (``--pg``):
+    accounts outlive a gateway there, unlike a temporary SQLite file.
+    """
+
+    def __init__(self, url: str, workers: int) -> None:
+        args = ("--workers", str(workers)) if workers > 1 else ()
+        super().__init__(env={"TEEGATE_DB": url}, args=args)
+        self.url = url
+        self.workers = workers
+        self.name = f"teegate-w{workers}" if workers > 1 else "teegate-pg"
+        self.label = f"teegate --workers {workers} (PostgreSQL)" if workers > 1 else (
+            "teegate (PostgreSQL)"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "what": f"teegate run --workers {self.workers}, PostgreSQL ledger",
+            "workers": self.workers,
+        }
+
+    def _ledger(self, workdir: Path) -> tuple[str, str]:
+        account = f"bench-{workdir.name}-{secrets.token_hex(4)}"
+        _cli("accounts", "create", account, "--db", self.url, "--topup", TOPUP_USD)
+        out = _cli(
+            "keys", "create", account, "--db", self.url, "--rate-limit", str(RATE_LIMIT_PER_MIN)
+        )
+        m = re.search(r"^api key:\s*(\S+)", out, re.M)
+        if m is None:
+            raise RuntimeError("teegate keys create printed no key")
+        return "", m.group(1)  # the gateway finds the database in $TEEGATE_DB

@@ -29,6 +29,15 @@ FINALIZE_USAGE = (
     "charge_micro = ?, source = ?, status = ?, start_ms = ?, first_byte_ms = ?, end_ms = ?, "
     "finalized_ms = ? WHERE reservation_id = ? AND state = 'open'"
 )
+# FINALIZE_USAGE for many rows in one statement (see insert_rows): "{rows}" is replaced by
+# "(?, ...), (?, ...)", one group of the same twelve values per settlement or release.
+_FINALIZE_USAGE_MANY = (
+    "UPDATE usage SET state = v.column1, prompt_tokens = v.column2, "
+    "completion_tokens = v.column3, cached_tokens = v.column4, charge_micro = v.column5, "
+    "source = v.column6, status = v.column7, start_ms = v.column8, first_byte_ms = v.column9, "
+    "end_ms = v.column10, finalized_ms = v.column11 FROM (VALUES {rows}) AS v "
+    "WHERE usage.reservation_id = v.column12 AND usage.state = 'open'"
+)
 _FINALIZE_USAGE_ABOVE = (
     "UPDATE usage SET state = ?, prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, "
     "charge_micro = ?, unrecovered_micro = ?, source = ?, status = ?, start_ms = ?, "
@@ -59,14 +68,16 @@ class Batch:
             # We hold the write lock: nobody else inserts, so the ids are ours.
             first = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0]) + 1
             ids = list(range(first, first + len(self.reservations)))
-            conn.executemany(
+            insert_rows(
+                conn,
                 INSERT_ENTRY,
                 [
                     (i, r.account_id, "reservation", -r.amount_micro, None, r.created_ms, None)
                     for i, r in zip(ids, self.reservations, strict=True)
                 ],
             )
-            conn.executemany(
+            insert_rows(
+                conn,
                 _INSERT_USAGE,
                 [
                     (
@@ -89,7 +100,8 @@ class Batch:
         within = [f for f in self.finals if f.delta_micro >= 0]
         above = [f for f in self.finals if f.delta_micro < 0]
         if within:
-            conn.executemany(
+            insert_rows(
+                conn,
                 INSERT_ENTRY,
                 [
                     (
@@ -104,7 +116,7 @@ class Batch:
                     for f in within
                 ],
             )
-            conn.executemany(FINALIZE_USAGE, [usage_params(f) for f in within])
+            finalize_rows(conn, [usage_params(f) for f in within])
             for f in within:
                 deltas[f.account_id] += f.delta_micro
         conn.executemany(ADD_BALANCE, [(d, a) for a, d in deltas.items() if d])
@@ -136,6 +148,39 @@ def _settle_above_hold(conn: sqlite3.Connection, f: Finalization) -> Shortfall:
     params = usage_params(f)
     conn.execute(_FINALIZE_USAGE_ABOVE, (*params[:4], charged, unrecovered, *params[5:]))
     return Shortfall(final=f, charged_micro=charged, unrecovered_micro=unrecovered)
+
+
+MAX_PARAMS = 999  # SQLite's historical limit of host parameters per statement
+
+
+def insert_rows(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """``sql`` (a one-row ``INSERT ... VALUES (...)``) for every row, as few statements.
+
+    ``executemany`` steps the statement once per row, and Python's sqlite3 releases and
+    re-takes the GIL around every step: on a gateway whose event loop holds the GIL most of
+    the time (concurrent streams), each re-take is a wait of up to the interpreter's switch
+    interval (5 ms), paid by the reservation waiting for this commit (docs/bench.md, "Third
+    round"). One multi-row statement is one step.
+    """
+    head, _, one = sql.partition("VALUES ")
+    per = max(1, MAX_PARAMS // max(1, one.count("?")))
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.execute(
+            head + "VALUES " + ", ".join([one] * len(chunk)),
+            [v for row in chunk for v in row],
+        )
+
+
+def finalize_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """:data:`FINALIZE_USAGE` for every row (``usage_params``), as few statements."""
+    per = MAX_PARAMS // 12
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        groups = ", ".join(["(" + ", ".join(["?"] * 12) + ")"] * len(chunk))
+        conn.execute(
+            _FINALIZE_USAGE_MANY.format(rows=groups), [v for row in chunk for v in row]
+        )
 
 
 def usage_params(f: Finalization) -> tuple[Any, ...]:

@@ -157,6 +157,7 @@ class Ledger:
             self._txn_lock,
             self._balances,
             self._registered,
+            on_abandoned=self._release_cancelled,
             batch_ms=batch_ms,
             batch_max=batch_max,
             settle_linger_ms=settle_linger_ms,
@@ -463,11 +464,17 @@ class Ledger:
             self._balances.unhold(account_id, amount)
             raise
         assert future is not None
+        # Awaited directly, not through asyncio.shield: each future in the chain from the
+        # commit to this task costs one more turn of the event loop, and under concurrent
+        # streams a turn is what delays the request leaving (docs/bench.md, "Third round").
         try:
-            return await asyncio.shield(future)
+            return await future
         except asyncio.CancelledError:
-            # The caller gave up (client gone); the hold may still commit.
-            future.add_done_callback(self._release_abandoned)
+            # The caller gave up (client gone). Still pending: the cancel reached the future,
+            # and the writer releases the reservation as it commits (_release_cancelled).
+            # Already committed (cancelled while waking up): release it here.
+            if future.done() and not future.cancelled():
+                self._release_abandoned(future)
             raise
 
     def _registered(self, op: NewReservation, reservation_id: int) -> Reservation:
@@ -488,7 +495,9 @@ class Ledger:
     def _release_abandoned(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        res: Reservation = future.result()
+        self._release_cancelled(future.result())
+
+    def _release_cancelled(self, res: Reservation) -> None:
         with contextlib.suppress(LedgerError):
             self._finalize_release(res, "cancelled before upstream", None)
 

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import aiosqlite
 import structlog
@@ -308,6 +308,7 @@ class Store(Reports):
         finals: Sequence[Finalization],
         *,
         on_commit: Callable[[tuple[list[int], dict[int, int]]], object] | None = None,
+        follow_up: FollowUp | None = None,
     ) -> tuple[list[int], dict[int, int]]:
         """Commit reservations and finalisations in one transaction.
 
@@ -321,6 +322,10 @@ class Store(Reports):
         ``on_commit(result)`` is called on that thread right after COMMIT
         (for a thread-safe early notification; anything it raises is ignored,
         the result is returned either way).
+
+        ``follow_up`` (:class:`FollowUp`): reservations that arrived while this batch was
+        being committed, committed next on the same thread without a turn of the event loop
+        in between (see ``ledger/writer.py``, "express").
         """
         batch = Batch(list(reservations), list(finals))
 
@@ -329,6 +334,9 @@ class Store(Reports):
             if on_commit is not None:
                 with contextlib.suppress(Exception):  # committed: never report it as failed
                     on_commit(result)
+            if follow_up is not None:
+                with contextlib.suppress(Exception):  # this batch's result stands regardless
+                    _follow_up(conn, follow_up)
             return result
 
         result = await run_on_connection(self.db, run)
@@ -396,3 +404,37 @@ class Store(Reports):
 
 def _is_file(path: str) -> bool:
     return Path(path).is_file()
+
+
+class FollowUp:
+    """Reservations to commit on the database thread right after a batch, in batches of
+    their own, and where to report each (see :meth:`Store.apply_batch`).
+
+    ``take()`` is called on the database thread and returns the next reservations (empty:
+    done); ``landed(taken, result)`` and ``failed(taken, error)`` are called there too and
+    must only hand over to the event loop (``call_soon_threadsafe``). A failed follow-up
+    transaction is rolled back and its reservations handed back for the ordinary path.
+    """
+
+    def __init__(
+        self,
+        take: Callable[[], list[Any]],
+        landed: Callable[[list[Any], tuple[list[int], dict[int, int]]], object],
+        failed: Callable[[list[Any], BaseException], object],
+        rounds: int,
+    ) -> None:
+        self.take, self.landed, self.failed, self.rounds = take, landed, failed, rounds
+
+
+def _follow_up(conn: sqlite3.Connection, follow: FollowUp) -> None:
+    for _ in range(follow.rounds):
+        taken = follow.take()
+        if not taken:
+            return
+        batch = Batch([t.op for t in taken], [])
+        try:
+            result = dbthread.transaction(conn, batch.apply)
+        except Exception as e:  # rolled back: the ordinary path commits (or fails) them
+            follow.failed(taken, e)
+            return
+        follow.landed(taken, result)

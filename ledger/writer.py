@@ -11,6 +11,16 @@ themselves (bench/ledger_cost.py, docs/bench.md), so it defaults to 0. Settlemen
 and releases, which nobody waits for, ride along with the next reservation's commit,
 or go on their own after ``settle_linger_ms`` (see :meth:`GroupCommitter._kick`).
 
+Express: a reservation submitted while a commit is on the database thread does not wait
+for that commit to come back to the event loop before its own starts. It goes into a
+thread-safe lane that the database thread empties right after the COMMIT, in a follow-up
+transaction of its own, and its waiter is resumed from there. Under concurrent streams a
+turn of the event loop is what costs (each relays many chunks), and the ordinary path paid
+two or three of them between one commit and the next (docs/bench.md, "Third round"). A
+follow-up that fails is rolled back and its reservations take the ordinary path below;
+what the thread did not take joins the ordinary queue when the commit returns. Lingering
+settlements ride only with ordinary commits (or go after their linger).
+
 Failure handling (fail closed, never lose a charge):
 
 * a failed batch that hit a constraint is retried one operation at a time,
@@ -37,11 +47,12 @@ import structlog
 from teegate.ledger.balances import Balances
 from teegate.ledger.errors import LedgerUnavailable
 from teegate.ledger.ops import Finalization, NewReservation
-from teegate.ledger.store import Store
+from teegate.ledger.store import FollowUp, Store
 
 log = structlog.get_logger("teegate.ledger")
 
 Op = NewReservation | Finalization | None  # None marks a flush point
+EXPRESS_ROUNDS = 4  # follow-up transactions per hand-off at most (the lock is held meanwhile)
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +70,7 @@ class GroupCommitter:
         balances: Balances,
         on_reserved: Callable[[NewReservation, int], Any],
         *,
+        on_abandoned: Callable[[Any], Any] = lambda _: None,
         batch_ms: float,
         batch_max: int,
         settle_linger_ms: float = 50.0,
@@ -69,6 +81,7 @@ class GroupCommitter:
         self._lock = txn_lock
         self._balances = balances
         self._on_reserved = on_reserved
+        self._on_abandoned = on_abandoned  # a committed reservation whose waiter gave up
         self._batch_s = batch_ms / 1000
         self._batch_max = batch_max
         self._settle_linger_s = settle_linger_ms / 1000
@@ -78,10 +91,15 @@ class GroupCommitter:
         self._linger: asyncio.TimerHandle | None = None  # settlements alone, waiting
         self._start: asyncio.Handle | None = None  # a drain starting next iteration
         self._inflight: list[_Item] = []  # the batch being committed
+        # Reservations submitted while a commit is on the database thread: taken from there
+        # right after its COMMIT (thread-safe deque appends/pops; see _express_take).
+        self._express: deque[_Item] = deque()
+        self._express_open = False
         self._started = False
         self._stopping = False
         self._failures = 0
         self.commits = 0  # number of transactions committed (for measurement)
+        self.express_commits = 0  # of which follow-ups on the database thread
 
     def start(self) -> None:
         self._started = True
@@ -94,7 +112,11 @@ class GroupCommitter:
         if self._stopping or not self._started:
             raise LedgerUnavailable("the ledger is closed")
         future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append(_Item(op, hold, future))
+        item = _Item(op, hold, future)
+        if self._express_open and isinstance(op, NewReservation) and future is not None:
+            self._express.append(item)  # committed right after the commit in flight
+            return future
+        self._queue.append(item)
         self._waiting += wait
         self._kick()
         return future
@@ -217,7 +239,11 @@ class GroupCommitter:
                 self._balances.committed(released, balances)
                 self.commits += 1
                 for item, rid in zip(reservations, ids, strict=True):
-                    _resolve(item.future, self._on_reserved(item.op, rid))  # type: ignore[arg-type]
+                    reservation = self._on_reserved(item.op, rid)  # type: ignore[arg-type]
+                    if item.future is not None and item.future.cancelled():
+                        self._on_abandoned(reservation)  # its request was cancelled meanwhile
+                    else:
+                        _resolve(item.future, reservation)
                 for item in batch:
                     if item.op is None:
                         _resolve(item.future, None)
@@ -226,13 +252,25 @@ class GroupCommitter:
                 for item in batch:
                     _reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))
 
+        follow = FollowUp(
+            take=self._express_take,
+            landed=lambda items, r: loop.call_soon_threadsafe(self._express_landed, items, r),
+            failed=lambda items, e: loop.call_soon_threadsafe(self._express_failed, items),
+            rounds=EXPRESS_ROUNDS,
+        )
         try:
             async with self._lock:
-                result = await self._store.apply_batch(
-                    [i.op for i in reservations],  # type: ignore[misc]
-                    [i.op for i in finals],  # type: ignore[misc]
-                    on_commit=lambda r: loop.call_soon_threadsafe(on_commit, r),
-                )
+                self._express_open = True
+                try:
+                    result = await self._store.apply_batch(
+                        [i.op for i in reservations],  # type: ignore[misc]
+                        [i.op for i in finals],  # type: ignore[misc]
+                        on_commit=lambda r: loop.call_soon_threadsafe(on_commit, r),
+                        follow_up=follow,
+                    )
+                finally:
+                    self._express_open = False
+                    self._express_leftovers()
                 on_commit(result)  # no-op when the early call ran (it is queued first)
         except sqlite3.IntegrityError as e:
             if len(batch) > 1:
@@ -250,6 +288,58 @@ class GroupCommitter:
             self._failures = min(self._failures + 1, 10)
             return
         self._failures = 0
+
+    # -- express: reservations committed right after the commit in flight -------------
+
+    def _express_take(self) -> list[_Item]:
+        """On the database thread: the reservations waiting in the express lane."""
+        taken: list[_Item] = []
+        while self._express and len(taken) < self._batch_max:
+            taken.append(self._express.popleft())  # deque.popleft: atomic under the GIL
+        return taken
+
+    def _express_landed(self, items: list[_Item], result: tuple[list[int], dict[int, int]]) -> None:
+        """On the loop: an express batch committed; the bookkeeping of a landed batch."""
+        try:
+            ids, balances = result
+            released: defaultdict[int, int] = defaultdict(int)
+            for item in items:
+                released[item.op.account_id] += item.hold  # type: ignore[union-attr]
+            self._balances.committed(released, balances)
+            self.commits += 1
+            self.express_commits += 1
+            for item, rid in zip(items, ids, strict=True):
+                reservation = self._on_reserved(item.op, rid)  # type: ignore[arg-type]
+                if item.future is not None and item.future.cancelled():
+                    self._on_abandoned(reservation)
+                else:
+                    _resolve(item.future, reservation)
+        except Exception as e:  # a bug: fail the waiters closed rather than leave them hanging
+            log.error("ledger.commit_bookkeeping_failed", error=type(e).__name__)
+            for item in items:
+                _reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))
+
+    def _express_failed(self, items: list[_Item]) -> None:
+        """On the loop: an express transaction was rolled back; the ordinary path retries
+        its reservations (one at a time on a constraint, as any batch)."""
+        self._queue.extendleft(reversed(items))
+        self._waiting += sum(1 for i in items if i.future is not None)
+        self._kick()
+
+    def _express_leftovers(self) -> None:
+        """On the loop, once the commit's call returned: what the database thread did not
+        take (appended after its last look) goes first in the ordinary queue, ahead of any
+        flush point queued after it was submitted."""
+        left: list[_Item] = []
+        while True:
+            try:
+                left.append(self._express.popleft())  # atomic: safe even if the thread
+            except IndexError:  # still runs (a cancelled caller), each item goes one way
+                break
+        if left:
+            self._queue.extendleft(reversed(left))
+            self._waiting += len(left)
+            self._kick()
 
     def _fail(
         self, batch: list[_Item], error: Exception, *, retry: bool, duplicate: bool = False

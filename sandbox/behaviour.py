@@ -44,6 +44,9 @@ class Behaviour(BaseModel):
     # The first instance of every chute restarts with a new E2EE key (while on): discovery and
     # evidence show the new key; requests sealed to the old one no longer decrypt.
     chutes_rotate_key: bool = False
+    # The first instance of every chute sends GPU evidence signed over an old nonce (its quote
+    # is fine): canned or replayed GPU evidence, which must get that instance refused.
+    chutes_gpu_stale_nonce: bool = False
     # /e2e/invoke refuses every nonce token (403); /e2e/instances answers 429 (no tokens).
     chutes_refuse_tokens: bool = False
     chutes_exhaust_tokens: bool = False

@@ -166,16 +166,20 @@ class GpuTestPki:
         r, s = decode_dss_signature(der)
         return signed + r.to_bytes(48, "big") + s.to_bytes(48, "big")
 
-    def payload(self, nonce: bytes, *, spdm_nonce: bytes | None = None) -> str:
-        """``nvidia_payload`` JSON text echoing ``nonce``; the signed SPDM requests carry
-        ``spdm_nonce`` (default: the same nonce; another value makes it stale)."""
-        signed_nonce = nonce if spdm_nonce is None else spdm_nonce
-        items = [
+    def items(self, nonce: bytes) -> list[dict[str, str]]:
+        """One ``{"certificate", "evidence", "arch"}`` item per GPU, the SPDM requests signed
+        over ``nonce``: the bare list NVIDIA's SDK returns (Chutes' ``gpu_evidence``)."""
+        return [
             {
                 "certificate": base64.b64encode(self.chain_pem(i)).decode(),
-                "evidence": base64.b64encode(self.spdm(i, signed_nonce)).decode(),
+                "evidence": base64.b64encode(self.spdm(i, nonce)).decode(),
                 "arch": "HOPPER",
             }
             for i in range(self.gpus)
         ]
+
+    def payload(self, nonce: bytes, *, spdm_nonce: bytes | None = None) -> str:
+        """``nvidia_payload`` JSON text echoing ``nonce``; the signed SPDM requests carry
+        ``spdm_nonce`` (default: the same nonce; another value makes it stale)."""
+        items = self.items(nonce if spdm_nonce is None else spdm_nonce)
         return json.dumps({"nonce": nonce.hex(), "evidence_list": items, "arch": "HOPPER"})

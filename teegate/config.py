@@ -305,6 +305,8 @@ class ReceiptSettings(_Section):
     quote_provider: Path | None = None
     """When teegate itself runs in an Intel TD: the configfs-tsm report directory
     (``/sys/kernel/config/tsm/report``) that makes its TDX quote binding that public key."""
+
+
 class AdminSettings(_Section):
     """The admin listener: metrics, health checks and the admin API (teegate/admin/)."""
 
@@ -333,6 +335,17 @@ class AdminSettings(_Section):
         return _loopback(self.listen)
 
 
+class WorkerSettings(_Section):
+    """Gateway processes sharing the listeners (``teegate run --workers N``); docs in proxy.toml."""
+
+    count: int = Field(1, ge=1, le=256)
+    """Gateway processes (``--workers`` overrides). Above 1 needs a ledger every process
+    shares (PostgreSQL): the SQLite ledger serves one process."""
+    drain_s: int = Field(30, ge=0, le=3600)
+    """On SIGTERM/Ctrl-C, seconds to let requests in flight (streams) finish after the
+    listeners close, before the process stops anyway. A second signal stops at once."""
+
+
 class Settings(_Section):
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -346,6 +359,9 @@ class Settings(_Section):
     ratelimit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
     admin: AdminSettings = AdminSettings()
+
+
+    workers: WorkerSettings = WorkerSettings()
     attestation: Policy = Policy()
     """Hardware attestation: mode "dcap" (verify TDX quotes) or "flag"; see proxy.toml."""
     signatures: SignatureSettings = SignatureSettings()

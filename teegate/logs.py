@@ -48,10 +48,14 @@ def _safe_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure(level: str = "info") -> None:
+def configure(level: str = "info", worker: int | None = None) -> None:
+    """``worker``: the id a supervised worker was given, on each of its lines (``"worker"``),
+    so the lines of N processes sharing one stderr can be told apart."""
+    stamp = [_worker_stamp(worker)] if worker is not None else []
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
+            *stamp,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks,
             _safe_strings,
@@ -61,3 +65,11 @@ def configure(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def _worker_stamp(worker: int) -> Any:
+    def stamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("worker", worker)
+        return event
+
+    return stamp

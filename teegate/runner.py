@@ -20,6 +20,7 @@ from teegate.addons.billing import Billing
 from teegate.addons.catalogsync import CatalogSync
 from teegate.addons.chutes import E2EEOpen
 from teegate.addons.deadline import UpstreamDeadline
+from teegate.addons.drain import Drain
 from teegate.addons.egress import Egress
 from teegate.addons.egress_auth import EgressAuth
 from teegate.addons.errors import html_free_error_pages
@@ -42,7 +43,9 @@ from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
 from teegate.ledger.pgschema import redact
+from teegate.listeners import share_port
 from teegate.master import GatewayMaster
+from teegate.supervisor import die_with_parent
 
 # Every stage must approve a chat completion before Seal lets it leave.
 REQUIRED_STAGES = tuple(Stage)
@@ -103,6 +106,7 @@ def build_addons(
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
+        Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran
     ]
 
 
@@ -177,9 +181,11 @@ async def serve(
 ) -> None:
     """Run one gateway process until it is told to stop.
 
-    ``worker_id`` names this process to a PostgreSQL ledger (unique across every
-    process and machine on the database; None: the database hands out the next
-    one). Several processes may serve from one PostgreSQL ledger; an SQLite
+    ``worker_id``: set for a worker of ``teegate run --workers N`` (teegate/supervisor.py),
+    whose listeners share their ports with the other workers'. It also names this process to
+    a PostgreSQL ledger (its advisory lock and crash recovery are keyed by it, so a worker
+    restarted under the same id charges what its previous life left open; None: the database
+    hands out the next id). Several processes may serve from one PostgreSQL ledger; an SQLite
     ledger refuses a second one (:class:`~teegate.ledger.LedgerLocked`).
     """
     settings.upstream.resolved_api_key()  # none: stop here, not at the first request
@@ -189,6 +195,10 @@ async def serve(
     load_or_create_key(settings.receipts.key_path)  # made (0600) or checked before listening
     # Opened before listening (a locked or too-new database stops the start; open
     # reservations of a crashed run are settled), closed after (queued charges commit).
+    if worker_id is not None:
+        die_with_parent()
+        share_port()
+    # worker_id: the PostgreSQL ledger's per-worker lock (issue 15); SQLite serves one process.
     ledger = await Ledger.open(
         settings.ledger.location,
         key_prefix=settings.ledger.key_prefix,
@@ -206,15 +216,18 @@ async def serve(
         master = GatewayMaster(options.Options())
         master.addons.add(*build_addons(settings, link, ready, observed))
         master.options.update(**option_values(settings))
-        if settings.admin.active:
-            # Before the proxy listens, so READY names it; it reads the objects lazily.
+        if settings.admin.active and worker_id in (None, 1):
+            # Before the proxy listens, so READY names it; it reads the objects lazily. With
+            # --workers, worker 1 alone serves it (dashboard sessions live in one process), and
+            # /metrics adds up every worker's counters (PROMETHEUS_MULTIPROC_DIR, supervisor.py).
             admin = AdminServer(settings.admin, observed, link)
             await admin.start()
             assert admin.url is not None
             ready.others["admin"] = admin.url
+        drain = master.addons.get("drain")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, master.shutdown)
+            loop.add_signal_handler(sig, drain.stop)
         await master.run()
     finally:
         if admin is not None:
@@ -227,9 +240,9 @@ def intercepted_hosts(settings: Settings) -> list[str]:
     return [settings.upstream.origin_parts.host, *settings.egress.all_llm_hosts]
 
 
-def run(settings: Settings, ready: Ready | None = None) -> int:
+def run(settings: Settings, ready: Ready | None = None, *, worker_id: int | None = None) -> int:
     try:
-        asyncio.run(serve(settings, ready))
+        asyncio.run(serve(settings, ready, worker_id=worker_id))
     except KeyboardInterrupt:
         pass
     except LedgerError as e:

@@ -19,7 +19,25 @@ Wire facts (``chutesai/chutes-api``; cross-checked against the reference verifie
 
 Everything else (chain to Intel's root, TCB, debug bit, measurement allow-lists) is the same
 ordered list of checks as for NEAR AI / Phala, in :mod:`verifier`, with this module's binding
-plugged in. GPU evidence is recorded, not verified (as for NEAR), until a GPU verifier exists.
+plugged in.
+
+GPU evidence (``gpu_evidence``: the bare list of per-GPU items NVIDIA's attestation SDK's
+``get_evidence`` returns) is verified by :mod:`.gpu` like NEAR's ``nvidia_payload``, but
+against another nonce: the instance binds its GPUs to the SAME 32 bytes as
+``report_data[0:32]``, ``sha256((nonce_hex + e2e_pubkey_b64).encode())``. Sources:
+``chutesai/chutes`` ``chutes/entrypoint/verify.py`` ``TeeEvidenceService._fetch_evidence``
+computes that digest (hex) and sends it as ``nonce`` to the node's attestation service
+``/server/attest``; ``chutesai/sek8s`` ``sek8s/services/attestation.py`` ``attest`` passes
+that one value both to ``TdxQuoteProvider.get_quote`` (``report_data = nonce_hex +
+cert_hash_hex``, ``sek8s/providers/tdx.py``) and to ``NvEvidenceProvider.get_evidence``
+(``chutes-nvevidence --nonce``, ``nvevidence/chutes_nvevidence/attestation.py``:
+``Attestation.set_nonce`` then ``get_evidence``), and ``chutesai/chutes-api``
+(``TeeServerClient.get_chute_evidence``) relays ``json.loads(nvtrust_evidence)`` as
+``gpu_evidence``; its own ``verify_gpu_evidence`` checks the GPUs against the same expected
+nonce as the quote. The reference verifier in ``nearai/cloud-api``
+(``attested/chutes/attestation.rs``) says the same: "the NVIDIA evidence is bound to a
+Chutes-derived nonce, not the raw caller nonce". So a GPU report replayed from another
+instance, or from another of our nonces, fails the signed-nonce check.
 
 Why this module is long: the wire format, the binding and the fetch/verify steps of one
 upstream's evidence belong together; a reviewer checks the parse against the binding here.
@@ -277,7 +295,7 @@ def verify_instances(
             model=model,
             parse=lambda _doc, node=node: [node],
             binding=chutes_binding(nonce_hex, key, entry.certificate_der),
-            verify_gpu=False,
+            gpu_nonce=key_binding_digest(nonce_hex, key),
         )
         spki = spki_sha256(entry.certificate_der)
         out.append(
@@ -293,7 +311,7 @@ def verify_instances(
                 mrtd=v.mrtd,
                 verified_at=v.verified_at,
                 expires_at=v.expires_at,
-                gpu="unverified" if entry.gpu_evidence else "absent",
+                gpu=v.gpu,
                 checks=v.checks,
             )
         )
@@ -319,6 +337,9 @@ def model_verdict(
         )
         reason = f"attestation failed: {reason}"
         first = None
+    # The GPU part shown for the model: the instance whose quote it names (served), or the
+    # one whose failure is the reason (refused).
+    shown = first or next((i for i in instances if not i.ok), None)
     return Verdict(
         model=model,
         ok=ok,
@@ -331,6 +352,7 @@ def model_verdict(
         tee_type="TDX" if first else None,
         tcb_status=first.tcb_status if first else None,
         mrtd=first.mrtd if first else None,
+        gpu=shown.gpu if shown else "absent",
         evidence_kind="chutes",
         instances=tuple(instances),
     )

@@ -36,7 +36,8 @@ class InstanceVerdict(BaseModel):
     mrtd: str | None = None
     verified_at: int
     expires_at: int
-    gpu: Literal["unverified", "absent"] = "unverified"
+    gpu: GpuVerdict | Literal["unverified", "absent"] = "unverified"
+    """The instance's GPUs, verified for the digest its quote binds (see ``.chutes``)."""
     checks: dict[str, bool] = Field(default_factory=dict)
 
     def usable(self, now: float, e2e_pubkey: str) -> bool:
@@ -44,8 +45,12 @@ class InstanceVerdict(BaseModel):
         return self.ok and now < self.expires_at and e2e_pubkey == self.e2e_pubkey
 
     def summary(self) -> dict[str, Any]:
-        """What clients and logs are shown (the key itself only by its hash)."""
-        return self.model_dump(mode="json", exclude={"e2e_pubkey"})
+        """What clients and logs are shown (the key itself only by its hash, the GPU part
+        without per-GPU detail)."""
+        shown = self.model_dump(mode="json", exclude={"e2e_pubkey"})
+        if isinstance(self.gpu, GpuVerdict):
+            shown["gpu"] = self.gpu.model_dump(mode="json", exclude={"gpus", "skipped"})
+        return shown
 
 
 class Verdict(BaseModel):

@@ -348,7 +348,7 @@ def verify_evidence(
     tls_fingerprint: bytes | None = None,
     require_binding: bool = True,
     binding: BindingCheck | None = None,
-    verify_gpu: bool = True,
+    gpu_nonce: bytes | None = None,
 ) -> Verdict:
     """Verify ``evidence`` (as received) for ``model`` at unix time ``now``.
 
@@ -357,8 +357,9 @@ def verify_evidence(
     Intel's root (always, outside tests). ``require_binding=False`` (offline inspection of a
     bare quote only) turns a missing nonce or signing key into a skipped check instead of a
     failure. ``binding``: the upstream's own report_data checks (Chutes); None for NEAR AI /
-    Phala's layout. ``verify_gpu=False``: GPU evidence is only recorded (Chutes, whose GPU
-    evidence binds another value than our nonce, is not verified yet).
+    Phala's layout. ``gpu_nonce``: the 32 bytes the GPUs' signed SPDM requests must carry
+    when the upstream binds its GPU evidence to something else than ``nonce`` (Chutes: the
+    same digest of our nonce and the instance key as ``report_data[0:32]``); None: ``nonce``.
     """
     if nonce is not None and len(nonce) != 32:
         raise ValueError("nonce must be 32 bytes")
@@ -406,19 +407,20 @@ def verify_evidence(
                 expires_at=retry_at,
                 checks={"evidence_well_formed": False},
             )
-    gpu = _gpu_part(nodes, nonce=nonce, policy=policy, now=now, verify=verify_gpu)
-    return _combine(base, results, policy, now, gpu=gpu, verify_gpu=verify_gpu)
+    gpu_bound = nonce if gpu_nonce is None else gpu_nonce
+    gpu = _gpu_part(nodes, nonce=gpu_bound, policy=policy, now=now)
+    return _combine(base, results, policy, now, gpu=gpu)
 
 
 def _gpu_part(
-    nodes: list[NodeEvidence], *, nonce: bytes | None, policy: Policy, now: int, verify: bool
+    nodes: list[NodeEvidence], *, nonce: bytes | None, policy: Policy, now: int
 ) -> GpuVerdict | Literal["unverified", "absent"]:
     """Each TD's GPU evidence verified for the same nonce its quote binds (``gpu_evidence``
     "verify" / "require"), or only recorded ("record")."""
     payloads = [node.gpu_payload for node in nodes if node.gpu_payload]
     if not payloads:
         return "absent"
-    if policy.gpu_evidence == "record" or not verify:
+    if policy.gpu_evidence == "record":
         return "unverified"
     bare = [i for i, node in enumerate(nodes) if not node.gpu_payload]
     if bare and policy.gpu_evidence == "require":
@@ -441,7 +443,6 @@ def _combine(
     now: int,
     *,
     gpu: GpuVerdict | Literal["unverified", "absent"],
-    verify_gpu: bool = True,
 ) -> Verdict:
     checks: dict[str, bool] = {"evidence_well_formed": True}
     for res in results:
@@ -456,7 +457,7 @@ def _combine(
         checks["gpu_evidence_verified"] = gpu.ok
         if not gpu.ok:
             failures.append(gpu.reason)
-    elif gpu == "absent" and policy.gpu_evidence == "require" and verify_gpu:
+    elif gpu == "absent" and policy.gpu_evidence == "require":
         checks["gpu_evidence_present"] = False
         failures.append("no GPU evidence, and policy requires it")
     ok = not failures

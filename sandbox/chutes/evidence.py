@@ -12,7 +12,15 @@ that the enclave holds the key it is about to encrypt to.
 
 Answer (as ``api/chute/router.py`` ``TeeChuteEvidence``): ``{"evidence": [{"quote": base64,
 "gpu_evidence": [dicts], "instance_id", "certificate": base64 DER}], "failed_instance_ids":
-[...]}``. One field the real API does not send, as in the NEAR-format evidence: ``collateral``
+[...]}``. ``gpu_evidence`` is the test GPU hierarchy's (``sandbox/gpu_evidence.py``, same
+root as the NEAR-format evidence; one GPU per instance, which keeps re-attesting a whole
+fleet every few seconds in the tests cheap), its signed SPDM request over the same 32 bytes
+as ``report_data[0:32]``, as a Chutes node's
+attestation service does (``chutesai/sek8s`` ``/server/attest`` hands one nonce to both the
+quote and NVIDIA's SDK); under ``chutes_gpu_stale_nonce`` the first instance's GPUs sign an
+old nonce instead (canned or replayed GPU evidence).
+
+One field the real API does not send, as in the NEAR-format evidence: ``collateral``
 (dcap_qvl JSON signed under the sandbox's test root) so a gateway can verify offline. The quote
 is minted by the same test PKI and TD image as the NEAR-format evidence (``sandbox/evidence.py``),
 so an operator pins the same root and measurements.
@@ -31,14 +39,11 @@ from cryptography.hazmat.primitives import serialization
 from teegate.sandbox.behaviour import Behaviour
 from teegate.sandbox.chutes.fleet import Fleet, Instance
 from teegate.sandbox.evidence import EvidenceMinter
+from teegate.sandbox.gpu_evidence import GpuTestPki
 
 NONCE_RE = re.compile(r"[0-9a-fA-F]{64}")
-GPU_PLACEHOLDER = {
-    "arch": "HOPPER",
-    "evidence": "",
-    "certificate": "",
-    "sandbox": "placeholder: no GPU, nothing to verify",
-}
+STALE_GPU_NONCE = hashlib.sha256(b"an old Chutes GPU nonce").digest()
+GPUS = GpuTestPki(gpus=1)
 
 
 def spki_sha256(cert_der: bytes) -> bytes:
@@ -57,9 +62,10 @@ def report_data(nonce: str, key_b64: str, cert_der: bytes) -> bytes:
 def _item(minter: EvidenceMinter, inst: Instance, nonce: str, behaviour: Behaviour) -> dict:
     data = report_data(nonce, inst.bound_key_b64(behaviour), inst.cert_der)
     quote = minter.pki.td_quote(data, minter.measurements("valid"))
+    stale = inst.index == 0 and behaviour.chutes_gpu_stale_nonce
     return {
         "quote": base64.b64encode(quote).decode(),
-        "gpu_evidence": [{**GPU_PLACEHOLDER, "nonce": data[:32].hex()}],
+        "gpu_evidence": GPUS.items(STALE_GPU_NONCE if stale else data[:32]),
         "instance_id": inst.instance_id,
         "certificate": base64.b64encode(inst.cert_der).decode(),
         "collateral": minter.collateral("tdx", stale=False),

@@ -1,7 +1,8 @@
 """Chutes per-instance evidence: quotes minted by the test DCAP PKI over the Chutes binding.
 
 Each instance is verified on its own; only a quote binding our nonce, exactly the key
-``/e2e/instances`` gave, and the instance certificate's SPKI makes an instance usable.
+``/e2e/instances`` gave, and the instance certificate's SPKI makes an instance usable, and
+only with GPU evidence (test GPU hierarchy) signed over that same binding digest.
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ from teegate.catalog.attestation.chutes import (
     verify_instances,
 )
 from teegate.catalog.attestation.evidence import EvidenceError
+from teegate.catalog.attestation.gpu import GpuVerdict
 from teegate.sandbox.dcap_pki import (
     DEFAULT_TD_ATTRIBUTES,
     TD_ATTR_DEBUG,
     DcapTestPki,
     TdMeasurements,
 )
+from teegate.sandbox.gpu_evidence import GpuTestPki
+from tests.support.gpu_vectors import trusting_sandbox_gpus
 from tests.support.tdx_vectors import NOW
+
+GPUS = GpuTestPki()
 
 MODEL = "test/chute-TEE"
 MRTD = hashlib.sha384(b"chutes td").digest()
@@ -82,6 +88,7 @@ class Case:
     mrtd: bytes = MRTD
     failed: bool = False
     no_evidence: bool = False
+    gpu: str = "bound"  # "bound" (to the binding digest), "raw_nonce" (ours), "none"
 
 
 def _mint(pki: DcapTestPki, nonce_hex: str, cases: dict[str, Case]) -> tuple[dict, dict[str, str]]:
@@ -101,10 +108,11 @@ def _mint(pki: DcapTestPki, nonce_hex: str, cases: dict[str, Case]) -> tuple[dic
             rtmrs=RTMRS,  # type: ignore[arg-type]
             td_attributes=DEFAULT_TD_ATTRIBUTES | (TD_ATTR_DEBUG if case.debug else 0),
         )
+        gpu_nonce = report_data[:32] if case.gpu == "bound" else bytes.fromhex(nonce_hex)
         rows.append(
             {
                 "quote": base64.b64encode(pki.td_quote(report_data, m)).decode(),
-                "gpu_evidence": [{"certificate": "Y2VydA==", "evidence": "ZQ==", "arch": "HOPPER"}],
+                "gpu_evidence": None if case.gpu == "none" else GPUS.items(gpu_nonce),
                 "instance_id": iid,
                 "certificate": base64.b64encode(cert).decode(),
             }
@@ -123,7 +131,7 @@ def _verify(pki, collateral, doc, keys, nonce_hex, policy=None):
         keys,
         parse_evidence(doc),
         nonce_hex=nonce_hex,
-        policy=policy or Policy(mrtd_allowlist=(MRTD.hex(),)),
+        policy=trusting_sandbox_gpus(policy or Policy(mrtd_allowlist=(MRTD.hex(),))),
         collateral=lambda _q: collateral,
         now=NOW,
         root_ca_der=pki.root_ca_der,
@@ -139,10 +147,13 @@ def test_good_instance_verifies(pki: DcapTestPki, collateral: dict[str, str]) ->
     assert v.key_sha256 == hashlib.sha256(keys["i1"].encode()).hexdigest()
     assert v.checks["report_data_nonce_and_key"] and v.checks["report_data_certificate"]
     assert v.checks["mrtd_allowed"] and v.checks["quote_verified"]
-    assert v.gpu == "unverified"
+    assert isinstance(v.gpu, GpuVerdict) and v.gpu.ok and v.gpu.gpu_count == 2
+    assert v.gpu.checks["gpu_nonce"] and v.checks["gpu_evidence_verified"]
+    assert "gpus" not in v.summary()["gpu"]
     assert v.usable(NOW, keys["i1"]) and not v.usable(NOW, _key())
     verdict = model_verdict(MODEL, [v], now=NOW, root="test", retry_s=60)
     assert verdict.ok and verdict.evidence_kind == "chutes"
+    assert verdict.gpu == v.gpu
     assert "e2e_pubkey" not in verdict.summary()["instances"][0]
 
 
@@ -153,6 +164,8 @@ WRONG: dict[str, tuple[Case, str]] = {
     "wrong_certificate": (Case(bind_cert=_cert()), "report_data_certificate"),
     "debug_td": (Case(debug=True), "not_debug"),
     "mrtd_not_allowed": (Case(mrtd=hashlib.sha384(b"rogue").digest()), "mrtd_allowed"),
+    # GPUs signed over our raw nonce, not the digest the quote binds: not this instance's.
+    "gpu_raw_nonce": (Case(gpu="raw_nonce"), "gpu_evidence_verified"),
 }
 
 
@@ -232,3 +245,30 @@ def test_instances_parse_and_cap_token_lifetime() -> None:
     assert d.instances[0].nonces == ("a", "b") and d.nonce_expires_in == 60
     with pytest.raises(EvidenceError):
         parse_instances({"instances": [{"instance_id": "i"}]})
+
+
+@pytest.mark.parametrize(("gpu_evidence", "usable"), [("verify", True), ("require", False)])
+def test_an_instance_without_gpu_evidence_follows_the_policy(
+    gpu_evidence: str, usable: bool, pki: DcapTestPki, collateral: dict[str, str]
+) -> None:
+    nonce = secrets.token_hex(32)
+    doc, keys = _mint(pki, nonce, {"g": Case(), "cpu_only": Case(gpu="none")})
+    policy = Policy(mrtd_allowlist=(MRTD.hex(),), gpu_evidence=gpu_evidence)
+    by_id = {v.instance_id: v for v in _verify(pki, collateral, doc, keys, nonce, policy)}
+    assert by_id["g"].ok, by_id["g"].reason
+    assert by_id["cpu_only"].gpu == "absent" and by_id["cpu_only"].ok is usable
+    if not usable:
+        assert "no GPU evidence, and policy requires it" in by_id["cpu_only"].reason
+
+
+def test_gpu_evidence_from_another_instance_does_not_verify(
+    pki: DcapTestPki, collateral: dict[str, str]
+) -> None:
+    """Each instance's GPUs are bound to its own key: swapping GPU reports is caught."""
+    nonce = secrets.token_hex(32)
+    doc, keys = _mint(pki, nonce, {"a": Case(), "b": Case()})
+    a, b = doc["evidence"]
+    a["gpu_evidence"], b["gpu_evidence"] = b["gpu_evidence"], a["gpu_evidence"]
+    verdicts = _verify(pki, collateral, doc, keys, nonce)
+    assert not any(v.ok for v in verdicts)
+    assert all("the signed SPDM" in v.reason for v in verdicts), [v.reason for v in verdicts]

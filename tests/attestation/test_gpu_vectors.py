@@ -71,6 +71,17 @@ def test_v1_chain_and_root() -> None:
     assert leaf_fwid(chain[0]).hex() == expect("V1", "fwid")
 
 
+def test_a_remembered_signature_still_checks_validity_and_the_issuer() -> None:
+    """Verified links are cached by DER hashes; times and other issuers are checked anew."""
+    chain = x509.load_pem_x509_certificates(V1_CHAIN)
+    verify_chain(chain, V1_AT)
+    verify_chain(chain, V1_AT)  # from the cache
+    with pytest.raises(ChainError, match="not valid before"):
+        verify_chain(chain, 1_500_000_000)
+    with pytest.raises(ChainError, match="is not signed by"):
+        verify_chain([chain[0], *chain[2:]], V1_AT)
+
+
 def test_v1_spdm_layout() -> None:
     m = parse_measurements(V1_EVIDENCE)
     layout = expect("V1", "spdm_layout")

@@ -113,5 +113,6 @@ def test_ed25519() -> None:
     sig = UpstreamSignature(text, key.sign(text.encode()).hex(), pub, "ed25519")
     assert _check(sig, attested=(pub,)).ok
     assert not _check(sig, attested=(KEY.address_hex,)).ok
-    tampered = UpstreamSignature(text, "00" + sig.signature[2:], pub, "ed25519")
+    flipped = f"{int(sig.signature[:2], 16) ^ 0xFF:02x}" + sig.signature[2:]  # always differs
+    tampered = UpstreamSignature(text, flipped, pub, "ed25519")
     assert not _check(tampered, attested=(pub,)).ok

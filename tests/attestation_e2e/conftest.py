@@ -1,6 +1,10 @@
 """A sandbox upstream and a gateway verifying its evidence (dcap, the sandbox's test root),
 as real processes, shared per module, and a switch for what the sandbox attests (the
-helpers that wait for the gateway to notice: tests/support/reattest.py)."""
+helpers that wait for the gateway to notice: tests/support/reattest.py).
+
+The gateway requires GPU evidence (``attestation.gpu_evidence = "require"``): every sandbox
+model sends it unless switched to ``no_gpu``, so this changes nothing else and lets the
+``no_gpu`` case show a model without GPU evidence refused end to end."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from tests.support.reattest import FAST
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 from tests.support.testdata import TEST_MODELS
 
+REQUIRE_GPU = 'attestation.gpu_evidence = "require"\n'
+
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[SandboxProc]:
@@ -24,7 +30,7 @@ def upstream() -> Iterator[SandboxProc]:
 
 @pytest.fixture(scope="module")
 def gateway(upstream: SandboxProc) -> Iterator[GatewayProc]:
-    with start_gateway(upstream.base_url, extra_toml=FAST) as gw:
+    with start_gateway(upstream.base_url, extra_toml=FAST + REQUIRE_GPU) as gw:
         yield gw
 
 

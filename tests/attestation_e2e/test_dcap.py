@@ -105,6 +105,8 @@ CASES = [
     ("sgx", "tngtech/DeepSeek-TNG-R1T2-Chimera-TEE", "is not TDX"),
     # GPU evidence whose signed SPDM request carries an old nonce (canned or replayed).
     ("gpu_stale_nonce", "zai-org/GLM-5.1-TEE", "GPU evidence rejected: GPU 0: the signed SPDM"),
+    # No nvidia_payload at all, and this module's gateway has gpu_evidence = "require".
+    ("no_gpu", "zai-org/GLM-4.7-TEE", "no GPU evidence, and policy requires it"),
 ]
 
 

@@ -47,7 +47,12 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert doc["skipped"] == {"litellm": "skipped (--skip-litellm)"}
+    pg = "skipped: needs a PostgreSQL database (--pg postgresql://...)"
+    assert doc["skipped"] == {
+        "litellm": "skipped (--skip-litellm)",
+        "teegate-pg": pg,  # no --pg given: the PostgreSQL paths are left out, saying why
+        "teegate-w2": pg,
+    }
     assert set(doc["paths"]) == set(PATHS)
     for path in PATHS:
         for c in SMALL_LEVELS:

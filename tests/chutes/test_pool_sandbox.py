@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from teegate.catalog.attestation import Policy
+from teegate.catalog.attestation.gpu import GpuVerdict
 from teegate.catalog.chutes.pool import (
     InstancePool,
     NoAttestedInstance,
@@ -37,7 +38,9 @@ def policy(sandbox: SandboxProc, tmp_path: Path) -> Policy:
         root = tmp_path / "root.der"
         root.write_bytes(c.get("/_sandbox/evidence/root_ca.der").content)
         mrtd = c.get("/_sandbox/evidence").json()["mrtd"]
-    return Policy(test_root_ca=root, mrtd_allowlist=(mrtd,))
+        gpu_root = tmp_path / "gpu-root.pem"
+        gpu_root.write_bytes(c.get("/_sandbox/evidence/gpu_root_ca.pem").content)
+    return Policy(test_root_ca=root, mrtd_allowlist=(mrtd,), gpu_test_root_ca=gpu_root)
 
 
 @pytest.fixture
@@ -77,11 +80,15 @@ async def test_all_sandbox_instances_verify(
     assert {t.instance_id for t in tickets} == {i.instance_id for i in verdict.instances}
     for t in tickets:
         [iv] = [i for i in verdict.instances if i.instance_id == t.instance_id]
-        assert iv.e2e_pubkey == t.e2e_pubkey and iv.gpu == "unverified"
+        assert iv.e2e_pubkey == t.e2e_pubkey
+        assert isinstance(iv.gpu, GpuVerdict) and iv.gpu.ok and iv.gpu.root == "test"
+    assert verdict.gpu == verdict.instances[0].gpu
     await pool.stop()
 
 
-@pytest.mark.parametrize("switch", ["chutes_unbound_key", "chutes_no_tee_instance"])
+@pytest.mark.parametrize(
+    "switch", ["chutes_unbound_key", "chutes_no_tee_instance", "chutes_gpu_stale_nonce"]
+)
 async def test_a_broken_instance_is_refused_and_never_handed_out(
     switch: str, sandbox: SandboxProc, policy: Policy, http: httpx.AsyncClient
 ) -> None:
@@ -93,6 +100,9 @@ async def test_a_broken_instance_is_refused_and_never_handed_out(
     refused = [i for i in verdict.instances if not i.ok]
     assert len(refused) == 1, [i.reason for i in verdict.instances]
     assert refused[0].instance_id not in {t.instance_id for t in tickets}
+    if switch == "chutes_gpu_stale_nonce":  # the quote is fine; the GPUs signed an old nonce
+        assert refused[0].checks["quote_verified"] and refused[0].gpu.ok is False
+        assert "GPU evidence rejected: GPU 0: the signed SPDM" in refused[0].reason
     await pool.stop()
 
 

@@ -7,6 +7,11 @@ injected (chosen by ``TEEGATE_FAULT``), to prove each one fails closed.
   the guard, as an unguarded addon would: mitmproxy then forwards the request, unless the
   ``Seal`` at the end of the chain refuses it for the missing approval.
 * ``ledger``: every reservation fails as a broken database would: 503 ``billing_unavailable``.
+* ``response:PATH``: every guarded response-side hook (``responseheaders``, ``response``,
+  ``error``) of the addons ``teegate.runner`` mounts, and the stream relay's callable, raise
+  *inside* their guard whenever the file PATH names them (``AnswerModelCheck.response``,
+  ``_Relay.__call__``, one per line; read at each call, so one gateway serves every case): the
+  guard must withhold the answer, or end the stream with an error event.
 """
 
 from __future__ import annotations
@@ -67,6 +72,41 @@ def _fail_ledger() -> None:
     Ledger.reserve = reserve
 
 
+def _switched_on(switch: str, name: str) -> bool:
+    try:
+        with open(switch, encoding="utf-8") as f:
+            return name in f.read().split()
+    except FileNotFoundError:
+        return False
+
+
+def _raising(fn, switch: str, name: str):
+    def faulty(*args, **kwargs):
+        if _switched_on(switch, name):
+            raise InjectedFault(name)
+        return fn(*args, **kwargs)
+
+    return faulty
+
+
+def _fail_responses(switch: str) -> None:
+    import teegate.runner
+    from teegate.addons.headers import ResponseHeaders
+    from teegate.addons.response_guard import RESPONSE_HOOKS, is_guarded
+    from teegate.addons.streaming import _Relay
+
+    classes = {v for v in vars(teegate.runner).values() if isinstance(v, type)}
+    patched = 0
+    for cls in classes | {ResponseHeaders}:
+        for hook in RESPONSE_HOOKS:
+            fn = cls.__dict__.get(hook)
+            if fn is not None and is_guarded(fn):
+                fn.__wrapped__ = _raising(fn.__wrapped__, switch, f"{cls.__name__}.{hook}")
+                patched += 1
+    assert patched >= 20, f"only {patched} guarded response hooks found: update the injection"
+    _Relay.__call__ = _raising(_Relay.__call__, switch, "_Relay.__call__")
+
+
 def inject(fault: str) -> None:
     kind, _, name = fault.partition(":")
     if kind == "stage":
@@ -75,6 +115,8 @@ def inject(fault: str) -> None:
         _fail_hook(name)
     elif kind == "ledger":
         _fail_ledger()
+    elif kind == "response":
+        _fail_responses(name)
     else:
         raise SystemExit(f"unknown TEEGATE_FAULT {fault!r}")
 

@@ -144,6 +144,7 @@ def start_gateway(
     args: tuple[str, ...] = (),
     balance_usd: str | None = "100",
     attestation: str = "sandbox",
+    start_timeout: float = START_TIMEOUT_S,
 ) -> GatewayProc:
     """Start the gateway and wait (bounded) until every listener is bound.
 
@@ -189,7 +190,7 @@ def start_gateway(
 
     threading.Thread(target=pump, daemon=True).start()
     urls: dict[str, str] = {}
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + start_timeout
     while True:
         remaining = deadline - time.monotonic()
         try:

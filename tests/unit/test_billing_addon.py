@@ -19,7 +19,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from teegate.addons import flowstate
 from teegate.addons.billing import Billing
-from teegate.addons.flowstate import Route, Stage
+from teegate.addons.flowstate import FailedClosed, Route, Stage
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.schema import ChatRequest
 from teegate.addons.streaming import StreamTally
@@ -398,3 +398,67 @@ async def test_a_flow_without_a_reservation_is_left_alone(ledger, billing):
     f.error = mflow.Error("Client disconnected.")
     await finish(billing, f, "error")
     assert ledger.finished == []
+
+
+# --- an answer a response-side addon failed closed on (addons/response_guard.py) ------
+
+
+def charged(status: str) -> tuple[str, Any]:
+    return ("settle", (PROMPT_ESTIMATE, 10, 0, "bytes", status))
+
+
+@pytest.mark.parametrize(
+    ("how", "upstream_status", "rule", "expected"),
+    [
+        (
+            FailedClosed.WITHHELD,
+            200,
+            "hold",
+            charged("withheld after a gateway fault: charged the reservation"),
+        ),
+        (
+            FailedClosed.WITHHELD,
+            200,
+            "release",
+            ("release", "withheld after a gateway fault; billing.unanswered = release"),
+        ),
+        (
+            FailedClosed.WITHHELD,
+            429,
+            "hold",
+            ("release", "upstream answered HTTP 429 (withheld after a gateway fault)"),
+        ),
+        (
+            FailedClosed.CUT,
+            200,
+            "release",
+            charged("cut by a gateway fault: charged the reservation"),
+        ),
+    ],
+)
+@pytest.mark.parametrize("hook", ["response", "error"])
+async def test_a_failed_closed_answer_is_charged_by_the_unanswered_rule(
+    how, upstream_status, rule, expected, hook
+):
+    """Whatever the 502 envelope or the usage the upstream's answer carried: a withheld answer
+    follows ``billing.unanswered``, a cut stream is charged its reservation."""
+    ledger = FakeLedger()
+    with running(ledger, unanswered=rule) as billing:
+        f = await reserved_flow(billing)
+        f.response = json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}}, 502)
+        later_state(f, tally=StreamTally(usage={"prompt_tokens": 1, "completion_tokens": 1}))
+        flowstate.set_failed_closed(f, how, upstream_status)
+        if hook == "error":
+            f.error = mflow.Error("Client disconnected.")
+        await finish(billing, f, hook)
+    assert ledger.finished == [expected]
+
+
+async def test_an_answer_withheld_after_billing_read_it_is_charged_as_withheld(ledger, billing):
+    """A later addon's response hook raised after Billing planned from the usage it read."""
+    f = await reserved_flow(billing)
+    f.response = json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    billing.response(f)
+    flowstate.set_failed_closed(f, FailedClosed.WITHHELD, 200)  # the later addon's guard
+    await billing.done()
+    assert ledger.finished == [charged("withheld after a gateway fault: charged the reservation")]

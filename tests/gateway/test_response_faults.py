@@ -1,0 +1,120 @@
+"""Fail closed on the response path, in a real gateway process through the openai SDK: a
+response-side hook or the stream relay that raises (tests/support/faulty_gateway.py,
+``response:``) withholds the answer or ends the stream, and the ledger still settles."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.support.billing import MSG, usage_row
+from tests.support.clients import chat_count
+from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.sandbox_proc import SandboxProc
+from tests.support.testdata import TEE
+
+WITHHELD = "withheld after a gateway fault: charged the reservation"
+CUT = "cut by a gateway fault: charged the reservation"
+
+
+@pytest.fixture(scope="module")
+def switch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fault") / "switch"
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: SandboxProc, switch: Path) -> Iterator[GatewayProc]:
+    """The one faulty gateway of this module: which hook raises is read from ``switch``."""
+    env = {"TEEGATE_FAULT": f"response:{switch}"}
+    with start_gateway(upstream.base_url, module="tests.support.faulty_gateway", env=env) as gw:
+        yield gw
+
+
+@pytest.fixture
+def fault(switch: Path) -> Iterator[Path]:
+    switch.write_text("")
+    yield switch
+    switch.write_text("")
+
+
+@pytest.fixture(scope="module")
+def answer(gateway: GatewayProc) -> str:
+    """What the sandbox answers, with no fault: the text that must never be relayed."""
+    with openai.OpenAI(base_url=gateway.api_base, api_key=gateway.api_key, max_retries=0) as c:
+        text = c.chat.completions.create(model=TEE, messages=MSG).choices[0].message.content
+    assert text
+    return text
+
+
+def assert_withheld(exc: openai.APIStatusError, answer: str) -> str:
+    assert exc.status_code == 502
+    assert exc.response.headers["x-should-retry"] == "false"
+    assert exc.body["code"] == "internal_error"
+    assert answer not in exc.response.text
+    return exc.response.headers["x-request-id"]
+
+
+def assert_charged(gateway: GatewayProc, request_id: str, status: str) -> None:
+    row = usage_row(gateway.db, request_id)
+    assert row["state"] == "settled" and row["status"] == status, row
+    assert row["charge_micro"] == row["reserved_micro"] > 0
+
+
+def assert_logged_without_content(gateway: GatewayProc, hook: str, answer: str) -> None:
+    log = gateway.log_text()
+    assert '"addon_failed_closed"' in log and f'"hook": "{hook}"' in log, log[-2000:]
+    assert "InjectedFault" in log and answer not in log
+
+
+@pytest.mark.parametrize(
+    "hook", ["AnswerModelCheck.response", "Billing.responseheaders", "ResponseHeaders.response"]
+)
+def test_a_plain_answer_whose_hook_raised_is_withheld(
+    gateway, upstream, client, fault, answer, hook
+):
+    fault.write_text(hook)
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model=TEE, messages=MSG)
+    rid = assert_withheld(exc.value, answer)
+    assert chat_count(upstream) == 1
+    assert_charged(gateway, rid, WITHHELD)
+    assert_logged_without_content(gateway, hook.split(".")[1], answer)
+
+
+def test_a_stream_whose_headers_hook_raised_is_a_502(gateway, upstream, client, fault, answer):
+    fault.write_text("StreamRelay.responseheaders")
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model=TEE, messages=MSG, stream=True)
+    rid = assert_withheld(exc.value, answer)
+    assert_charged(gateway, rid, WITHHELD)
+
+
+def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream, client, fault):
+    upstream.behaviour(hold_after_chunks=1)
+    stream = client.chat.completions.create(model=TEE, messages=MSG, stream=True)
+    rid = stream.response.headers["x-request-id"]
+    it = iter(stream)
+    first, second = next(it), next(it)  # relayed before the fault
+    got = (first.choices[0].delta.content or "") + (second.choices[0].delta.content or "")
+    assert got
+    fault.write_text("_Relay.__call__")
+    upstream.release()
+    with pytest.raises(openai.APIError) as exc:
+        for _ in it:
+            pytest.fail("a chunk after the fault was relayed")
+    assert "internal error" in exc.value.message
+    assert_charged(gateway, rid, CUT)
+    assert_logged_without_content(gateway, "stream", got)
+
+
+def test_a_responses_answer_whose_translation_raised_is_withheld(
+    gateway, upstream, client, fault, answer
+):
+    fault.write_text("ResponsesOut.response")
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.responses.create(model=TEE, input="Say hello")
+    rid = assert_withheld(exc.value, answer)
+    assert_charged(gateway, rid, WITHHELD)
