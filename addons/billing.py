@@ -37,6 +37,11 @@ raises, the reservation stays open and the ledger's recovery rule charges it in 
 Settling runs off the response path; it is idempotent, so a response and an
 error hook for one flow cannot charge twice. A crash in between is covered by
 the ledger's recovery rule (the reservation is charged).
+
+Why this module is long: reserve, settle and release are one contract (a reservation ends
+exactly once, however the flow ends: answered, streamed, refused, failed closed, errored or
+abandoned), and each ending's plan reads state the others wrote; split across modules that
+one-ending rule would be harder to check.
 """
 
 from __future__ import annotations

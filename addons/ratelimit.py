@@ -35,6 +35,7 @@ from teegate.addons.errors import GatewayError, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.ledgerlink import LedgerLink
+from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import CHAT_PATH
 
 if TYPE_CHECKING:
@@ -115,9 +116,11 @@ class RateLimit:
         if enforce(flow, limit, window.count, window.started, now) and key is not None:
             flowstate.passed(flow, Stage.RATELIMIT)
 
+    @guarded_response
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         return self._count_unreserved(flow)
 
+    @guarded_response
     def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         return self._count_unreserved(flow)
 

@@ -90,18 +90,32 @@ def guarded_response(hook: Callable[..., Any]) -> Any:
         return async_wrapper
 
     @functools.wraps(hook)
-    def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+    def wrapper(self: Any, flow: http.HTTPFlow) -> Any:
         if not _before(name, flow):
-            return
+            return None
         try:
-            wrapper.__wrapped__(self, flow)  # type: ignore[attr-defined]
+            result = wrapper.__wrapped__(self, flow)  # type: ignore[attr-defined]
         except Exception as e:
             _fail(self, name, flow, e)
-            return
+            return None
+        if inspect.isawaitable(result):
+            # A hook that awaits only for some flows (RateLimit's shared-limit count) returns
+            # an awaitable then; mitmproxy awaits it, still under this guard.
+            return _finish(self, name, flow, result)
         _after(name, flow)
+        return None
 
     setattr(wrapper, GUARD_MARK, True)
     return wrapper
+
+
+async def _finish(addon: Any, name: str, flow: http.HTTPFlow, pending: Any) -> None:
+    try:
+        await pending
+    except Exception as e:
+        _fail(addon, name, flow, e)
+        return
+    _after(name, flow)
 
 
 def is_guarded(hook: Any) -> bool:

@@ -8,6 +8,11 @@ revoke through the same methods. Every write happens in an explicit
 ``BEGIN IMMEDIATE`` transaction that inserts entries and adjusts the cached
 balance together. The group commit's SQL is in :mod:`teegate.ledger.batch`,
 the read-only reports in :mod:`teegate.ledger.reports`.
+
+Why this module is long: every operator write the command line and the admin API share
+(accounts, idempotent top-ups, keys and their limits) must be one transaction with its balance
+update, and keeping them beside the request path's writes on the same connection makes it easy
+to check that none of them interleave; :meth:`Store.open` also hands a PostgreSQL URL over.
 """
 
 from __future__ import annotations
