@@ -175,7 +175,9 @@ def test_the_admin_api_of_either_worker_serves_the_one_ledger(
             answers.append(c.post(path, json={"amount_usd": "2.00"}, headers=auth))
             ready = c.get("/readyz").json()
             assert ready["checks"]["ledger"]["ok"] is True, ready
-    assert [a.status_code for a in answers] == [201, 200], [a.text for a in answers]
+    # Seen once (1 run in 6, whole folder): a 500 on the second worker; the logs say why.
+    why = [a.text for a in answers] + [gw.log_text()[-4000:] for gw in pair]
+    assert [a.status_code for a in answers] == [201, 200], why
     assert [a.json()["replayed"] for a in answers] == [False, True]
     assert answers[0].json()["entry_id"] == answers[1].json()["entry_id"]
     (balance,) = ledgerdb.one(
