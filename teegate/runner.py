@@ -182,11 +182,12 @@ async def serve(
     """Run one gateway process until it is told to stop.
 
     ``worker_id``: set for a worker of ``teegate run --workers N`` (teegate/supervisor.py),
-    whose listeners share their ports with the other workers'. It also names this process to
-    a PostgreSQL ledger (its advisory lock and crash recovery are keyed by it, so a worker
-    restarted under the same id charges what its previous life left open; None: the database
-    hands out the next id). Several processes may serve from one PostgreSQL ledger; an SQLite
-    ledger refuses a second one (:class:`~teegate.ledger.LedgerLocked`).
+    whose listeners share their ports with the other workers'. It is this machine's number
+    (1..N) and names the process in logs only: a PostgreSQL ledger takes its lock id from the
+    database's sequence, because several machines running ``--workers N`` on one database would
+    otherwise claim the same ids (a dead worker's reservations are charged by any live worker's
+    sweeper). Several processes may serve from one PostgreSQL ledger; an SQLite ledger refuses
+    a second one (:class:`~teegate.ledger.LedgerLocked`).
     """
     settings.upstream.resolved_api_key()  # none: stop here, not at the first request
     html_free_error_pages()
@@ -198,12 +199,10 @@ async def serve(
     if worker_id is not None:
         die_with_parent()
         share_port()
-    # worker_id: the PostgreSQL ledger's per-worker lock (issue 15); SQLite serves one process.
     ledger = await Ledger.open(
         settings.ledger.location,
         key_prefix=settings.ledger.key_prefix,
         synchronous=settings.ledger.synchronous,
-        worker_id=worker_id,
         key_poll_ms=settings.ledger.key_poll_ms,
         sweep_interval_s=settings.ledger.sweep_interval_s,
     )
