@@ -3,5 +3,5 @@
 # a simulated confidential upstream plus the gateway in front of it. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup.sh
+source scripts/setup.sh sandbox
 exec .venv/bin/teegate sandbox "$@"

@@ -3,6 +3,6 @@
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup.sh
+source scripts/setup.sh test
 .venv/bin/ruff check .
 .venv/bin/pytest -q "$@"

@@ -68,11 +68,14 @@ def _env(mode: str, gateway: GatewayProc, api_base: str, ca: Path) -> dict[str, 
 
 def _node_missing() -> str | None:
     """Why the Node runner cannot start, or None. Its cells then fail with this (never skip):
-    scripts/setup.sh installs Node and the packages."""
+    scripts/setup-test-deps.sh installs Node and the packages."""
     if shutil.which("node") is None:
-        return "node is not installed (scripts/setup.sh installs it)"
+        return "node is not installed (scripts/setup-test-deps.sh installs it)"
     if not (NODE_DIR / "node_modules" / "ai").is_dir():
-        return f"the Node packages are not installed: run `npm ci` in {NODE_DIR} (setup.sh does)"
+        return (
+            f"the Node packages are not installed: run `npm ci` in {NODE_DIR}"
+            " (scripts/setup-test-deps.sh does)"
+        )
     return None
 
 

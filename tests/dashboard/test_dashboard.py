@@ -9,7 +9,7 @@ state change without the CSRF token refused, and a key holder seeing only their 
 
 The browser is the system's (``executable_path``); Playwright never downloads one. Without
 chromium the module is skipped with the command to install it, except under CI, where
-``scripts/setup.sh`` installs it and its absence is a failure.
+``scripts/setup-test-deps.sh`` installs it and its absence is a failure.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ TIMEOUT_MS = 15_000
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh installs it", pytrace=False)
+        pytest.fail(f"{CHROMIUM} is missing: scripts/setup-test-deps.sh installs it", pytrace=False)
     pytest.skip(
-        f"{CHROMIUM} is missing: apt-get install -y chromium (scripts/setup.sh does)",
+        f"{CHROMIUM} is missing: apt-get install -y chromium (scripts/setup-test-deps.sh does)",
         allow_module_level=True,
     )
 

@@ -2,7 +2,7 @@
 
 The tests run as root and PostgreSQL refuses to, so ``initdb`` and ``pg_ctl``
 run as the unprivileged ``postgres`` user (created by the ``postgresql`` Debian
-package, which ``scripts/setup.sh`` installs) through ``runuser``. The cluster
+package, which ``scripts/setup-test-deps.sh`` installs) through ``runuser``. The cluster
 lives in a temporary directory, listens on no TCP port, trusts local
 connections and runs with ``fsync=off`` (it is thrown away; the tests check
 what the ledger commits, not the disk). One cluster per test session
@@ -42,7 +42,7 @@ PG_BIN = _pg_bin()
 PG_USER = "postgres"
 INSTALL_HINT = (
     "the PostgreSQL tests need PostgreSQL (15 or later) server binaries in {bin} and a 'postgres' "
-    "system user: run scripts/setup.sh (it installs the 'postgresql' package with apt), "
+    "system user: run scripts/setup-test-deps.sh (it installs the 'postgresql' package with apt), "
     "or set TEEGATE_PG_BIN"
 )
 
