@@ -14,6 +14,8 @@ from teegate.ledger import Ledger, LedgerUnavailable, Reservation
 from teegate.ledger.dbthread import run_on_connection
 from tests.support.ledger import PRICES, fund
 
+pytestmark = pytest.mark.sqlite_only  # the SQLite writer's express lane; PostgreSQL batches in teegate_apply
+
 
 async def _hold_the_thread(led: Ledger) -> tuple[threading.Event, asyncio.Task]:
     """Occupy the database thread until the event is set, so the next commit queues behind."""
