@@ -69,7 +69,7 @@ def test_stale_catalog_refuses_everything_and_recovers():
 
 def test_upstream_down_gives_json_502_and_local_answers_still_work():
     up = start_sandbox("--models", str(TEST_MODELS))
-    with start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 60") as gw:
+    with up, start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 60") as gw:
         with _client(gw) as client:
             assert _refused(client, TEE) is None  # catalog loaded
             up.stop()
