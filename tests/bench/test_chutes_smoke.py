@@ -4,19 +4,18 @@ both gateways served every request and stream, so the figures compare like with 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.support.group_run import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_chutes_cost_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "chutes.json"
-    done = subprocess.run(
+    done = run_group(
         [sys.executable, "-m", "bench.chutes_cost", "--rounds", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
         cwd=REPO,
         timeout=180,
     )

@@ -7,9 +7,10 @@ teegate, and that every request got a 200: figures from failed requests would be
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.support.group_run import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 PATHS = ("direct", "mitmdump", "teegate")
@@ -18,7 +19,7 @@ SMALL_LEVELS, STREAM_LEVELS = ("1", "4"), ("2", "3")
 
 def test_harness_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run.json"
-    done = subprocess.run(
+    done = run_group(
         [
             sys.executable,
             "-m",
@@ -40,8 +41,6 @@ def test_harness_end_to_end(tmp_path: Path) -> None:
             "--rss-requests",
             "40,80",
         ],
-        capture_output=True,
-        text=True,
         cwd=REPO,
         timeout=120,
     )

@@ -8,6 +8,7 @@ import pytest
 
 from teegate.runner import REQUIRED_STAGES
 from tests.support.clients import chat_count, sdk
+from tests.support.faulty_gateway import FAULT_HEADER
 from tests.support.gateway_proc import start_gateway
 from tests.support.sandbox_proc import start_sandbox
 from tests.support.testdata import TEE, TEST_MODELS
@@ -68,7 +69,7 @@ def test_stale_catalog_refuses_everything_and_recovers():
 
 def test_upstream_down_gives_json_502_and_local_answers_still_work():
     up = start_sandbox("--models", str(TEST_MODELS))
-    with start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 60") as gw:
+    with up, start_gateway(up.base_url, extra_toml="catalog.refresh_interval_s = 60") as gw:
         with _client(gw) as client:
             assert _refused(client, TEE) is None  # catalog loaded
             up.stop()
@@ -108,19 +109,39 @@ def _faulty(up, fault: str):
     )
 
 
+@pytest.fixture(scope="module")
+def faulty_gateway(shared_upstream):
+    """One gateway with every stage's fault armed, each tripped by a request header."""
+    with _faulty(shared_upstream, "per-request") as gw:
+        yield gw
+
+
 @pytest.mark.parametrize("kind", ["stage", "hook"])
 @pytest.mark.parametrize("stage", REQUIRED_STAGES)
-def test_an_addon_that_raises_forwards_nothing(shared_upstream, stage, kind):
+def test_an_addon_that_raises_forwards_nothing(shared_upstream, faulty_gateway, stage, kind):
     """A real gateway with one request-path stage broken, inside its guard (``stage``) or as an
     unguarded hook (``hook``, caught by the Seal): 500, nothing reaches the upstream."""
-    with _faulty(shared_upstream, f"{kind}:{stage}") as gw, _client(gw) as client:
+    shared_upstream.reset()
+    log_mark = len(faulty_gateway.log_text())
+    fault = {FAULT_HEADER: f"{kind}:{stage}"}
+    with _client(faulty_gateway) as client:
         with pytest.raises(openai.InternalServerError) as exc:
-            client.chat.completions.create(model=TEE, messages=MSG)
+            client.chat.completions.create(model=TEE, messages=MSG, extra_headers=fault)
         assert exc.value.status_code == 500
         assert exc.value.body["code"] == "internal_error"
         assert chat_count(shared_upstream) == 0
         if kind == "stage":
-            assert "addon_failed_closed" in gw.log_text()
+            assert "addon_failed_closed" in faulty_gateway.log_text()[log_mark:]
+
+
+def test_the_per_request_faulty_gateway_serves_a_request_without_the_header(
+    shared_upstream, faulty_gateway
+):
+    """The control for the test above: its 500s come from the named fault, not the harness."""
+    shared_upstream.reset()
+    with _client(faulty_gateway) as client:
+        assert client.chat.completions.create(model=TEE, messages=MSG).choices
+    assert chat_count(shared_upstream) == 1
 
 
 def test_a_failing_ledger_refuses_with_503_and_forwards_nothing(shared_upstream):

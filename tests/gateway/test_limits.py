@@ -174,9 +174,9 @@ def test_inflation_stops_at_the_limit(gateway, upstream, encoding, gzip_bomb):
 @pytest.mark.parametrize(
     ("encoding", "data", "status", "code"),
     [
-        ("gzip", gzip.compress(_chat_body())[:-12], 400, "invalid_body"),  # cut short
+        ("gzip", gzip.compress(_chat_body(), mtime=0)[:-12], 400, "invalid_body"),  # cut short
         ("gzip", b"not gzip at all", 400, "invalid_body"),
-        ("gzip", gzip.compress(_chat_body()) * 2, 400, "invalid_body"),  # a second member
+        ("gzip", gzip.compress(_chat_body(), mtime=0) * 2, 400, "invalid_body"),  # a second member
         ("deflate", b"\x78\x9c garbage", 400, "invalid_body"),
         ("br", b"\x0b\x02\x80{}\x03", 415, "unsupported_content_encoding"),
         ("zstd", b"(\xb5/\xfd", 415, "unsupported_content_encoding"),

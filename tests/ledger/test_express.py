@@ -14,7 +14,8 @@ from teegate.ledger import Ledger, LedgerUnavailable, Reservation
 from teegate.ledger.dbthread import run_on_connection
 from tests.support.ledger import PRICES, fund
 
-pytestmark = pytest.mark.sqlite_only  # the SQLite writer's express lane; PostgreSQL batches in teegate_apply
+# The SQLite writer's express lane; PostgreSQL batches in teegate_apply.
+pytestmark = pytest.mark.sqlite_only
 
 
 async def _hold_the_thread(led: Ledger) -> tuple[threading.Event, asyncio.Task]:

@@ -23,7 +23,7 @@ from teegate.sandbox.options import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "SANDBOX READY "
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0  # a bound for a loaded machine: see tests/support/gateway_proc.py
 STOP_TIMEOUT_S = 5.0
 
 
