@@ -11,7 +11,8 @@ Invariants (fail closed):
   for exactly the key the latest discovery showed. A key change seen at discovery makes the
   instance unusable (its old tokens dropped) until a fresh evidence fetch verifies the new key.
 - ``failed(ticket, sent=...)`` withdraws the instance (tokens and verdict) until verified
-  again; the caller may retry elsewhere only when nothing was sent.
+  again by evidence requested after the withdrawal (an evidence fetch already in flight does
+  not count); the caller may retry elsewhere only when nothing was sent.
 - No verified instance: :class:`NoAttestedInstance`, and nothing is sent anywhere.
 
 Clock, sleep, fetcher and verifier are injected, so tests drive the pool without sleeping.
@@ -138,6 +139,10 @@ class InstancePool:
         self._seen_at: dict[str, float] = {}
         self._tokens: dict[str, deque[tuple[str, float]]] = {}
         self._verdicts: dict[str, InstanceVerdict] = {}
+        # Withdrawals are numbered: an evidence fetch started before an instance's withdrawal
+        # must not verify it again (see ``_verify_known``).
+        self._withdrawals = 0
+        self._withdrawn: dict[str, int] = {}
         self._rr = 0
         self._last_discovery = -math.inf
         self._last_evidence = -math.inf
@@ -184,6 +189,8 @@ class InstancePool:
         refused. ``"instance"`` (stale key, instance gone): the instance is withdrawn until
         verified again."""
         if kind == "instance":
+            self._withdrawals += 1
+            self._withdrawn[ticket.instance_id] = self._withdrawals
             self._tokens.pop(ticket.instance_id, None)
             if self._verdicts.pop(ticket.instance_id, None) is not None:
                 log.info(
@@ -314,7 +321,13 @@ class InstancePool:
     def _forget_stale(self, now: float) -> None:
         for iid, seen in list(self._seen_at.items()):
             if now - seen > self.settings.forget_after_s and not self._tokens.get(iid):
-                for table in (self._keys, self._seen_at, self._tokens, self._verdicts):
+                for table in (
+                    self._keys,
+                    self._seen_at,
+                    self._tokens,
+                    self._verdicts,
+                    self._withdrawn,
+                ):
                     table.pop(iid, None)
 
     def _verification_due(self, now: float) -> bool:
@@ -335,6 +348,7 @@ class InstancePool:
         self.evidence_fetches += 1
         nonce_hex = secrets.token_hex(32)
         keys = dict(self._keys)
+        started = self._withdrawals
         try:
             doc = await self._fetcher.evidence(self.chute_id, nonce_hex)
         except EvidenceFetchError as e:
@@ -351,6 +365,10 @@ class InstancePool:
         for v in verdicts:
             if v.instance_id not in keys or v.e2e_pubkey != keys[v.instance_id]:
                 continue  # never let a verdict vouch for a key we did not ask about
+            if self._withdrawn.get(v.instance_id, 0) > started:
+                # Withdrawn while this evidence was in flight: it speaks for the instance as it
+                # was before it failed, so it stays withdrawn until evidence asked for after.
+                continue
             previous = self._verdicts.get(v.instance_id)
             self._verdicts[v.instance_id] = v
             if previous is None or (previous.ok, previous.reason) != (v.ok, v.reason):

@@ -259,13 +259,31 @@ REFUSED_BECAUSE = {
     # The quote still verifies: only the GPUs' signature over an old nonce refuses it.
     "chutes_gpu_stale_nonce": "GPU evidence rejected: GPU 0: the signed SPDM",
 }
+# The instance each switch hits, by its place in the sandbox's fleet (fixed there, see
+# sandbox/chutes/fleet.py): the first for a key or GPU nonce its quote does not bind, the last
+# for "no TEE evidence". Instance ids are stable, so the test names the one that must be refused.
+SWITCHED = {"chutes_unbound_key": 0, "chutes_no_tee_instance": -1, "chutes_gpu_stale_nonce": 0}
+
+
+def _fleet(sandbox) -> list[str]:
+    """The TEE chute's instance ids as the sandbox created them (in order)."""
+    chutes = front_door(sandbox)["chutes"].values()
+    return [i["instance_id"] for c in chutes if c["model"] == TEE for i in c["instances"]]
+
+
+def _verdict_log(gateway) -> str:
+    """The gateway's per-instance verdict changes (for a failure message; no client bytes)."""
+    lines = gateway.output_text().splitlines()
+    return "\n".join(line for line in lines if "chutes_instance_" in line)[-4000:]
 
 
 @pytest.mark.parametrize("switch", list(REFUSED_BECAUSE))
-def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(client, http, sandbox, switch):
+def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(
+    gateway, client, http, sandbox, switch
+):
+    fleet = _fleet(sandbox)
+    target = fleet[SWITCHED[switch]]
     sandbox.behaviour(**{switch: True})
-    # Waits for the refusal this switch causes (one left over from the previous switch, whose
-    # instance is usable again at its next re-attestation, is not it).
     why = REFUSED_BECAUSE[switch]
 
     def refused() -> set[str]:
@@ -275,13 +293,18 @@ def test_an_instance_that_does_not_verify_is_never_sent_a_prompt(client, http, s
             if not i["usable"] and why in i["reason"]
         }
 
-    bad = until(refused, f"an instance refused under {switch}")
+    # Waits for this switch's refusal of its own instance (a refusal left over from the
+    # previous switch, whose instance is usable again at its next re-attestation, is not it).
+    assert until(refused, f"{target} refused under {switch}") == {target}
     since = door_mark(sandbox)
-    used = set()
+    used = []
     for _ in range(6):
         raw = client.chat.completions.with_raw_response.create(
             model=TEE, messages=[{"role": "user", "content": "hi"}]
         )
-        used.add(raw.headers["x-teegate-instance-id"])
-    assert used and not used & bad
-    assert not {e["instance_id"] for e in _invokes(sandbox, since)} & bad
+        used.append(raw.headers["x-teegate-instance-id"])
+    invoked = [e["instance_id"] for e in _invokes(sandbox, since)]
+    # The refusal held all along (the switch is on), and no prompt reached the instance.
+    still = refused()
+    assert used and set(used) <= set(fleet) and invoked == used
+    assert target not in used and still == {target}, (used, still, _verdict_log(gateway))

@@ -47,6 +47,8 @@ class FakeChutes:
         self.discovered_at: list[float] = []
         self.evidence_calls = 0
         self.fail_discovery = False
+        self.hold: asyncio.Event | None = None  # set: evidence answers only once it is set
+        self.asked = asyncio.Event()  # set when a held evidence request has arrived
         self._serial = 0
 
     async def instances(self, chute_id: str) -> Discovery:
@@ -66,6 +68,9 @@ class FakeChutes:
 
     async def evidence(self, chute_id: str, nonce_hex: str) -> dict[str, Any]:
         self.evidence_calls += 1
+        if self.hold is not None:
+            self.asked.set()
+            await self.hold.wait()
         return {"nonce": nonce_hex}
 
     async def verify(
@@ -221,6 +226,29 @@ async def test_failed_instance_is_withdrawn(sent: bool) -> None:
     assert pool.failed(t, sent=sent) is (not sent)
     others = {(await pool.acquire()).instance_id for _ in range(2)}
     assert others == {"a", "b"} - {t.instance_id}
+    await pool.aclose()
+
+
+async def test_evidence_fetched_before_a_withdrawal_does_not_reinstate_the_instance() -> None:
+    """An instance that fails while a re-verification is in flight stays withdrawn: that
+    evidence was asked for before the failure, so it cannot vouch for the instance after it."""
+    clock, api = Clock(), FakeChutes({"a": "KA", "b": "KB"})
+    pool = _pool(api, clock, evidence_interval_s=100.0, reverify_interval_s=100.0)
+    t = await pool.acquire()
+    clock.now += 100  # re-verification due
+    api.hold = asyncio.Event()
+    refill = asyncio.create_task(pool.refill())
+    await api.asked.wait()  # the re-verification's evidence request is out
+    pool.failed(t, sent=True)  # e.g. its answer did not decrypt under our key
+    api.hold.set()
+    await refill
+    clock.now += 10  # a discovery brings the instance new tokens; no evidence is due yet
+    await pool.refill()
+    assert api.evidence_calls == 2
+    assert {(await pool.acquire()).instance_id for _ in range(4)} == {"a", "b"} - {t.instance_id}
+    clock.now += 100  # evidence asked for after the withdrawal verifies it again
+    await pool.refill()
+    assert t.instance_id in {(await pool.acquire()).instance_id for _ in range(4)}
     await pool.aclose()
 
 
