@@ -18,7 +18,13 @@ from typing import Any
 from mitmproxy import http
 
 from teegate.addons import flowstate
-from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.errors import (
+    GatewayError,
+    guarded,
+    json_response,
+    method_not_allowed,
+    refuse,
+)
 from teegate.addons.flowstate import Route
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.ledger import ApiKey, Ledger, LedgerError, UsageGroup
@@ -42,15 +48,7 @@ class AccountEndpoint:
         flowstate.set_route(flow, Route.LOCAL)
         method = flow.request.method.upper()
         if method != "GET":
-            refuse(
-                flow,
-                GatewayError(
-                    405,
-                    f"Method {method[:16]} is not allowed on {path}; use GET.",
-                    "method_not_allowed",
-                    headers={"allow": "GET"},
-                ),
-            )
+            refuse(flow, method_not_allowed(method[:16], path, "GET"))
             return
         key = flowstate.need(flowstate.api_key(flow), "api key")
         try:

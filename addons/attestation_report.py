@@ -27,7 +27,13 @@ from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
-from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.errors import (
+    GatewayError,
+    guarded,
+    json_response,
+    method_not_allowed,
+    refuse,
+)
 from teegate.addons.flowstate import Route
 from teegate.catalog.attestation import Verdict
 
@@ -70,15 +76,7 @@ class AttestationReport:
         flowstate.set_route(flow, Route.LOCAL)
         method = flow.request.method.upper()
         if method != "GET":
-            refuse(
-                flow,
-                GatewayError(
-                    405,
-                    f"Method {method} is not allowed on {path}; use GET.",
-                    "method_not_allowed",
-                    headers={"allow": "GET"},
-                ),
-            )
+            refuse(flow, method_not_allowed(method, path, "GET"))
             return
         try:
             flow.response = json_response(200, await self._report(flow.request.query))

@@ -267,3 +267,13 @@ def error_category(message: str | None) -> str | None:
         if any(w in text for w in words):
             return category
     return "other"
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
+    """The 405 for a path that exists, naming the one method it takes (``allow`` header too)."""
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed on {path}; use {allowed}.",
+        "method_not_allowed",
+        headers={"allow": allowed},
+    )

@@ -36,7 +36,13 @@ from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.attestation_gate import RECEIPT
 from teegate.addons.attestation_report import parse_nonce
-from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.errors import (
+    GatewayError,
+    guarded,
+    json_response,
+    method_not_allowed,
+    refuse,
+)
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.ledgerlink import LedgerLink
@@ -142,8 +148,7 @@ class Receipts:
         flowstate.set_route(flow, Route.LOCAL)
         method = flow.request.method.upper()
         if method != "GET":
-            message = f"Method {method[:16]} is not allowed on {path[:200]}; use GET."
-            refuse(flow, GatewayError(405, message, "method_not_allowed", headers={"allow": "GET"}))
+            refuse(flow, method_not_allowed(method[:16], path[:200], "GET"))
             return
         try:
             if path == GATEWAY_PATH:

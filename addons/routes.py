@@ -26,7 +26,13 @@ from mitmproxy import http
 from teegate.addons import flowstate
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.catalogsync import CatalogSync
-from teegate.addons.errors import GatewayError, guarded, json_response, refuse
+from teegate.addons.errors import (
+    GatewayError,
+    guarded,
+    json_response,
+    method_not_allowed,
+    refuse,
+)
 from teegate.addons.flowstate import Route
 from teegate.catalog.models import CatalogModel
 from teegate.money import format_usd
@@ -83,7 +89,7 @@ class Router:
         method = flow.request.method.upper()
         if path == CHAT_PATH:
             if method != "POST":
-                refuse(flow, _method_not_allowed(method[:16], path, "POST"))
+                refuse(flow, method_not_allowed(method[:16], path, "POST"))
             elif has_query:
                 refuse(flow, _query_refused(query, CHAT_PATH))
             else:
@@ -92,7 +98,7 @@ class Router:
         flowstate.set_route(flow, Route.LOCAL)
         if path == RESPONSES_PATH:
             if method != "POST":
-                refuse(flow, _method_not_allowed(method[:16], path, "POST"))
+                refuse(flow, method_not_allowed(method[:16], path, "POST"))
             elif has_query:
                 refuse(flow, _query_refused(query, path))
             else:  # the translating addon did not run: refuse rather than guess
@@ -103,7 +109,7 @@ class Router:
             return
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
-                refuse(flow, _method_not_allowed(method, path, "GET"))
+                refuse(flow, method_not_allowed(method, path, "GET"))
             else:
                 self._models(flow, path)
         elif _NOT_AVAILABLE.match(path):
@@ -210,11 +216,3 @@ def _query_refused(query: str, path: str) -> GatewayError:
         param=name or None,
     )
 
-
-def _method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
-    return GatewayError(
-        405,
-        f"Method {method} is not allowed on {path}; use {allowed}.",
-        "method_not_allowed",
-        headers={"allow": allowed},
-    )
