@@ -42,7 +42,7 @@ from teegate.ledger.errors import (
     UnknownKey,
 )
 from teegate.ledger.keys import DEFAULT_PREFIX, new_key
-from teegate.ledger.models import Account, ApiKey, Credit, KeyInfo, Recovered, UsageGroup
+from teegate.ledger.models import Account, ApiKey, Credit, KeyInfo, Recovered
 from teegate.ledger.pgschema import LOCK_SPACE, migrate, redact
 from teegate.ledger.reports import Reports
 from teegate.ledger.store import now_ms
@@ -79,6 +79,8 @@ async def connect(url: str) -> psycopg.AsyncConnection[Any]:
 
 class PgStore(Reports):
     """Accounts, keys, entries and usage records in PostgreSQL (reports: :class:`Reports`)."""
+
+    _USAGE_DAY = "to_char(to_timestamp(u.created_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def __init__(self, db: Any, url: str) -> None:
         super().__init__(db, redact(url))
@@ -439,39 +441,6 @@ class PgStore(Reports):
                 await cur.fetchall()
             )
         ]
-
-    # -- reports ----------------------------------------------------------------
-
-    async def usage_report(
-        self,
-        *,
-        account_id: int | None = None,
-        key_id: int | None = None,
-        model: str | None = None,
-        since_ms: int | None = None,
-    ) -> list[UsageGroup]:
-        where, params = [], []
-        for column, value in (
-            ("u.account_id = ?", account_id),
-            ("u.key_id = ?", key_id),
-            ("u.model = ?", model),
-            ("u.created_ms >= ?", since_ms),
-        ):
-            if value is not None:
-                where.append(column)
-                params.append(value)
-        sql = (
-            "SELECT to_char(to_timestamp(u.created_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD') "
-            "AS day, u.account_id, a.name, u.key_id, u.model, COUNT(*), "
-            "COUNT(*) FILTER (WHERE u.state = 'open'), COALESCE(SUM(u.prompt_tokens), 0), "
-            "COALESCE(SUM(u.completion_tokens), 0), COALESCE(SUM(u.cached_tokens), 0), "
-            "COALESCE(SUM(u.charge_micro), 0), COALESCE(SUM(u.unrecovered_micro), 0) "
-            "FROM usage u JOIN accounts a ON a.id = u.account_id "
-            + (("WHERE " + " AND ".join(where) + " ") if where else "")
-            + "GROUP BY day, u.account_id, a.name, u.key_id, u.model "
-            "ORDER BY day, u.account_id, u.key_id, u.model"
-        )
-        return [UsageGroup(*r) for r in await self._rows(sql, params)]
 
 
 def _plain(value: Any) -> Any:

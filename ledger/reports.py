@@ -34,6 +34,9 @@ OPEN_RESERVATIONS = """
 class Reports:
     """A connection to the ledger database and the reports read from it."""
 
+    # The one piece of report SQL the two stores spell differently: a usage row's UTC day.
+    _USAGE_DAY = "date(u.created_ms / 1000, 'unixepoch')"
+
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
@@ -190,13 +193,14 @@ class Reports:
                 where.append(column)
                 params.append(value)
         sql = (
-            "SELECT date(u.created_ms / 1000, 'unixepoch') AS day, u.account_id, a.name, u.key_id, "
-            "u.model, COUNT(*), SUM(u.state = 'open'), COALESCE(SUM(u.prompt_tokens), 0), "
+            f"SELECT {self._USAGE_DAY} AS day, u.account_id, a.name, u.key_id, u.model, "
+            "COUNT(*), COUNT(*) FILTER (WHERE u.state = 'open'), "
+            "COALESCE(SUM(u.prompt_tokens), 0), "
             "COALESCE(SUM(u.completion_tokens), 0), COALESCE(SUM(u.cached_tokens), 0), "
             "COALESCE(SUM(u.charge_micro), 0), COALESCE(SUM(u.unrecovered_micro), 0) "
             "FROM usage u JOIN accounts a ON a.id = u.account_id "
             + (("WHERE " + " AND ".join(where) + " ") if where else "")
-            + "GROUP BY day, u.account_id, u.key_id, u.model "
+            + "GROUP BY day, u.account_id, a.name, u.key_id, u.model "
             "ORDER BY day, u.account_id, u.key_id, u.model"
         )
         return [UsageGroup(*r) for r in await self._rows(sql, params)]
