@@ -46,6 +46,7 @@ import contextlib
 import json
 from typing import Any, Self
 
+import psycopg
 import structlog
 
 from teegate.ledger import inputs, receipts
@@ -76,7 +77,7 @@ from teegate.ledger.models import (
     VerifyReport,
 )
 from teegate.ledger.pgschema import LOCK_SPACE, redact
-from teegate.ledger.pgstore import PgStore, connect
+from teegate.ledger.pgstore import Backoff, PgStore, connect
 from teegate.ledger.pgwriter import PgCommitter, Row
 from teegate.ledger.store import now_ms
 
@@ -123,6 +124,9 @@ class PgLedger:
         self._seen: dict[int, int] = {}  # balances as of this worker's last commit
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._connecting = asyncio.Lock()
+        self._backoff = Backoff()
+        self._lock_lost = False  # the writing connection died: the next one takes a new id
         self.recovered: list[Recovered] = []
 
     # -- life cycle -------------------------------------------------------------
@@ -178,27 +182,95 @@ class PgLedger:
         return ledger
 
     async def _connect_writer(self) -> Any:
-        """The writing connection, holding this worker's advisory lock (reconnects if lost)."""
+        """The writing connection, holding this worker's advisory lock (reconnects if lost).
+
+        A lost connection took the lock with it, and with the lock the promise that nobody
+        sweeps this worker's reservations: another worker's sweeper may be charging them in
+        full right now. So the new connection never takes the old id again; it takes a new one
+        from the sequence, then adopts (moves to the new id) the reservations this worker still
+        knows open or is settling, unless a sweeper charged them first. What it does not know
+        of (a reservation whose commit was in doubt when the connection died) stays under the
+        old id, whose lock is now free for good, and is charged in full by the next sweep:
+        never lost, never doubled.
+        """
         conn = self._writer_conn
         if conn is not None and not conn.closed and not conn.broken:
             return conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            self._writer_conn = None
-            log.error("ledger.writer_reconnect", worker_id=self.worker_id)
-        conn = await connect(self._url)
+        async with self._connecting:  # one reconnect, whoever noticed first
+            conn = self._writer_conn
+            if conn is not None and not conn.closed and not conn.broken:
+                return conn
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                self._writer_conn = None
+                self._lock_lost = True
+                log.error("ledger.writer_lost", worker_id=self.worker_id)
+            self._backoff.check(self.path)
+            try:
+                conn = await connect(self._url)
+            except LedgerUnavailable:
+                self._backoff.failed()
+                raise
+            self._backoff.succeeded()
+            try:
+                if self._lock_lost:
+                    ids = set(self._open) | self._writer.queued_final_ids()
+                    await self._relock(conn, ids)
+                elif not await _try_lock(conn, self.worker_id):
+                    raise LedgerLocked(
+                        f"ledger worker id {self.worker_id} is held by a live worker on "
+                        f"{self.path}"
+                    )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise
+            self._writer_conn = conn
+            return conn
+
+    async def _relock(self, conn: Any, known: set[int]) -> None:
+        """Take a new worker id on ``conn`` and adopt the ``known`` reservations still open."""
+        for _ in range(8):  # an explicit id of a live worker may be next in the sequence
+            cur = await conn.execute("SELECT nextval('worker_ids')")
+            row = await cur.fetchone()
+            assert row is not None
+            new = int(row[0])
+            if await _try_lock(conn, new):
+                break
+        else:
+            raise LedgerLocked(f"no free worker id in the sequence of {self.path}")
+        old = self.worker_id
         cur = await conn.execute(
-            "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, self.worker_id)
+            "UPDATE usage SET worker_id = %s WHERE worker_id = %s AND state = 'open' "
+            "AND reservation_id = ANY(%s) RETURNING reservation_id",
+            (new, old, sorted(known)),
         )
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            await conn.close()
-            raise LedgerLocked(
-                f"ledger worker id {self.worker_id} is held by a live worker on {self.path}"
-            )
-        self._writer_conn = conn
-        return conn
+        adopted = len(await cur.fetchall())
+        self.worker_id = new
+        self._lock_lost = False
+        log.warning(
+            "ledger.worker_relocked",
+            old_worker_id=old,
+            worker_id=new,
+            adopted=adopted,
+            swept=len(known) - adopted,
+            consequence="reservations not adopted were charged in full by a sweeper; "
+            "their settlements are dropped as duplicates",
+        )
+
+    async def check_writer(self) -> None:
+        """Use the writing connection once, so a lost one (and lock) is replaced now, while
+        idle, rather than by the next reservation (which would fail closed on it)."""
+        if self._closed:
+            return
+        conn = await self._connect_writer()
+        try:
+            await conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            await self._connect_writer()
 
     async def _start(self, recover: bool) -> None:
         # Ours from a previous life (same explicit id): our lock makes them unsweepable otherwise.
@@ -390,10 +462,13 @@ class PgLedger:
             conn = await self._connect_writer()
         except LedgerError as e:
             raise LedgerUnavailable(str(e)) from None
-        cur = await conn.execute(
-            "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
-        )
-        row = await cur.fetchone()
+        try:
+            cur = await conn.execute(
+                "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
+            )
+            row = await cur.fetchone()
+        except psycopg.OperationalError as e:  # the connection died: replaced at next use
+            raise LedgerUnavailable(f"could not count the request: {type(e).__name__}") from e
         assert row is not None
         return int(row[1]), int(row[0])
 
@@ -627,7 +702,8 @@ class PgLedger:
     async def recover(self) -> list[Recovered]:
         """Charge in full the open reservations of dead workers (never this one's)."""
         await self.flush()
-        recovered = await self._admin.recover(own_worker=self.worker_id)
+        mine = set(self._open) | self._writer.queued_final_ids()  # also under a lost old id
+        recovered = await self._admin.recover(mine, own_worker=self.worker_id)
         _log_recovered(recovered)
         self.recovered.extend(recovered)
         return recovered
@@ -673,6 +749,10 @@ class PgLedger:
                 await self.refresh()
             except Exception as e:
                 log.error("ledger.refresh_failed", error=type(e).__name__)
+            try:
+                await self.check_writer()
+            except Exception as e:
+                log.error("ledger.writer_check_failed", error=type(e).__name__)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -681,6 +761,12 @@ class PgLedger:
                 await self.recover()
             except Exception as e:
                 log.error("ledger.sweep_failed", error=type(e).__name__)
+
+
+async def _try_lock(conn: Any, worker_id: int) -> bool:
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, worker_id))
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 def _log_recovered(recovered: list[Recovered]) -> None:
