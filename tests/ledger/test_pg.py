@@ -25,9 +25,11 @@ from teegate.ledger import (
     Reservation,
     Store,
 )
+from teegate.ledger.pgschema import LOCK_SPACE
 from teegate.ledger.receipts import StoredReceipt
 from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
+from tests.support.wait import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,28 +189,85 @@ async def test_a_reservation_that_cannot_be_committed_fails_closed(url: str) -> 
         await led.close()
 
 
-async def test_a_lost_writer_connection_is_replaced_and_keeps_the_lock(url: str) -> None:
+def _held_worker_locks(url: str) -> set[int]:
+    return {
+        int(r[0])
+        for r in db.rows(
+            url, "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = ?",
+            (LOCK_SPACE,),
+        )
+    }
+
+
+async def _terminate_writer(url: str, led: Ledger) -> None:
+    """End the worker's writing session (as a server restart would), and wait until its lock
+    is gone: from then on the session can run nothing more."""
+    pid = led._writer_conn.info.backend_pid  # type: ignore[union-attr]
+    db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
+    until(lambda: led.worker_id not in _held_worker_locks(url), "the lost lock")
+
+
+async def test_a_lost_writer_connection_is_replaced_under_a_new_worker_id(url: str) -> None:
+    """The lock went with the connection, so the id may be swept at any time: never take it
+    again. The new id adopts what the worker still knows open, which then settles exactly."""
     led = await Ledger.open(url)
     try:
         f = await fund(led, "alice", 10_000)
-        pid = led._writer_conn.info.backend_pid  # type: ignore[union-attr]
-        db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
-        # The first attempt may fail closed on the dead connection; the next reconnects.
-        for _ in range(3):
-            try:
-                res = await led.reserve("a", f.key, "m", PRICES, 100)
-                break
-            except LedgerUnavailable:
-                continue
-        else:
-            pytest.fail("the writer never reconnected")
-        with pytest.raises(LedgerLocked):  # the new connection holds the worker's lock again
-            await Ledger.open(url, worker_id=led.worker_id)
+        before = await led.reserve("before", f.key, "m", PRICES, 1000)
+        old = led.worker_id
+        await _terminate_writer(url, led)
+        await led.check_writer()  # what the key poll does every key_poll_ms
+        assert led.worker_id != old
+        assert _held_worker_locks(url) == {led.worker_id}  # the old id is free for good
+        assert db.one(url, "SELECT worker_id FROM usage WHERE reservation_id = ?",
+                      (before.id,)) == (led.worker_id,)  # fmt: skip
+        res = await led.reserve("after", f.key, "m", PRICES, 100)
+        await led.settle(before, 10, 10, 0, "usage")
         await led.settle(res, 10, 10, 0, "usage")
         await led.flush()
+        with pytest.raises(LedgerLocked):  # the new connection holds the new id's lock
+            await Ledger.open(url, worker_id=led.worker_id)
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 2 * 30,)
         assert (await led.verify()).ok
     finally:
         await led.close()
+
+
+async def test_a_worker_swept_after_losing_its_lock_is_charged_once(url: str) -> None:
+    """Another worker's sweeper got there first: its full charge stands, the late settlement
+    and release are dropped as duplicates (not added), and the worker reserves again only
+    under a new id, which no sweeper takes while it lives."""
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        f = await fund(a, "alice", 10_000)
+        r1 = await a.reserve("r1", f.key, "m", PRICES, 4000)
+        r2 = await a.reserve("r2", f.key, "m", PRICES, 3000)
+        old = a.worker_id
+        await _terminate_writer(url, a)
+        swept = await b.sweep()
+        assert sorted(r.reservation_id for r in swept) == [r1.id, r2.id]
+        await a.settle(r1, 10, 10, 0, "usage")  # fails on the dead connection, then retried
+        await a.release(r2, "client went away")
+        with pytest.raises(LedgerUnavailable):  # the batch met the dead connection...
+            await a.flush()
+        await a.flush()  # ...and was retried on a new one
+        assert a.worker_id != old
+        rows = db.rows(url, "SELECT reservation_id, state, source, charge_micro FROM usage "
+                            "ORDER BY reservation_id")  # fmt: skip
+        assert rows == [(r1.id, "settled", "recovered", 4000),
+                        (r2.id, "settled", "recovered", 3000)]  # fmt: skip
+        assert db.one(url, "SELECT COUNT(*) FROM entries WHERE reservation_id IS NOT NULL") == (2,)
+        r3 = await a.reserve("r3", f.key, "m", PRICES, 1000)
+        assert await b.sweep() == []  # a lives, under its new id
+        await a.settle(r3, 10, 10, 0, "usage")
+        await a.flush()
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 7000 - 30,)
+        report = await b.verify()
+        assert report.ok and report.open_reservations == []
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_a_lost_reading_connection_is_replaced_at_once(url: str) -> None:
