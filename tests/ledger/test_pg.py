@@ -26,6 +26,7 @@ from teegate.ledger import (
     Store,
 )
 from teegate.ledger.pgschema import LOCK_SPACE
+from teegate.ledger.pgstore import CONNECT_DEFAULTS, connect_params, server_settings
 from teegate.ledger.receipts import StoredReceipt
 from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
@@ -423,5 +424,39 @@ async def test_a_version_1_database_gains_signatures_and_receipts(url: str) -> N
         await led.write_receipts([doc], [])
         assert await led.receipt("rcpt_old", key.key_id) == "{}"
         assert db.rows(url, "SELECT name FROM accounts") == [("old",)]
+    finally:
+        await led.close()
+
+
+def test_connections_bound_dead_peers_unless_the_url_says_otherwise() -> None:
+    assert connect_params("postgresql://u@db.internal/teegate") == CONNECT_DEFAULTS
+    url = "postgresql://u@db.internal/teegate?keepalives_idle=60&connect_timeout=2"
+    assert connect_params(url) == {
+        k: v for k, v in CONNECT_DEFAULTS.items() if k not in ("keepalives_idle", "connect_timeout")
+    }
+    assert server_settings(url) == {
+        "tcp_keepalives_idle": "60",
+        "tcp_keepalives_interval": CONNECT_DEFAULTS["keepalives_interval"],
+        "tcp_keepalives_count": CONNECT_DEFAULTS["keepalives_count"],
+        "tcp_user_timeout": CONNECT_DEFAULTS["tcp_user_timeout"],
+    }
+    assert server_settings("postgresql://u@db.internal/teegate?keepalives=0") == {}
+
+
+async def test_every_ledger_connection_carries_the_keepalives_on_both_ends(url: str) -> None:
+    """libpq's on the client's socket; the server's (tcp_keepalives_*, tcp_user_timeout) set
+    for the session, which is what frees a vanished worker's lock. (On this Unix socket the
+    server reads them as 0, but records that the session set them.)"""
+    led = await Ledger.open(url)
+    try:
+        for conn in (led._writer_conn, led._admin.db):  # type: ignore[attr-defined]
+            params = conn.info.get_parameters()
+            assert {k: params.get(k) for k in CONNECT_DEFAULTS} == CONNECT_DEFAULTS
+            cur = await conn.execute(
+                "SELECT name, source FROM pg_settings WHERE name = ANY(%s) ORDER BY name",
+                (list(server_settings(url)),),
+            )
+            rows = await cur.fetchall()
+            assert len(rows) == 4 and {source for _, source in rows} == {"session"}, rows
     finally:
         await led.close()
