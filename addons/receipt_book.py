@@ -21,6 +21,7 @@ import structlog
 
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.catalog.attestation.receipts import canonical
+from teegate.ledger import LedgerUnavailable
 from teegate.ledger.receipts import StoredReceipt
 
 log = structlog.get_logger("teegate.receipts")
@@ -29,6 +30,10 @@ log = structlog.get_logger("teegate.receipts")
 # its commit, within WRITE_LINGER_S): at ~5 kB each, 4096 grew a gateway's RSS by ~20 MB.
 KEPT_IN_MEMORY = 512
 WRITE_LINGER_S = 0.05
+# While the database is unavailable, receipts and signature outcomes wait (written again every
+# RETRY_S, in order: the upsert keeps the newest revision); beyond MAX_PENDING the oldest go.
+RETRY_S = 1.0
+MAX_PENDING = 4096
 
 
 class ReceiptBook:
@@ -111,14 +116,23 @@ class ReceiptBook:
             await self._dirty.wait()
             await asyncio.sleep(WRITE_LINGER_S)  # batch what arrives meanwhile: one commit
             self._dirty.clear()
-            await self._flush()
+            if not await self._flush():
+                await asyncio.sleep(RETRY_S)  # the database is away: try again, not sooner
+                self._dirty.set()
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Write what is queued; False if the ledger was unavailable (kept for a retry)."""
         stored, rows = self._to_write, self._sig_rows
         if not stored and not rows:
-            return
+            return True
         self._to_write, self._sig_rows = [], []
         try:
             await self._link.get().write_receipts(stored, rows)
+        except LedgerUnavailable as e:  # a database restart or failover: kept, in order
+            self._to_write = (stored + self._to_write)[-MAX_PENDING:]
+            self._sig_rows = (rows + self._sig_rows)[-MAX_PENDING:]
+            log.error("receipt_write_retry", error=type(e).__name__, receipts=len(stored))
+            return False
         except Exception as e:  # still served from memory while kept there; not retried
             log.error("receipt_write_failed", error=type(e).__name__, receipts=len(stored))
+        return True

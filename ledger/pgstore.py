@@ -215,15 +215,22 @@ class PgStore(Reports):
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if mode == "DEFERRED" else "BEGIN"
         )
         async with self._txn:
-            await self._live()
-            await self.db.execute(begin)
             try:
-                yield self.db
-            except BaseException:
-                if not self.db.broken:  # a dead connection took the transaction with it
-                    await self.db.execute("ROLLBACK")
-                raise
-            await self.db.execute("COMMIT")
+                try:
+                    await (await self._live()).execute(begin)
+                except psycopg.OperationalError:
+                    if not self.db.broken:
+                        raise
+                    await (await self._live()).execute(begin)  # once, on a new connection
+                try:
+                    yield self.db
+                except BaseException:
+                    if not self.db.broken:  # a dead connection took the transaction with it
+                        await self.db.execute("ROLLBACK")
+                    raise
+                await self.db.execute("COMMIT")
+            except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
+                raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         sql, args = sql.replace("?", "%s"), tuple(params)

@@ -102,6 +102,16 @@ def test_a_database_restart_fails_closed_then_serves_again_without_a_gateway_res
         "the held stream's settlement",
     )
     assert row == ("settled", "usage")
+    # Its receipt and signature outcome, issued during the outage, were kept and written after.
+    until(
+        lambda: ledgerdb.one(
+            pg_url,
+            "SELECT 1 FROM usage u JOIN receipts r ON r.request_id = u.request_id "
+            "WHERE u.request_id = ? AND u.signature = 'verified'",
+            (rid,),
+        ),
+        "the held stream's receipt and signature outcome",
+    )
     code, out, err = teegate("ledger", "verify", "--db", pg_url)
     assert code == 0, out + err
     log = gateway.log_text()
