@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import psycopg
@@ -743,24 +744,35 @@ class PgLedger:
         return True
 
     async def _key_poll_loop(self) -> None:
+        steps = (("refresh", self.refresh), ("writer_check", self.check_writer))
+        failing: set[str] = set()
         while True:
             await asyncio.sleep(self._key_poll_s)
-            try:
-                await self.refresh()
-            except Exception as e:
-                log.error("ledger.refresh_failed", error=type(e).__name__)
-            try:
-                await self.check_writer()
-            except Exception as e:
-                log.error("ledger.writer_check_failed", error=type(e).__name__)
+            for name, step in steps:
+                await _logged_once(name, step, failing)
 
     async def _sweep_loop(self) -> None:
+        failing: set[str] = set()
         while True:
             await asyncio.sleep(self._sweep_s)
-            try:
-                await self.recover()
-            except Exception as e:
-                log.error("ledger.sweep_failed", error=type(e).__name__)
+            await _logged_once("sweep", self.recover, failing)
+
+
+async def _logged_once(
+    name: str, step: Callable[[], Awaitable[object]], failing: set[str]
+) -> None:
+    """Run a background step; log its failure once per outage (it runs every 200 ms), and
+    when it works again."""
+    try:
+        await step()
+    except Exception as e:
+        if name not in failing:
+            log.error(f"ledger.{name}_failed", error=type(e).__name__, logged="once per outage")
+            failing.add(name)
+        return
+    if name in failing:
+        failing.discard(name)
+        log.warning(f"ledger.{name}_recovered")
 
 
 async def _try_lock(conn: Any, worker_id: int) -> bool:
