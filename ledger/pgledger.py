@@ -20,7 +20,12 @@ processes and machines on one database:
    ``sweep_interval_s``) charges in full the open reservations of every worker
    whose lock it can take, exactly as SQLite's start-up recovery does.
    A worker restarted with the same explicit id first charges what its previous
-   life left open.
+   life left open. A live worker whose writing connection died (a database
+   restart, a failover, a terminated session) lost its lock with it, so a
+   sweeper may already be charging its reservations: it never takes that id
+   again, but a new one, and adopts the reservations it still knows open that
+   no sweeper took (:meth:`PgLedger._connect_writer`). A settlement of one a
+   sweeper took is dropped as a duplicate: the full hold stands, charged once.
 4. **Shared rate limits**: ``reserve(..., rate_limit=n)`` counts the request in
    the key's one-minute window in the same statement, before the balance check
    (:class:`~teegate.ledger.errors.RateLimited` comes before
