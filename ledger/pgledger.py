@@ -90,6 +90,7 @@ from teegate.ledger.store import now_ms
 log = structlog.get_logger("teegate.ledger")
 
 MAX_TEXT = 200
+MAX_IN_DOUBT = 10_000  # failed reservations remembered until the writing connection is back
 
 
 class PgLedger:
@@ -126,7 +127,11 @@ class PgLedger:
             self._observe,
             batch_max=batch_max,
             settle_linger_ms=settle_linger_ms,
+            on_doubt=self._doubt,
         )
+        # Reservations whose commit failed on a connection error: committed or not, nobody can
+        # tell until the writing connection is back (their requests were refused either way).
+        self._in_doubt: dict[str, dict[str, Any]] = {}
         self._seen: dict[int, int] = {}  # balances as of this worker's last commit
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -253,6 +258,7 @@ class PgLedger:
             (new, old, sorted(known)),
         )
         adopted = len(await cur.fetchall())
+        released = await self._release_in_doubt(conn, old, new)
         self.worker_id = new
         self._lock_lost = False
         log.warning(
@@ -261,9 +267,47 @@ class PgLedger:
             worker_id=new,
             adopted=adopted,
             swept=len(known) - adopted,
+            released_in_doubt=released,
             consequence="reservations not adopted were charged in full by a sweeper; "
             "their settlements are dropped as duplicates",
         )
+
+    def _doubt(self, op: dict[str, Any]) -> None:
+        self._in_doubt[op["request_id"]] = op
+        while len(self._in_doubt) > MAX_IN_DOUBT:
+            self._in_doubt.pop(next(iter(self._in_doubt)))
+
+    async def _release_in_doubt(self, conn: Any, old: int, new: int) -> int:
+        """Adopt and release the reservations that did commit although their callers were told
+        they had not (their requests were refused, never sent): not charged, not left open."""
+        doubts, self._in_doubt = self._in_doubt, {}
+        if not doubts:
+            return 0
+        cur = await conn.execute(
+            "UPDATE usage SET worker_id = %s WHERE worker_id = %s AND state = 'open' "
+            "AND request_id = ANY(%s) AND NOT (reservation_id = ANY(%s)) "
+            "RETURNING reservation_id, request_id, account_id, key_id, model, reserved_micro",
+            (new, old, sorted(doubts), sorted(self._open)),
+        )
+        rows = await cur.fetchall()
+        for rid, request_id, account_id, key_id, model, amount in rows:
+            op = doubts[request_id]
+            res = Reservation(
+                id=int(rid),
+                request_id=request_id,
+                account_id=int(account_id),
+                key_id=int(key_id),
+                model=model,
+                prices=Prices(op["price_input"], op["price_output"], op["price_cache_read"]),
+                amount_micro=int(amount),
+                created_ms=int(op["created_ms"]),
+            )
+            with contextlib.suppress(LedgerUnavailable):  # closing: the sweep charges it
+                self._submit_final(
+                    res, "release", delta=res.amount_micro, charge=0,
+                    status="commit in doubt; not sent", timing=None,
+                )  # fmt: skip
+        return len(rows)
 
     async def check_writer(self) -> None:
         """Use the writing connection once, so a lost one (and lock) is replaced now, while

@@ -55,12 +55,14 @@ class PgCommitter:
         *,
         batch_max: int,
         settle_linger_ms: float,
+        on_doubt: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if batch_max < 1 or settle_linger_ms < 0:
             raise ValueError("batch_max must be >= 1 and settle_linger_ms >= 0")
         self._apply = apply
         self._on_final = on_final
         self._observe = observe
+        self._on_doubt = on_doubt
         self._batch_max = batch_max
         self._linger_s = settle_linger_ms / 1000
         self._queue: deque[_Item] = deque()
@@ -197,6 +199,8 @@ class PgCommitter:
             if item.op is None:
                 _reject(item.future, LedgerUnavailable(f"could not commit: {error}"))
             elif item.future is not None:
+                if retry and self._on_doubt is not None:  # it may have committed all the same
+                    self._on_doubt(item.op)
                 _reject(
                     item.future,
                     LedgerUnavailable(f"could not commit the reservation: {type(error).__name__}"),

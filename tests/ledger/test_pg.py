@@ -234,6 +234,31 @@ async def test_a_lost_writer_connection_is_replaced_under_a_new_worker_id(url: s
         await led.close()
 
 
+async def test_a_reservation_committed_but_reported_failed_is_released_after_reconnecting(
+    url: str,
+) -> None:
+    """The connection died with the commit's answer: the caller was refused (nothing sent),
+    yet the hold may exist. Once reconnected, the worker finds it by request id and releases
+    it, rather than leaving it under the old id for a sweeper to charge in full."""
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 10_000)
+        lost = await led.reserve("lost-answer", f.key, "m", PRICES, 4000)
+        del led._open[lost.id]  # as if the commit's answer had been lost on the way...
+        led._doubt({"request_id": "lost-answer", "price_input": PRICES.input,  # ...and the
+                    "price_output": PRICES.output, "price_cache_read": PRICES.cache_read,
+                    "created_ms": lost.created_ms})  # committer had reported it  # fmt: skip
+        await _terminate_writer(url, led)
+        await led.check_writer()
+        await led.flush()
+        assert db.one(url, "SELECT state, status FROM usage WHERE reservation_id = ?",
+                      (lost.id,)) == ("released", "commit in doubt; not sent")  # fmt: skip
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000,)
+        assert (await led.verify()).ok
+    finally:
+        await led.close()
+
+
 async def test_a_worker_swept_after_losing_its_lock_is_charged_once(url: str) -> None:
     """Another worker's sweeper got there first: its full charge stands, the late settlement
     and release are dropped as duplicates (not added), and the worker reserves again only
