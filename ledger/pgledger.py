@@ -138,6 +138,7 @@ class PgLedger:
         self._connecting = asyncio.Lock()
         self._backoff = Backoff()
         self._lock_lost = False  # the writing connection died: the next one takes a new id
+        self._commits_seen = -1  # group commits as of the last check_writer
         self.recovered: list[Recovered] = []
 
     # -- life cycle -------------------------------------------------------------
@@ -793,12 +794,18 @@ class PgLedger:
         return True
 
     async def _key_poll_loop(self) -> None:
-        steps = (("refresh", self.refresh), ("writer_check", self.check_writer))
+        steps = (("refresh", self.refresh), ("writer_check", self._check_idle_writer))
         failing: set[str] = set()
         while True:
             await asyncio.sleep(self._key_poll_s)
             for name, step in steps:
                 await _logged_once(name, step, failing)
+
+    async def _check_idle_writer(self) -> None:
+        if self._writer.commits != self._commits_seen:  # it committed since: alive, no ping
+            self._commits_seen = self._writer.commits
+            return
+        await self.check_writer()
 
     async def _sweep_loop(self) -> None:
         failing: set[str] = set()
