@@ -200,10 +200,10 @@ class PgLedger:
         sweeps this worker's reservations: another worker's sweeper may be charging them in
         full right now. So the new connection never takes the old id again; it takes a new one
         from the sequence, then adopts (moves to the new id) the reservations this worker still
-        knows open or is settling, unless a sweeper charged them first. What it does not know
-        of (a reservation whose commit was in doubt when the connection died) stays under the
-        old id, whose lock is now free for good, and is charged in full by the next sweep:
-        never lost, never doubled.
+        knows open or is settling, unless a sweeper charged them first, and releases those
+        whose commit was in doubt when the connection died but did happen (their requests
+        were refused). Whatever else stays under the old id, whose lock is now free for good,
+        is charged in full by the next sweep: never lost, never doubled.
         """
         conn = self._writer_conn
         if conn is not None and not conn.closed and not conn.broken:
@@ -253,13 +253,13 @@ class PgLedger:
         else:
             raise LedgerLocked(f"no free worker id in the sequence of {self.path}")
         old = self.worker_id
-        cur = await conn.execute(
-            "UPDATE usage SET worker_id = %s WHERE worker_id = %s AND state = 'open' "
+        cur = await conn.execute(  # ours, under whichever id an earlier attempt left them
+            "UPDATE usage SET worker_id = %s WHERE state = 'open' "
             "AND reservation_id = ANY(%s) RETURNING reservation_id",
-            (new, old, sorted(known)),
+            (new, sorted(known)),
         )
         adopted = len(await cur.fetchall())
-        released = await self._release_in_doubt(conn, old, new)
+        released = await self._release_in_doubt(conn, new)
         self.worker_id = new
         self._lock_lost = False
         log.warning(
@@ -278,19 +278,20 @@ class PgLedger:
         while len(self._in_doubt) > MAX_IN_DOUBT:
             self._in_doubt.pop(next(iter(self._in_doubt)))
 
-    async def _release_in_doubt(self, conn: Any, old: int, new: int) -> int:
+    async def _release_in_doubt(self, conn: Any, new: int) -> int:
         """Adopt and release the reservations that did commit although their callers were told
-        they had not (their requests were refused, never sent): not charged, not left open."""
-        doubts, self._in_doubt = self._in_doubt, {}
-        if not doubts:
+        they had not (their requests were refused, never sent): not charged, not left open.
+        (Request ids are this process's own random ones: no other worker's row matches.)"""
+        if not self._in_doubt:
             return 0
         cur = await conn.execute(
-            "UPDATE usage SET worker_id = %s WHERE worker_id = %s AND state = 'open' "
+            "UPDATE usage SET worker_id = %s WHERE state = 'open' "
             "AND request_id = ANY(%s) AND NOT (reservation_id = ANY(%s)) "
             "RETURNING reservation_id, request_id, account_id, key_id, model, reserved_micro",
-            (new, old, sorted(doubts), sorted(self._open)),
+            (new, sorted(self._in_doubt), sorted(self._open)),
         )
         rows = await cur.fetchall()
+        doubts, self._in_doubt = self._in_doubt, {}  # found or never committed: settled now
         for rid, request_id, account_id, key_id, model, amount in rows:
             op = doubts[request_id]
             res = Reservation(
