@@ -28,6 +28,7 @@ import structlog
 
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.catalog.attestation.receipts import ReceiptSigner
+from teegate.ledger import LedgerUnavailable
 from teegate.ledger.receipts import StoredReceipt
 
 log = structlog.get_logger("teegate.receipts")
@@ -36,6 +37,10 @@ log = structlog.get_logger("teegate.receipts")
 # its commit, within WRITE_LINGER_S): at ~5 kB each, 4096 grew a gateway's RSS by ~20 MB.
 KEPT_IN_MEMORY = 512
 WRITE_LINGER_S = 0.05
+# While the database is unavailable, receipts and signature outcomes wait (written again every
+# RETRY_S, in order: the upsert keeps the newest revision); beyond MAX_PENDING the oldest go.
+RETRY_S = 1.0
+MAX_PENDING = 4096
 
 
 @dataclass(slots=True)
@@ -133,19 +138,30 @@ class ReceiptBook:
             await self._dirty.wait()
             await asyncio.sleep(WRITE_LINGER_S)  # batch what arrives meanwhile: one commit
             self._dirty.clear()
-            await self._flush()
+            if not await self._flush():
+                await asyncio.sleep(RETRY_S)  # the database is away: try again, not sooner
+                self._dirty.set()
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Write what is queued; False if the ledger was unavailable (kept for a retry)."""
         entries, rows = self._to_write, self._sig_rows
         if not entries and not rows:
-            return
+            return True
         self._to_write, self._sig_rows = {}, []
         stored: list[StoredReceipt] = []
         try:
             stored = [self._stored(rid, entry) for rid, entry in entries.items()]
             await self._link.get().write_receipts(stored, rows)
+        except LedgerUnavailable as e:  # a database restart or failover: kept, in order
+            entries.update(self._to_write)  # a revision queued meanwhile replaces its earlier
+            kept = list(entries.items())[-MAX_PENDING:]
+            self._to_write = dict(kept)
+            self._sig_rows = (rows + self._sig_rows)[-MAX_PENDING:]
+            log.error("receipt_write_retry", error=type(e).__name__, receipts=len(stored))
+            return False
         except Exception as e:  # still served from memory while kept there; not retried
             log.error("receipt_write_failed", error=type(e).__name__, receipts=len(stored))
+        return True
 
     def _stored(self, rid: str, entry: _Entry) -> StoredReceipt:
         return StoredReceipt(

@@ -55,15 +55,18 @@ class PgCommitter:
         *,
         batch_max: int,
         settle_linger_ms: float,
+        on_doubt: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if batch_max < 1 or settle_linger_ms < 0:
             raise ValueError("batch_max must be >= 1 and settle_linger_ms >= 0")
         self._apply = apply
         self._on_final = on_final
         self._observe = observe
+        self._on_doubt = on_doubt
         self._batch_max = batch_max
         self._linger_s = settle_linger_ms / 1000
         self._queue: deque[_Item] = deque()
+        self._committing: list[_Item] = []  # the batch in the database's hands right now
         self._waiting = 0
         self._drainer: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -92,9 +95,9 @@ class PgCommitter:
         return future
 
     def queued_final_ids(self) -> set[int]:
-        return {
-            int(i.op["reservation_id"]) for i in self._queue if i.op and i.op["t"] == "f"
-        }
+        """Reservations whose settlement or release is queued or being committed now."""
+        items = [*self._queue, *self._committing]
+        return {int(i.op["reservation_id"]) for i in items if i.op and i.op["t"] == "f"}
 
     async def flush(self) -> None:
         if not self._started or (self._stopping and self._drainer is None):
@@ -147,7 +150,11 @@ class PgCommitter:
                 batch = [self._queue.popleft() for _ in range(n)]
                 self._waiting -= sum(1 for i in batch if i.future is not None)
                 force = False
-                await self._commit(batch)
+                self._committing = batch
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = []
         finally:
             self._drainer = None
             self._kick()
@@ -192,6 +199,8 @@ class PgCommitter:
             if item.op is None:
                 _reject(item.future, LedgerUnavailable(f"could not commit: {error}"))
             elif item.future is not None:
+                if retry and self._on_doubt is not None:  # it may have committed all the same
+                    self._on_doubt(item.op)
                 _reject(
                     item.future,
                     LedgerUnavailable(f"could not commit the reservation: {type(error).__name__}"),
