@@ -25,13 +25,21 @@ class StoredReceipt:
     document: str
 
 
-UPSERT_RECEIPT = (
+# Multi-row statements, portable to both stores: a batch of receipts or outcomes is one
+# statement, not one per row (each a parse-bind-execute the database pays for: ~0.5 ms of
+# PostgreSQL's CPU per chat before). At most MAX_PARAMS host parameters each (SQLite's limit).
+MAX_PARAMS = 999
+_RECEIPT_ROW = "(?, ?, ?, ?, ?, ?)"
+UPSERT_RECEIPTS = (
     "INSERT INTO receipts (id, key_id, request_id, revision, created_ms, document) "
-    "VALUES (?, ?, ?, ?, ?, ?) "
+    "VALUES {rows} "
     "ON CONFLICT(id) DO UPDATE SET revision = excluded.revision, document = excluded.document "
     "WHERE excluded.revision > receipts.revision"
 )
-SET_SIGNATURE = "UPDATE usage SET signature = ? WHERE reservation_id = ?"
+SET_SIGNATURES = (
+    "UPDATE usage SET signature = v.column2 FROM (VALUES {rows}) AS v "
+    "WHERE usage.reservation_id = v.column1"
+)
 
 
 async def write(
@@ -39,16 +47,28 @@ async def write(
     receipts: Sequence[StoredReceipt],
     signatures: Sequence[tuple[int, str]],
 ) -> None:
-    """Every receipt (a later revision replaces an earlier) and signature outcome, at once."""
+    """Every receipt (a later revision replaces an earlier) and signature outcome, at once.
+
+    Within a batch the newest of each wins (a statement may touch a row only once)."""
+    newest: dict[str, StoredReceipt] = {}
+    for r in receipts:
+        if r.id not in newest or r.revision > newest[r.id].revision:
+            newest[r.id] = r
+    outcomes = dict(signatures)  # reservation id -> status, the later one kept
     async with store.transaction():
-        if receipts:
-            await store.execute_many(
-                UPSERT_RECEIPT,
-                [(r.id, r.key_id, r.request_id, r.revision, r.created_ms, r.document)
-                 for r in receipts],
-            )  # fmt: skip
-        if signatures:
-            await store.execute_many(SET_SIGNATURE, [(s, rid) for rid, s in signatures])
+        rows = [(r.id, r.key_id, r.request_id, r.revision, r.created_ms, r.document)
+                for r in newest.values()]  # fmt: skip
+        await _many(store, UPSERT_RECEIPTS, _RECEIPT_ROW, rows)
+        await _many(store, SET_SIGNATURES, "(?, ?)", list(outcomes.items()))
+
+
+async def _many(store: Reports, sql: str, row: str, rows: list[tuple[object, ...]]) -> None:
+    per = MAX_PARAMS // row.count("?")
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        await store.fetch(
+            sql.format(rows=", ".join([row] * len(chunk))), [v for r in chunk for v in r]
+        )
 
 
 async def read(store: Reports, receipt_id: str, key_id: int) -> str | None:

@@ -34,3 +34,20 @@ async def test_receipts_owner_only_and_revisions(ledger: Ledger, db_path: str) -
     assert rows(db_path, "SELECT signature, state FROM usage") == [("verified", "settled")]
     with pytest.raises(Exception, match="(?i)check"):  # sqlite3 and psycopg alike
         execute(db_path, "UPDATE usage SET signature = 'maybe'")
+
+
+async def test_a_large_batch_is_written_whole_newest_winning(ledger: Ledger, db_path: str) -> None:
+    """More rows than one statement takes (chunked), and the same receipt or reservation twice
+    in one batch (one multi-row statement may touch a row only once: the newest is kept)."""
+    alice = await fund(ledger, "alice", 10_000_000)
+    key = alice.key.key_id
+    held = [await ledger.reserve(f"req-{i}", alice.key, "m", Prices(1, 1), 10) for i in range(300)]
+    stored = [_r(f"rcpt_{i}", key, 1, f'{{"i":{i}}}') for i in range(400)]
+    stored += [_r("rcpt_7", key, 2, '{"i":"seven, revised"}'), _r("rcpt_8", key, 1, '{"i":8}')]
+    outcomes = [(r.id, "pending") for r in held] + [(r.id, "verified") for r in held[::2]]
+    await ledger.write_receipts(stored, outcomes)
+    assert rows(db_path, "SELECT count(*) FROM receipts") == [(400,)]
+    assert await ledger.receipt("rcpt_7", key) == '{"i":"seven, revised"}'
+    assert await ledger.receipt("rcpt_399", key) == '{"i":399}'
+    assert rows(db_path, "SELECT signature, count(*) FROM usage GROUP BY signature "
+                         "ORDER BY signature") == [("pending", 150), ("verified", 150)]  # fmt: skip
