@@ -15,6 +15,7 @@ hash); ``model_form`` (inference-proxy's ``<model>:<req>:<resp>`` text). ``GET``
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from typing import Any, Literal, get_args
@@ -30,14 +31,18 @@ MODES: tuple[str, ...] = get_args(Mode)
 REMEMBERED = 2000
 
 
+@functools.lru_cache(maxsize=64)
+def _signer(secret: bytes) -> coincurve.PrivateKey:
+    return coincurve.PrivateKey(secret)
+
+
 def eip191_sign(key: SigningKey, text: str) -> str:
     """``0x`` r||s||v (v = 27/28) over EIP-191's prefixed keccak256 of ``text``."""
     data = text.encode()
     digest = keccak.new(
         digest_bits=256, data=b"\x19Ethereum Signed Message:\n" + str(len(data)).encode() + data
     ).digest()
-    secret = key.private.private_numbers().private_value.to_bytes(32, "big")
-    sig = coincurve.PrivateKey(secret).sign_recoverable(digest, hasher=None)
+    sig = _signer(key.secret).sign_recoverable(digest, hasher=None)
     return "0x" + sig[:64].hex() + bytes([sig[64] + 27]).hex()
 
 
