@@ -34,6 +34,7 @@ import psycopg
 import structlog
 
 from teegate.ledger.errors import LedgerUnavailable
+from teegate.ledger.ops import Finalization, NewReservation
 
 log = structlog.get_logger("teegate.ledger")
 
@@ -213,3 +214,44 @@ def _resolve(future: asyncio.Future[Any] | None, value: Any) -> None:
 def _reject(future: asyncio.Future[Any] | None, error: BaseException) -> None:
     if future is not None and not future.done():
         future.set_exception(error)
+
+
+def reservation_row(op: NewReservation, rate_limit: int | None) -> dict[str, Any]:
+    """A reservation as ``teegate_apply`` reads it (one element of its ``ops`` array)."""
+    return {
+        "t": "r",
+        "request_id": op.request_id,
+        "account_id": op.account_id,
+        "key_id": op.key_id,
+        "model": op.model,
+        "price_input": op.prices.input,
+        "price_output": op.prices.output,
+        "price_cache_read": op.prices.cache_read,
+        "amount": op.amount_micro,
+        "created_ms": op.created_ms,
+        "rate_limit": rate_limit,
+    }
+
+
+def final_row(op: Finalization) -> dict[str, Any]:
+    """A settlement or release as ``teegate_apply`` reads it."""
+    timing = op.timing
+    return {
+        "t": "f",
+        "kind": op.kind,
+        "reservation_id": op.reservation_id,
+        "account_id": op.account_id,
+        "delta": op.delta_micro,
+        "charge": op.charge_micro,
+        "prompt_tokens": op.prompt_tokens,
+        "completion_tokens": op.completion_tokens,
+        "cached_tokens": op.cached_tokens,
+        "source": op.source,
+        "status": op.status,
+        "start_ms": timing.start_ms if timing else None,
+        "first_byte_ms": timing.first_byte_ms if timing else None,
+        "end_ms": timing.end_ms if timing else None,
+        "finalized_ms": op.finalized_ms,
+        "request_id": op.request_id,
+        "model": op.model,
+    }
