@@ -79,13 +79,12 @@ from typing import Any
 import structlog
 
 from teegate.ledger.balances import Balances
-from teegate.ledger.billing import Prices
 from teegate.ledger.errors import InsufficientBalance, LedgerUnavailable, UnknownAccount
 from teegate.ledger.keycache import KeyCache
 from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
 from teegate.ledger.lockfile import WriterLock
-from teegate.ledger.models import ApiKey, Recovered, Reservation
-from teegate.ledger.ops import Finalization
+from teegate.ledger.models import Recovered, Reservation
+from teegate.ledger.ops import Finalization, NewReservation
 from teegate.ledger.pgschema import is_postgres
 from teegate.ledger.serving import ServingLedger, log_recovered
 from teegate.ledger.store import Store
@@ -266,27 +265,10 @@ class Ledger(ServingLedger):
 
     # -- the request path -------------------------------------------------------
 
-    async def reserve(
-        self,
-        request_id: str,
-        key: ApiKey,
-        model: str,
-        prices: Prices,
-        amount_micro: int,
-        *,
-        rate_limit: int | None = None,
-    ) -> Reservation:
-        """Hold ``amount_micro`` of the key's account; returns once committed.
-
-        Raises :class:`InsufficientBalance` (nothing written) if the available
-        balance is lower, :class:`LedgerUnavailable` if the hold could not be
-        committed. Either way the request must not go upstream.
-        ``rate_limit`` must be None here (limits are per process with SQLite,
-        see :attr:`shared_rate_limits`).
-        """
+    async def _reserve(self, op: NewReservation, rate_limit: int | None) -> Reservation:
+        """The balance check in memory, then the commit (see the module docstring)."""
         if rate_limit is not None:
             raise ValueError("the SQLite ledger does not count rate limits")
-        op = self._new_reservation(request_id, key, model, prices, amount_micro)
         account_id, amount = op.account_id, op.amount_micro
         if not self._balances.known(account_id):
             await self._load_account(account_id)

@@ -47,7 +47,6 @@ from typing import Any
 
 import structlog
 
-from teegate.ledger.billing import Prices
 from teegate.ledger.errors import (
     InsufficientBalance,
     LedgerError,
@@ -263,24 +262,8 @@ class PgLedger(ServingLedger):
 
     # -- the request path -------------------------------------------------------
 
-    async def reserve(
-        self,
-        request_id: str,
-        key: ApiKey,
-        model: str,
-        prices: Prices,
-        amount_micro: int,
-        *,
-        rate_limit: int | None = None,
-    ) -> Reservation:
-        """Hold ``amount_micro`` of the key's account; returns once committed.
-
-        With ``rate_limit`` the request is first counted in the key's shared
-        one-minute window (:class:`RateLimited` beyond it). Then
-        :class:`InsufficientBalance` if the balance in the database is lower,
-        :class:`LedgerUnavailable` if the hold could not be committed.
-        """
-        op = self._new_reservation(request_id, key, model, prices, amount_micro)
+    async def _reserve(self, op: NewReservation, rate_limit: int | None) -> Reservation:
+        """One round trip: rate window, balance check and hold, all in ``teegate_apply``."""
         if rate_limit is not None:
             rate_limit = int(rate_limit)
         if self._closed:

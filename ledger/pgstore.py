@@ -185,21 +185,7 @@ class PgStore(OperatorStore):
     async def _charge_open(self, worker: int | None, skip: list[int]) -> list[Recovered]:
         at = now_ms()
         cur = await self.db.execute(_CHARGE_OPEN, (worker, skip, at, at))
-        return [
-            Recovered(
-                reservation_id=rid,
-                request_id=request_id,
-                account_id=account_id,
-                key_id=key_id,
-                model=model,
-                charged_micro=amount,
-                created_ms=created,
-            )
-            for rid, request_id, account_id, key_id, model, amount, created in sorted(
-                await cur.fetchall()
-            )
-        ]
-
+        return [Recovered.from_row(row) for row in sorted(await cur.fetchall())]
 
 def _plain(value: Any) -> Any:
     """SUM() of bigint is numeric in PostgreSQL; money stays int."""

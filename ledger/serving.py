@@ -10,7 +10,8 @@ written once here. What differs is a handful of hooks:
   never interleave with a group commit and its in-memory balances; PostgreSQL needs none;
 * :meth:`_committed_balance`: what an operator write's new balance updates in memory;
 * :meth:`_queue_final`: how a settlement or release reaches the writer;
-* :meth:`reserve`, :meth:`recover`, :meth:`refresh`, :meth:`writable`: their own.
+* :meth:`_reserve`: where the balance is checked (memory or database);
+* :meth:`recover`, :meth:`refresh`, :meth:`writable`: their own.
 
 Why this module is long: it is the one copy of about twenty request-path and operator
 methods that used to be written twice (once per store) and must keep one contract line by
@@ -81,6 +82,10 @@ class ServingLedger:
 
     def _queue_final(self, op: Finalization, hold: int) -> None:
         """Hand a settlement or release to the writer (``hold``: its extra above the hold)."""
+        raise NotImplementedError
+
+    async def _reserve(self, op: NewReservation, rate_limit: int | None) -> Reservation:
+        """Commit a checked reservation (the balance check is the dialect's)."""
         raise NotImplementedError
 
     async def _release_connections(self) -> None:
@@ -253,16 +258,31 @@ class ServingLedger:
 
     # -- the request path -------------------------------------------------------
 
-    def _new_reservation(
-        self, request_id: str, key: ApiKey, model: str, prices: Prices, amount_micro: int
-    ) -> NewReservation:
-        """The checked reservation :meth:`reserve` is asked for (ValueError/TypeError if not)."""
+    async def reserve(
+        self,
+        request_id: str,
+        key: ApiKey,
+        model: str,
+        prices: Prices,
+        amount_micro: int,
+        *,
+        rate_limit: int | None = None,
+    ) -> Reservation:
+        """Hold ``amount_micro`` of the key's account; returns once committed.
+
+        Raises :class:`~teegate.ledger.errors.InsufficientBalance` (nothing written) if the
+        balance is lower, :class:`~teegate.ledger.errors.LedgerUnavailable` if the hold could
+        not be committed. Either way the request must not go upstream. ``rate_limit``: on
+        PostgreSQL (:attr:`shared_rate_limits`) the request is first counted in the key's
+        shared one-minute window (:class:`~teegate.ledger.errors.RateLimited` beyond it);
+        SQLite counts limits per process and refuses one here (ValueError).
+        """
         amount = inputs.hold_amount(amount_micro)
         _check_text("request_id", request_id)
         _check_text("model", model)
         if not isinstance(prices, Prices):
             raise TypeError("prices must be a ledger.billing.Prices")
-        return NewReservation(
+        op = NewReservation(
             request_id=request_id,
             account_id=key.account_id,
             key_id=key.key_id,
@@ -271,6 +291,7 @@ class ServingLedger:
             amount_micro=amount,
             created_ms=now_ms(),
         )
+        return await self._reserve(op, rate_limit)
 
     def _registered(self, op: NewReservation, reservation_id: int) -> Reservation:
         """A reservation committed: its handle, now open in this ledger."""

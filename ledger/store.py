@@ -143,9 +143,8 @@ class Store(OperatorStore):
         recovered: list[Recovered] = []
         at = now_ms()
         async with self.transaction() as db:
-            for rid, request_id, account_id, key_id, model, amount, created in await self._rows(
-                OPEN_RESERVATIONS
-            ):
+            for row in await self._rows(OPEN_RESERVATIONS):
+                rid, _, account_id, _, _, amount, _ = row
                 if rid in exclude:
                     continue
                 final = Finalization(
@@ -163,17 +162,7 @@ class Store(OperatorStore):
                     INSERT_ENTRY, (None, account_id, final.kind, 0, rid, at, "recovered")
                 )
                 await db.execute(FINALIZE_USAGE, usage_params(final))
-                recovered.append(
-                    Recovered(
-                        reservation_id=rid,
-                        request_id=request_id,
-                        account_id=account_id,
-                        key_id=key_id,
-                        model=model,
-                        charged_micro=amount,
-                        created_ms=created,
-                    )
-                )
+                recovered.append(Recovered.from_row(row))
         return recovered
 
 
