@@ -120,30 +120,9 @@ class GroupCommitter(CommitQueue):
             writer task itself wakes. The writer still holds the transaction
             lock (it has not resumed), so no refresh interleaves.
             """
-            if landed:
-                return
-            landed.append(True)
-            try:
-                ids, balances = result
-                released: defaultdict[int, int] = defaultdict(int)
-                for item in batch:
-                    if item.op is not None and item.hold:
-                        released[item.op.account_id] += item.hold
-                self._balances.committed(released, balances)
-                self.commits += 1
-                for item, rid in zip(reservations, ids, strict=True):
-                    reservation = self._on_reserved(item.op, rid)  # type: ignore[arg-type]
-                    if item.future is not None and item.future.cancelled():
-                        self._on_abandoned(reservation)  # its request was cancelled meanwhile
-                    else:
-                        resolve(item.future, reservation)
-                for item in batch:
-                    if item.op is None:
-                        resolve(item.future, None)
-            except Exception as e:  # a bug: fail the waiters closed rather than leave them hanging
-                log.error("ledger.commit_bookkeeping_failed", error=type(e).__name__)
-                for item in batch:
-                    reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))
+            if not landed:
+                landed.append(True)
+                self._landed(batch, reservations, result)
 
         follow = FollowUp(
             take=self._express_take,
@@ -191,24 +170,38 @@ class GroupCommitter(CommitQueue):
         return taken
 
     def _express_landed(self, items: list[Item], result: tuple[list[int], dict[int, int]]) -> None:
-        """On the loop: an express batch committed; the bookkeeping of a landed batch."""
+        """On the loop: an express batch committed."""
+        self.express_commits += 1
+        self._landed(items, items, result)
+
+    def _landed(
+        self,
+        batch: list[Item],
+        reservations: list[Item],
+        result: tuple[list[int], dict[int, int]],
+    ) -> None:
+        """On the loop: the bookkeeping of a committed batch (its holds become committed
+        balance, its waiters resume; a reservation whose waiter gave up is released)."""
         try:
             ids, balances = result
             released: defaultdict[int, int] = defaultdict(int)
-            for item in items:
-                released[item.op.account_id] += item.hold  # type: ignore[union-attr]
+            for item in batch:
+                if item.op is not None and item.hold:
+                    released[item.op.account_id] += item.hold
             self._balances.committed(released, balances)
             self.commits += 1
-            self.express_commits += 1
-            for item, rid in zip(items, ids, strict=True):
+            for item, rid in zip(reservations, ids, strict=True):
                 reservation = self._on_reserved(item.op, rid)  # type: ignore[arg-type]
                 if item.future is not None and item.future.cancelled():
-                    self._on_abandoned(reservation)
+                    self._on_abandoned(reservation)  # its request was cancelled meanwhile
                 else:
                     resolve(item.future, reservation)
+            for item in batch:
+                if item.op is None:
+                    resolve(item.future, None)
         except Exception as e:  # a bug: fail the waiters closed rather than leave them hanging
             log.error("ledger.commit_bookkeeping_failed", error=type(e).__name__)
-            for item in items:
+            for item in batch:
                 reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))
 
     def _express_failed(self, items: list[Item]) -> None:
