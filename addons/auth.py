@@ -1,7 +1,8 @@
 """API keys: every ``/v1/*`` call carries ``Authorization: Bearer <key>``.
 
 A missing, malformed, unknown or revoked key gets OpenAI's 401
-``invalid_api_key`` envelope. The presented key is never logged or echoed:
+``invalid_api_key`` envelope; a key the ledger cannot look up (its database is
+down) a retryable ``503 billing_unavailable``. The presented key is never logged or echoed:
 not in the error message, not in the access log.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 from mitmproxy import http
 
 from teegate.addons import flowstate
-from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.errors import GatewayError, billing_unavailable, guarded, refuse
 from teegate.addons.flowstate import Route, Stage
 from teegate.addons.ledgerlink import LedgerLink
+from teegate.ledger import LedgerError
 
 
 def invalid_api_key(message: str) -> GatewayError:
@@ -43,7 +45,11 @@ class Auth:
                 ),
             )
             return
-        key = await self._link.get().authenticate(token)
+        try:
+            key = await self._link.get().authenticate(token)
+        except LedgerError:  # the database is down: cannot tell, so refuse (retryable)
+            refuse(flow, billing_unavailable())
+            return
         if key is None:
             refuse(flow, invalid_api_key("Incorrect API key provided, or the key was revoked."))
             return

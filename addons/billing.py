@@ -56,7 +56,7 @@ import structlog
 from mitmproxy import http
 
 from teegate.addons import flowstate
-from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.errors import GatewayError, billing_unavailable, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.ratelimit import enforce
@@ -161,15 +161,7 @@ class Billing:
             )
             return
         except LedgerError:
-            refuse(
-                flow,
-                GatewayError(
-                    503,
-                    "Billing is unavailable; the request was not sent.",
-                    "billing_unavailable",
-                    type="api_error",
-                ),
-            )
+            refuse(flow, billing_unavailable())
             return
         if limit is not None:
             window = flowstate.need(res.rate_window, "shared rate-limit window")

@@ -131,6 +131,16 @@ def refuse(flow: http.HTTPFlow, err: GatewayError) -> None:
     flowstate.set_error_code(flow, err.code)
 
 
+def billing_unavailable() -> GatewayError:
+    """The ledger cannot answer (its database is down or restarting): retryable, nothing sent."""
+    return GatewayError(
+        503,
+        "Billing is unavailable; the request was not sent.",
+        "billing_unavailable",
+        type="api_error",
+    )
+
+
 def internal_error() -> GatewayError:
     return GatewayError(
         500,

@@ -130,6 +130,13 @@ class Meter:
             "Requests refused with 429 rate_limit_exceeded.",
             registry=r,
         )
+        self.signatures = Counter(
+            "teegate_response_signatures",
+            "Upstream response signatures checked, by model and outcome (verified, missing, "
+            "failed, unchecked).",
+            ("model", "status"),
+            registry=r,
+        )
         self.egress = Counter(
             "teegate_egress_decisions",
             "Egress listener decisions by host class (the policy's verdict) and unit "
@@ -155,6 +162,9 @@ class Meter:
 
     def commit_wait(self, seconds: float) -> None:
         self.ledger_commit.observe(seconds)
+
+    def signature(self, model: str, status: str) -> None:
+        self.signatures.labels(self.model(model), status).inc()
 
     def egress_decision(self, host_class: str, unit: str) -> None:
         self.egress.labels(host_class, unit).inc()

@@ -31,12 +31,13 @@ import structlog
 from mitmproxy import http
 
 from teegate.addons import flowstate
-from teegate.addons.errors import GatewayError, guarded, refuse
+from teegate.addons.errors import GatewayError, billing_unavailable, guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import CHAT_PATH
+from teegate.ledger import LedgerError
 
 if TYPE_CHECKING:
     from teegate.config import RateLimitSettings
@@ -102,7 +103,11 @@ class RateLimit:
                 # Seal lets nothing leave that was not (RATELIMIT is passed there).
                 flowstate.set_shared_limit(flow, limit)
                 return
-            count, started_ms = await shared.count_request(key)
+            try:
+                count, started_ms = await shared.count_request(key)
+            except LedgerError:  # cannot count it: refuse (retryable), as Billing does
+                refuse(flow, billing_unavailable())
+                return
             flowstate.set_rate_counted(flow)
             if enforce(flow, limit, count, started_ms / 1000, self._clock()):
                 flowstate.passed(flow, Stage.RATELIMIT)

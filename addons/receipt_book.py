@@ -6,6 +6,12 @@ writer task commits what queued up within 50 ms in one transaction
 (:meth:`teegate.ledger.Ledger.write_receipts`), with the usage rows' signature outcomes.
 A receipt promised in a response header but not yet issued (a stream still finishing) can be
 waited for, briefly, by the key that owns it.
+
+A receipt is signed when it leaves memory: to the key holder who asks for it, or to the
+database. A revision that a later one replaces before either (revision 1 ``pending``, replaced
+by the signature check's outcome within milliseconds) is never signed nor written: one Ed25519
+signature and one row per chat instead of two. What reaches the database is as durable as
+before (written within ``WRITE_LINGER_S`` either way).
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from teegate.addons.ledgerlink import LedgerLink
-from teegate.catalog.attestation.receipts import canonical
+from teegate.catalog.attestation.receipts import ReceiptSigner
+from teegate.ledger import LedgerUnavailable
 from teegate.ledger.receipts import StoredReceipt
 
 log = structlog.get_logger("teegate.receipts")
@@ -29,19 +37,36 @@ log = structlog.get_logger("teegate.receipts")
 # its commit, within WRITE_LINGER_S): at ~5 kB each, 4096 grew a gateway's RSS by ~20 MB.
 KEPT_IN_MEMORY = 512
 WRITE_LINGER_S = 0.05
+# While the database is unavailable, receipts and signature outcomes wait (written again every
+# RETRY_S, in order: the upsert keeps the newest revision); beyond MAX_PENDING the oldest go.
+RETRY_S = 1.0
+MAX_PENDING = 4096
+
+
+@dataclass(slots=True)
+class _Entry:
+    key_id: int
+    body: dict[str, Any]
+    created_ms: int
+    signed: tuple[dict[str, Any], str] | None = None
+    """(document, its canonical JSON) once signed."""
 
 
 class ReceiptBook:
     def __init__(self, link: LedgerLink) -> None:
         self._link = link
-        self._recent: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
+        self._signer: ReceiptSigner | None = None
+        self._recent: OrderedDict[str, _Entry] = OrderedDict()
         self._issuing: dict[str, tuple[int, asyncio.Event]] = {}
-        self._to_write: list[StoredReceipt] = []
+        self._to_write: dict[str, _Entry] = {}
+        """The newest unwritten revision of each receipt (kept here even when ``_recent`` has
+        let it go, until written)."""
         self._sig_rows: list[tuple[int, str]] = []
         self._dirty = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, signer: ReceiptSigner) -> None:
+        self._signer = signer
         self._writer = asyncio.create_task(self._write_loop(), name="receipt-writer")
 
     async def stop(self) -> None:
@@ -62,24 +87,17 @@ class ReceiptBook:
         if entry is not None:
             entry[1].set()
 
-    def put(self, doc: dict[str, Any], key_id: int, signature_row: tuple[int, str] | None) -> None:
-        """Keep a signed receipt (a later revision replaces an earlier) and queue its write."""
-        body = doc["receipt"]
+    def put(self, body: dict[str, Any], key_id: int, signature_row: tuple[int, str] | None) -> None:
+        """Keep a receipt body (a later revision replaces an earlier) and queue its write."""
         rid = body["id"]
-        self._recent[rid] = (key_id, doc)
+        earlier = self._to_write.get(rid) or self._recent.get(rid)
+        created_ms = earlier.created_ms if earlier is not None else int(time.time() * 1000)
+        entry = _Entry(key_id, body, created_ms)
+        self._recent[rid] = entry
         self._recent.move_to_end(rid)
         while len(self._recent) > KEPT_IN_MEMORY:
             self._recent.popitem(last=False)
-        self._to_write.append(
-            StoredReceipt(
-                id=rid,
-                key_id=key_id,
-                request_id=str(body.get("request_id")),
-                revision=int(body["revision"]),
-                created_ms=int(time.time() * 1000),
-                document=canonical(doc).decode(),
-            )
-        )
+        self._to_write[rid] = entry
         if signature_row is not None:
             self._sig_rows.append(signature_row)
         self._dirty.set()
@@ -90,7 +108,16 @@ class ReceiptBook:
         self._dirty.set()
 
     def kept(self, receipt_id: str) -> tuple[int, dict[str, Any]] | None:
-        return self._recent.get(receipt_id)
+        """(key id, newest body) of a receipt still in memory."""
+        entry = self._recent.get(receipt_id)
+        return (entry.key_id, entry.body) if entry is not None else None
+
+    def _signed(self, entry: _Entry) -> tuple[dict[str, Any], str]:
+        if entry.signed is None:
+            if self._signer is None:
+                raise RuntimeError("the receipt book signs only after start()")
+            entry.signed = self._signer.sign(entry.body)
+        return entry.signed
 
     async def get(self, receipt_id: str, key_id: int, wait_s: float) -> dict[str, Any] | None:
         """The newest revision, only for ``key_id``; waits up to ``wait_s`` for a promised one."""
@@ -100,7 +127,7 @@ class ReceiptBook:
                 await asyncio.wait_for(issuing[1].wait(), wait_s)
         kept = self._recent.get(receipt_id)
         if kept is not None:
-            return kept[1] if kept[0] == key_id else None
+            return self._signed(kept)[0] if kept.key_id == key_id else None
         stored = await self._link.get().receipt(receipt_id, key_id)
         return json.loads(stored) if stored is not None else None
 
@@ -111,14 +138,37 @@ class ReceiptBook:
             await self._dirty.wait()
             await asyncio.sleep(WRITE_LINGER_S)  # batch what arrives meanwhile: one commit
             self._dirty.clear()
-            await self._flush()
+            if not await self._flush():
+                await asyncio.sleep(RETRY_S)  # the database is away: try again, not sooner
+                self._dirty.set()
 
-    async def _flush(self) -> None:
-        stored, rows = self._to_write, self._sig_rows
-        if not stored and not rows:
-            return
-        self._to_write, self._sig_rows = [], []
+    async def _flush(self) -> bool:
+        """Write what is queued; False if the ledger was unavailable (kept for a retry)."""
+        entries, rows = self._to_write, self._sig_rows
+        if not entries and not rows:
+            return True
+        self._to_write, self._sig_rows = {}, []
+        stored: list[StoredReceipt] = []
         try:
+            stored = [self._stored(rid, entry) for rid, entry in entries.items()]
             await self._link.get().write_receipts(stored, rows)
+        except LedgerUnavailable as e:  # a database restart or failover: kept, in order
+            entries.update(self._to_write)  # a revision queued meanwhile replaces its earlier
+            kept = list(entries.items())[-MAX_PENDING:]
+            self._to_write = dict(kept)
+            self._sig_rows = (rows + self._sig_rows)[-MAX_PENDING:]
+            log.error("receipt_write_retry", error=type(e).__name__, receipts=len(stored))
+            return False
         except Exception as e:  # still served from memory while kept there; not retried
             log.error("receipt_write_failed", error=type(e).__name__, receipts=len(stored))
+        return True
+
+    def _stored(self, rid: str, entry: _Entry) -> StoredReceipt:
+        return StoredReceipt(
+            id=rid,
+            key_id=entry.key_id,
+            request_id=str(entry.body.get("request_id")),
+            revision=int(entry.body["revision"]),
+            created_ms=entry.created_ms,
+            document=self._signed(entry)[1],
+        )

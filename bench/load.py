@@ -67,6 +67,7 @@ class Connection:
         self.target = target
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.error_code = ""  # the envelope's code of the last error answer, for the tally
 
     async def _ensure(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.reader is None or self.writer is None or self.writer.is_closing():
@@ -104,6 +105,10 @@ class Connection:
                 chunked = True
             elif name == b"connection" and b"close" in value.lower():
                 close = True
+        self.error_code = ""
+        if status >= 400:  # keep the body: the tally says which refusal it was
+            kept: list[bytes] = []
+            on_data = kept.append
         try:
             if chunked:
                 await _read_chunked(reader, on_data)
@@ -121,7 +126,17 @@ class Connection:
             raise HTTPError("truncated body") from e
         if close:
             self.close()
+        if status >= 400:
+            self.error_code = _error_code(b"".join(kept))
         return status
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error") or {}
+        return str(err.get("code") or err.get("type") or "")[:64]
+    except (ValueError, AttributeError):
+        return ""
 
 
 async def _read_chunked(reader: asyncio.StreamReader, on_data: Any) -> None:
@@ -143,8 +158,9 @@ class Outcome:
     statuses: dict[str, int] = field(default_factory=dict)
     errors: int = 0
 
-    def status(self, code: int) -> None:
-        self.statuses[str(code)] = self.statuses.get(str(code), 0) + 1
+    def status(self, code: int, error_code: str = "") -> None:
+        key = f"{code} {error_code}" if error_code else str(code)
+        self.statuses[key] = self.statuses.get(key, 0) + 1
 
 
 async def _small(args: argparse.Namespace, target: Target) -> dict[str, Any]:
@@ -163,7 +179,7 @@ async def _small(args: argparse.Namespace, target: Target) -> dict[str, Any]:
                     out.errors += 1
                     continue
                 out.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                out.status(code)
+                out.status(code, conn.error_code)
             conn.close()
 
         start = time.perf_counter()
@@ -227,7 +243,7 @@ async def _stream(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             except (HTTPError, OSError):
                 out.errors += 1
                 continue
-            out.status(code)
+            out.status(code, conn.error_code)
             if code == 200:
                 traces.append(trace)
         conn.close()

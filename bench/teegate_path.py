@@ -133,7 +133,21 @@ class TeegatePath:
             env=self.env,
             args=self.args,
         )
+        _warm(gw.base_url, key, fresh_connections=16 if "--workers" in self.args else 1)
         return Running(gw.base_url + CHAT, key, gw.process.pid, gw.stop)
+
+
+def _warm(base_url: str, key: str, fresh_connections: int) -> None:
+    """Wait until the gateway has its first verdicts: ``GET /v1/models`` waits (bounded) for
+    them in the process that answers. A worker joins the shared port as soon as it listens, so
+    with several workers each must be reached: the kernel spreads new connections over them by
+    their addresses, and 16 fresh ones miss one of two workers once in 2^15 runs."""
+    import httpx
+
+    for _ in range(fresh_connections):
+        httpx.get(
+            base_url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=60
+        ).raise_for_status()
 
 
 def _attestation_toml(upstream: SandboxProc) -> str:

@@ -20,7 +20,12 @@ processes and machines on one database:
    ``sweep_interval_s``) charges in full the open reservations of every worker
    whose lock it can take, exactly as SQLite's start-up recovery does.
    A worker restarted with the same explicit id first charges what its previous
-   life left open.
+   life left open. A live worker whose writing connection died (a database
+   restart, a failover, a terminated session) lost its lock with it, so a
+   sweeper may already be charging its reservations: it never takes that id
+   again, but a new one, and adopts the reservations it still knows open that
+   no sweeper took (:meth:`PgLedger._connect_writer`). A settlement of one a
+   sweeper took is dropped as a duplicate: the full hold stands, charged once.
 4. **Shared rate limits**: ``reserve(..., rate_limit=n)`` counts the request in
    the key's one-minute window in the same statement, before the balance check
    (:class:`~teegate.ledger.errors.RateLimited` comes before
@@ -36,6 +41,13 @@ receipts, reports) is :class:`teegate.ledger.serving.ServingLedger`; this module
 keeps the worker's own: its id and lock, the reservation round trip, the key poll
 and the sweeper. The SQL lives in :mod:`teegate.ledger.pgschema` and
 :mod:`teegate.ledger.pgstore`, the group commit in :mod:`teegate.ledger.pgwriter`.
+
+Why this module is long: the worker's own part is one class whose methods share the
+writing connection (and its lock), the map of open reservations and the reservations in
+doubt: taking the lock, re-locking under a new id after a lost connection (adopting what
+it knows open, releasing what committed in doubt), the reservation round trip, and the
+background key poll, idle-writer check and sweep that keep that connection honest. What
+both stores share is already :class:`~teegate.ledger.serving.ServingLedger`.
 """
 
 from __future__ import annotations
@@ -43,10 +55,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import structlog
 
+from teegate.ledger.billing import Prices
 from teegate.ledger.errors import (
     InsufficientBalance,
     LedgerError,
@@ -61,13 +76,14 @@ from teegate.ledger.models import ApiKey, Recovered, Reservation
 from teegate.ledger.operator import now_ms
 from teegate.ledger.ops import Finalization, NewReservation
 from teegate.ledger.pgschema import LOCK_SPACE, redact
-from teegate.ledger.pgstore import PgStore, connect
+from teegate.ledger.pgstore import Backoff, PgStore, connect
 from teegate.ledger.pgwriter import PgCommitter, Row, final_row, reservation_row
 from teegate.ledger.serving import ServingLedger, log_recovered
 
 log = structlog.get_logger("teegate.ledger")
 
 _RECOVERED_RULE = "open and its worker gone: charged the full reserved amount"
+MAX_IN_DOUBT = 10_000  # failed reservations remembered until the writing connection is back
 
 
 class PgLedger(ServingLedger):
@@ -104,10 +120,18 @@ class PgLedger(ServingLedger):
             self._observe,
             batch_max=batch_max,
             settle_linger_ms=settle_linger_ms,
+            on_doubt=self._doubt,
         )
+        # Reservations whose commit failed on a connection error: committed or not, nobody can
+        # tell until the writing connection is back (their requests were refused either way).
+        self._in_doubt: dict[str, dict[str, Any]] = {}
         self._seen: dict[int, int] = {}  # balances as of this worker's last commit
         self._tasks = []
         self._closed = False
+        self._connecting = asyncio.Lock()
+        self._backoff = Backoff()
+        self._lock_lost = False  # the writing connection died: the next one takes a new id
+        self._commits_seen = -1  # group commits as of the last check_writer
         self.recovered = []
 
     # -- life cycle -------------------------------------------------------------
@@ -163,27 +187,132 @@ class PgLedger(ServingLedger):
         return ledger
 
     async def _connect_writer(self) -> Any:
-        """The writing connection, holding this worker's advisory lock (reconnects if lost)."""
+        """The writing connection, holding this worker's advisory lock (reconnects if lost).
+
+        A lost connection took the lock with it, and with the lock the promise that nobody
+        sweeps this worker's reservations: another worker's sweeper may be charging them in
+        full right now. So the new connection never takes the old id again; it takes a new one
+        from the sequence, then adopts (moves to the new id) the reservations this worker still
+        knows open or is settling, unless a sweeper charged them first, and releases those
+        whose commit was in doubt when the connection died but did happen (their requests
+        were refused). Whatever else stays under the old id, whose lock is now free for good,
+        is charged in full by the next sweep: never lost, never doubled.
+        """
         conn = self._writer_conn
         if conn is not None and not conn.closed and not conn.broken:
             return conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            self._writer_conn = None
-            log.error("ledger.writer_reconnect", worker_id=self.worker_id)
-        conn = await connect(self._url)
-        cur = await conn.execute(
-            "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, self.worker_id)
+        async with self._connecting:  # one reconnect, whoever noticed first
+            conn = self._writer_conn
+            if conn is not None and not conn.closed and not conn.broken:
+                return conn
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                self._writer_conn = None
+                self._lock_lost = True
+                log.error("ledger.writer_lost", worker_id=self.worker_id)
+            self._backoff.check(self.path)
+            try:
+                conn = await connect(self._url)
+            except LedgerUnavailable:
+                self._backoff.failed()
+                raise
+            self._backoff.succeeded()
+            try:
+                if self._lock_lost:
+                    ids = set(self._open) | self._writer.queued_final_ids()
+                    await self._relock(conn, ids)
+                elif not await _try_lock(conn, self.worker_id):
+                    raise LedgerLocked(
+                        f"ledger worker id {self.worker_id} is held by a live worker on "
+                        f"{self.path}"
+                    )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise
+            self._writer_conn = conn
+            return conn
+
+    async def _relock(self, conn: Any, known: set[int]) -> None:
+        """Take a new worker id on ``conn`` and adopt the ``known`` reservations still open."""
+        for _ in range(8):  # an explicit id of a live worker may be next in the sequence
+            cur = await conn.execute("SELECT nextval('worker_ids')")
+            row = await cur.fetchone()
+            assert row is not None
+            new = int(row[0])
+            if await _try_lock(conn, new):
+                break
+        else:
+            raise LedgerLocked(f"no free worker id in the sequence of {self.path}")
+        old = self.worker_id
+        cur = await conn.execute(  # ours, under whichever id an earlier attempt left them
+            "UPDATE usage SET worker_id = %s WHERE state = 'open' "
+            "AND reservation_id = ANY(%s) RETURNING reservation_id",
+            (new, sorted(known)),
         )
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            await conn.close()
-            raise LedgerLocked(
-                f"ledger worker id {self.worker_id} is held by a live worker on {self.path}"
+        adopted = len(await cur.fetchall())
+        released = await self._release_in_doubt(conn, new)
+        self.worker_id = new
+        self._lock_lost = False
+        log.warning(
+            "ledger.worker_relocked",
+            old_worker_id=old,
+            worker_id=new,
+            adopted=adopted,
+            swept=len(known) - adopted,
+            released_in_doubt=released,
+            consequence="reservations not adopted were charged in full by a sweeper; "
+            "their settlements are dropped as duplicates",
+        )
+
+    def _doubt(self, op: dict[str, Any]) -> None:
+        self._in_doubt[op["request_id"]] = op
+        while len(self._in_doubt) > MAX_IN_DOUBT:
+            self._in_doubt.pop(next(iter(self._in_doubt)))
+
+    async def _release_in_doubt(self, conn: Any, new: int) -> int:
+        """Adopt and release the reservations that did commit although their callers were told
+        they had not (their requests were refused, never sent): not charged, not left open.
+        (Request ids are this process's own random ones: no other worker's row matches.)"""
+        if not self._in_doubt:
+            return 0
+        cur = await conn.execute(
+            "UPDATE usage SET worker_id = %s WHERE state = 'open' "
+            "AND request_id = ANY(%s) AND NOT (reservation_id = ANY(%s)) "
+            "RETURNING reservation_id, request_id, account_id, key_id, model, reserved_micro",
+            (new, sorted(self._in_doubt), sorted(self._open)),
+        )
+        rows = await cur.fetchall()
+        doubts, self._in_doubt = self._in_doubt, {}  # found or never committed: settled now
+        for rid, request_id, account_id, key_id, model, amount in rows:
+            op = doubts[request_id]
+            res = Reservation(
+                id=int(rid),
+                request_id=request_id,
+                account_id=int(account_id),
+                key_id=int(key_id),
+                model=model,
+                prices=Prices(op["price_input"], op["price_output"], op["price_cache_read"]),
+                amount_micro=int(amount),
+                created_ms=int(op["created_ms"]),
             )
-        self._writer_conn = conn
-        return conn
+            with contextlib.suppress(LedgerUnavailable):  # closing: the sweep charges it
+                self._finalize_release(res, "commit in doubt; not sent", None)
+        return len(rows)
+
+    async def check_writer(self) -> None:
+        """Use the writing connection once, so a lost one (and lock) is replaced now, while
+        idle, rather than by the next reservation (which would fail closed on it)."""
+        if self._closed:
+            return
+        conn = await self._connect_writer()
+        try:
+            await conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+            await self._connect_writer()
 
     async def _start(self, recover: bool) -> None:
         # Ours from a previous life (same explicit id): our lock makes them unsweepable otherwise.
@@ -195,9 +324,9 @@ class PgLedger(ServingLedger):
         self._key_version = await self._admin.key_version()
         self._seen = await self._admin.balances()
         self._writer.start()
-        self._tasks = [
-            self._every(self._key_poll_s, self.refresh, "ledger.refresh_failed", "ledger-key-poll"),
-            self._every(self._sweep_s, self.recover, "ledger.sweep_failed", "ledger-sweeper"),
+        self._tasks = [  # not ServingLedger._every: these log a failure once per outage
+            asyncio.create_task(self._key_poll_loop(), name="ledger-key-poll"),
+            asyncio.create_task(self._sweep_loop(), name="ledger-sweeper"),
         ]
 
     async def _release_connections(self) -> None:
@@ -253,10 +382,13 @@ class PgLedger(ServingLedger):
             conn = await self._connect_writer()
         except LedgerError as e:
             raise LedgerUnavailable(str(e)) from None
-        cur = await conn.execute(
-            "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
-        )
-        row = await cur.fetchone()
+        try:
+            cur = await conn.execute(
+                "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
+            )
+            row = await cur.fetchone()
+        except psycopg.OperationalError as e:  # the connection died: replaced at next use
+            raise LedgerUnavailable(f"could not count the request: {type(e).__name__}") from e
         assert row is not None
         return int(row[1]), int(row[0])
 
@@ -352,7 +484,8 @@ class PgLedger(ServingLedger):
     async def recover(self) -> list[Recovered]:
         """Charge in full the open reservations of dead workers (never this one's)."""
         await self.flush()
-        recovered = await self._admin.recover(own_worker=self.worker_id)
+        mine = set(self._open) | self._writer.queued_final_ids()  # also under a lost old id
+        recovered = await self._admin.recover(mine, own_worker=self.worker_id)
         log_recovered(recovered, _RECOVERED_RULE)
         self.recovered.extend(recovered)
         return recovered
@@ -372,3 +505,45 @@ class PgLedger(ServingLedger):
         self._key_version = version
         return True
 
+    async def _key_poll_loop(self) -> None:
+        steps = (("refresh", self.refresh), ("writer_check", self._check_idle_writer))
+        failing: set[str] = set()
+        while True:
+            await asyncio.sleep(self._key_poll_s)
+            for name, step in steps:
+                await _logged_once(name, step, failing)
+
+    async def _check_idle_writer(self) -> None:
+        if self._writer.commits != self._commits_seen:  # it committed since: alive, no ping
+            self._commits_seen = self._writer.commits
+            return
+        await self.check_writer()
+
+    async def _sweep_loop(self) -> None:
+        failing: set[str] = set()
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            await _logged_once("sweep", self.recover, failing)
+
+
+async def _logged_once(
+    name: str, step: Callable[[], Awaitable[object]], failing: set[str]
+) -> None:
+    """Run a background step; log its failure once per outage (it runs every 200 ms), and
+    when it works again."""
+    try:
+        await step()
+    except Exception as e:
+        if name not in failing:
+            log.error(f"ledger.{name}_failed", error=type(e).__name__, logged="once per outage")
+            failing.add(name)
+        return
+    if name in failing:
+        failing.discard(name)
+        log.warning(f"ledger.{name}_recovered")
+
+
+async def _try_lock(conn: Any, worker_id: int) -> bool:
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, worker_id))
+    row = await cur.fetchone()
+    return bool(row and row[0])

@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import decimal
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 import psycopg.errors
 import structlog
 
@@ -54,9 +56,84 @@ _CHARGE_OPEN = """
 """
 
 
+# Dead-peer bounds for every connection the ledger opens, unless the URL sets its own
+# (libpq names; the server-side twins below take the same numbers). A worker's advisory lock
+# lives as long as the server believes its connection alive: a machine that vanishes (power,
+# network) sends no FIN, so without keepalives the server keeps the lock, and the dead worker's
+# reservations unswept, for the kernel's default of ~2 hours. With these, idle connections are
+# probed after 10 s and given up after 3 unanswered probes 5 s apart, and unacknowledged data
+# is given up after 30 s: a dead peer's lock is free within ~30 s, its reservations charged at
+# the next sweep. (Ignored on Unix sockets, where a dead peer cannot exist.)
+CONNECT_DEFAULTS: dict[str, str] = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+# libpq's keepalives are the client's socket; these make the server probe its side too, which
+# is what frees a vanished gateway's advisory lock (PostgreSQL settings any session may set).
+_SERVER_SIDE = {
+    "tcp_keepalives_idle": "keepalives_idle",
+    "tcp_keepalives_interval": "keepalives_interval",
+    "tcp_keepalives_count": "keepalives_count",
+    "tcp_user_timeout": "tcp_user_timeout",
+}
+
+
+def connect_params(url: str) -> dict[str, str]:
+    """libpq parameters added to ``url``: :data:`CONNECT_DEFAULTS` less what it sets itself."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+
+
+def server_settings(url: str) -> dict[str, str]:
+    """The server side's keepalive settings for a connection to ``url`` (same numbers)."""
+    effective = {**CONNECT_DEFAULTS, **psycopg.conninfo.conninfo_to_dict(url)}
+    if effective.get("keepalives") == "0":
+        return {}
+    return {server: str(effective[client]) for server, client in _SERVER_SIDE.items()}
+
+
+class Backoff:
+    """Bounded back-off between reconnection attempts: while the server is down, requests
+    fail closed at once instead of each waiting out a connection attempt (up to
+    ``connect_timeout`` against a silent host), and the server is retried every 0.1 s,
+    doubling to at most every 2 s, until it answers."""
+
+    FIRST_S = 0.1
+    MAX_S = 2.0
+
+    def __init__(self) -> None:
+        self._delay = 0.0
+        self._next = 0.0
+
+    def check(self, what: str) -> None:
+        """Raise :class:`LedgerUnavailable` if the last attempt failed too recently."""
+        if time.monotonic() < self._next:
+            raise LedgerUnavailable(f"{what}: reconnecting (next attempt within {self._delay} s)")
+
+    def failed(self) -> None:
+        self._delay = min(self.MAX_S, max(self.FIRST_S, self._delay * 2))
+        self._next = time.monotonic() + self._delay
+
+    def succeeded(self) -> None:
+        self._delay = self._next = 0.0
+
+
 async def connect(url: str) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection with dead-peer bounds on both ends (:data:`CONNECT_DEFAULTS`)."""
     try:
-        return await psycopg.AsyncConnection.connect(url, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_params(url))
+        settings = server_settings(url)
+        if settings:
+            names = list(settings)
+            await conn.execute(
+                "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in names),
+                [x for n in names for x in (n, settings[n])],
+            )
+        return conn
     except psycopg.OperationalError as e:
         raise LedgerUnavailable(f"cannot connect to {redact(url)}: {e}") from None
 
@@ -71,12 +148,20 @@ class PgStore(OperatorStore):
         super().__init__(db, redact(url))
         self._url = url
         self._txn = asyncio.Lock()  # manual BEGIN/COMMIT on a connection tasks share
+        self._backoff = Backoff()
         self._closed = False
 
     async def _live(self) -> Any:
         """The connection, replaced first if the server dropped it (a restart, a failover)."""
         if (self.db.closed or self.db.broken) and not self._closed:
-            old, self.db = self.db, await connect(self._url)
+            self._backoff.check(self.path)
+            try:
+                new = await connect(self._url)
+            except LedgerUnavailable:
+                self._backoff.failed()
+                raise
+            self._backoff.succeeded()
+            old, self.db = self.db, new
             with contextlib.suppress(Exception):
                 await old.close()
             log.warning("ledger.reconnected", database=self.path)
@@ -109,26 +194,37 @@ class PgStore(OperatorStore):
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if mode == "DEFERRED" else "BEGIN"
         )
         async with self._txn:
-            await self._live()
-            await self.db.execute(begin)
             try:
-                yield self.db
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-            await self.db.execute("COMMIT")
+                try:
+                    await (await self._live()).execute(begin)
+                except psycopg.OperationalError:
+                    if not self.db.broken:
+                        raise
+                    await (await self._live()).execute(begin)  # once, on a new connection
+                try:
+                    yield self.db
+                except BaseException:
+                    if not self.db.broken:  # a dead connection took the transaction with it
+                        await self.db.execute("ROLLBACK")
+                    raise
+                await self.db.execute("COMMIT")
+            except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
+                raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         sql, args = sql.replace("?", "%s"), tuple(params)
-        if self._txn.locked():  # inside a transaction: never swap the connection
-            cur = await self.db.execute(sql, args)
-        else:
-            try:
-                cur = await (await self._live()).execute(sql, args)
-            except psycopg.OperationalError:
-                if not self.db.broken:
-                    raise
-                cur = await (await self._live()).execute(sql, args)  # once, on a new connection
+        try:
+            if self._txn.locked():  # inside a transaction: never swap the connection
+                cur = await self.db.execute(sql, args)
+            else:
+                try:
+                    cur = await (await self._live()).execute(sql, args)
+                except psycopg.OperationalError:
+                    if not self.db.broken:
+                        raise
+                    cur = await (await self._live()).execute(sql, args)  # once, on a new one
+        except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
+            raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
         if cur.description is None:
             return []
         return [tuple(_plain(v) for v in row) for row in await cur.fetchall()]

@@ -55,19 +55,21 @@ class PgCommitter(CommitQueue):
         *,
         batch_max: int,
         settle_linger_ms: float,
+        on_doubt: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         super().__init__(batch_max=batch_max, settle_linger_ms=settle_linger_ms)
         self._apply = apply
         self._on_final = on_final
         self._observe = observe
+        self._on_doubt = on_doubt
 
     def submit(self, op: dict[str, Any], *, wait: bool) -> asyncio.Future[Any] | None:
         return self._enqueue(Item(op, self._new_future(wait)))
 
     def queued_final_ids(self) -> set[int]:
-        return {
-            int(i.op["reservation_id"]) for i in self._queue if i.op and i.op["t"] == "f"
-        }
+        """Reservations whose settlement or release is queued or being committed now."""
+        items = [*self._queue, *self._inflight]  # _inflight: CommitQueue's batch in commit
+        return {int(i.op["reservation_id"]) for i in items if i.op and i.op["t"] == "f"}
 
     async def _commit(self, batch: list[Item]) -> None:
         ops = [i for i in batch if i.op is not None]
@@ -108,6 +110,8 @@ class PgCommitter(CommitQueue):
             if item.op is None:
                 reject(item.future, LedgerUnavailable(f"could not commit: {error}"))
             elif item.future is not None:
+                if retry and self._on_doubt is not None:  # it may have committed all the same
+                    self._on_doubt(item.op)
                 reject(
                     item.future,
                     LedgerUnavailable(f"could not commit the reservation: {type(error).__name__}"),

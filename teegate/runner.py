@@ -89,7 +89,7 @@ def build_addons(
         RateLimit(settings.ratelimit, link),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         # Its endpoints before Router's 404; its receipt header before the header writer.
-        Receipts(settings.receipts, settings.signatures, up, attestation, link),
+        Receipts(settings.receipts, settings.signatures, up, attestation, link, meter=meter),
         ResponsesIn(settings.limits, settings.request),  # /v1/responses: into a chat completion
         AccountEndpoint(link),  # GET /v1/account: the key's own account, before Router's 404
         Router(catalog, attestation),

@@ -25,9 +25,12 @@ from teegate.ledger import (
     Reservation,
     Store,
 )
+from teegate.ledger.pgschema import LOCK_SPACE
+from teegate.ledger.pgstore import CONNECT_DEFAULTS, connect_params, server_settings
 from teegate.ledger.receipts import StoredReceipt
 from tests.support import ledgerdb as db
 from tests.support.ledger import PRICES, fund
+from tests.support.wait import until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,28 +190,110 @@ async def test_a_reservation_that_cannot_be_committed_fails_closed(url: str) -> 
         await led.close()
 
 
-async def test_a_lost_writer_connection_is_replaced_and_keeps_the_lock(url: str) -> None:
+def _held_worker_locks(url: str) -> set[int]:
+    return {
+        int(r[0])
+        for r in db.rows(
+            url, "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = ?",
+            (LOCK_SPACE,),
+        )
+    }
+
+
+async def _terminate_writer(url: str, led: Ledger) -> None:
+    """End the worker's writing session (as a server restart would), and wait until its lock
+    is gone: from then on the session can run nothing more."""
+    pid = led._writer_conn.info.backend_pid  # type: ignore[union-attr]
+    db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
+    until(lambda: led.worker_id not in _held_worker_locks(url), "the lost lock")
+
+
+async def test_a_lost_writer_connection_is_replaced_under_a_new_worker_id(url: str) -> None:
+    """The lock went with the connection, so the id may be swept at any time: never take it
+    again. The new id adopts what the worker still knows open, which then settles exactly."""
     led = await Ledger.open(url)
     try:
         f = await fund(led, "alice", 10_000)
-        pid = led._writer_conn.info.backend_pid  # type: ignore[union-attr]
-        db.execute(url, "SELECT pg_terminate_backend(?)", (pid,))
-        # The first attempt may fail closed on the dead connection; the next reconnects.
-        for _ in range(3):
-            try:
-                res = await led.reserve("a", f.key, "m", PRICES, 100)
-                break
-            except LedgerUnavailable:
-                continue
-        else:
-            pytest.fail("the writer never reconnected")
-        with pytest.raises(LedgerLocked):  # the new connection holds the worker's lock again
-            await Ledger.open(url, worker_id=led.worker_id)
+        before = await led.reserve("before", f.key, "m", PRICES, 1000)
+        old = led.worker_id
+        await _terminate_writer(url, led)
+        await led.check_writer()  # what the key poll does every key_poll_ms
+        assert led.worker_id != old
+        assert _held_worker_locks(url) == {led.worker_id}  # the old id is free for good
+        assert db.one(url, "SELECT worker_id FROM usage WHERE reservation_id = ?",
+                      (before.id,)) == (led.worker_id,)  # fmt: skip
+        res = await led.reserve("after", f.key, "m", PRICES, 100)
+        await led.settle(before, 10, 10, 0, "usage")
         await led.settle(res, 10, 10, 0, "usage")
         await led.flush()
+        with pytest.raises(LedgerLocked):  # the new connection holds the new id's lock
+            await Ledger.open(url, worker_id=led.worker_id)
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 2 * 30,)
         assert (await led.verify()).ok
     finally:
         await led.close()
+
+
+async def test_a_reservation_committed_but_reported_failed_is_released_after_reconnecting(
+    url: str,
+) -> None:
+    """The connection died with the commit's answer: the caller was refused (nothing sent),
+    yet the hold may exist. Once reconnected, the worker finds it by request id and releases
+    it, rather than leaving it under the old id for a sweeper to charge in full."""
+    led = await Ledger.open(url)
+    try:
+        f = await fund(led, "alice", 10_000)
+        lost = await led.reserve("lost-answer", f.key, "m", PRICES, 4000)
+        del led._open[lost.id]  # as if the commit's answer had been lost on the way...
+        led._doubt({"request_id": "lost-answer", "price_input": PRICES.input,  # ...and the
+                    "price_output": PRICES.output, "price_cache_read": PRICES.cache_read,
+                    "created_ms": lost.created_ms})  # committer had reported it  # fmt: skip
+        await _terminate_writer(url, led)
+        await led.check_writer()
+        await led.flush()
+        assert db.one(url, "SELECT state, status FROM usage WHERE reservation_id = ?",
+                      (lost.id,)) == ("released", "commit in doubt; not sent")  # fmt: skip
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000,)
+        assert (await led.verify()).ok
+    finally:
+        await led.close()
+
+
+async def test_a_worker_swept_after_losing_its_lock_is_charged_once(url: str) -> None:
+    """Another worker's sweeper got there first: its full charge stands, the late settlement
+    and release are dropped as duplicates (not added), and the worker reserves again only
+    under a new id, which no sweeper takes while it lives."""
+    a = await Ledger.open(url)
+    b = await Ledger.open(url)
+    try:
+        f = await fund(a, "alice", 10_000)
+        r1 = await a.reserve("r1", f.key, "m", PRICES, 4000)
+        r2 = await a.reserve("r2", f.key, "m", PRICES, 3000)
+        old = a.worker_id
+        await _terminate_writer(url, a)
+        swept = await b.sweep()
+        assert sorted(r.reservation_id for r in swept) == [r1.id, r2.id]
+        await a.settle(r1, 10, 10, 0, "usage")  # fails on the dead connection, then retried
+        await a.release(r2, "client went away")
+        with pytest.raises(LedgerUnavailable):  # the batch met the dead connection...
+            await a.flush()
+        await a.flush()  # ...and was retried on a new one
+        assert a.worker_id != old
+        rows = db.rows(url, "SELECT reservation_id, state, source, charge_micro FROM usage "
+                            "ORDER BY reservation_id")  # fmt: skip
+        assert rows == [(r1.id, "settled", "recovered", 4000),
+                        (r2.id, "settled", "recovered", 3000)]  # fmt: skip
+        assert db.one(url, "SELECT COUNT(*) FROM entries WHERE reservation_id IS NOT NULL") == (2,)
+        r3 = await a.reserve("r3", f.key, "m", PRICES, 1000)
+        assert await b.sweep() == []  # a lives, under its new id
+        await a.settle(r3, 10, 10, 0, "usage")
+        await a.flush()
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 7000 - 30,)
+        report = await b.verify()
+        assert report.ok and report.open_reservations == []
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_a_lost_reading_connection_is_replaced_at_once(url: str) -> None:
@@ -364,5 +449,39 @@ async def test_a_version_1_database_gains_signatures_and_receipts(url: str) -> N
         await led.write_receipts([doc], [])
         assert await led.receipt("rcpt_old", key.key_id) == "{}"
         assert db.rows(url, "SELECT name FROM accounts") == [("old",)]
+    finally:
+        await led.close()
+
+
+def test_connections_bound_dead_peers_unless_the_url_says_otherwise() -> None:
+    assert connect_params("postgresql://u@db.internal/teegate") == CONNECT_DEFAULTS
+    url = "postgresql://u@db.internal/teegate?keepalives_idle=60&connect_timeout=2"
+    assert connect_params(url) == {
+        k: v for k, v in CONNECT_DEFAULTS.items() if k not in ("keepalives_idle", "connect_timeout")
+    }
+    assert server_settings(url) == {
+        "tcp_keepalives_idle": "60",
+        "tcp_keepalives_interval": CONNECT_DEFAULTS["keepalives_interval"],
+        "tcp_keepalives_count": CONNECT_DEFAULTS["keepalives_count"],
+        "tcp_user_timeout": CONNECT_DEFAULTS["tcp_user_timeout"],
+    }
+    assert server_settings("postgresql://u@db.internal/teegate?keepalives=0") == {}
+
+
+async def test_every_ledger_connection_carries_the_keepalives_on_both_ends(url: str) -> None:
+    """libpq's on the client's socket; the server's (tcp_keepalives_*, tcp_user_timeout) set
+    for the session, which is what frees a vanished worker's lock. (On this Unix socket the
+    server reads them as 0, but records that the session set them.)"""
+    led = await Ledger.open(url)
+    try:
+        for conn in (led._writer_conn, led._admin.db):  # type: ignore[attr-defined]
+            params = conn.info.get_parameters()
+            assert {k: params.get(k) for k in CONNECT_DEFAULTS} == CONNECT_DEFAULTS
+            cur = await conn.execute(
+                "SELECT name, source FROM pg_settings WHERE name = ANY(%s) ORDER BY name",
+                (list(server_settings(url)),),
+            )
+            rows = await cur.fetchall()
+            assert len(rows) == 4 and {source for _, source in rows} == {"session"}, rows
     finally:
         await led.close()

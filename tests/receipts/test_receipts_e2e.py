@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from teegate.catalog.attestation.receipts import canonical
 from teegate.cli import main
 from tests.support.accounts import create_key
 from tests.support.gateway_proc import GatewayProc, start_gateway
@@ -122,6 +124,13 @@ def test_receipt_verifies_offline_and_tampering_fails(http, client, upstream, ga
     key = http.get("/v1/attestation/gateway").json()
     assert key["algorithm"] == "ed25519" and len(key["public_key"]) == 64
     assert key["quote"] is None  # not running in a TD here
+    # The GPU part names the outcome and binds the full GPU report the attestation endpoint gives.
+    gpu = doc["receipt"]["verdict"]["gpu"]
+    report = http.get("/v1/attestation/report", params={"model": MODEL}).json()
+    full = report["verdict"]["gpu"]
+    assert gpu["ok"] is True and gpu["gpu_count"] == full["gpu_count"] >= 1
+    assert gpu["report_sha256"] == hashlib.sha256(canonical(full)).hexdigest()
+    assert "gpus" not in gpu
     path = tmp_path / "receipt.json"
     path.write_text(json.dumps(doc))
     assert main(["receipt", "verify", str(path), "--key", key["public_key"]]) == 0
@@ -143,9 +152,12 @@ def test_receipt_verifies_offline_and_tampering_fails(http, client, upstream, ga
     assert main([*base, str(tmp_path / "sig.json"), "--address", address]) == 0
     assert main([*base, str(tmp_path / "sig.json"), "--address", "0x" + "11" * 20]) == 1
     capsys.readouterr()
-    # The log names outcomes, never what was signed; the key file is the gateway's alone.
+    # Outcomes are counted (a verified one is not logged), never what was signed is logged;
+    # the key file is the gateway's alone.
+    metrics = httpx.get(gateway.urls["admin"] + "/metrics").text
+    assert re.search(r'^teegate_response_signatures_total\{model="[^"]+",status="verified"\} [1-9]',
+                     metrics, re.M), metrics
     logged = gateway.output_text()
-    assert '"response_signature"' in logged
     assert sig["text"] not in logged and sig["signature"] not in logged
     assert (gateway.workdir / "teegate-receipt-key.pem").stat().st_mode & 0o777 == 0o600
 

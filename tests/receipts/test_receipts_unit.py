@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from teegate.addons.receipt_book import ReceiptBook
 from teegate.catalog.attestation.receipts import (
     RECEIPT_VERSION,
     ReceiptError,
+    ReceiptSigner,
     canonical,
     load_or_create_key,
     public_hex,
@@ -76,3 +80,69 @@ def test_sign_verify_and_tamper(tmp_path: Path) -> None:
     forged = sign_receipt(BODY, other)
     with pytest.raises(ReceiptError):
         verify_receipt(forged, public_hex(key))
+
+
+def test_signer_text_is_the_canonical_document(tmp_path: Path) -> None:
+    """The stored text is built around the signed bytes; it must equal canonical(doc)."""
+    key = load_or_create_key(tmp_path / "k.pem")
+    body = {**BODY, "verdict": {**BODY["verdict"], "note": 'quote " and é'}}
+    doc, text = ReceiptSigner(key).sign(body)
+    assert text.encode() == canonical(doc)
+    assert verify_receipt(json.loads(text), public_hex(key)) == body
+
+
+class _Link:
+    """Only what the book calls on the ledger: write_receipts, counted."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[list[Any], list[tuple[int, str]]]] = []
+
+    def get(self) -> _Link:
+        return self
+
+    async def write_receipts(self, stored: list[Any], rows: list[tuple[int, str]]) -> None:
+        self.writes.append((stored, rows))
+
+
+class _CountingSigner(ReceiptSigner):
+    calls = 0
+
+    def sign(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        type(self).calls += 1
+        return super().sign(body)
+
+
+async def test_book_signs_and_writes_only_the_newest_revision(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "k.pem")
+    link, signer = _Link(), _CountingSigner(key)
+    book = ReceiptBook(link)  # type: ignore[arg-type]
+    book._signer = signer  # no writer task: flushed by hand below
+    book.put(BODY, 7, (11, "pending"))
+    first = book._to_write["rcpt_x"].created_ms
+    verified = {**BODY, "revision": 2, "upstream_signature": {"status": "verified"}}
+    book.put(verified, 7, (11, "verified"))
+    await book._flush()
+    [(stored, rows)] = link.writes
+    assert [(s.id, s.revision, s.created_ms) for s in stored] == [("rcpt_x", 2, first)]
+    assert rows == [(11, "pending"), (11, "verified")]
+    assert signer.calls == 1  # revision 1 was replaced before anyone saw it: never signed
+    doc = verify_receipt(json.loads(stored[0].document), public_hex(key))
+    assert doc["upstream_signature"] == {"status": "verified"}
+    # Asked for by its key: served signed, from memory (no second signature); other keys: None.
+    assert (await book.get("rcpt_x", 7, 0))["receipt"]["revision"] == 2
+    assert await book.get("rcpt_x", 8, 0) is None
+    assert signer.calls == 1
+
+
+async def test_book_signs_a_pending_revision_asked_for_before_its_outcome(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "k.pem")
+    link = _Link()
+    book = ReceiptBook(link)  # type: ignore[arg-type]
+    book._signer = ReceiptSigner(key)
+    book.put(BODY, 7, None)
+    served = await book.get("rcpt_x", 7, 0)
+    assert verify_receipt(served, public_hex(key))["upstream_signature"] == {"status": "pending"}
+    await book._flush()
+    book.put({**BODY, "revision": 2}, 7, None)
+    await book._flush()
+    assert [s.revision for stored, _ in link.writes for s in stored] == [1, 2]

@@ -55,7 +55,21 @@ class PostgresUnavailable(RuntimeError):
 class Cluster:
     root: Path
     socket_dir: Path
+    options: str = ""
     _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: every session ends at once, as in a restart or failover).
+
+        Only for a cluster a test module owns: the session's cluster serves other modules."""
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-m", mode,
+                     "-w", "stop")  # fmt: skip
+
+    def start(self) -> None:
+        _as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-o", self.options,
+            "-l", str(self.root / "server.log"), "-w", "-t", "60", "start",
+        )  # fmt: skip
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{PG_USER}@/{database}?host={self.socket_dir}"
@@ -135,7 +149,7 @@ def start_cluster(*, fsync: bool = False) -> Iterator[Cluster]:
                 f"could not start the test PostgreSQL cluster: {e.stderr.strip()}\n{tail}"
             ) from None
         started = True
-        yield Cluster(root, sock)
+        yield Cluster(root, sock, options)
     finally:
         if started:
             _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop",
