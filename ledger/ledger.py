@@ -62,69 +62,38 @@ amounts). ``usage.charge_micro`` is always what was taken from the balance.
 Which flows are settled at their full reservation without usage (an upstream
 that never answered) is the request path's decision; see :mod:`teegate.addons.billing`.
 
-Why this module is long: a third of it is the contract above, and the rest is
-one class whose methods share one lock, the in-memory balances and the map of
-open reservations; that no ``await`` falls between a balance check and its
-debit is easiest to verify with all of them in one file. The operator writes the admin API
-makes (top-up, rate limit) are here for the same reason: they must update those balances
-and the key cache under that lock.
+The methods both stores keep alike (authentication, operator writes, settle,
+release, receipts, reports) are written once in :mod:`teegate.ledger.serving`;
+this module keeps what SQLite's in-memory balances make its own: :meth:`Ledger.reserve`
+(no ``await`` between a balance check and its debit), the hooks that keep those
+balances right under the transaction lock, recovery and the refresh.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import structlog
 
-from teegate.ledger import inputs, receipts
-from teegate.ledger.admintokens import AdminTokens
 from teegate.ledger.balances import Balances
-from teegate.ledger.billing import Prices, charge_micro
-from teegate.ledger.errors import (
-    InsufficientBalance,
-    LedgerError,
-    LedgerUnavailable,
-    UnknownAccount,
-)
+from teegate.ledger.errors import InsufficientBalance, LedgerUnavailable, UnknownAccount
 from teegate.ledger.keycache import KeyCache
-from teegate.ledger.keys import (
-    DEFAULT_PREFIX,
-    check_prefix,
-    hash_key,
-    plausible,
-    same_hash,
-)
+from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
 from teegate.ledger.lockfile import WriterLock
-from teegate.ledger.models import (
-    Account,
-    ApiKey,
-    Credit,
-    KeyInfo,
-    OpenReservation,
-    Recovered,
-    Reservation,
-    Timing,
-    UsageBucket,
-    UsageGroup,
-    UsageSource,
-    VerifyReport,
-)
+from teegate.ledger.models import Recovered, Reservation
 from teegate.ledger.ops import Finalization, NewReservation
 from teegate.ledger.pgschema import is_postgres
-from teegate.ledger.store import Store, now_ms
+from teegate.ledger.serving import ServingLedger, log_recovered
+from teegate.ledger.store import Store
 from teegate.ledger.writer import GroupCommitter
 
 log = structlog.get_logger("teegate.ledger")
 
-MAX_REQUEST_ID = 200
-MAX_MODEL = 200
-MAX_STATUS = 200
 
-
-class Ledger:
+class Ledger(ServingLedger):
     """Prepaid balances for the request path. Create with :meth:`open`."""
 
     shared_rate_limits = False  # rate limits are counted per process (addons.ratelimit)
@@ -143,15 +112,15 @@ class Ledger:
         refresh_ms: float,
     ) -> None:
         self.path = store.path
-        self._store = store
-        self._reader = reader
+        self._store = self._writes = store
+        self._reader = self._reads = reader
         self._file_lock = lock
         self._prefix = key_prefix
         self._refresh_s = refresh_ms / 1000
         self._txn_lock = asyncio.Lock()
         self._balances = Balances()
         self._keys = KeyCache()
-        self._open: dict[int, Reservation] = {}
+        self._open = {}
         self._writer = GroupCommitter(
             store,
             self._txn_lock,
@@ -162,10 +131,10 @@ class Ledger:
             batch_max=batch_max,
             settle_linger_ms=settle_linger_ms,
         )
-        self._refresher: asyncio.Task[None] | None = None
+        self._tasks = []
         self._data_version = -1
         self._closed = False
-        self.recovered: list[Recovered] = []
+        self.recovered = []
 
     # -- life cycle -------------------------------------------------------------
 
@@ -244,152 +213,40 @@ class Ledger:
         self._balances.reload(await self._store.balances())
         if recover:
             self.recovered = await self._store.recover(exclude=set())
-            for r in self.recovered:
-                log.warning(
-                    "ledger.recovered_reservation",
-                    reservation_id=r.reservation_id,
-                    request_id=r.request_id,
-                    account_id=r.account_id,
-                    key_id=r.key_id,
-                    model=r.model,
-                    charged_micro=r.charged_micro,
-                    rule="open at start: charged the full reserved amount",
-                )
+            log_recovered(self.recovered, "open at start: charged the full reserved amount")
         self._writer.start()
-        self._refresher = asyncio.create_task(self._refresh_loop(), name="ledger-refresh")
+        self._tasks = [
+            self._every(self._refresh_s, self.refresh, "ledger.refresh_failed", "ledger-refresh")
+        ]
 
-    async def close(self) -> None:
-        """Commit everything queued, then release the database and the lock."""
-        if self._closed:
-            return
-        self._closed = True
+    async def _release_connections(self) -> None:
+        await self._store.close()
+        await self._reader.close()
+        self._file_lock.release()
+
+    # -- dialect hooks (see teegate.ledger.serving) -----------------------------
+
+    def _operator_lock(self) -> AbstractAsyncContextManager[Any]:
+        # Operator writes must update the in-memory balances and the key cache under the
+        # lock the group commit holds, so no commit's balances interleave with theirs.
+        return self._txn_lock
+
+    def _committed_balance(self, account_id: int, balance_micro: int) -> None:
+        self._balances.set_committed(account_id, balance_micro)
+
+    def _queue_final(self, op: Finalization, hold: int) -> None:
+        self._balances.hold(op.account_id, hold)
         try:
-            await self._writer.stop()
-        finally:
-            if self._refresher is not None:
-                self._refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._refresher
-            await self._store.close()
-            await self._reader.close()
-            self._file_lock.release()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def key_prefix(self) -> str:
-        """What every key of this ledger starts with (for a cheap shape check)."""
-        return self._prefix
-
-    async def flush(self) -> None:
-        """Wait until every settlement/release queued so far is committed."""
-        await self._writer.flush()
-
-    # -- keys -------------------------------------------------------------------
-
-    async def authenticate(self, presented: str) -> ApiKey | None:
-        """The active key ``presented`` is, or None. Never raises for bad input."""
-        if not plausible(presented, self._prefix):
-            return None
-        digest = hash_key(presented)
-        key = self._keys.get(digest)
-        if key is not None:
-            return key
-        found = await self._reader.find_key(digest)
-        if found is None:
-            return None
-        key, stored = found
-        if not same_hash(stored, digest):  # pragma: no cover - the lookup was by equality
-            return None
-        self._keys.put(digest, key)
-        return key
-
-    async def create_key(
-        self, account: int | str, *, label: str | None = None, rate_limit: int | None = None
-    ) -> tuple[ApiKey, str]:
-        """A new key for an account: ``(ApiKey, plaintext)``. Show the plaintext once."""
-        async with self._txn_lock:
-            acct = await self._store.require_account(account)
-            return await self._store.create_key(
-                acct.id, prefix=self._prefix, label=label, rate_limit=rate_limit
-            )
-
-    async def revoke_key(self, key_id: int) -> bool:
-        """Revoke at once (in this process); True if it was active."""
-        async with self._txn_lock:
-            changed = await self._store.revoke_key(key_id)
-            self._keys.drop_key(key_id)
-        return changed
-
-    # -- accounts ---------------------------------------------------------------
-
-    async def create_account(self, name: str, *, topup_micro: int = 0) -> Account:
-        async with self._txn_lock:
-            account = await self._store.create_account(name, topup_micro)
-            self._balances.set_committed(account.id, account.balance_micro)
-        return account
-
-    async def account(self, account: int | str) -> Account | None:
-        return await self._reader.find_account(account)
+            self._writer.submit(op, hold, wait=False)
+        except BaseException:
+            self._balances.unhold(op.account_id, hold)
+            raise
 
     def available_micro(self, account_id: int) -> int | None:
         """What the account could reserve right now (None if not loaded yet)."""
         if not self._balances.known(account_id):
             return None
         return self._balances.available(account_id)
-
-    async def list_accounts(self) -> list[Account]:
-        return await self._reader.list_accounts()
-
-    async def list_keys(
-        self, account_id: int | None = None, *, key_id: int | None = None
-    ) -> list[KeyInfo]:
-        return await self._reader.list_keys(account_id, key_id=key_id)
-
-    async def open_reservations(self, account_id: int | None = None) -> list[OpenReservation]:
-        """Committed holds not yet settled, of one account or all (any process's)."""
-        found = await self._reader.open_reservations()
-        return [r for r in found if account_id is None or r.account_id == account_id]
-
-    @property
-    def open_count(self) -> int:
-        """Reservations this process holds open right now (requests in flight)."""
-        return len(self._open)
-
-    # -- operator writes: the same Store operations the command line makes ------
-
-    async def topup(
-        self,
-        account: int | str,
-        amount_micro: int,
-        note: str | None = None,
-        *,
-        idempotency_key: str | None = None,
-    ) -> Credit:
-        """:meth:`Store.topup`, spendable at once in this process (no refresh to wait for)."""
-        async with self._txn_lock:
-            acct = await self._store.require_account(account)
-            credit = await self._store.topup(
-                acct.id, amount_micro, note, idempotency_key=idempotency_key
-            )
-            # Under the lock no group commit is in flight: the stored balance is the committed one.
-            self._balances.set_committed(acct.id, credit.balance_micro)
-        return credit
-
-    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
-        """:meth:`Store.set_rate_limit`, effective at once in this process."""
-        async with self._txn_lock:
-            info = await self._store.set_rate_limit(key_id, rate_limit)
-            self._keys.drop_key(key_id)
-        return info
-
-    @property
-    def admin_tokens(self) -> AdminTokens:
-        return AdminTokens(self._reader)
 
     async def writable(self) -> bool:
         """Whether a write could commit now: open, commits not failing, the write lock takable.
@@ -408,32 +265,11 @@ class Ledger:
 
     # -- the request path -------------------------------------------------------
 
-    async def reserve(
-        self,
-        request_id: str,
-        key: ApiKey,
-        model: str,
-        prices: Prices,
-        amount_micro: int,
-        *,
-        rate_limit: int | None = None,
-    ) -> Reservation:
-        """Hold ``amount_micro`` of the key's account; returns once committed.
-
-        Raises :class:`InsufficientBalance` (nothing written) if the available
-        balance is lower, :class:`LedgerUnavailable` if the hold could not be
-        committed. Either way the request must not go upstream.
-        ``rate_limit`` must be None here (limits are per process with SQLite,
-        see :attr:`shared_rate_limits`).
-        """
+    async def _reserve(self, op: NewReservation, rate_limit: int | None) -> Reservation:
+        """The balance check in memory, then the commit (see the module docstring)."""
         if rate_limit is not None:
             raise ValueError("the SQLite ledger does not count rate limits")
-        amount = inputs.hold_amount(amount_micro)
-        _check_text("request_id", request_id, MAX_REQUEST_ID)
-        _check_text("model", model, MAX_MODEL)
-        if not isinstance(prices, Prices):
-            raise TypeError("prices must be a ledger.billing.Prices")
-        account_id = key.account_id
+        account_id, amount = op.account_id, op.amount_micro
         if not self._balances.known(account_id):
             await self._load_account(account_id)
         if self._closed:
@@ -448,15 +284,6 @@ class Ledger:
         available = self._balances.available(account_id)
         if amount > available:
             raise InsufficientBalance(available, amount)
-        op = NewReservation(
-            request_id=request_id,
-            account_id=account_id,
-            key_id=key.key_id,
-            model=model,
-            prices=prices,
-            amount_micro=amount,
-            created_ms=now_ms(),
-        )
         self._balances.hold(account_id, amount)
         try:
             future = self._writer.submit(op, amount, wait=True)
@@ -477,141 +304,10 @@ class Ledger:
                 self._release_abandoned(future)
             raise
 
-    def _registered(self, op: NewReservation, reservation_id: int) -> Reservation:
-        """Called by the writer, under the lock, as the reservation commits."""
-        res = Reservation(
-            id=reservation_id,
-            request_id=op.request_id,
-            account_id=op.account_id,
-            key_id=op.key_id,
-            model=op.model,
-            prices=op.prices,
-            amount_micro=op.amount_micro,
-            created_ms=op.created_ms,
-        )
-        self._open[reservation_id] = res
-        return res
-
     def _release_abandoned(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         self._release_cancelled(future.result())
-
-    def _release_cancelled(self, res: Reservation) -> None:
-        with contextlib.suppress(LedgerError):
-            self._finalize_release(res, "cancelled before upstream", None)
-
-    async def settle(
-        self,
-        reservation: Reservation,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-        source: UsageSource = "usage",
-        timing: Timing | None = None,
-        *,
-        status: str = "ok",
-    ) -> int:
-        """Charge actual usage (see the module docstring); returns its price.
-
-        Within the reservation, the price is the charge. Above it, the commit
-        takes the extra only up to the account's balance and records the rest
-        as unrecovered; the in-memory balance counts the whole extra as spent
-        until then, so no reservation is admitted on money the extra may take.
-
-        Idempotent: once a reservation is settled or released, further calls
-        change nothing and return what was charged (0 after a release).
-        ``source`` is "usage" (the upstream's usage block) or "bytes" (the
-        :func:`~ledger.billing.tokens_from_bytes` fallback). Invalid counts
-        raise ValueError and leave the reservation open (so a crash or a
-        later settle still charges it); do not release it instead.
-        """
-        if reservation.state != "open":
-            return reservation.charge_micro or 0
-        self._check_own(reservation)
-        if source not in ("usage", "bytes"):
-            raise ValueError('source must be "usage" or "bytes"')
-        _check_text("status", status, MAX_STATUS)
-        charge = charge_micro(reservation.prices, prompt_tokens, completion_tokens, cached_tokens)
-        delta = reservation.amount_micro - charge
-        overrun = max(0, -delta)
-        op = Finalization(
-            reservation_id=reservation.id,
-            account_id=reservation.account_id,
-            kind="settlement",
-            delta_micro=delta,
-            charge_micro=charge,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            source=source,
-            status=status,
-            timing=timing,
-            finalized_ms=now_ms(),
-            request_id=reservation.request_id,
-            model=reservation.model,
-        )
-        self._balances.hold(reservation.account_id, overrun)
-        try:
-            self._writer.submit(op, overrun, wait=False)
-        except BaseException:
-            self._balances.unhold(reservation.account_id, overrun)
-            raise
-        self._mark(reservation, "settled", charge)
-        return charge
-
-    async def release(
-        self, reservation: Reservation, reason: str, timing: Timing | None = None
-    ) -> None:
-        """Hand the whole hold back (the request never reached the upstream).
-
-        Idempotent, and a no-op after a settlement.
-        """
-        if reservation.state != "open":
-            return
-        self._check_own(reservation)
-        _check_text("reason", reason, MAX_STATUS)
-        self._finalize_release(reservation, reason, timing)
-
-    def _finalize_release(self, res: Reservation, reason: str, timing: Timing | None) -> None:
-        if res.state != "open":
-            return
-        op = Finalization(
-            reservation_id=res.id,
-            account_id=res.account_id,
-            kind="release",
-            delta_micro=res.amount_micro,
-            charge_micro=0,
-            status=reason,
-            timing=timing,
-            finalized_ms=now_ms(),
-        )
-        self._writer.submit(op, 0, wait=False)
-        self._mark(res, "released", 0)
-
-    def _mark(self, res: Reservation, state: str, charge: int) -> None:
-        res.state = state  # type: ignore[assignment]
-        res.charge_micro = charge
-        self._open.pop(res.id, None)
-
-    def _check_own(self, res: Reservation) -> None:
-        if self._open.get(res.id) is not res:
-            raise LedgerError(f"reservation {res.id} is not open in this ledger")
-
-    # -- receipts and response signatures ----------------------------------------
-
-    async def write_receipts(
-        self,
-        stored: list[receipts.StoredReceipt],
-        signatures: list[tuple[int, str]],
-    ) -> None:
-        """Receipts and signature outcomes (reservation id, status), in one transaction."""
-        async with self._txn_lock:
-            await receipts.write(self._store, stored, signatures)
-
-    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
-        """A stored receipt's signed JSON, only for the key that made its request."""
-        return await receipts.read(self._reader, receipt_id, key_id)
 
     # -- checks -----------------------------------------------------------------
 
@@ -627,26 +323,6 @@ class Ledger:
             recovered = await self._store.recover(exclude)
         self.recovered.extend(recovered)
         return recovered
-
-    async def verify(self) -> VerifyReport:
-        """Recompute balances from entries after committing what is queued."""
-        await self.flush()
-        return await self._reader.verify()
-
-    async def usage(
-        self,
-        *,
-        account_id: int | None = None,
-        key_id: int | None = None,
-        model: str | None = None,
-        since_ms: int | None = None,
-    ) -> list[UsageGroup]:
-        return await self._reader.usage_report(
-            account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
-        )
-
-    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
-        return await self._reader.usage_timeline(since_ms=since_ms, bucket_ms=bucket_ms)
 
     # -- cross-process freshness ------------------------------------------------
 
@@ -669,16 +345,3 @@ class Ledger:
             self._keys.clear()
             self._data_version = version
             return True
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except Exception as e:  # keep serving; the next round retries
-                log.error("ledger.refresh_failed", error=str(e))
-
-
-def _check_text(name: str, value: object, limit: int) -> None:
-    if not isinstance(value, str) or len(value) > limit:
-        raise ValueError(f"{name} must be a string of at most {limit} characters")

@@ -97,6 +97,20 @@ class Recovered:
     charged_micro: int
     created_ms: int
 
+    @classmethod
+    def from_row(cls, row: tuple[int, str, int, int, str, int, int]) -> Recovered:
+        """From a row in field order, as both stores' recovery queries return it."""
+        rid, request_id, account_id, key_id, model, amount, created = row
+        return cls(
+            reservation_id=rid,
+            request_id=request_id,
+            account_id=account_id,
+            key_id=key_id,
+            model=model,
+            charged_micro=amount,
+            created_ms=created,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpenReservation:

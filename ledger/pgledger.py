@@ -36,12 +36,18 @@ processes and machines on one database:
    whenever the poll fails). Top-ups need nothing: every reservation reads
    the balance in the database.
 
-Why this module is long: like :mod:`teegate.ledger.ledger` it is one class
-whose methods share the writing connection (and its lock), the map of open
-reservations and the key cache, and whose request-path methods must keep the
-same contract as the SQLite ledger's line by line; the SQL lives in
-:mod:`teegate.ledger.pgschema` and :mod:`teegate.ledger.pgstore`, the group
-commit in :mod:`teegate.ledger.pgwriter`.
+What both stores do alike (authentication, operator writes, settle, release,
+receipts, reports) is :class:`teegate.ledger.serving.ServingLedger`; this module
+keeps the worker's own: its id and lock, the reservation round trip, the key poll
+and the sweeper. The SQL lives in :mod:`teegate.ledger.pgschema` and
+:mod:`teegate.ledger.pgstore`, the group commit in :mod:`teegate.ledger.pgwriter`.
+
+Why this module is long: the worker's own part is one class whose methods share the
+writing connection (and its lock), the map of open reservations and the reservations in
+doubt: taking the lock, re-locking under a new id after a lost connection (adopting what
+it knows open, releasing what committed in doubt), the reservation round trip, and the
+background key poll, idle-writer check and sweep that keep that connection honest. What
+both stores share is already :class:`~teegate.ledger.serving.ServingLedger`.
 """
 
 from __future__ import annotations
@@ -50,14 +56,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 import structlog
 
-from teegate.ledger import inputs, receipts
-from teegate.ledger.admintokens import AdminTokens
-from teegate.ledger.billing import Prices, charge_micro
+from teegate.ledger.billing import Prices
 from teegate.ledger.errors import (
     InsufficientBalance,
     LedgerError,
@@ -67,33 +71,22 @@ from teegate.ledger.errors import (
     UnknownAccount,
 )
 from teegate.ledger.keycache import KeyCache
-from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix, hash_key, plausible, same_hash
-from teegate.ledger.models import (
-    Account,
-    ApiKey,
-    Credit,
-    KeyInfo,
-    OpenReservation,
-    Recovered,
-    Reservation,
-    Timing,
-    UsageBucket,
-    UsageGroup,
-    UsageSource,
-    VerifyReport,
-)
+from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
+from teegate.ledger.models import ApiKey, Recovered, Reservation
+from teegate.ledger.operator import now_ms
+from teegate.ledger.ops import Finalization, NewReservation
 from teegate.ledger.pgschema import LOCK_SPACE, redact
 from teegate.ledger.pgstore import Backoff, PgStore, connect
-from teegate.ledger.pgwriter import PgCommitter, Row
-from teegate.ledger.store import now_ms
+from teegate.ledger.pgwriter import PgCommitter, Row, final_row, reservation_row
+from teegate.ledger.serving import ServingLedger, log_recovered
 
 log = structlog.get_logger("teegate.ledger")
 
-MAX_TEXT = 200
+_RECOVERED_RULE = "open and its worker gone: charged the full reserved amount"
 MAX_IN_DOUBT = 10_000  # failed reservations remembered until the writing connection is back
 
 
-class PgLedger:
+class PgLedger(ServingLedger):
     """Prepaid balances for one worker's request path on PostgreSQL. Create with :meth:`open`."""
 
     shared_rate_limits = True  # reserve() counts the key's requests in the database
@@ -113,14 +106,14 @@ class PgLedger:
         self._url = url
         self.path = redact(url)
         self.worker_id = worker_id
-        self._admin = admin
+        self._admin = self._reads = self._writes = admin
         self._writer_conn: Any = None
         self._prefix = key_prefix
         self._keys = KeyCache()
         self._key_version = -1
         self._key_poll_s = key_poll_ms / 1000
         self._sweep_s = sweep_interval_s
-        self._open: dict[int, Reservation] = {}
+        self._open = {}
         self._writer = PgCommitter(
             self._apply,
             self._finalised,
@@ -133,13 +126,13 @@ class PgLedger:
         # tell until the writing connection is back (their requests were refused either way).
         self._in_doubt: dict[str, dict[str, Any]] = {}
         self._seen: dict[int, int] = {}  # balances as of this worker's last commit
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = []
         self._closed = False
         self._connecting = asyncio.Lock()
         self._backoff = Backoff()
         self._lock_lost = False  # the writing connection died: the next one takes a new id
         self._commits_seen = -1  # group commits as of the last check_writer
-        self.recovered: list[Recovered] = []
+        self.recovered = []
 
     # -- life cycle -------------------------------------------------------------
 
@@ -305,10 +298,7 @@ class PgLedger:
                 created_ms=int(op["created_ms"]),
             )
             with contextlib.suppress(LedgerUnavailable):  # closing: the sweep charges it
-                self._submit_final(
-                    res, "release", delta=res.amount_micro, charge=0,
-                    status="commit in doubt; not sent", timing=None,
-                )  # fmt: skip
+                self._finalize_release(res, "commit in doubt; not sent", None)
         return len(rows)
 
     async def check_writer(self) -> None:
@@ -330,130 +320,27 @@ class PgLedger:
         self.recovered = own
         if recover:
             self.recovered += await self._admin.recover(own_worker=self.worker_id)
-        _log_recovered(self.recovered)
+        log_recovered(self.recovered, _RECOVERED_RULE)
         self._key_version = await self._admin.key_version()
         self._seen = await self._admin.balances()
         self._writer.start()
-        self._tasks = [
+        self._tasks = [  # not ServingLedger._every: these log a failure once per outage
             asyncio.create_task(self._key_poll_loop(), name="ledger-key-poll"),
             asyncio.create_task(self._sweep_loop(), name="ledger-sweeper"),
         ]
 
-    async def close(self) -> None:
-        """Commit everything queued, then drop the connections (and with them the lock)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._writer.stop()
-        finally:
-            for task in self._tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if self._writer_conn is not None:
-                await self._writer_conn.close()
-            await self._admin.close()
+    async def _release_connections(self) -> None:
+        if self._writer_conn is not None:
+            await self._writer_conn.close()
+        await self._admin.close()
 
-    async def __aenter__(self) -> Self:
-        return self
+    # -- dialect hooks (see teegate.ledger.serving) -----------------------------
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def _committed_balance(self, account_id: int, balance_micro: int) -> None:
+        self._seen[account_id] = balance_micro  # informational (see available_micro)
 
-    @property
-    def key_prefix(self) -> str:
-        return self._prefix
-
-    async def flush(self) -> None:
-        await self._writer.flush()
-
-    # -- keys and accounts ------------------------------------------------------
-
-    async def authenticate(self, presented: str) -> ApiKey | None:
-        if not plausible(presented, self._prefix):
-            return None
-        digest = hash_key(presented)
-        key = self._keys.get(digest)
-        if key is not None:
-            return key
-        found = await self._admin.find_key(digest)
-        if found is None:
-            return None
-        key, stored = found
-        if not same_hash(stored, digest):  # pragma: no cover - the lookup was by equality
-            return None
-        self._keys.put(digest, key)
-        return key
-
-    async def create_key(
-        self, account: int | str, *, label: str | None = None, rate_limit: int | None = None
-    ) -> tuple[ApiKey, str]:
-        acct = await self._admin.require_account(account)
-        return await self._admin.create_key(
-            acct.id, prefix=self._prefix, label=label, rate_limit=rate_limit
-        )
-
-    async def revoke_key(self, key_id: int) -> bool:
-        changed = await self._admin.revoke_key(key_id)
-        self._keys.drop_key(key_id)
-        return changed
-
-    async def create_account(self, name: str, *, topup_micro: int = 0) -> Account:
-        account = await self._admin.create_account(name, topup_micro)
-        self._seen[account.id] = account.balance_micro
-        return account
-
-    async def account(self, account: int | str) -> Account | None:
-        return await self._admin.find_account(account)
-
-    async def list_accounts(self) -> list[Account]:
-        return await self._admin.list_accounts()
-
-    async def list_keys(
-        self, account_id: int | None = None, *, key_id: int | None = None
-    ) -> list[KeyInfo]:
-        return await self._admin.list_keys(account_id, key_id=key_id)
-
-    async def open_reservations(self, account_id: int | None = None) -> list[OpenReservation]:
-        """Committed holds not yet settled, of one account or all (every worker's)."""
-        found = await self._admin.open_reservations()
-        return [r for r in found if account_id is None or r.account_id == account_id]
-
-    @property
-    def open_count(self) -> int:
-        """Reservations this worker holds open right now (requests in flight)."""
-        return len(self._open)
-
-    # -- operator writes: the same PgStore operations the command line makes ----
-
-    async def topup(
-        self,
-        account: int | str,
-        amount_micro: int,
-        note: str | None = None,
-        *,
-        idempotency_key: str | None = None,
-    ) -> Credit:
-        """:meth:`PgStore.topup`: spendable at once by every worker (each reservation
-        reads the balance in the database)."""
-        acct = await self._admin.require_account(account)
-        credit = await self._admin.topup(
-            acct.id, amount_micro, note, idempotency_key=idempotency_key
-        )
-        self._seen[acct.id] = credit.balance_micro  # informational (see available_micro)
-        return credit
-
-    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
-        """:meth:`PgStore.set_rate_limit`: at once in this worker, within ``key_poll_ms``
-        in the others (the trigger bumps ``key_version``)."""
-        info = await self._admin.set_rate_limit(key_id, rate_limit)
-        self._keys.drop_key(key_id)
-        return info
-
-    @property
-    def admin_tokens(self) -> AdminTokens:
-        return AdminTokens(self._admin)
+    def _queue_final(self, op: Finalization, hold: int) -> None:
+        self._writer.submit(final_row(op), wait=False)  # nothing is held in memory here
 
     async def writable(self) -> bool:
         """Whether a write could commit now (readiness probes, not the request path).
@@ -471,25 +358,6 @@ class PgLedger:
         except Exception:
             return False
         return bool(row) and not row[0]
-
-    # -- receipts and response signatures -----------------------------------------
-
-    async def write_receipts(
-        self,
-        stored: list[receipts.StoredReceipt],
-        signatures: list[tuple[int, str]],
-    ) -> None:
-        """Receipts and signature outcomes (reservation id, status), in one transaction.
-
-        A signature outcome names a reservation this worker committed before its request
-        went upstream, so its usage row exists (settled or not: the settlement does not
-        touch ``signature``).
-        """
-        await receipts.write(self._admin, stored, signatures)
-
-    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
-        """A stored receipt's signed JSON, only for the key that made its request."""
-        return await receipts.read(self._admin, receipt_id, key_id)
 
     def available_micro(self, account_id: int) -> int | None:
         """The balance as of this worker's last commit touching the account (None: never seen).
@@ -526,186 +394,48 @@ class PgLedger:
 
     # -- the request path -------------------------------------------------------
 
-    async def reserve(
-        self,
-        request_id: str,
-        key: ApiKey,
-        model: str,
-        prices: Prices,
-        amount_micro: int,
-        *,
-        rate_limit: int | None = None,
-    ) -> Reservation:
-        """Hold ``amount_micro`` of the key's account; returns once committed.
-
-        With ``rate_limit`` the request is first counted in the key's shared
-        one-minute window (:class:`RateLimited` beyond it). Then
-        :class:`InsufficientBalance` if the balance in the database is lower,
-        :class:`LedgerUnavailable` if the hold could not be committed.
-        """
-        amount = inputs.hold_amount(amount_micro)
-        _check_text("request_id", request_id)
-        _check_text("model", model)
-        if not isinstance(prices, Prices):
-            raise TypeError("prices must be a ledger.billing.Prices")
+    async def _reserve(self, op: NewReservation, rate_limit: int | None) -> Reservation:
+        """One round trip: rate window, balance check and hold, all in ``teegate_apply``."""
         if rate_limit is not None:
             rate_limit = int(rate_limit)
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
-        created = now_ms()
-        op = {
-            "t": "r",
-            "request_id": request_id,
-            "account_id": key.account_id,
-            "key_id": key.key_id,
-            "model": model,
-            "price_input": prices.input,
-            "price_output": prices.output,
-            "price_cache_read": prices.cache_read,
-            "amount": amount,
-            "created_ms": created,
-            "rate_limit": rate_limit,
-        }
-        future = self._writer.submit(op, wait=True)
+        future = self._writer.submit(reservation_row(op, rate_limit), wait=True)
         assert future is not None
         try:
             row: Row = await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(
-                lambda f: self._release_abandoned(f, op, prices)  # the hold may still commit
+                lambda f: self._release_abandoned(f, op, rate_limit)  # the hold may still commit
             )
             raise
-        return self._outcome(row, op, prices, rate_limit)
+        return self._outcome(row, op, rate_limit)
 
-    def _outcome(
-        self, row: Row, op: dict[str, Any], prices: Prices, rate_limit: int | None
-    ) -> Reservation:
+    def _outcome(self, row: Row, op: NewReservation, rate_limit: int | None) -> Reservation:
         _, outcome, entry_id, balance, count, started = row
         if outcome == "rate_limited":
             raise RateLimited(rate_limit or 0, int(count), int(started))
         if outcome == "insufficient":
-            error = InsufficientBalance(int(balance), op["amount"])
+            error = InsufficientBalance(int(balance), op.amount_micro)
             if count is not None:
                 error.rate_window = (int(count), int(started))  # type: ignore[attr-defined]
             raise error
         if outcome == "unknown_account":
-            raise UnknownAccount(f"no account {op['account_id']}")
+            raise UnknownAccount(f"no account {op.account_id}")
         if outcome != "ok":
             raise LedgerUnavailable(f"unexpected reservation outcome {outcome!r}")
-        res = Reservation(
-            id=int(entry_id),
-            request_id=op["request_id"],
-            account_id=op["account_id"],
-            key_id=op["key_id"],
-            model=op["model"],
-            prices=prices,
-            amount_micro=op["amount"],
-            created_ms=op["created_ms"],
-        )
-        self._open[res.id] = res
+        res = self._registered(op, int(entry_id))
         if count is not None:
             res.rate_window = (int(count), int(started))
         return res
 
     def _release_abandoned(
-        self, future: asyncio.Future[Any], op: dict[str, Any], p: Prices
+        self, future: asyncio.Future[Any], op: NewReservation, rate_limit: int | None
     ) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         with contextlib.suppress(LedgerError):
-            res = self._outcome(future.result(), op, p, op["rate_limit"])
-            self._finalize_release(res, "cancelled before upstream", None)
-
-    async def settle(
-        self,
-        reservation: Reservation,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-        source: UsageSource = "usage",
-        timing: Timing | None = None,
-        *,
-        status: str = "ok",
-    ) -> int:
-        """Charge actual usage; idempotent. See :meth:`teegate.ledger.Ledger.settle`."""
-        if reservation.state != "open":
-            return reservation.charge_micro or 0
-        self._check_own(reservation)
-        if source not in ("usage", "bytes"):
-            raise ValueError('source must be "usage" or "bytes"')
-        _check_text("status", status)
-        charge = charge_micro(reservation.prices, prompt_tokens, completion_tokens, cached_tokens)
-        self._submit_final(
-            reservation,
-            "settlement",
-            delta=reservation.amount_micro - charge,
-            charge=charge,
-            status=status,
-            timing=timing,
-            tokens=(prompt_tokens, completion_tokens, cached_tokens),
-            source=source,
-        )
-        self._mark(reservation, "settled", charge)
-        return charge
-
-    async def release(
-        self, reservation: Reservation, reason: str, timing: Timing | None = None
-    ) -> None:
-        if reservation.state != "open":
-            return
-        self._check_own(reservation)
-        _check_text("reason", reason)
-        self._finalize_release(reservation, reason, timing)
-
-    def _finalize_release(self, res: Reservation, reason: str, timing: Timing | None) -> None:
-        if res.state != "open":
-            return
-        self._submit_final(
-            res, "release", delta=res.amount_micro, charge=0, status=reason, timing=timing
-        )
-        self._mark(res, "released", 0)
-
-    def _submit_final(
-        self,
-        res: Reservation,
-        kind: str,
-        *,
-        delta: int,
-        charge: int,
-        status: str,
-        timing: Timing | None,
-        tokens: tuple[int | None, int | None, int | None] = (None, None, None),
-        source: str | None = None,
-    ) -> None:
-        op = {
-            "t": "f",
-            "kind": kind,
-            "reservation_id": res.id,
-            "account_id": res.account_id,
-            "delta": delta,
-            "charge": charge,
-            "prompt_tokens": tokens[0],
-            "completion_tokens": tokens[1],
-            "cached_tokens": tokens[2],
-            "source": source,
-            "status": status,
-            "start_ms": timing.start_ms if timing else None,
-            "first_byte_ms": timing.first_byte_ms if timing else None,
-            "end_ms": timing.end_ms if timing else None,
-            "finalized_ms": now_ms(),
-            "request_id": res.request_id,
-            "model": res.model,
-        }
-        self._writer.submit(op, wait=False)
-
-    def _mark(self, res: Reservation, state: str, charge: int) -> None:
-        res.state = state  # type: ignore[assignment]
-        res.charge_micro = charge
-        self._open.pop(res.id, None)
-
-    def _check_own(self, res: Reservation) -> None:
-        if self._open.get(res.id) is not res:
-            raise LedgerError(f"reservation {res.id} is not open in this ledger")
+            self._release_cancelled(self._outcome(future.result(), op, rate_limit))
 
     def _finalised(self, op: dict[str, Any], row: Row | None, error: Exception | None) -> None:
         """The writer's report on a settlement or release (nobody awaits those)."""
@@ -756,30 +486,11 @@ class PgLedger:
         await self.flush()
         mine = set(self._open) | self._writer.queued_final_ids()  # also under a lost old id
         recovered = await self._admin.recover(mine, own_worker=self.worker_id)
-        _log_recovered(recovered)
+        log_recovered(recovered, _RECOVERED_RULE)
         self.recovered.extend(recovered)
         return recovered
 
     sweep = recover
-
-    async def verify(self) -> VerifyReport:
-        await self.flush()
-        return await self._admin.verify()
-
-    async def usage(
-        self,
-        *,
-        account_id: int | None = None,
-        key_id: int | None = None,
-        model: str | None = None,
-        since_ms: int | None = None,
-    ) -> list[UsageGroup]:
-        return await self._admin.usage_report(
-            account_id=account_id, key_id=key_id, model=model, since_ms=since_ms
-        )
-
-    async def usage_timeline(self, *, since_ms: int, bucket_ms: int) -> list[UsageBucket]:
-        return await self._admin.usage_timeline(since_ms=since_ms, bucket_ms=bucket_ms)
 
     async def refresh(self) -> bool:
         """Drop the key cache if a key was revoked anywhere; True if one was."""
@@ -836,23 +547,3 @@ async def _try_lock(conn: Any, worker_id: int) -> bool:
     cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_SPACE, worker_id))
     row = await cur.fetchone()
     return bool(row and row[0])
-
-
-def _log_recovered(recovered: list[Recovered]) -> None:
-    for r in recovered:
-        log.warning(
-            "ledger.recovered_reservation",
-            reservation_id=r.reservation_id,
-            request_id=r.request_id,
-            account_id=r.account_id,
-            key_id=r.key_id,
-            model=r.model,
-            charged_micro=r.charged_micro,
-            rule="open and its worker gone: charged the full reserved amount",
-        )
-
-
-def _check_text(name: str, value: object) -> None:
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
-

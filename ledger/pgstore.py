@@ -1,22 +1,16 @@
-"""The ledger's operator writes and reports on PostgreSQL: :class:`Store`'s twin.
+"""The ledger's store on PostgreSQL: :class:`Store`'s dialect twin.
 
-:class:`PgStore` has the methods of :class:`teegate.ledger.store.Store` that
-the command line, the admin API and the serving ledger call (accounts, keys,
-idempotent top-ups, rate limits, revocations, verify, usage, recovery; admin
-tokens and receipts through the portable :meth:`Reports.fetch`), over one
-autocommit psycopg connection, with the same validation
-(:mod:`teegate.ledger.inputs`) and the same report SQL
-(:class:`teegate.ledger.reports.Reports`, whose ``?`` placeholders are
-turned into psycopg's ``%s`` here). :meth:`teegate.ledger.store.Store.open` returns one
-for a ``postgresql://`` URL, so every operator command works on both stores.
+:class:`PgStore` runs the operator writes (:class:`teegate.ledger.operator.OperatorStore`:
+accounts, keys, idempotent top-ups, rate limits, revocations) and the reports
+(:class:`teegate.ledger.reports.Reports`: verify, usage; admin tokens and receipts through
+the portable :meth:`Reports.fetch`) that SQLite runs, over one autocommit psycopg
+connection; their ``?`` placeholders are turned into psycopg's ``%s`` here.
+:meth:`teegate.ledger.store.Store.open` returns one for a ``postgresql://`` URL, so every
+operator command works on both stores.
 
 Recovery differs from SQLite's on purpose: many workers serve from one
 database, so :meth:`recover` only charges the open reservations of workers
 whose advisory lock it can take (dead ones), never a live worker's.
-
-Why this module is long: it is :class:`~teegate.ledger.store.Store`'s twin,
-method for method (so the two are compared side by side), plus the sweep of
-dead workers' reservations that only a shared database needs.
 """
 
 from __future__ import annotations
@@ -27,27 +21,17 @@ import decimal
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
 import structlog
 
-from teegate.ledger import inputs
-from teegate.ledger.errors import (
-    IdempotencyConflict,
-    InvalidInput,
-    LedgerNotFound,
-    LedgerUnavailable,
-    UnknownAccount,
-    UnknownKey,
-)
-from teegate.ledger.keys import DEFAULT_PREFIX, new_key
-from teegate.ledger.models import Account, ApiKey, Credit, KeyInfo, Recovered
+from teegate.ledger.errors import LedgerNotFound, LedgerUnavailable
+from teegate.ledger.models import Recovered
+from teegate.ledger.operator import OperatorStore, now_ms
 from teegate.ledger.pgschema import LOCK_SPACE, migrate, redact
-from teegate.ledger.reports import Reports
-from teegate.ledger.store import now_ms
 
 log = structlog.get_logger("teegate.ledger")
 
@@ -154,9 +138,10 @@ async def connect(url: str) -> psycopg.AsyncConnection[Any]:
         raise LedgerUnavailable(f"cannot connect to {redact(url)}: {e}") from None
 
 
-class PgStore(Reports):
-    """Accounts, keys, entries and usage records in PostgreSQL (reports: :class:`Reports`)."""
+class PgStore(OperatorStore):
+    """PostgreSQL: connection, transactions and the sweep (the rest: :class:`OperatorStore`)."""
 
+    _RACE_ERRORS = (psycopg.errors.UniqueViolation,)
     _USAGE_DAY = "to_char(to_timestamp(u.created_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def __init__(self, db: Any, url: str) -> None:
@@ -201,12 +186,6 @@ class PgStore(Reports):
     async def close(self) -> None:
         self._closed = True
         await self.db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     @asynccontextmanager
     async def transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[Any]:
@@ -255,228 +234,7 @@ class PgStore(Reports):
         async with self.db.cursor() as cur:
             await cur.executemany(sql.replace("?", "%s"), [tuple(p) for p in params])
 
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        rows = await self._rows(sql, params)
-        return rows[0] if rows else None
-
-    # -- accounts ---------------------------------------------------------------
-
-    async def create_account(self, name: str, initial_micro: int = 0) -> Account:
-        name = inputs.account_name(name)
-        if initial_micro:
-            inputs.credit_amount(initial_micro)
-        created = now_ms()
-        async with self.transaction():
-            if await self._rows("SELECT 1 FROM accounts WHERE name = ?", (name,)):
-                raise InvalidInput(f"an account named {name!r} already exists")
-            (account_id,) = await self._one(
-                "INSERT INTO accounts (name, created_ms) VALUES (?, ?) RETURNING id",
-                (name, created),
-            )
-            if initial_micro:
-                await self._credit(account_id, initial_micro, "topup", "initial top-up", created)
-        return Account(account_id, name, initial_micro, created)
-
-    async def find_account(self, ref: int | str) -> Account | None:
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            where, param = "id = ?", int(ref)
-        else:
-            where, param = "name = ?", ref
-        row = await self._one(
-            f"SELECT id, name, balance_micro, created_ms FROM accounts WHERE {where}", (param,)
-        )
-        return Account(*row) if row else None
-
-    async def require_account(self, ref: int | str) -> Account:
-        account = await self.find_account(ref)
-        if account is None:
-            raise UnknownAccount(f"no account {ref!r}")
-        return account
-
-    async def list_accounts(self) -> list[Account]:
-        rows = await self._rows(
-            "SELECT id, name, balance_micro, created_ms FROM accounts ORDER BY id"
-        )
-        return [Account(*r) for r in rows]
-
-    async def balances(self) -> dict[int, int]:
-        return dict(await self._rows("SELECT id, balance_micro FROM accounts"))
-
-    async def credit(self, account_id: int, amount_micro: int, kind: str, note: str | None) -> int:
-        return (await self.topup(account_id, amount_micro, note, kind=kind)).balance_micro
-
-    async def topup(
-        self,
-        account_id: int,
-        amount_micro: int,
-        note: str | None = None,
-        *,
-        idempotency_key: str | None = None,
-        kind: str = "topup",
-    ) -> Credit:
-        """:meth:`teegate.ledger.store.Store.topup`: same key, same top-up → ``replayed``.
-
-        Two workers (or two admin calls) racing with one key: both may find no entry,
-        and the unique index lets only one insert commit; the other's insert waits for
-        that commit, fails, and this tries again, finding the winner's entry.
-        """
-        inputs.credit_amount(amount_micro)
-        if idempotency_key is not None:
-            inputs.idempotency_key(idempotency_key)
-        if kind not in ("topup", "refund"):
-            raise ValueError(f"not a credit kind: {kind}")
-        for attempt in range(3):
-            try:
-                return await self._topup_once(account_id, amount_micro, note, idempotency_key, kind)
-            except psycopg.errors.UniqueViolation:
-                if idempotency_key is None or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _topup_once(
-        self, account_id: int, amount: int, note: str | None, key: str | None, kind: str
-    ) -> Credit:
-        async with self.transaction():
-            if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
-                raise UnknownAccount(f"no account {account_id}")
-            prior = None
-            if key is not None:
-                prior = await self._one(
-                    "SELECT id, account_id, amount_micro FROM entries WHERE idempotency_key = ?",
-                    (key,),
-                )
-            if prior is None:
-                entry_id, balance = await self._credit(
-                    account_id, amount, kind, note, now_ms(), key
-                )
-                return Credit(
-                    entry_id=entry_id,
-                    account_id=account_id,
-                    amount_micro=amount,
-                    balance_micro=balance,
-                )
-            entry_id, prior_account, prior_amount = prior
-            if (prior_account, prior_amount) != (account_id, amount):
-                raise IdempotencyConflict(
-                    "this idempotency key was already used for a different top-up "
-                    f"(account {prior_account}, {prior_amount} micro-USD)"
-                )
-            (balance,) = await self._one(
-                "SELECT balance_micro FROM accounts WHERE id = ?", (account_id,)
-            )
-        return Credit(
-            entry_id=int(entry_id),
-            account_id=account_id,
-            amount_micro=amount,
-            balance_micro=int(balance),
-            replayed=True,
-        )
-
-    async def _credit(
-        self,
-        account_id: int,
-        amount: int,
-        kind: str,
-        note: str | None,
-        at: int,
-        idempotency_key: str | None = None,
-    ) -> tuple[int, int]:
-        """Insert the entry and move the cached balance: ``(entry id, new balance)``."""
-        (entry_id,) = await self._one(
-            "INSERT INTO entries (account_id, kind, amount_micro, created_ms, note, "
-            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            (account_id, kind, amount, at, note, idempotency_key),
-        )
-        (balance,) = await self._one(
-            "UPDATE accounts SET balance_micro = balance_micro + ? WHERE id = ? "
-            "RETURNING balance_micro",
-            (amount, account_id),
-        )
-        return int(entry_id), int(balance)
-
     # -- keys -------------------------------------------------------------------
-
-    async def create_key(
-        self,
-        account_id: int,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        label: str | None = None,
-        rate_limit: int | None = None,
-    ) -> tuple[ApiKey, str]:
-        label = inputs.label(label)
-        rate_limit = inputs.rate_limit(rate_limit)
-        plaintext, key_hash = new_key(prefix)
-        async with self.transaction():
-            if not await self._rows("SELECT 1 FROM accounts WHERE id = ?", (account_id,)):
-                raise UnknownAccount(f"no account {account_id}")
-            (key_id,) = await self._one(
-                "INSERT INTO api_keys (account_id, key_hash, label, rate_limit, created_ms) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (account_id, key_hash, label, rate_limit, now_ms()),
-            )
-        return ApiKey(key_id, account_id, label, rate_limit), plaintext
-
-    async def revoke_key(self, key_id: int) -> bool:
-        async with self.transaction():
-            if not await self._rows("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)):
-                raise UnknownKey(f"no API key with id {key_id}")
-            changed = await self._rows(
-                "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL "
-                "RETURNING id",
-                (now_ms(), key_id),
-            )
-        return bool(changed)
-
-    async def find_key(self, key_hash: bytes) -> tuple[ApiKey, bytes] | None:
-        row = await self._one(
-            "SELECT id, account_id, label, rate_limit, key_hash FROM api_keys "
-            "WHERE key_hash = ? AND revoked_ms IS NULL",
-            (key_hash,),
-        )
-        if row is None:
-            return None
-        key_id, account_id, label, rate_limit, stored = row
-        return ApiKey(key_id, account_id, label, rate_limit), bytes(stored)
-
-    async def set_rate_limit(self, key_id: int, rate_limit: int | None) -> KeyInfo:
-        """A key's own requests-per-minute limit (None: the gateway's default).
-
-        The ``api_keys_changed`` trigger bumps ``key_version``: every worker drops its
-        cached copy of the key within its poll interval.
-        """
-        rate_limit = inputs.rate_limit(rate_limit)
-        async with self.transaction():
-            changed = await self._rows(
-                "UPDATE api_keys SET rate_limit = ? WHERE id = ? RETURNING id",
-                (rate_limit, key_id),
-            )
-            if not changed:
-                raise UnknownKey(f"no API key with id {key_id}")
-        return await self.require_key(key_id)
-
-    async def require_key(self, key_id: int) -> KeyInfo:
-        found = await self.list_keys(key_id=key_id)
-        if not found:
-            raise UnknownKey(f"no API key with id {key_id}")
-        return found[0]
-
-    async def list_keys(
-        self, account_id: int | None = None, *, key_id: int | None = None
-    ) -> list[KeyInfo]:
-        sql = (
-            "SELECT k.id, k.account_id, a.name, k.label, k.rate_limit, k.created_ms, k.revoked_ms "
-            "FROM api_keys k JOIN accounts a ON a.id = k.account_id"
-        )
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("k.account_id = ?", account_id), ("k.id = ?", key_id)):
-            if value is not None:
-                where.append(column)
-                params.append(value)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return [KeyInfo(*r) for r in await self._rows(sql + " ORDER BY k.id", params)]
 
     async def key_version(self) -> int:
         """Bumped by a trigger at every revocation (see :mod:`teegate.ledger.pgschema`)."""
@@ -523,21 +281,7 @@ class PgStore(Reports):
     async def _charge_open(self, worker: int | None, skip: list[int]) -> list[Recovered]:
         at = now_ms()
         cur = await self.db.execute(_CHARGE_OPEN, (worker, skip, at, at))
-        return [
-            Recovered(
-                reservation_id=rid,
-                request_id=request_id,
-                account_id=account_id,
-                key_id=key_id,
-                model=model,
-                charged_micro=amount,
-                created_ms=created,
-            )
-            for rid, request_id, account_id, key_id, model, amount, created in sorted(
-                await cur.fetchall()
-            )
-        ]
-
+        return [Recovered.from_row(row) for row in sorted(await cur.fetchall())]
 
 def _plain(value: Any) -> Any:
     """SUM() of bigint is numeric in PostgreSQL; money stays int."""
