@@ -37,6 +37,8 @@ class Result:
     cpu_s: float
     commits: int
     reserve_ms: list[float]
+    db_cpu_s: float | None = None
+    """PostgreSQL's own CPU (every server process, read from /proc: a server on this machine)."""
 
     def line(self) -> str:
         lat = sorted(self.reserve_ms)
@@ -47,7 +49,30 @@ class Result:
             f"{self.cpu_s / self.requests * 1e6:7.0f} us/req cpu  "
             f"reserve p50 {p50:6.2f} ms p99 {p99:6.2f} ms  "
             f"{self.requests / max(self.commits, 1):5.1f} req/commit"
+            + (
+                f"  database {self.db_cpu_s / self.requests * 1e6:5.0f} us/req cpu"
+                if self.db_cpu_s is not None
+                else ""
+            )
         )
+
+
+def _server_cpu(url: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL server's processes, when they run here."""
+    import os
+
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity")]
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None  # not on this machine
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 async def _one(led: Ledger, key: object, i: int, lat: list[float]) -> None:
@@ -64,6 +89,8 @@ async def run(path: Path | str, label: str, n: int, concurrency: int, **opts: ob
         key, _ = await led.create_key(acct.id)
         await led.flush()
         lat: list[float] = []
+        pg = str(path).startswith("postgres")
+        db0 = _server_cpu(str(path)) if pg else None
         commits0 = led._writer.commits
         cpu0, t0 = time.process_time(), time.perf_counter()
         if concurrency == 1:
@@ -80,11 +107,13 @@ async def run(path: Path | str, label: str, n: int, concurrency: int, **opts: ob
         await led.flush()  # settlements included in the cost
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         commits = led._writer.commits - commits0
+        db1 = _server_cpu(str(path)) if pg else None
         report = await led.verify()
         assert report.ok and not report.open_reservations
     finally:
         await led.close()
-    return Result(label, n, wall, cpu, commits, lat)
+    db_cpu = db1 - db0 if db0 is not None and db1 is not None else None
+    return Result(label, n, wall, cpu, commits, lat, db_cpu)
 
 
 async def main() -> None:

@@ -344,6 +344,9 @@ class WorkerSettings(_Section):
     drain_s: int = Field(30, ge=0, le=3600)
     """On SIGTERM/Ctrl-C, seconds to let requests in flight (streams) finish after the
     listeners close, before the process stops anyway. A second signal stops at once."""
+    warmup_s: int = Field(30, ge=0, le=600)
+    """A worker (``--workers``) accepts connections once it has the catalog and every model's
+    first verdict, waiting at most this long; the other workers serve meanwhile."""
 
 
 class Settings(_Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import ctx, options
@@ -37,13 +37,14 @@ from teegate.addons.seal import Seal
 from teegate.addons.streaming import StreamRelay
 from teegate.addons.upstream import AnswerModelCheck, UpstreamErrorRetry, UpstreamRewrite
 from teegate.addons.validate import ChatValidator
+from teegate.addons.warmup import Warmup
 from teegate.admin.server import AdminServer, AdminStartError, Observed, check_exposure
 from teegate.catalog.attestation.receipts import ReceiptError, load_or_create_key
 from teegate.config import Settings
 from teegate.egress.ca import CAError, ensure_ca
 from teegate.ledger import Ledger, LedgerError
 from teegate.ledger.pgschema import redact
-from teegate.listeners import share_port
+from teegate.listeners import serve_held, share_port
 from teegate.master import GatewayMaster
 from teegate.supervisor import die_with_parent
 
@@ -56,11 +57,13 @@ def build_addons(
     ledger: LedgerLink | None = None,
     ready: Ready | None = None,
     observed: Observed | None = None,
+    open_listeners: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Any]:
     """The request path, in hook order, each addon given the settings it reads.
 
     ``observed`` (the admin listener's view) gets the catalog and attestation objects and
     collects the metrics; without it the counters go to a meter nobody reads.
+    ``open_listeners``: a worker's held listeners, opened once it has warmed up (Warmup).
     """
     up = settings.upstream
     catalog = CatalogSync(settings.catalog, up)
@@ -105,6 +108,8 @@ def build_addons(
         UpstreamErrorRetry(),  # an upstream's own 4xx/5xx: x-should-retry by its status
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
+        # Its running hook after every other's: a worker listens once it can serve; then READY.
+        Warmup(catalog, attestation, settings.workers.warmup_s, open_listeners),
         ready or Ready(),
         Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran
     ]
@@ -198,7 +203,7 @@ async def serve(
     # reservations of a crashed run are settled), closed after (queued charges commit).
     if worker_id is not None:
         die_with_parent()
-        share_port()
+        share_port(hold=True)
     ledger = await Ledger.open(
         settings.ledger.location,
         key_prefix=settings.ledger.key_prefix,
@@ -213,7 +218,8 @@ async def serve(
         link = LedgerLink(ledger)
         observed = new_observed(settings)
         master = GatewayMaster(options.Options())
-        master.addons.add(*build_addons(settings, link, ready, observed))
+        held = serve_held if worker_id is not None else None
+        master.addons.add(*build_addons(settings, link, ready, observed, held))
         master.options.update(**option_values(settings))
         if settings.admin.active and worker_id in (None, 1):
             # Before the proxy listens, so READY names it; it reads the objects lazily. With

@@ -53,11 +53,11 @@ def test_share_port_is_applied_once():
         mode_servers.AsyncioServerInstance.listen = before
 
 
-def _start(port: int) -> subprocess.Popen[str]:
+def _start(port: int, *flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.reuseport_server", str(port)],
+        [sys.executable, "-m", "tests.support.reuseport_server", str(port), *flags],
         stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if flags else subprocess.DEVNULL,
         text=True,
         cwd=REPO_ROOT,
     )
@@ -101,3 +101,22 @@ def test_two_processes_share_one_port_and_the_survivor_takes_over(two_on_one_por
     procs[0].kill()
     procs[0].wait()
     assert set(_pids(port, 10)) == {procs[1].pid}
+
+
+def test_a_held_worker_takes_no_connection_until_it_serves(two_on_one_port):
+    """A worker warming up (bound, held) gets none of the port's new connections; once it
+    serves, it gets its share. The kernel hands connections only to listening sockets."""
+    port, procs = two_on_one_port
+    live = next(p for p in procs if p.poll() is None)
+    held = _start(port, "--hold")
+    try:
+        assert held.stdout is not None and held.stdin is not None
+        assert held.stdout.readline().strip() == "LISTENING"
+        assert set(_pids(port, 30)) == {live.pid}
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "SERVING"
+        assert set(_pids(port, 40)) == {live.pid, held.pid}
+    finally:
+        held.kill()
+        held.wait()

@@ -78,3 +78,13 @@ def test_metrics_add_up_the_requests_of_both_workers(
             lambda: _chats_served(admin.get("/metrics").text) == sent,
             f"/metrics counting all {sent} chats of both workers {per_worker}",
         )
+
+
+def test_each_worker_listened_only_once_warm(two_workers: GatewayProc) -> None:
+    """Every worker (worker 1 too) accepted connections only after its catalog and first
+    verdicts: a `warmed_up` line each, before the supervisor's READY (tests/workers/
+    test_listeners.py shows a held socket takes no connection)."""
+    out = two_workers.output_text()
+    warmed = [line for line in out.splitlines() if '"warmed_up"' in line]
+    assert len(warmed) >= 2, out[-3000:]
+    assert out.index('"warmed_up"') < out.index("TEEGATE READY")
