@@ -1,5 +1,12 @@
 """Request ids and one access-log line per request.
 
+:class:`RequestIds` names each request first in the chain (every refusal carries its id);
+:class:`AccessLog` writes the line last, once every response-side hook ran, so it describes
+what the client was actually sent: a later hook that fails closed
+(:mod:`teegate.addons.response_guard`) replaces an upstream's 200 with a 502 envelope, and
+:class:`~teegate.addons.responses.ResponsesOut` translates a chat answer into the Responses
+body the client receives.
+
 The line carries metadata only (id, method, path, model, status, timings,
 sizes): never a prompt, a completion or a key. mitmproxy's error text quotes the
 bytes it choked on, so only its category is logged; the model only when the catalog lists
@@ -34,11 +41,17 @@ def listener_name(mode_type_name: str) -> str:
     return _MODES.get(mode_type_name, mode_type_name)
 
 
-class AccessLog:
+class RequestIds:
+    """Gives every request its id before any addon may answer it."""
+
     def request(self, flow: http.HTTPFlow) -> None:
         rid = "req_" + secrets.token_hex(12)
         flowstate.set_request_id(flow, rid)
         add_headers(flow, {"x-request-id": rid})
+
+
+class AccessLog:
+    """The request's one line, written after every other response-side hook (but Drain)."""
 
     @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:

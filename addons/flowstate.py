@@ -131,7 +131,7 @@ def approvals(flow: http.HTTPFlow) -> frozenset[Stage]:
 
 
 def request_id(flow: http.HTTPFlow) -> str | None:
-    """The id AccessLog gave the request (None before its request hook ran)."""
+    """The id RequestIds gave the request (None before its request hook ran)."""
     return flow.metadata.get(_REQUEST_ID)
 
 

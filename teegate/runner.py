@@ -10,7 +10,7 @@ from typing import Any
 
 from mitmproxy import ctx, options
 
-from teegate.addons.accesslog import AccessLog, listener_name
+from teegate.addons.accesslog import AccessLog, RequestIds, listener_name
 from teegate.addons.account import AccountEndpoint
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
@@ -74,9 +74,8 @@ def build_addons(
     meter.known_models = lambda: listed
     return [
         E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
-        AnswerModelCheck(),  # its response hook must run before the log and billing read
-        AccessLog(),
-        RequestMetrics(meter, observed.refusals),  # reads what the hooks above settled
+        AnswerModelCheck(),  # its response hook must run before billing reads the answer
+        RequestIds(),  # before anything may answer: every refusal carries its id
         Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
@@ -106,6 +105,10 @@ def build_addons(
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
         ready or Ready(),
+        # After every hook that may still replace the answer (a fault fails it closed with a
+        # 502; ResponsesOut translates it): they record what the client was actually sent.
+        RequestMetrics(meter, observed.refusals),
+        AccessLog(),
         Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran
     ]
 

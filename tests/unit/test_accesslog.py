@@ -17,7 +17,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from teegate.addons import flowstate
-from teegate.addons.accesslog import AccessLog
+from teegate.addons.accesslog import AccessLog, RequestIds
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import ResponseHeaders
 
@@ -74,8 +74,9 @@ def line(access: AccessLog, f, hook: str = "response") -> dict[str, Any]:
 
 def test_every_request_gets_an_id_in_its_response_and_log_line(access):
     f, g = flow(resp=False), flow(resp=False)
-    access.request(f)
-    access.request(g)
+    ids = RequestIds()
+    ids.request(f)
+    ids.request(g)
     f.response = tutils.tresp()
     ResponseHeaders().response(f)
     rid = f.response.headers["x-request-id"]
