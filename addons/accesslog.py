@@ -24,7 +24,7 @@ from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.errors import error_category
-from teegate.addons.flowstate import Route
+from teegate.addons.flowstate import FailedClosed, Route
 from teegate.addons.headers import add_headers
 from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import RESPONSES_PATH
@@ -81,12 +81,22 @@ class AccessLog:
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
             bytes_in=len(req.raw_content or b""),
-            bytes_out=(
-                len(resp.raw_content or b"")
-                if resp is not None and resp.raw_content is not None
-                else None
-            ),
+            bytes_out=_bytes_out(flow),
         )
+
+
+def _bytes_out(flow: http.HTTPFlow) -> int | None:
+    """The body bytes sent to the client: a relayed stream's as its tally counted them (its
+    body is not kept), else the final body's (a Responses call's: the translated answer; a
+    withheld answer's: the error envelope that replaced it)."""
+    tally = flowstate.stream_tally(flow)
+    failed = flowstate.failed_closed(flow)
+    if tally is not None and (failed is None or failed[0] != FailedClosed.WITHHELD):
+        return tally.relayed_bytes
+    resp = flow.response
+    if resp is None or resp.raw_content is None:
+        return None
+    return len(resp.raw_content)
 
 
 def _error(flow: http.HTTPFlow) -> str | None:

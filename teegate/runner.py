@@ -72,6 +72,7 @@ def build_addons(
     meter = observed.meter
     listed = ListedIds(catalog)
     meter.known_models = lambda: listed
+    receipts = Receipts(settings.receipts, settings.signatures, up, attestation, link)
     return [
         E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
         AnswerModelCheck(),  # its response hook must run before billing reads the answer
@@ -88,7 +89,7 @@ def build_addons(
         RateLimit(settings.ratelimit, link),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         # Its endpoints before Router's 404; its receipt header before the header writer.
-        Receipts(settings.receipts, settings.signatures, up, attestation, link),
+        receipts,
         ResponsesIn(settings.limits, settings.request),  # /v1/responses: into a chat completion
         AccountEndpoint(link),  # GET /v1/account: the key's own account, before Router's 404
         Router(catalog, attestation),
@@ -107,6 +108,7 @@ def build_addons(
         ready or Ready(),
         # After every hook that may still replace the answer (a fault fails it closed with a
         # 502; ResponsesOut translates it): they record what the client was actually sent.
+        receipts.issuer,
         RequestMetrics(meter, observed.refusals),
         AccessLog(),
         Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran

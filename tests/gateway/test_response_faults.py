@@ -4,7 +4,6 @@ response-side hook or the stream relay that raises (tests/support/faulty_gateway
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from tests.support.clients import chat_count
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import TEE
-from tests.support.wait import until
 
 WITHHELD = "withheld after a gateway fault: charged the reservation"
 CUT = "cut by a gateway fault: charged the reservation"
@@ -58,6 +56,7 @@ def assert_withheld(exc: openai.APIStatusError, answer: str) -> str:
     assert exc.response.headers["x-should-retry"] == "false"
     assert exc.body["code"] == "internal_error"
     assert answer not in exc.response.text
+    assert "x-teegate-receipt" not in exc.response.headers  # no receipt for a withheld answer
     return exc.response.headers["x-request-id"]
 
 
@@ -71,17 +70,6 @@ def assert_logged_without_content(gateway: GatewayProc, hook: str, answer: str) 
     log = gateway.log_text()
     assert '"addon_failed_closed"' in log and f'"hook": "{hook}"' in log, log[-2000:]
     assert "InjectedFault" in log and answer not in log
-
-
-def access_line(gateway: GatewayProc, request_id: str) -> dict:
-    """The one access-log line of ``request_id`` (waited for: it may trail the answer)."""
-
-    def found() -> list[dict]:
-        entries = (json.loads(x) for x in gateway.log_text().splitlines() if request_id in x)
-        return [e for e in entries if e.get("event") == "request"]
-
-    (line,) = until(found, f"the access-log line of {request_id}")
-    return line
 
 
 def requests_counted(gateway: GatewayProc, **labels: str) -> float:
@@ -101,7 +89,7 @@ def assert_recorded_as_sent(
 ) -> None:
     """The access log and the metrics say what the client got (the 502 envelope), not the
     upstream's 200 that a later hook withheld."""
-    line = access_line(gateway, exc.response.headers["x-request-id"])
+    line = gateway.access_line(exc.response.headers["x-request-id"])
     got = (line["status"], line["error_code"], line["decision"], line["bytes_out"])
     assert got == (502, "internal_error", "refused", len(exc.response.content)), line
     counted = dict(route=route, status="502", code="internal_error")
@@ -137,12 +125,20 @@ def test_a_plain_answer_whose_hook_raised_is_withheld(
     assert_recorded_as_sent(gateway, exc.value, chat, before)
 
 
-def test_a_stream_whose_headers_hook_raised_is_a_502(gateway, upstream, client, fault, answer):
-    fault.write_text("StreamRelay.responseheaders")
+@pytest.mark.parametrize(
+    "hook", ["StreamRelay.responseheaders", "ResponseHeaders.responseheaders"]
+)  # before and after the relay was set up (the log must not count its bytes then)
+def test_a_stream_whose_headers_hook_raised_is_a_502(
+    gateway, upstream, client, fault, answer, hook
+):
+    chat = "/v1/chat/completions"
+    before = requests_counted(gateway, route=chat, status="502", code="internal_error")
+    fault.write_text(hook)
     with pytest.raises(openai.APIStatusError) as exc:
         client.chat.completions.create(model=TEE, messages=MSG, stream=True)
     rid = assert_withheld(exc.value, answer)
     assert_charged(gateway, rid, WITHHELD)
+    assert_recorded_as_sent(gateway, exc.value, chat, before)
 
 
 def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream, client, fault):
