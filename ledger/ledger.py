@@ -560,6 +560,13 @@ class Ledger:
         self._mark(reservation, "settled", charge)
         return charge
 
+    async def charge_taken(self, reservation: Reservation) -> int | None:
+        """What :meth:`settle` took from the balance, once committed (waits for it): the
+        price it returned, or less when priced above the reservation and the balance could
+        not cover the extra. None when the reservation is not recorded as settled."""
+        await self.flush()
+        return await self._reader.charge_taken(reservation.id)
+
     async def release(
         self, reservation: Reservation, reason: str, timing: Timing | None = None
     ) -> None:

@@ -521,6 +521,11 @@ class PgLedger:
         self._mark(reservation, "settled", charge)
         return charge
 
+    async def charge_taken(self, reservation: Reservation) -> int | None:
+        """As :meth:`teegate.ledger.ledger.Ledger.charge_taken` (waits for the commit)."""
+        await self.flush()
+        return await self._admin.charge_taken(reservation.id)
+
     async def release(
         self, reservation: Reservation, reason: str, timing: Timing | None = None
     ) -> None:

@@ -118,6 +118,16 @@ class Reports:
             unrecovered_micro=int(unrecovered[0][0]),
         )
 
+    async def charge_taken(self, reservation_id: int) -> int | None:
+        """What a settled reservation took from the balance (``usage.charge_micro``): its
+        price, or less when it was priced above the reservation and the balance could not
+        cover the extra. None when it is not (yet) recorded as settled."""
+        rows = await self._rows(
+            "SELECT charge_micro FROM usage WHERE reservation_id = ? AND state = 'settled'",
+            (reservation_id,),
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     async def _usage_mismatches(self) -> list[Mismatch]:
         out: list[Mismatch] = []
         rows = await self._rows(

@@ -66,14 +66,17 @@ class GatewayProc:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def access_line(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-        """The one access-log line of ``request_id``, waited for (it may trail the answer)."""
+    def access_line(
+        self, request_id: str, timeout: float = 15.0, *, event: str = "request"
+    ) -> dict[str, Any]:
+        """The one log line of ``event`` (the access log's, unless named) for ``request_id``,
+        waited for (it may trail the answer)."""
 
         def found() -> list[dict[str, Any]]:
             lines = (json.loads(x) for x in self.log_text().splitlines() if request_id in x)
-            return [e for e in lines if e.get("event") == "request"]
+            return [e for e in lines if e.get("event") == event]
 
-        (line,) = until(found, f"the access-log line of {request_id}", timeout)
+        (line,) = until(found, f"the {event} line of {request_id}", timeout)
         return line
 
     def stdout_text(self) -> str:
