@@ -23,6 +23,11 @@ the chat answer translated) and when the usage chunk the gateway asked for is re
 
 Receipts are kept in memory and written to the ledger database in batches, off the response
 path (:mod:`.receipt_book`), with the signature outcome on the usage row.
+
+Why this module is long: a receipt is promised, issued and re-issued (with the signature's
+outcome) by one object that holds the signing key and the book, and the endpoints that hand
+receipts and the key out read that same state; the storage (:mod:`.receipt_book`) and the
+signature checks (:mod:`.signatures`) are already their own modules.
 """
 
 from __future__ import annotations
