@@ -1,5 +1,12 @@
 """Request ids and one access-log line per request.
 
+:class:`RequestIds` names each request first in the chain (every refusal carries its id);
+:class:`AccessLog` writes the line last, once every response-side hook ran, so it describes
+what the client was actually sent: a later hook that fails closed
+(:mod:`teegate.addons.response_guard`) replaces an upstream's 200 with a 502 envelope, and
+:class:`~teegate.addons.responses.ResponsesOut` translates a chat answer into the Responses
+body the client receives.
+
 The line carries metadata only (id, method, path, model, status, timings,
 sizes): never a prompt, a completion or a key. mitmproxy's error text quotes the
 bytes it choked on, so only its category is logged; the model only when the catalog lists
@@ -17,7 +24,7 @@ from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.errors import error_category
-from teegate.addons.flowstate import Route
+from teegate.addons.flowstate import FailedClosed, Route
 from teegate.addons.headers import add_headers
 from teegate.addons.response_guard import guarded_response
 from teegate.addons.routes import RESPONSES_PATH
@@ -34,11 +41,17 @@ def listener_name(mode_type_name: str) -> str:
     return _MODES.get(mode_type_name, mode_type_name)
 
 
-class AccessLog:
+class RequestIds:
+    """Gives every request its id before any addon may answer it."""
+
     def request(self, flow: http.HTTPFlow) -> None:
         rid = "req_" + secrets.token_hex(12)
         flowstate.set_request_id(flow, rid)
         add_headers(flow, {"x-request-id": rid})
+
+
+class AccessLog:
+    """The request's one line, written after every other response-side hook (but Drain)."""
 
     @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
@@ -68,12 +81,22 @@ class AccessLog:
             upstream_ms=upstream_ms,
             total_ms=round((time.time() - req.timestamp_start) * 1000, 1),
             bytes_in=len(req.raw_content or b""),
-            bytes_out=(
-                len(resp.raw_content or b"")
-                if resp is not None and resp.raw_content is not None
-                else None
-            ),
+            bytes_out=_bytes_out(flow),
         )
+
+
+def _bytes_out(flow: http.HTTPFlow) -> int | None:
+    """The body bytes sent to the client: a relayed stream's as its tally counted them (its
+    body is not kept), else the final body's (a Responses call's: the translated answer; a
+    withheld answer's: the error envelope that replaced it)."""
+    tally = flowstate.stream_tally(flow)
+    failed = flowstate.failed_closed(flow)
+    if tally is not None and (failed is None or failed[0] != FailedClosed.WITHHELD):
+        return tally.relayed_bytes
+    resp = flow.response
+    if resp is None or resp.raw_content is None:
+        return None
+    return len(resp.raw_content)
 
 
 def _error(flow: http.HTTPFlow) -> str | None:

@@ -30,6 +30,7 @@ from teegate.addons.errors import guarded, refuse
 from teegate.addons.flowstate import Stage
 from teegate.addons.gate import not_confidential
 from teegate.addons.headers import ResponseHeaders, add_headers
+from teegate.addons.response_guard import RECEIPT_HEADER
 from teegate.catalog.attestation import Verdict
 
 MODE = "x-teegate-attestation-mode"
@@ -37,7 +38,7 @@ ATTESTED_AT = "x-teegate-attested-at"
 QUOTE_SHA256 = "x-teegate-quote-sha256"
 SIGNING_ADDRESS = "x-teegate-signing-address"
 ROOT = "x-teegate-attestation-root"
-RECEIPT = "x-teegate-receipt"
+RECEIPT = RECEIPT_HEADER
 """The id of the chat's signed receipt (:mod:`teegate.addons.receipts`)."""
 ALL = (
     MODE, ATTESTED_AT, QUOTE_SHA256, SIGNING_ADDRESS, ROOT, E2EE_HEADER, INSTANCE_HEADER, RECEIPT

@@ -243,7 +243,7 @@ class Billing:
                 case Release(reason=reason):
                     await ledger.release(res, reason, timing)
                 case Settle():
-                    charge = await ledger.settle(
+                    price = await ledger.settle(
                         res,
                         prompt_tokens=plan.prompt,
                         completion_tokens=plan.completion,
@@ -252,8 +252,13 @@ class Billing:
                         timing=timing,
                         status=plan.status,
                     )
+                    charge: int | None = price
+                    if price > res.amount_micro:
+                        # The commit takes the extra only up to the balance: ask what it took
+                        # (rare: usage priced above the reservation).
+                        charge = await ledger.charge_taken(res)
                     if self._meter is not None:
-                        self._meter.charge(res.model, plan.prompt, plan.completion, charge)
+                        self._meter.charge(res.model, plan.prompt, plan.completion, charge or 0)
                     log.info(
                         "charged",
                         request_id=res.request_id,
@@ -262,7 +267,8 @@ class Billing:
                         prompt_tokens=plan.prompt,
                         completion_tokens=plan.completion,
                         cached_tokens=plan.cached,
-                        charge_micro=charge,
+                        charge_micro=charge,  # taken from the balance (None: not recorded)
+                        price_micro=price,  # the usage at the reservation's prices
                         reserved_micro=res.amount_micro,
                     )
         except Exception as e:

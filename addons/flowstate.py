@@ -93,6 +93,7 @@ _HEADERS_WRITTEN = "teegate.response_headers_written"
 _E2EE = "teegate.e2ee"
 _VERDICT = "teegate.verdict"
 _RECEIPT_ID = "teegate.receipt_id"
+_UPSTREAM_ANSWER = "teegate.upstream_answer"
 _RESPONSES = "teegate.responses"
 _COUNTED = "teegate.counted"
 _FAILED_CLOSED = "teegate.failed_closed"
@@ -131,7 +132,7 @@ def approvals(flow: http.HTTPFlow) -> frozenset[Stage]:
 
 
 def request_id(flow: http.HTTPFlow) -> str | None:
-    """The id AccessLog gave the request (None before its request hook ran)."""
+    """The id RequestIds gave the request (None before its request hook ran)."""
     return flow.metadata.get(_REQUEST_ID)
 
 
@@ -225,6 +226,19 @@ def receipt_id(flow: http.HTTPFlow) -> str | None:
 
 def set_receipt_id(flow: http.HTTPFlow, value: str) -> None:
     flow.metadata[_RECEIPT_ID] = value
+
+
+def upstream_answer(flow: http.HTTPFlow) -> tuple[str, str | None] | None:
+    """A plain (not streamed) answer as the upstream sent it, read before anything translated
+    it (the Responses API): its body's SHA-256 (what the upstream's signature covers) and its
+    completion id (where that signature is asked for)."""
+    return flow.metadata.get(_UPSTREAM_ANSWER)
+
+
+def set_upstream_answer(flow: http.HTTPFlow, sha256: str, completion_id: str | None) -> None:
+    flow.metadata[_UPSTREAM_ANSWER] = (sha256, completion_id)
+
+
 def responses_call(flow: http.HTTPFlow) -> ResponsesCall | None:
     """Set when the client spoke the Responses API: its answer is translated back."""
     return flow.metadata.get(_RESPONSES)

@@ -114,8 +114,9 @@ class Meter:
         )
         self.charged = Counter(
             "teegate_charged_micro_usd",
-            "Micro-USD charged for settled usage, by model (the price at the reservation's "
-            "prices; a part above the account's balance is recorded as unrecovered).",
+            "Micro-USD charged for settled usage, by model: what was taken from the balance "
+            "(usage priced above the reservation is taken only up to the account's balance; "
+            "the rest is recorded as unrecovered, not counted here).",
             ("model",),
             registry=r,
         )

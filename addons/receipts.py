@@ -16,8 +16,18 @@ unknown id: no key learns that another's receipt exists). An id whose chat is st
 is waited for, briefly. ``GET /v1/attestation/gateway`` gives the public key (and, in a TD,
 the gateway's own quote binding it; ``?nonce=<64 hex>`` for a fresh one).
 
+The receipt is issued by :class:`ReceiptIssuer`, near the end of the chain, so it describes
+what the client received: ``response_sha256`` hashes the bytes the upstream sent (and signed),
+``relayed_sha256`` those relayed, which differ for a ``/v1/responses`` call (the client gets
+the chat answer translated) and when the usage chunk the gateway asked for is removed.
+
 Receipts are kept in memory and written to the ledger database in batches, off the response
 path (:mod:`.receipt_book`), with the signature outcome on the usage row.
+
+Why this module is long: a receipt is promised, issued and re-issued (with the signature's
+outcome) by one object that holds the signing key and the book, and the endpoints that hand
+receipts and the key out read that same state; the storage (:mod:`.receipt_book`) and the
+signature checks (:mod:`.signatures`) are already their own modules.
 """
 
 from __future__ import annotations
@@ -121,6 +131,7 @@ class Receipts:
         self.book = ReceiptBook(link)
         self._verdict_parts: dict[str, tuple[Verdict, dict[str, Any]]] = {}
         self.checker: SignatureChecker | None = None
+        self.issuer = ReceiptIssuer(self)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -237,6 +248,16 @@ class Receipts:
 
     @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:
+        """Hash a plain answer's body as the upstream sent it, before a later addon translates
+        it (the Responses API); :class:`ReceiptIssuer` issues the receipt at the end."""
+        resp = flow.response
+        if flowstate.receipt_id(flow) is None or resp is None or resp.stream:
+            return
+        body_sha256 = hashlib.sha256(resp.content or b"").hexdigest()
+        flowstate.set_upstream_answer(flow, body_sha256, _completion_id(flow))
+
+    def issue(self, flow: http.HTTPFlow) -> None:
+        """Issue the promised receipt if the client got the answer whole; else withdraw it."""
         receipt_id = flowstate.receipt_id(flow)
         if receipt_id is None:
             return
@@ -245,14 +266,15 @@ class Receipts:
                 self._issue(flow, receipt_id)
             else:
                 flowstate.response_headers(flow).pop(RECEIPT, None)
+                if flow.response is not None:  # already written (a later addon replaced it)
+                    flow.response.headers.pop(RECEIPT, None)
         except Exception as e:  # the client has its answer; the receipt is what is lost
             rid = flowstate.request_id(flow)
             log.error("receipt_failed", request_id=rid, error=type(e).__name__)
         finally:
             self.book.settled(receipt_id)
 
-    @guarded_response
-    def error(self, flow: http.HTTPFlow) -> None:
+    def unanswered(self, flow: http.HTTPFlow) -> None:
         receipt_id = flowstate.receipt_id(flow)
         if receipt_id is not None:
             self.book.settled(receipt_id)
@@ -277,8 +299,10 @@ class Receipts:
             completion_id = tally.completion_id
         else:
             body = flow.response.content if flow.response is not None else b""
-            received = relayed = hashlib.sha256(body or b"").hexdigest()
-            completion_id = _completion_id(flow)
+            relayed = hashlib.sha256(body or b"").hexdigest()
+            received, completion_id = flowstate.need(
+                flowstate.upstream_answer(flow), "upstream answer"
+            )
         request_sha256 = hashlib.sha256(sent).hexdigest()
         res = flowstate.reservation(flow)
         checking = self._expects_signature(verdict)
@@ -377,6 +401,25 @@ class Receipts:
         body["revision"] = int(body["revision"]) + 1
         body["upstream_signature"] = result.to_json()
         self._store(body, key_id, job.reservation_id)
+
+
+class ReceiptIssuer:
+    """Issues the receipts :class:`Receipts` promised, once every addon that may still replace
+    or translate the answer ran (a fault failing it closed, :class:`~teegate.addons.responses.
+    ResponsesOut`): a receipt describes what the client received, and none is issued for an
+    answer the client never got. Mounted near the end of the chain; one per :class:`Receipts`.
+    """
+
+    def __init__(self, receipts: Receipts) -> None:
+        self._receipts = receipts
+
+    @guarded_response
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._receipts.issue(flow)
+
+    @guarded_response
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._receipts.unanswered(flow)
 
 
 def _completion_id(flow: http.HTTPFlow) -> str | None:

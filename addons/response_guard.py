@@ -49,6 +49,10 @@ from teegate.addons.flowstate import FailedClosed
 log = structlog.get_logger("teegate")
 
 RESPONSE_HOOKS = frozenset({"responseheaders", "response", "error"})
+RECEIPT_HEADER = "x-teegate-receipt"
+"""Promised before the answer's first byte (:mod:`teegate.addons.receipts`); never on the
+envelope that replaces a withheld answer, which gets no receipt (defined here, below the
+addons that import this module)."""
 GUARD_MARK = "_teegate_response_guard"
 
 
@@ -163,7 +167,9 @@ def _fail(addon: Any, name: str, flow: http.HTTPFlow, e: Exception) -> None:
 
 def _envelope(flow: http.HTTPFlow) -> http.Response:
     resp = failed_closed_error().response()
-    resp.headers.update(flowstate.response_headers(flow))  # x-request-id, as on every answer
+    headers = flowstate.response_headers(flow)
+    headers.pop(RECEIPT_HEADER, None)
+    resp.headers.update(headers)  # x-request-id, as on every answer
     return resp
 
 

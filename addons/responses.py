@@ -36,6 +36,7 @@ from teegate.addons.routes import CHAT_PATH, RESPONSES_PATH
 from teegate.addons.validate import decoded_body
 
 if TYPE_CHECKING:
+    from teegate.addons.streaming import StreamTally
     from teegate.config import LimitSettings, RequestSettings
 
 log = structlog.get_logger("teegate")
@@ -85,18 +86,30 @@ def translation_failed() -> GatewayError:
 
 
 class _Translated:
-    """The stream relay's output, translated into Responses events on its way to the client."""
+    """The stream relay's output, translated into Responses events on its way to the client;
+    the relay's tally records these bytes as relayed (the receipt, the access log)."""
 
-    def __init__(self, relay: Callable[[bytes], Any], stream: ResponsesStream, rid: str | None):
+    def __init__(
+        self,
+        relay: Callable[[bytes], Any],
+        stream: ResponsesStream,
+        rid: str | None,
+        tally: StreamTally | None = None,
+    ):
         self._relay = relay
         self._stream = stream
         self._rid = rid
+        self._tally = tally
+        if tally is not None:
+            tally.translated = True
 
     def __call__(self, data: bytes) -> list[bytes]:
         pieces = self._relay(data)
         if isinstance(pieces, bytes | bytearray):
             pieces = [pieces]
         out = self._translate(pieces, end=data == b"")
+        if self._tally is not None:
+            self._tally.delivered(out)
         return [out] if out else []
 
     def _translate(self, pieces: Iterable[bytes], *, end: bool) -> bytes:
@@ -123,7 +136,8 @@ class ResponsesOut:
         except flowstate.MissingState:  # only echoed values: the answer is translated anyway
             effective = {}
         stream = ResponsesStream(call, effective)
-        resp.stream = _Translated(resp.stream, stream, flowstate.request_id(flow))
+        tally = flowstate.stream_tally(flow)
+        resp.stream = _Translated(resp.stream, stream, flowstate.request_id(flow), tally)
 
     @guarded_response
     def response(self, flow: http.HTTPFlow) -> None:

@@ -68,9 +68,19 @@ class StreamTally:
     received: Any = field(default_factory=hashlib.sha256)
     """SHA-256 of every (decoded) byte the upstream sent: what its response signature covers."""
     relayed: Any = field(default_factory=hashlib.sha256)
-    """SHA-256 of every byte relayed to the client (differs when the usage chunk is removed)."""
+    """SHA-256 of every byte relayed to the client (differs when the usage chunk is removed, and
+    for a ``/v1/responses`` call, whose client gets the chunks translated)."""
+    relayed_bytes: int = 0
+    translated: bool = False
+    """Set when a wrapper re-encodes the relay's output (:class:`~teegate.addons.responses.
+    ResponsesOut`): that wrapper then records what is relayed, not the relay."""
     completion_id: str | None = None
     """The first chunk's ``id``: where the upstream's signature for this answer is asked."""
+
+    def delivered(self, out: bytes) -> None:
+        """Record bytes as sent on to the client."""
+        self.relayed.update(out)
+        self.relayed_bytes += len(out)
 
 
 class _Decoder:
@@ -137,7 +147,8 @@ class _Relay:
         or none; never an empty piece, which HTTP/1 chunked framing would turn into a
         premature end of body."""
         out = b"".join(self._relay(data))
-        self._tally.relayed.update(out)
+        if not self._tally.translated:
+            self._tally.delivered(out)
         return [out] if out else []
 
     def _relay(self, data: bytes) -> list[bytes]:

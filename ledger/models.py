@@ -126,10 +126,11 @@ class Mismatch:
     """One inconsistency found by :meth:`Ledger.verify`.
 
     kind "balance": the cached balance differs from the sum of entries;
-    kind "usage": a usage record disagrees with its settlement/release entry.
+    kind "usage": a usage record disagrees with its settlement/release entry;
+    kind "negative_balance": an account's balance (or its entries' sum) is below zero.
     """
 
-    kind: Literal["balance", "usage"]
+    kind: Literal["balance", "usage", "negative_balance"]
     account_id: int
     expected: int  # what the entries say
     actual: int  # what the cache / usage record says

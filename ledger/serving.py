@@ -256,6 +256,13 @@ class ServingLedger:
         """A stored receipt's signed JSON, only for the key that made its request."""
         return await receipts.read(self._reads, receipt_id, key_id)
 
+    async def charge_taken(self, reservation: Reservation) -> int | None:
+        """What :meth:`settle` took from the balance, once committed (waits for it): the
+        price it returned, or less when priced above the reservation and the balance could
+        not cover the extra. None when the reservation is not recorded as settled."""
+        await self.flush()
+        return await self._reads.charge_taken(reservation.id)
+
     # -- the request path -------------------------------------------------------
 
     async def reserve(

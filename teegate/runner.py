@@ -10,7 +10,7 @@ from typing import Any
 
 from mitmproxy import ctx, options
 
-from teegate.addons.accesslog import AccessLog, listener_name
+from teegate.addons.accesslog import AccessLog, RequestIds, listener_name
 from teegate.addons.account import AccountEndpoint
 from teegate.addons.attestation import AttestationSync
 from teegate.addons.attestation_gate import AttestationGate, response_headers
@@ -75,11 +75,11 @@ def build_addons(
     meter = observed.meter
     listed = ListedIds(catalog)
     meter.known_models = lambda: listed
+    receipts = Receipts(settings.receipts, settings.signatures, up, attestation, link, meter=meter)
     return [
         E2EEOpen(),  # first: an encrypted answer is opened before anything reads it
-        AnswerModelCheck(),  # its response hook must run before the log and billing read
-        AccessLog(),
-        RequestMetrics(meter, observed.refusals),  # reads what the hooks above settled
+        AnswerModelCheck(),  # its response hook must run before billing reads the answer
+        RequestIds(),  # before anything may answer: every refusal carries its id
         Trailers(),  # before anything reads the request: its answer is a 400, whatever route
         catalog,
         attestation,  # after the catalog: subscribes to its refreshes in running()
@@ -92,7 +92,7 @@ def build_addons(
         RateLimit(settings.ratelimit, link),
         AttestationReport(catalog, attestation),  # after the key check, before Router's 404
         # Its endpoints before Router's 404; its receipt header before the header writer.
-        Receipts(settings.receipts, settings.signatures, up, attestation, link, meter=meter),
+        receipts,
         ResponsesIn(settings.limits, settings.request),  # /v1/responses: into a chat completion
         AccountEndpoint(link),  # GET /v1/account: the key's own account, before Router's 404
         Router(catalog, attestation),
@@ -108,9 +108,15 @@ def build_addons(
         UpstreamErrorRetry(),  # an upstream's own 4xx/5xx: x-should-retry by its status
         response_headers(attestation),  # after every addon that adds a response header
         ReleaseLargeBodies(settings.limits),
-        # Its running hook after every other's: a worker listens once it can serve; then READY.
+        # Its running hook after those that start the catalog, attestation and receipts: a
+        # worker listens once it can serve; then READY.
         Warmup(catalog, attestation, settings.workers.warmup_s, open_listeners),
         ready or Ready(),
+        # After every hook that may still replace the answer (a fault fails it closed with a
+        # 502; ResponsesOut translates it): they record what the client was actually sent.
+        receipts.issuer,
+        RequestMetrics(meter, observed.refusals),
+        AccessLog(),
         Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran
     ]
 

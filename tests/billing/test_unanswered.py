@@ -171,6 +171,10 @@ def test_usage_far_above_the_hold_stops_the_balance_at_zero(gateway, upstream):
     )
     assert line["level"] == "warning" and line["model"] == TEE
     assert line["unrecovered_micro"] == row["unrecovered_micro"]
+    # Billing's own line says what was taken, and the price it was capped from.
+    charged = gateway.access_line(rid, event="charged")
+    assert (charged["charge_micro"], charged["price_micro"]) == (hold + spare, price)
+    assert charged["reserved_micro"] == hold
     assert key not in gateway.log_text() and "Say hello" not in gateway.log_text()
 
 

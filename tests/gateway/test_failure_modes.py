@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
 import httpx
 import openai
 import pytest
@@ -151,6 +157,41 @@ def test_a_failing_ledger_refuses_with_503_and_forwards_nothing(shared_upstream)
         assert exc.value.status_code == 503
         assert exc.value.body["code"] == "billing_unavailable"
         assert chat_count(shared_upstream) == 0
+
+
+@contextmanager
+def _unanswered_listener(host: str, port: int) -> Iterator[None]:
+    """A listener on ``host:port`` whose accept queue is full (backlog 0, one connection never
+    accepted): Linux drops every further SYN, so a connect hangs as on a blackholed route."""
+    with socket.create_server((host, port), backlog=0) as srv:
+        with socket.create_connection(srv.getsockname()[:2], timeout=5):  # fills the queue
+            yield
+
+
+def test_an_upstream_whose_connect_hangs_gives_json_504_at_the_deadline():
+    """The deadline covers the TCP connect: mitmproxy only gives the flow its server connection
+    once connected, so a SYN nobody answers would otherwise wait for the kernel's give-up
+    (~2 minutes)."""
+    with (
+        start_sandbox("--models", str(TEST_MODELS)) as up,
+        start_gateway(
+            up.base_url, extra_toml="upstream.timeout_s = 1\ncatalog.refresh_interval_s = 3600"
+        ) as gw,
+    ):
+        with _client(gw) as client:
+            assert _refused(client, TEE) is None  # catalog and verdict cached from here on
+        where = urlsplit(up.base_url)
+        up.stop()
+        assert where.hostname is not None and where.port is not None
+        with _unanswered_listener(where.hostname, where.port), _client(gw) as client:
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as exc:
+                client.chat.completions.create(model=TEE, messages=MSG, timeout=30)
+            assert time.monotonic() - started < 15
+        assert exc.value.status_code == 504
+        assert exc.value.body["code"] == "upstream_timeout"
+        line = gw.access_line(exc.value.response.headers["x-request-id"])
+        assert line["error_code"] == "upstream_timeout"
 
 
 def test_upstream_that_never_answers_gives_json_504():

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.billing import MSG, usage_row
 from tests.support.clients import chat_count
@@ -54,6 +56,7 @@ def assert_withheld(exc: openai.APIStatusError, answer: str) -> str:
     assert exc.response.headers["x-should-retry"] == "false"
     assert exc.body["code"] == "internal_error"
     assert answer not in exc.response.text
+    assert "x-teegate-receipt" not in exc.response.headers  # no receipt for a withheld answer
     return exc.response.headers["x-request-id"]
 
 
@@ -69,27 +72,73 @@ def assert_logged_without_content(gateway: GatewayProc, hook: str, answer: str) 
     assert "InjectedFault" in log and answer not in log
 
 
+def requests_counted(gateway: GatewayProc, **labels: str) -> float:
+    """``teegate_requests_total`` summed over the samples carrying ``labels``."""
+    text = httpx.get(gateway.urls["admin"] + "/metrics", timeout=30).text
+    want = set(labels.items())
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "teegate_requests_total" and want <= set(s.labels.items())
+    )
+
+
+def assert_recorded_as_sent(
+    gateway: GatewayProc, exc: openai.APIStatusError, route: str, before: float
+) -> None:
+    """The access log and the metrics say what the client got (the 502 envelope), not the
+    upstream's 200 that a later hook withheld."""
+    line = gateway.access_line(exc.response.headers["x-request-id"])
+    got = (line["status"], line["error_code"], line["decision"], line["bytes_out"])
+    assert got == (502, "internal_error", "refused", len(exc.response.content)), line
+    counted = dict(route=route, status="502", code="internal_error")
+    assert requests_counted(gateway, **counted) == before + 1
+
+
+# Hooks that run before the access log and the metrics, and hooks that ran after them
+# (Billing.response, ResponseHeaders.response, ...) before they were moved to the end.
 @pytest.mark.parametrize(
-    "hook", ["AnswerModelCheck.response", "Billing.responseheaders", "ResponseHeaders.response"]
+    "hook",
+    [
+        "AnswerModelCheck.response",
+        "Billing.responseheaders",
+        "ResponseHeaders.response",
+        "Billing.response",
+        "UpstreamDeadline.response",
+        "ReleaseLargeBodies.response",
+    ],
 )
 def test_a_plain_answer_whose_hook_raised_is_withheld(
     gateway, upstream, client, fault, answer, hook
 ):
+    chat = "/v1/chat/completions"
+    before = requests_counted(gateway, route=chat, status="502", code="internal_error")
     fault.write_text(hook)
     with pytest.raises(openai.APIStatusError) as exc:
         client.chat.completions.create(model=TEE, messages=MSG)
     rid = assert_withheld(exc.value, answer)
     assert chat_count(upstream) == 1
-    assert_charged(gateway, rid, WITHHELD)
+    if hook != "Billing.response":  # its own fault leaves the reservation to the recovery rule
+        assert_charged(gateway, rid, WITHHELD)
     assert_logged_without_content(gateway, hook.split(".")[1], answer)
+    assert_recorded_as_sent(gateway, exc.value, chat, before)
 
 
-def test_a_stream_whose_headers_hook_raised_is_a_502(gateway, upstream, client, fault, answer):
-    fault.write_text("StreamRelay.responseheaders")
+@pytest.mark.parametrize(
+    "hook", ["StreamRelay.responseheaders", "ResponseHeaders.responseheaders"]
+)  # before and after the relay was set up (the log must not count its bytes then)
+def test_a_stream_whose_headers_hook_raised_is_a_502(
+    gateway, upstream, client, fault, answer, hook
+):
+    chat = "/v1/chat/completions"
+    before = requests_counted(gateway, route=chat, status="502", code="internal_error")
+    fault.write_text(hook)
     with pytest.raises(openai.APIStatusError) as exc:
         client.chat.completions.create(model=TEE, messages=MSG, stream=True)
     rid = assert_withheld(exc.value, answer)
     assert_charged(gateway, rid, WITHHELD)
+    assert_recorded_as_sent(gateway, exc.value, chat, before)
 
 
 def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream, client, fault):
@@ -113,8 +162,10 @@ def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream,
 def test_a_responses_answer_whose_translation_raised_is_withheld(
     gateway, upstream, client, fault, answer
 ):
+    before = requests_counted(gateway, route="/v1/responses", status="502", code="internal_error")
     fault.write_text("ResponsesOut.response")
     with pytest.raises(openai.APIStatusError) as exc:
         client.responses.create(model=TEE, input="Say hello")
     rid = assert_withheld(exc.value, answer)
     assert_charged(gateway, rid, WITHHELD)
+    assert_recorded_as_sent(gateway, exc.value, "/v1/responses", before)

@@ -158,3 +158,43 @@ async def test_verify_detects_a_usage_record_that_disagrees_with_its_entries(
     finally:
         await store.close()
     assert [(m.kind, m.account_id) for m in report.mismatches] == [("usage", f.account_id)]
+
+
+async def test_verify_reports_a_balance_below_zero(db_path: str, store: str) -> None:
+    """No operation takes a balance below zero (usage above its reservation stops at zero), but
+    a database from before that rule may hold such rows: verify names each such account."""
+    led = await Ledger.open(db_path)
+    f = await fund(led, "alice", 1000)
+    await fund(led, "bob", 500)
+    res = await led.reserve("a", f.key, "m", PRICES, 1000)  # the whole balance
+    await led.close()
+    # An old settlement charging 1500 on that reservation, uncapped, its records consistent.
+    db.execute(
+        db_path,
+        "INSERT INTO entries (account_id, kind, amount_micro, reservation_id, created_ms) "
+        "VALUES (?, 'settlement', -500, ?, 0)",
+        (f.account_id, res.id),
+    )
+    db.execute(
+        db_path,
+        "UPDATE usage SET state = 'settled', charge_micro = 1500, source = 'usage', "
+        "prompt_tokens = 0, completion_tokens = 750, cached_tokens = 0 WHERE reservation_id = ?",
+        (res.id,),
+    )
+    kinds = [("negative_balance", f.account_id)]
+    if store == "sqlite":
+        db.execute(
+            db_path, "UPDATE accounts SET balance_micro = -500 WHERE id = ?", (f.account_id,)
+        )
+    else:  # PostgreSQL's CHECK keeps the cached balance >= 0: only the entries' sum is below
+        kinds.insert(0, ("balance", f.account_id))
+    store_ = await Store.open(db_path, create=False)
+    try:
+        report = await store_.verify()
+    finally:
+        await store_.close()
+    assert not report.ok
+    assert [(m.kind, m.account_id) for m in report.mismatches] == kinds
+    negative = report.mismatches[-1]
+    assert (negative.expected, negative.actual) == (0, -500)
+    assert "below zero" in negative.detail and "alice" in negative.detail

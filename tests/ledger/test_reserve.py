@@ -197,6 +197,7 @@ async def test_usage_above_what_the_balance_holds_stops_at_zero_and_the_rest_is_
     assert ledger.available_micro(f.account_id) == 0
     charged, unrecovered = _usage_money(db_path, res.id)
     assert (charged, unrecovered) == (1000 + collected, 3000 - 1000 - collected)
+    assert await ledger.charge_taken(res) == charged  # what billing logs, not the 3000 price
     report = await ledger.verify()
     assert report.ok and report.unrecovered_micro == unrecovered
     # verify checks where unrecovered may appear

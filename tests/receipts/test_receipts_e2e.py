@@ -99,6 +99,21 @@ def test_receipt_header_owner_only_and_hashes(http, client, upstream, other_key,
         assert other.json()["error"]["code"] == "receipt_not_found"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_responses_answer_is_described_as_relayed(http, client, gateway, stream):
+    """``/v1/responses``: the upstream answered (and signed) a chat completion, the client got
+    its Responses translation. ``response_sha256`` is the former (the signature covers it),
+    ``relayed_sha256`` and the access log's ``bytes_out`` the latter."""
+    raw = client.responses.with_raw_response.create(model=MODEL, input="Say hello", stream=stream)
+    body = b"".join(raw.http_response.iter_bytes()) if stream else raw.http_response.content
+    assert (b"response.completed" if stream else b'"object":"response"') in body
+    r = _checked(http, raw.headers["x-teegate-receipt"])["receipt"]
+    assert r["upstream_signature"]["status"] == "verified"
+    assert r["upstream_signature"]["text"].endswith(":" + r["response_sha256"])
+    assert r["relayed_sha256"] == hashlib.sha256(body).hexdigest() != r["response_sha256"]
+    assert gateway.access_line(raw.headers["x-request-id"])["bytes_out"] == len(body)
+
+
 def test_usage_row_records_the_signature(http, client, gateway):
     receipt_id, _ = _chat(client, MODEL, stream=False)
     request_id = _checked(http, receipt_id)["receipt"]["request_id"]

@@ -7,6 +7,7 @@ written anywhere: :meth:`GatewayProc.output_text` returns both.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -18,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tests.support.accounts import create_account, create_key
 from tests.support.attestation import attestation_toml
+from tests.support.wait import until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "TEEGATE READY "
@@ -62,6 +65,19 @@ class GatewayProc:
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def access_line(
+        self, request_id: str, timeout: float = 15.0, *, event: str = "request"
+    ) -> dict[str, Any]:
+        """The one log line of ``event`` (the access log's, unless named) for ``request_id``,
+        waited for (it may trail the answer)."""
+
+        def found() -> list[dict[str, Any]]:
+            lines = (json.loads(x) for x in self.log_text().splitlines() if request_id in x)
+            return [e for e in lines if e.get("event") == event]
+
+        (line,) = until(found, f"the {event} line of {request_id}", timeout)
+        return line
 
     def stdout_text(self) -> str:
         """Every stdout line so far (appended by the reader thread as it arrives)."""

@@ -17,7 +17,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from teegate.addons import flowstate
-from teegate.addons.accesslog import AccessLog
+from teegate.addons.accesslog import AccessLog, RequestIds
 from teegate.addons.flowstate import Route
 from teegate.addons.headers import ResponseHeaders
 
@@ -74,8 +74,9 @@ def line(access: AccessLog, f, hook: str = "response") -> dict[str, Any]:
 
 def test_every_request_gets_an_id_in_its_response_and_log_line(access):
     f, g = flow(resp=False), flow(resp=False)
-    access.request(f)
-    access.request(g)
+    ids = RequestIds()
+    ids.request(f)
+    ids.request(g)
     f.response = tutils.tresp()
     ResponseHeaders().response(f)
     rid = f.response.headers["x-request-id"]
@@ -177,3 +178,21 @@ def test_an_error_is_logged_as_its_category_only(access, message, request_whole,
 )
 def test_the_listener(access, mode, logged):
     assert line(access, flow(mode=mode))["mode"] == logged
+
+
+def test_a_relayed_stream_counts_the_bytes_its_tally_saw_go_out(access):
+    """A streamed body is not kept: bytes_out is what the relay (or the Responses translation
+    wrapped around it) sent on, and the error envelope's size once an answer was withheld."""
+    from teegate.addons.flowstate import FailedClosed
+    from teegate.addons.streaming import StreamTally
+
+    f = flow(route="chat", chat=True, listed_model=TEE)
+    f.response = tutils.tresp(status_code=200, content=None)
+    tally = StreamTally()
+    tally.delivered(b"data: x\n\n")
+    flowstate.set_stream_tally(f, tally)
+    assert line(access, f)["bytes_out"] == 9
+    flowstate.set_failed_closed(f, FailedClosed.WITHHELD, 200)
+    entry = line(access, f)  # the guard puts the envelope in place first
+    assert f.response.status_code == 502
+    assert entry["bytes_out"] == len(f.response.raw_content) > 9

@@ -100,6 +100,33 @@ async def test_silence_past_the_deadline_closes_the_upstream_and_answers_504(har
     assert flowstate.error_code(f) == "upstream_timeout"
 
 
+async def test_a_connect_still_under_way_at_the_deadline_is_cancelled(harness):
+    """Before its connection is set up the flow holds a placeholder; the connection being
+    opened (to the flow's address, TCP or TLS not done) is the one closed, and a kept-alive
+    connection of the same client to the same address is left alone."""
+    from mitmproxy.connection import Server
+
+    f = chat()
+    handler = harness.connect(f)
+    handler.transports.clear()  # the placeholder is not among the handler's connections
+    address = (f.request.host, f.request.port)
+    kept = Server(address=address, timestamp_tcp_setup=1.0)  # plain, set up: another's
+    connecting = Server(address=address)  # SYN sent, never answered
+    handshaking = Server(address=address, timestamp_tcp_setup=1.0, tls=True)
+    elsewhere = Server(address=("other.example", 443))
+    for conn in (kept, connecting, handshaking, elsewhere):
+        handler.transports[conn] = object()
+    harness.addon.request(f)
+    await harness.advance(TIMEOUT_S + 1)
+    assert handler.closed == [connecting, handshaking]
+    assert flowstate.timed_out(f) is True
+    f.error = mflow.Error("connection cancelled")
+    harness.addon.error(f)
+    err = next_error_page.get()
+    assert (err.status, err.code) == (504, "upstream_timeout")
+    assert err.response().headers["x-request-id"] == "req_1"
+
+
 @pytest.mark.parametrize("hook", ["responseheaders", "response", "error"])
 async def test_any_answer_or_failure_stops_the_timer(harness, hook):
     f = chat()
