@@ -19,7 +19,7 @@ from mitmproxy import http
 
 from teegate.addons import flowstate
 from teegate.addons.errors import (
-    GatewayError,
+    billing_unavailable,
     guarded,
     json_response,
     method_not_allowed,
@@ -54,12 +54,7 @@ class AccountEndpoint:
         try:
             body = await account_view(self._link.get(), key)
         except LedgerError:
-            refuse(
-                flow,
-                GatewayError(
-                    503, "The ledger is unavailable; retry shortly.", "billing_unavailable"
-                ),
-            )
+            refuse(flow, billing_unavailable())
             return
         flow.response = json_response(200, body, {"cache-control": "no-store"})
 

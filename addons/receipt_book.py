@@ -33,9 +33,11 @@ from teegate.ledger.receipts import StoredReceipt
 
 log = structlog.get_logger("teegate.receipts")
 
-# Enough to answer a receipt asked for right after its answer (the database has every one after
-# its commit, within WRITE_LINGER_S): at ~5 kB each, 4096 grew a gateway's RSS by ~20 MB.
-KEPT_IN_MEMORY = 512
+# Enough to answer a receipt asked for right after its answer, and to re-issue it with its
+# signature outcome (checks wait at most signatures.max_lag_s: 2048 covers ~1000 chats/s; older
+# ones are read back from the database, which has every receipt within WRITE_LINGER_S). At ~5 kB
+# each (the GPU report inline), 4096 grew a gateway's RSS by ~20 MB; now ~1.5 kB each.
+KEPT_IN_MEMORY = 2048
 WRITE_LINGER_S = 0.05
 # While the database is unavailable, receipts and signature outcomes wait (written again every
 # RETRY_S, in order: the upsert keeps the newest revision); beyond MAX_PENDING the oldest go.
@@ -108,8 +110,8 @@ class ReceiptBook:
         self._dirty.set()
 
     def kept(self, receipt_id: str) -> tuple[int, dict[str, Any]] | None:
-        """(key id, newest body) of a receipt still in memory."""
-        entry = self._recent.get(receipt_id)
+        """(key id, newest body) of a receipt still in memory (kept, or not yet written)."""
+        entry = self._recent.get(receipt_id) or self._to_write.get(receipt_id)
         return (entry.key_id, entry.body) if entry is not None else None
 
     def _signed(self, entry: _Entry) -> tuple[dict[str, Any], str]:

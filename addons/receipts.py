@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,7 @@ class Receipts:
         self._quote: bytes | None = None
         self.book = ReceiptBook(link)
         self._verdict_parts: dict[str, tuple[Verdict, dict[str, Any]]] = {}
+        self._reissuing: set[asyncio.Task[None]] = set()
         self.checker: SignatureChecker | None = None
         self.issuer = ReceiptIssuer(self)
 
@@ -153,6 +155,7 @@ class Receipts:
                 queue_size=self._sig_settings.queue,
                 workers=self._sig_settings.workers,
                 timeout_s=self._sig_settings.timeout_s,
+                max_lag_s=self._sig_settings.max_lag_s,
                 verify=self._upstream.verify,
             )
             self.checker.start()
@@ -162,6 +165,8 @@ class Receipts:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.checker.drain(), 5.0)
             await self.checker.stop()
+        if self._reissuing:
+            await asyncio.gather(*self._reissuing, return_exceptions=True)
         await self.book.stop()
 
     # -- the endpoints -----------------------------------------------------------------
@@ -335,6 +340,7 @@ class Receipts:
                 attested=tuple(verdict.signing_addresses) if verdict is not None else (),
                 receipt_id=receipt_id,
                 reservation_id=res.id if res is not None else None,
+                key_id=key.key_id,
             )
             if not completion_id:
                 self._store(body, key.key_id, res.id if res else None)
@@ -391,16 +397,38 @@ class Receipts:
         if job.receipt_id is None:
             return
         kept = self.book.kept(job.receipt_id)
-        if kept is None:  # only with more checks queued than receipts kept in memory
+        if kept is None:  # more chats since than receipts kept in memory: read it back
+            task = asyncio.create_task(self._reissue_stored(job, result))
+            self._reissuing.add(task)
+            task.add_done_callback(self._reissuing.discard)
+            return
+        self._reissue(kept[0], kept[1], job, result)
+
+    def _reissue(
+        self, key_id: int, kept: dict[str, Any], job: SignatureJob, result: SignatureResult
+    ) -> None:
+        body = dict(kept)
+        body["revision"] = int(body["revision"]) + 1
+        body["upstream_signature"] = result.to_json()
+        self._store(body, key_id, job.reservation_id)
+
+    async def _reissue_stored(self, job: SignatureJob, result: SignatureResult) -> None:
+        """The receipt from the database (it left memory), re-issued with the outcome."""
+        assert job.receipt_id is not None
+        stored = None
+        try:
+            if job.key_id is not None:
+                stored = await self._link.get().receipt(job.receipt_id, job.key_id)
+        except Exception as e:  # the usage row still gets the outcome
+            log.error("receipt_reload_failed", request_id=job.request_id, error=type(e).__name__)
+        if stored is None or job.key_id is None:
             log.warning("receipt_gone_before_signature", request_id=job.request_id)
             if job.reservation_id is not None:
                 self.book.signature_row(job.reservation_id, result.status)
             return
-        key_id, kept_body = kept
-        body = dict(kept_body)
-        body["revision"] = int(body["revision"]) + 1
-        body["upstream_signature"] = result.to_json()
-        self._store(body, key_id, job.reservation_id)
+        body = json.loads(stored)["receipt"]
+        if body.get("upstream_signature", {}).get("status") == "pending":
+            self._reissue(job.key_id, body, job, result)
 
 
 class ReceiptIssuer:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,7 @@ log = structlog.get_logger("teegate.signatures")
 
 RETRY_DELAYS_S = (0.0, 0.25, 1.0)
 MAX_SIGNATURE_BYTES = 64 * 1024
+UNCHECKED_LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,10 @@ class SignatureJob:
     attested: tuple[str, ...]
     receipt_id: str | None
     reservation_id: int | None
+    key_id: int | None = None
+    """The API key the receipt belongs to (to find it in the database once out of memory)."""
+    queued_at: float = 0.0
+    """``time.monotonic()`` when submitted (set by :meth:`SignatureChecker.submit`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +94,9 @@ class SignatureChecker:
         queue_size: int,
         workers: int,
         timeout_s: float,
+        max_lag_s: float = 2.0,
         verify: str | bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base = origin.rstrip("/") + "/v1/signature/"
         self._api_key = api_key
@@ -96,7 +105,11 @@ class SignatureChecker:
         self._queue: asyncio.Queue[SignatureJob] = asyncio.Queue(queue_size)
         self._n_workers = workers
         self._timeout_s = timeout_s
+        self._max_lag_s = max_lag_s
         self._verify = verify
+        self._clock = clock
+        self._skipped = 0
+        self._skip_logged_at = -UNCHECKED_LOG_EVERY_S
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
@@ -130,16 +143,21 @@ class SignatureChecker:
     def submit(self, job: SignatureJob) -> bool:
         """Queue a check; False (and the chat is "unchecked") when the queue is full."""
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait(dataclasses.replace(job, queued_at=self._clock()))
         except asyncio.QueueFull:
-            log.warning(
-                "response_signature_unchecked",
-                request_id=job.request_id,
-                model=job.model,
-                reason="signature queue full",
-            )
+            self._unchecked("signature queue full")
             return False
         return True
+
+    def _unchecked(self, reason: str) -> None:
+        """Count a check skipped for the gateway's own load; logged at most every 10 s (one
+        line per chat would add to the load that caused it). Every one is counted in
+        ``teegate_response_signatures_total{status="unchecked"}`` and on its receipt."""
+        self._skipped += 1
+        now = self._clock()
+        if now - self._skip_logged_at >= UNCHECKED_LOG_EVERY_S:
+            log.warning("response_signatures_unchecked", count=self._skipped, reason=reason)
+            self._skipped, self._skip_logged_at = 0, now
 
     async def _work(self) -> None:
         while True:
@@ -160,6 +178,11 @@ class SignatureChecker:
         await self._queue.join()
 
     async def check(self, job: SignatureJob) -> SignatureResult:
+        lag = self._clock() - job.queued_at
+        if job.queued_at and lag > self._max_lag_s:
+            return SignatureResult(
+                "unchecked", f"not checked: the gateway's signature queue lagged {lag:.1f} s"
+            )
         answered, doc = await self._fetch(job)
         if not answered:
             return SignatureResult(
@@ -211,6 +234,8 @@ class SignatureChecker:
         fields = {"request_id": job.request_id, "model": job.model, "status": result.status}
         if result.status == "verified":  # the usual case: counted in the metrics, not logged
             log.debug("response_signature", **fields)
+        elif result.status == "unchecked":  # the gateway's own lag: nothing against the upstream
+            self._unchecked(result.reason)
         else:
             log.warning("response_signature", **fields, reason=result.reason)
             why = f"response signature {result.status}: {result.reason}"

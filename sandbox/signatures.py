@@ -28,7 +28,8 @@ from teegate.sandbox.evidence import EvidenceMinter, SigningKey
 
 Mode = Literal["valid", "wrong_key", "missing", "bad_hash", "model_form"]
 MODES: tuple[str, ...] = get_args(Mode)
-REMEMBERED = 2000
+# As NEAR AI's vllm-proxy, which keeps signatures in a TTLCache(maxsize=1000, ttl=1200).
+REMEMBERED = 1000
 
 
 @functools.lru_cache(maxsize=64)

@@ -291,9 +291,13 @@ class SignatureSettings(_Section):
     rows and receipts say "unchecked". (dcap mode with a "near" upstream only.)"""
     queue: int = Field(1000, ge=1, le=1_000_000)
     """Checks waiting at most; beyond, a chat's signature is recorded "unchecked" (logged)."""
-    workers: int = Field(4, ge=1, le=64)
+    workers: int = Field(16, ge=1, le=64)
     timeout_s: float = Field(10.0, gt=0, le=300)
     """One signature fetch (each of up to three tries)."""
+    max_lag_s: float = Field(2.0, gt=0, le=600)
+    """A check that waited longer in the queue is recorded "unchecked", not fetched: an upstream
+    keeps a signature only for its last ~1000 answers (NEAR AI's proxy), so a late fetch finding
+    none says the gateway fell behind, not that the upstream failed to sign."""
 
 
 class ReceiptSettings(_Section):

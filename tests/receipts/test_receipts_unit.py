@@ -146,3 +146,40 @@ async def test_book_signs_a_pending_revision_asked_for_before_its_outcome(tmp_pa
     book.put({**BODY, "revision": 2}, 7, None)
     await book._flush()
     assert [s.revision for stored, _ in link.writes for s in stored] == [1, 2]
+
+
+class _StoredLink(_Link):
+    """A ledger holding one written receipt, as the book wrote it."""
+
+    def __init__(self, text: str, key_id: int) -> None:
+        super().__init__()
+        self.text, self.key_id = text, key_id
+
+    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
+        return self.text if key_id == self.key_id and receipt_id == "rcpt_x" else None
+
+
+async def test_a_receipt_out_of_memory_is_read_back_and_reissued(tmp_path: Path) -> None:
+    """Under load a receipt can leave memory before its signature check ends: it is read back
+    from the database and re-issued (revision 2), not left "pending" for good."""
+    from teegate.addons.receipts import Receipts
+    from teegate.addons.signatures import SignatureJob, SignatureResult
+
+    key = load_or_create_key(tmp_path / "k.pem")
+    _, text = ReceiptSigner(key).sign(BODY)
+    link = _StoredLink(text, 7)
+    receipts = object.__new__(Receipts)  # only what re-issuing reads
+    receipts._key, receipts._meter, receipts._link = key, None, link
+    receipts._reissuing = set()
+    receipts.book = ReceiptBook(link)  # type: ignore[arg-type]
+    receipts.book._signer = ReceiptSigner(key)
+    job = SignatureJob("r1", "m", "m", "c1", "ab", "cd", (), "rcpt_x", 11, key_id=7)
+    assert receipts.book.kept("rcpt_x") is None
+    receipts._signature_checked(job, SignatureResult("verified", "ok"))
+    for task in list(receipts._reissuing):
+        await task
+    await receipts.book._flush()
+    [(stored, rows)] = link.writes
+    assert [s.revision for s in stored] == [2] and rows == [(11, "verified")]
+    doc = verify_receipt(json.loads(stored[0].document), public_hex(key))
+    assert doc["upstream_signature"]["status"] == "verified"

@@ -57,7 +57,9 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 
 class Harness:
-    def __init__(self, origin: str, queue_size: int = 10) -> None:
+    def __init__(
+        self, origin: str, queue_size: int = 10, clock: Callable[[], float] | None = None
+    ) -> None:
         self.withdrawn: list[tuple[str, str, bool]] = []
         self.results: list[SignatureResult] = []
 
@@ -72,6 +74,8 @@ class Harness:
             queue_size=queue_size,
             workers=1,
             timeout_s=5,
+            max_lag_s=2.0,
+            **({"clock": clock} if clock is not None else {}),
         )
 
     async def run(self, job: SignatureJob) -> SignatureResult:
@@ -139,3 +143,25 @@ async def test_a_full_queue_is_unchecked_not_a_failure() -> None:
     assert h.checker.submit(_job())  # not started: stays queued
     assert not h.checker.submit(_job())
     assert h.withdrawn == []
+
+
+async def test_a_check_that_waited_too_long_is_unchecked_not_fetched(upstream: Upstream) -> None:
+    """The upstream keeps only its last ~1000 signatures: a check the gateway's own queue held
+    past max_lag_s is skipped ("unchecked"), never fetched and blamed on the upstream."""
+    upstream.handler = lambda r: web.Response(status=404)  # what a late fetch would find
+    now = [100.0]
+    h = Harness(upstream.origin, clock=lambda: now[0])
+    assert h.checker.submit(_job())  # not started: it waits in the queue
+    now[0] += 2.5
+    h.checker.start()
+    try:
+        await h.checker.drain()
+    finally:
+        await h.checker.stop()
+    [result] = h.results
+    assert result.status == "unchecked" and "lagged 2.5 s" in result.reason
+    assert upstream.seen == [] and h.withdrawn == []
+    # Within the bound it is fetched, and a missing signature still withdraws the model.
+    h2 = Harness(upstream.origin, clock=lambda: now[0])
+    assert (await h2.run(_job())).status == "missing" and len(upstream.seen) == 3
+    assert h2.withdrawn
