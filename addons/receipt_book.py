@@ -127,7 +127,7 @@ class ReceiptBook:
         if issuing is not None and issuing[0] == key_id:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(issuing[1].wait(), wait_s)
-        kept = self._recent.get(receipt_id)
+        kept = self._recent.get(receipt_id) or self._to_write.get(receipt_id)
         if kept is not None:
             return self._signed(kept)[0] if kept.key_id == key_id else None
         stored = await self._link.get().receipt(receipt_id, key_id)
