@@ -192,8 +192,11 @@ class Supervisor:
         )
         worker.process = proc
         assert proc.stdout is not None
+        # A worker listens once warm (workers.warmup_s, addons/warmup.py): its start may take that
+        # long on top of the process's own start.
+        limit = START_TIMEOUT_S + self.settings.workers.warmup_s
         try:
-            async with asyncio.timeout(START_TIMEOUT_S):
+            async with asyncio.timeout(limit):
                 while True:
                     raw = await proc.stdout.readline()
                     if not raw:
@@ -211,7 +214,7 @@ class Supervisor:
                 proc.kill()
             await proc.wait()
             raise WorkerStartError(
-                f"worker {worker.id} not ready within {START_TIMEOUT_S:.0f}s"
+                f"worker {worker.id} not ready within {limit:.0f}s"
             ) from None
         log.info("worker_started", worker=worker.id, pid=proc.pid)
 
