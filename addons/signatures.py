@@ -11,9 +11,12 @@ The outcome goes to ``on_result`` (the receipt and the usage row record it). A s
 is missing or fails withdraws the model's verdict: it is refused until a fresh attestation
 passes (:meth:`AttestationSync.withdraw`), tried after ``attestation.retry_interval_s``; when the
 signature endpoint could not be reached at all (a network fault, not an upstream that answered
-without a signature), the re-attestation is tried at once. A full queue is the gateway's own
-limit, not the upstream's fault: that chat is recorded ``unchecked`` and logged, and the model
-stays served.
+without a signature), the re-attestation is tried at once. A full queue, or a check that waited
+in it longer than ``signatures.max_lag_s``, is the gateway's own limit, not the upstream's fault:
+that chat is recorded ``unchecked`` (counted; logged at most every 10 s) and the model stays
+served. A late check is not even fetched: an upstream keeps only its most recent signatures
+(NEAR AI's proxy: a 1,000-entry cache), so one fetched late may be gone, and "missing" would
+withdraw a model for the gateway's lag (seen in the benchmark at 32 connections).
 Logs name the request id, model and outcome; never the signed text's content (hashes only
 anyway) nor the upstream's key.
 
