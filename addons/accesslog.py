@@ -75,7 +75,7 @@ class AccessLog:
             method=req.method,
             path=RESPONSES_PATH if flowstate.responses_call(flow) else req.path.split("?", 1)[0],
             model=_model(flow),
-            status=resp.status_code if resp is not None else None,
+            status=flowstate.sent_status(flow),
             error_code=flowstate.error_code(flow),
             error=_error(flow),
             upstream_ms=upstream_ms,

@@ -77,6 +77,7 @@ class UpstreamDeadline:
                 headers=headers,
             )
         flowstate.set_error_code(flow, err.code)
+        flowstate.set_error_page_status(flow, err.status)  # the log and metrics run after us
         next_error_page.set(err)
 
     def _expire(self, flow: http.HTTPFlow) -> None:

@@ -94,6 +94,7 @@ _E2EE = "teegate.e2ee"
 _VERDICT = "teegate.verdict"
 _RECEIPT_ID = "teegate.receipt_id"
 _UPSTREAM_ANSWER = "teegate.upstream_answer"
+_ERROR_PAGE_STATUS = "teegate.error_page_status"
 _RESPONSES = "teegate.responses"
 _COUNTED = "teegate.counted"
 _FAILED_CLOSED = "teegate.failed_closed"
@@ -147,6 +148,17 @@ def error_code(flow: http.HTTPFlow) -> str | None:
 
 def set_error_code(flow: http.HTTPFlow, code: str) -> None:
     flow.metadata[_ERROR_CODE] = code
+
+
+def set_error_page_status(flow: http.HTTPFlow, status: int) -> None:
+    """The error page's status (``errors.next_error_page``: written after the hooks)."""
+    flow.metadata[_ERROR_PAGE_STATUS] = status
+
+
+def sent_status(flow: http.HTTPFlow) -> int | None:
+    """The status the client was sent: the response's, else the chosen error page's."""
+    r = flow.response
+    return r.status_code if r is not None else flow.metadata.get(_ERROR_PAGE_STATUS)
 
 
 def api_key(flow: http.HTTPFlow) -> ApiKey | None:

@@ -232,7 +232,8 @@ class RequestMetrics:
         if flowstate.has_chat_request(flow):  # a model the catalog does not list: "other"
             model = m.model(flowstate.listed_model(flow) or "")
         resp = flow.response
-        status = str(resp.status_code) if resp is not None else NONE
+        sent = flowstate.sent_status(flow)
+        status = str(sent) if sent is not None else NONE
         code = flowstate.error_code(flow) or ""
         m.requests.labels(route, model, status, decision(flow) or NONE, code).inc()
         if code:
@@ -242,7 +243,7 @@ class RequestMetrics:
                 Refusal(
                     at=time.time(),
                     code=code,
-                    status=resp.status_code if resp is not None else None,
+                    status=sent,
                     route=route,
                     model=model,
                 )

@@ -192,6 +192,7 @@ def test_an_upstream_whose_connect_hangs_gives_json_504_at_the_deadline():
         assert exc.value.body["code"] == "upstream_timeout"
         line = gw.access_line(exc.value.response.headers["x-request-id"])
         assert line["error_code"] == "upstream_timeout"
+        assert line["status"] == 504  # the page mitmproxy wrote after the hooks, as sent
 
 
 def test_upstream_that_never_answers_gives_json_504():

@@ -98,6 +98,7 @@ async def test_silence_past_the_deadline_closes_the_upstream_and_answers_504(har
     err = next_error_page.get()
     assert (err.status, err.code, err.type) == (504, "upstream_timeout", "api_error")
     assert flowstate.error_code(f) == "upstream_timeout"
+    assert flowstate.sent_status(f) == 504  # what the access log and metrics record
 
 
 async def test_a_connect_still_under_way_at_the_deadline_is_cancelled(harness):
@@ -176,6 +177,7 @@ async def test_a_failure_without_the_deadline_is_a_502(harness):
     assert (err.status, err.code) == (502, "upstream_unreachable")
     assert "client bytes" not in err.message
     assert flowstate.error_code(f) == "upstream_unreachable"
+    assert flowstate.sent_status(f) == 502
 
 
 @pytest.mark.parametrize("route", ["local", "passthrough", None])
