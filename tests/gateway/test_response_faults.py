@@ -107,6 +107,7 @@ def assert_recorded_as_sent(
         "Billing.response",
         "UpstreamDeadline.response",
         "ReleaseLargeBodies.response",
+        "ReceiptIssuer.response",  # the last before the metrics and the log
     ],
 )
 def test_a_plain_answer_whose_hook_raised_is_withheld(

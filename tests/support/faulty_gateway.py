@@ -8,10 +8,11 @@ injected (chosen by ``TEEGATE_FAULT``), to prove each one fails closed.
   ``Seal`` at the end of the chain refuses it for the missing approval.
 * ``ledger``: every reservation fails as a broken database would: 503 ``billing_unavailable``.
 * ``response:PATH``: every guarded response-side hook (``responseheaders``, ``response``,
-  ``error``) of the addons ``teegate.runner`` mounts, and the stream relay's callable, raise
-  *inside* their guard whenever the file PATH names them (``AnswerModelCheck.response``,
-  ``_Relay.__call__``, one per line; read at each call, so one gateway serves every case): the
-  guard must withhold the answer, or end the stream with an error event.
+  ``error``) of the addons ``teegate.runner.build_addons`` mounts, and the stream relay's
+  callable, raise *inside* their guard whenever the file PATH names them
+  (``AnswerModelCheck.response``, ``_Relay.__call__``, one per line; read at each call, so one
+  gateway serves every case): the guard must withhold the answer, or end the stream with an
+  error event.
 * ``per-request``: every ``stage:`` and ``hook:`` fault is armed, and a request trips the one
   its ``x-teegate-test-fault`` header names (``stage:auth``, ``hook:gate``...); a request
   without it passes untouched. One process then serves every such test, instead of one
@@ -117,14 +118,14 @@ def _raising(fn, switch: str, name: str):
 
 
 def _fail_responses(switch: str) -> None:
-    import teegate.runner
-    from teegate.addons.headers import ResponseHeaders
     from teegate.addons.response_guard import RESPONSE_HOOKS, is_guarded
     from teegate.addons.streaming import _Relay
+    from teegate.config import Settings
+    from teegate.runner import build_addons
 
-    classes = {v for v in vars(teegate.runner).values() if isinstance(v, type)}
+    classes = {type(addon) for addon in build_addons(Settings())}  # what the gateway mounts
     patched = 0
-    for cls in classes | {ResponseHeaders}:
+    for cls in classes:
         for hook in RESPONSE_HOOKS:
             fn = cls.__dict__.get(hook)
             if fn is not None and is_guarded(fn):
