@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -360,6 +361,13 @@ def verify_gpu_payload(
     return _verdict(c, root_kind, verifiers, measurements, revocation)
 
 
+def _worst[O: str](outcomes: Iterable[O], bad: O, good: O, otherwise: O) -> O:
+    """Several GPUs' (or TDs') outcomes as one: ``bad`` if any is, ``good`` only if every one
+    is (of at least one), else ``otherwise``."""
+    seen = set(outcomes)
+    return bad if bad in seen else good if seen == {good} else otherwise
+
+
 def _measurements(
     c: _Checks, verifiers: list[_GpuVerifier], req: GpuRequirements, at: int
 ) -> Measured:
@@ -382,11 +390,7 @@ def _measurements(
             c.failures.extend(f"GPU {v.index}: {f}" for f in result.failures)
             c.skipped.extend(f"GPU {v.index}: {s}" for s in result.skipped)
             outcomes.append(result.outcome)
-        outcome = (
-            "failed" if "failed" in outcomes
-            else "verified" if all(o == "verified" for o in outcomes)
-            else "unverified"
-        )
+        outcome = _worst(outcomes, "failed", "verified", "unverified")
     if req.require_measurements:
         c.check(
             "gpu_measurements_required",
@@ -421,20 +425,12 @@ def _revocation(
                 c.skipped.extend(f"GPU {v.index} {what}: {s}" for s in status.unchecked)
                 if status.outcome == "revoked":
                     c.check("gpu_not_revoked", False, f"GPU {v.index} {what}: {status.revoked}")
-            mine: Revocation = (
-                "revoked" if "revoked" in statuses
-                else "good" if all(s == "good" for s in statuses)
-                else "unchecked"
-            )
+            mine: Revocation = _worst(statuses, "revoked", "good", "unchecked")
             v.facts["revocation"] = mine
             outcomes.append(mine)
         if "revoked" not in outcomes:
             c.check("gpu_not_revoked", True, "")
-        outcome = (
-            "revoked" if "revoked" in outcomes
-            else "good" if all(o == "good" for o in outcomes)
-            else "unchecked"
-        )
+        outcome = _worst(outcomes, "revoked", "good", "unchecked")
     if req.require_revocation:
         c.check(
             "gpu_revocation_required",
@@ -469,10 +465,8 @@ def combine_gpu_verdicts(verdicts: list[GpuVerdict]) -> GpuVerdict:
         root=verdicts[0].root,
         gpu_count=gpus,
         checks=checks,
-        measurements="failed" if "failed" in measured
-        else "verified" if measured == {"verified"} else "unverified",
-        revocation="revoked" if "revoked" in revoked
-        else "good" if revoked == {"good"} else "unchecked",
+        measurements=_worst(measured, "failed", "verified", "unverified"),
+        revocation=_worst(revoked, "revoked", "good", "unchecked"),
         skipped=tuple(dict.fromkeys(f"TD {i}: {s}" for i, v in enumerate(verdicts)
                                     for s in v.skipped)),
         gpus=tuple(g for v in verdicts for g in v.gpus),
