@@ -92,7 +92,7 @@ class ReceiptBook:
     def put(self, body: dict[str, Any], key_id: int, signature_row: tuple[int, str] | None) -> None:
         """Keep a receipt body (a later revision replaces an earlier) and queue its write."""
         rid = body["id"]
-        earlier = self._to_write.get(rid) or self._recent.get(rid)
+        earlier = self._in_memory(rid)
         created_ms = earlier.created_ms if earlier is not None else int(time.time() * 1000)
         entry = _Entry(key_id, body, created_ms)
         self._recent[rid] = entry
@@ -111,8 +111,12 @@ class ReceiptBook:
 
     def kept(self, receipt_id: str) -> tuple[int, dict[str, Any]] | None:
         """(key id, newest body) of a receipt still in memory (kept, or not yet written)."""
-        entry = self._recent.get(receipt_id) or self._to_write.get(receipt_id)
+        entry = self._in_memory(receipt_id)
         return (entry.key_id, entry.body) if entry is not None else None
+
+    def _in_memory(self, receipt_id: str) -> _Entry | None:
+        """The newest revision still in memory: kept, or not yet written (kept or not)."""
+        return self._recent.get(receipt_id) or self._to_write.get(receipt_id)
 
     def _signed(self, entry: _Entry) -> tuple[dict[str, Any], str]:
         if entry.signed is None:
@@ -127,7 +131,7 @@ class ReceiptBook:
         if issuing is not None and issuing[0] == key_id:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(issuing[1].wait(), wait_s)
-        kept = self._recent.get(receipt_id) or self._to_write.get(receipt_id)
+        kept = self._in_memory(receipt_id)
         if kept is not None:
             return self._signed(kept)[0] if kept.key_id == key_id else None
         stored = await self._link.get().receipt(receipt_id, key_id)
