@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.clients import sdk
 from tests.support.gateway_proc import GatewayProc, start_gateway
-from tests.support.postgres import Cluster, PostgresUnavailable, start_cluster
+from tests.support.postgres import Cluster, cluster_or_fail
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 from tests.support.testdata import TEST_MODELS
 
@@ -26,11 +26,8 @@ from tests.support.testdata import TEST_MODELS
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
     """A throwaway PostgreSQL cluster, started on first use (never skipped: fails if it cannot)."""
-    try:
-        with start_cluster() as cluster:
-            yield cluster
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
+    with cluster_or_fail() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

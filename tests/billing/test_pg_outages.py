@@ -14,7 +14,7 @@ import pytest
 from tests.support import ledgerdb
 from tests.support.accounts import create_account, create_key, teegate
 from tests.support.gateway_proc import GatewayProc, start_gateway
-from tests.support.postgres import Cluster, PostgresUnavailable, start_cluster
+from tests.support.postgres import Cluster, cluster_or_fail
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import TEE
 from tests.support.wait import until
@@ -24,11 +24,8 @@ BODY = {"model": TEE, "messages": [{"role": "user", "content": "Say hello"}], "m
 
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[Cluster]:
-    try:
-        with start_cluster() as cluster:
-            yield cluster
-    except PostgresUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
+    with cluster_or_fail() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

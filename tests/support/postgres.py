@@ -155,3 +155,15 @@ def start_cluster(*, fsync: bool = False) -> Iterator[Cluster]:
             _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop",
                          check=False)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def cluster_or_fail() -> Iterator[Cluster]:
+    """:func:`start_cluster` for a fixture: the test fails (never skips) when it cannot start."""
+    import pytest
+
+    try:
+        with start_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
