@@ -60,7 +60,8 @@ def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]
 def commit_summary(commits: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Where a group commit's time goes, ms: each step from the one before."""
     steps = {
-        "lock + hand-off (drain -> database thread runs)": ("t_drain", "t_thread"),
+        "transaction lock (drain -> lock taken)": ("t_drain", "t_call"),
+        "hand-off (lock taken -> database thread runs)": ("t_call", "t_thread"),
         "transaction (BEGIN .. COMMIT on the thread)": ("t_thread", "t_thread_end"),
         "back on the loop (COMMIT -> writer resumes)": ("t_thread_end", "t_resumed"),
     }

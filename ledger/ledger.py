@@ -234,6 +234,14 @@ class Ledger(ServingLedger):
     def _committed_balance(self, account_id: int, balance_micro: int) -> None:
         self._balances.set_committed(account_id, balance_micro)
 
+    async def _write_all(self, statements: list[tuple[str, list[object]]]) -> None:
+        # Queued under the lock (so never inside an operator's transaction on this connection),
+        # waited for outside it: the group commit need not wait for this result to come back
+        # through the event loop (Store.queue_write_all).
+        async with self._txn_lock:
+            written = self._store.queue_write_all(statements)
+        await written
+
     def _queue_final(self, op: Finalization, hold: int) -> None:
         self._balances.hold(op.account_id, hold)
         try:

@@ -42,12 +42,12 @@ SET_SIGNATURES = (
 )
 
 
-async def write(
-    store: Reports,
+def statements(
     receipts: Sequence[StoredReceipt],
     signatures: Sequence[tuple[int, str]],
-) -> None:
-    """Every receipt (a later revision replaces an earlier) and signature outcome, at once.
+) -> list[tuple[str, list[object]]]:
+    """Every receipt (a later revision replaces an earlier) and signature outcome, as
+    portable statements for one transaction (:meth:`Reports.write_all`).
 
     Within a batch the newest of each wins (a statement may touch a row only once)."""
     newest: dict[str, StoredReceipt] = {}
@@ -55,20 +55,20 @@ async def write(
         if r.id not in newest or r.revision > newest[r.id].revision:
             newest[r.id] = r
     outcomes = dict(signatures)  # reservation id -> status, the later one kept
-    async with store.transaction():
-        rows = [(r.id, r.key_id, r.request_id, r.revision, r.created_ms, r.document)
-                for r in newest.values()]  # fmt: skip
-        await _many(store, UPSERT_RECEIPTS, _RECEIPT_ROW, rows)
-        await _many(store, SET_SIGNATURES, "(?, ?)", list(outcomes.items()))
+    rows = [(r.id, r.key_id, r.request_id, r.revision, r.created_ms, r.document)
+            for r in newest.values()]  # fmt: skip
+    return _many(UPSERT_RECEIPTS, _RECEIPT_ROW, rows) + _many(
+        SET_SIGNATURES, "(?, ?)", list(outcomes.items())
+    )
 
 
-async def _many(store: Reports, sql: str, row: str, rows: list[tuple[object, ...]]) -> None:
+def _many(sql: str, row: str, rows: list[tuple[object, ...]]) -> list[tuple[str, list[object]]]:
+    """One statement per MAX_PARAMS host parameters' worth of rows."""
     per = MAX_PARAMS // row.count("?")
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        await store.fetch(
-            sql.format(rows=", ".join([row] * len(chunk))), [v for r in chunk for v in r]
-        )
+    return [
+        (sql.format(rows=", ".join([row] * len(chunk))), [v for r in chunk for v in r])
+        for chunk in (rows[start : start + per] for start in range(0, len(rows), per))
+    ]
 
 
 async def read(store: Reports, receipt_id: str, key_id: int) -> str | None:

@@ -64,6 +64,12 @@ class Reports:
         """
         return await self._rows(sql, params)
 
+    async def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Portable statements (``?`` placeholders) in one transaction, results discarded."""
+        async with self.transaction():
+            for sql, params in statements:
+                await self.fetch(sql, params)
+
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """One portable statement for each parameter tuple (inside :meth:`transaction`)."""
         await self.db.executemany(sql, params)

@@ -249,8 +249,12 @@ class ServingLedger:
         went upstream, so its usage row exists (settled or not: the settlement does not
         touch ``signature``).
         """
-        async with self._operator_lock():
-            await receipts.write(self._writes, stored, signatures)
+        await self._write_all(receipts.statements(stored, signatures))
+
+    async def _write_all(self, statements: list[tuple[str, list[object]]]) -> None:
+        """Statements that touch no balance or key, in one transaction (SQLite: queued
+        under the transaction lock, waited for outside it)."""
+        await self._writes.write_all(statements)
 
     async def receipt(self, receipt_id: str, key_id: int) -> str | None:
         """A stored receipt's signed JSON, only for the key that made its request."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from asyncio import Future
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import structlog
 
 from teegate.ledger import dbthread
 from teegate.ledger.batch import FINALIZE_USAGE, INSERT_ENTRY, Batch, usage_params
-from teegate.ledger.dbthread import run_on_connection
+from teegate.ledger.dbthread import queue_on_connection, run_on_connection
 from teegate.ledger.errors import LedgerNotFound
 from teegate.ledger.models import Recovered
 from teegate.ledger.operator import OperatorStore, now_ms
@@ -74,6 +75,27 @@ class Store(OperatorStore):
         """Changes whenever *another* connection commits (SQLite's own counter)."""
         rows = await self._rows("PRAGMA data_version")
         return int(rows[0][0])
+
+    def queue_write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> Future[None]:
+        """The statements in one transaction, queued now as one call on the connection's thread.
+
+        Why one call, not :meth:`transaction` and one ``await`` per statement: each is a
+        hand-off to the thread and back through the event loop, and the group commit waits
+        on the transaction lock behind all of them. Under concurrent streams a turn of the
+        loop is what costs: a receipt batch written that way held the lock for 60-250 ms
+        while reservations queued behind it (docs/bench.md, "Session 6"). Queued, not run:
+        :meth:`teegate.ledger.ledger.Ledger.write_receipts` queues it under that lock and
+        waits for it outside.
+        """
+
+        def run(conn: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                conn.execute(sql, params)
+
+        return queue_on_connection(self.db, lambda conn: dbthread.transaction(conn, run))
+
+    async def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        await self.queue_write_all(statements)
 
     # -- the request path -------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from teegate.ledger import Ledger, Prices
@@ -51,3 +53,44 @@ async def test_a_large_batch_is_written_whole_newest_winning(ledger: Ledger, db_
     assert await ledger.receipt("rcpt_399", key) == '{"i":399}'
     assert rows(db_path, "SELECT signature, count(*) FROM usage GROUP BY signature "
                          "ORDER BY signature") == [("pending", 150), ("verified", 150)]  # fmt: skip
+
+
+@pytest.mark.sqlite_only
+async def test_a_receipt_write_does_not_hold_the_transaction_lock_while_it_runs(
+    ledger: Ledger,
+) -> None:
+    """Queued on the connection's thread under the group commit's lock, then waited for
+    outside it: a reservation's commit never waits for a receipt batch's result to come back
+    through a busy event loop (it held the lock for several turns before)."""
+    alice = await fund(ledger, "alice", 10_000_000)
+    lock = ledger._txn_lock
+    writing = asyncio.create_task(
+        ledger.write_receipts([_r("rcpt_1", alice.key.key_id, 1, '{"v":1}')], [])
+    )
+    await asyncio.sleep(0)  # the write has started: queued, its result not back yet
+    assert not writing.done()
+    assert not lock.locked()
+    async with lock:  # a group commit may take the lock while the batch is on the thread
+        await writing
+    assert await ledger.receipt("rcpt_1", alice.key.key_id) == '{"v":1}'
+
+
+@pytest.mark.sqlite_only
+async def test_a_receipt_write_is_never_queued_inside_an_operator_transaction(
+    ledger: Ledger, db_path: str
+) -> None:
+    """An operator's write (several round trips in one transaction on the same connection)
+    holds the lock throughout, so a receipt batch queued under it lands after its COMMIT."""
+    alice = await fund(ledger, "alice", 10_000_000)
+    db = ledger._store.db
+    async with ledger._txn_lock:  # as OperatorStore's writes run on this connection
+        await db.execute("BEGIN IMMEDIATE")
+        writing = asyncio.create_task(
+            ledger.write_receipts([_r("rcpt_1", alice.key.key_id, 1, '{"v":1}')], [])
+        )
+        await db.execute("UPDATE accounts SET name = 'alice2' WHERE id = ?", (alice.account_id,))
+        await db.execute("COMMIT")
+        assert not writing.done()
+    await writing
+    assert await ledger.receipt("rcpt_1", alice.key.key_id) == '{"v":1}'
+    assert rows(db_path, "SELECT name FROM accounts") == [("alice2",)]
