@@ -8,9 +8,9 @@ real :class:`~teegate.ledger.Ledger` on a temporary SQLite file (fsync on), ``--
 tasks that each wake every ``--chunk-ms`` and burn ``--work-us`` of CPU (a chunk relayed),
 and as many requesters that reserve, hold the reservation for a stream's length and settle.
 It reports the reservation's wait (call to return) and the loop's turn time, for the
-reservation path as it is ("after") and as it was before (issue 15, "before": no
-follow-up transactions, one more future between the commit and its waiter, one sqlite3
-step per row), alternating in one process so that both see the same machine.
+reservation path as it is ("after") and as it was before session 6 ("before": a commit
+started one loop iteration after its first submit), alternating in one process so that both
+see the same machine. Tasks start eagerly, as in mitmproxy's loop.
 """
 
 from __future__ import annotations
@@ -25,37 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import summarize
+from bench.timeline_probe import defer_drain_start
 from teegate.ledger import Ledger
-from teegate.ledger import writer as writer_mod
 from tests.support.ledger import PRICES, fund
 
 
 def _before(on: bool) -> Any:
     """Switch the writer to the old path (returns a function that switches it back)."""
-    submit = writer_mod.GroupCommitter.submit
-    rounds = writer_mod.EXPRESS_ROUNDS
-    if not on:
-        return lambda: None
-    from bench.timeline_probe import _relayed
-
-    def old_submit(self: Any, op: Any, hold: int, *, wait: bool) -> Any:
-        future = submit(self, op, hold, wait=wait)
-        return _relayed(future) if future is not None else future
-
-    from teegate.ledger import batch as batch_mod
-
-    insert_rows, finalize_rows = batch_mod.insert_rows, batch_mod.finalize_rows
-    writer_mod.GroupCommitter.submit = old_submit  # type: ignore[method-assign]
-    writer_mod.EXPRESS_ROUNDS = 0
-    batch_mod.insert_rows = lambda conn, sql, rows: conn.executemany(sql, rows)
-    batch_mod.finalize_rows = lambda conn, rows: conn.executemany(batch_mod.FINALIZE_USAGE, rows)
-
-    def restore() -> None:
-        writer_mod.GroupCommitter.submit = submit  # type: ignore[method-assign]
-        writer_mod.EXPRESS_ROUNDS = rounds
-        batch_mod.insert_rows, batch_mod.finalize_rows = insert_rows, finalize_rows
-
-    return restore
+    return defer_drain_start() if on else (lambda: None)
 
 
 async def _phase(led: Ledger, key: Any, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -102,6 +79,7 @@ async def _phase(led: Ledger, key: Any, args: argparse.Namespace, tag: str) -> d
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # as mitmproxy's
     out: dict[str, Any] = {"settings": vars(args) | {"out": None}, "rounds": []}
     with tempfile.TemporaryDirectory(prefix="teegate-reserve-") as tmp:
         for r in range(args.rounds):

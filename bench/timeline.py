@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--before",
         action="store_true",
-        help="also run teegate with the reservation path as before the express lane (and "
-        "with one more future between commit and request), interleaved with the others",
+        help="also run teegate with the reservation path as before session 6 (a commit "
+        "started one loop iteration after its first submit), interleaved with the others",
     )
     args = p.parse_args(argv)
     spread = (STREAM_CHUNKS - 1) * STREAM_DELAY_MS
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     module="bench.timeline_probe",
                     env={
                         "TEEGATE_TIMELINE_OUT": str(work / "hop.jsonl"),
-                        "TEEGATE_TIMELINE_EXTRA_HOP": "1",
+                        "TEEGATE_TIMELINE_BEFORE": "1",
                     },
                 )
                 targets.append(("teegate-before", hop_path.start(up, work / "hop", True)))

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
@@ -116,21 +117,13 @@ def _probe_ledger() -> None:
     pending: list[float] = []  # submit times of reservations not yet in a batch
     submit = writer_mod.GroupCommitter.submit
 
-    extra_hop = os.environ.get("TEEGATE_TIMELINE_EXTRA_HOP") == "1"
-    if extra_hop:  # the reservation path as before issue 15's changes (bench.timeline --before)
-        from teegate.ledger import batch as batch_mod
-
-        writer_mod.EXPRESS_ROUNDS = 0
-        batch_mod.insert_rows = lambda conn, sql, rows: conn.executemany(sql, rows)
-        batch_mod.finalize_rows = lambda conn, rows: conn.executemany(
-            batch_mod.FINALIZE_USAGE, rows
-        )
+    if os.environ.get("TEEGATE_TIMELINE_BEFORE") == "1":
+        defer_drain_start()  # the reservation path as before session 6 (bench.timeline --before)
 
     def probed_submit(self: Any, op: Any, hold: int, *, wait: bool) -> Any:
         if wait:
             pending.append(time.time())
-        future = submit(self, op, hold, wait=wait)
-        return _relayed(future) if extra_hop and future is not None else future
+        return submit(self, op, hold, wait=wait)
 
     commit = writer_mod.GroupCommitter._commit
 
@@ -172,25 +165,34 @@ def _probe_ledger() -> None:
 _current: list[dict[str, Any]] = []
 
 
-def _relayed(inner: Any) -> Any:
-    """One more future between the commit and its waiter, as ``asyncio.shield`` put there
-    before (A/B comparison: ``TEEGATE_TIMELINE_EXTRA_HOP=1``): one more turn of the loop."""
+def defer_drain_start() -> Callable[[], None]:
+    """A/B: a waited-for commit starts one loop iteration after its submit (``call_soon``), as
+    before session 6, instead of at once (:meth:`teegate.ledger.commitqueue.CommitQueue._kick`).
+    Returns the function that switches it back."""
     import asyncio
 
-    outer = asyncio.get_running_loop().create_future()
+    from teegate.ledger.commitqueue import CommitQueue
 
-    def relay(f: Any) -> None:
-        if outer.done():
+    kick = CommitQueue._kick
+
+    def deferred_kick(self: Any) -> None:
+        if self._waiting and not self._stopping and self._drainer is None and self._queue:
+            if getattr(self, "_deferred", None) is None:
+
+                def start() -> None:
+                    self._deferred = None
+                    kick(self)
+
+                self._deferred = asyncio.get_running_loop().call_soon(start)
             return
-        if f.cancelled():
-            outer.cancel()
-        elif f.exception() is not None:
-            outer.set_exception(f.exception())
-        else:
-            outer.set_result(f.result())
+        kick(self)
 
-    inner.add_done_callback(relay)
-    return outer
+    CommitQueue._kick = deferred_kick  # type: ignore[method-assign]
+
+    def restore() -> None:
+        CommitQueue._kick = kick  # type: ignore[method-assign]
+
+    return restore
 
 
 def _write_commits(out: str) -> None:

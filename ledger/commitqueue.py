@@ -41,7 +41,7 @@ class CommitQueue:
         self._waiting = 0  # queued items someone awaits: reservations and flush points
         self._drainer: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None  # settlements alone, waiting
-        self._start: asyncio.Handle | None = None  # a drain starting next iteration
+        self._starting = False  # inside _start_drain (an eager drain task runs in there)
         self._inflight: list[Item] = []  # the batch being committed
         self._started = False
         self._stopping = False
@@ -93,11 +93,16 @@ class CommitQueue:
             await asyncio.shield(self._drainer)
 
     def _kick(self) -> None:
-        """Have the queue committed soon, unless a commit is in flight or only settlements wait.
+        """Have the queue committed now, unless a commit is in flight or only settlements wait.
 
-        A commit starts one loop iteration after the first submit, so every
-        request submitted in this iteration joins its batch (starting at once
-        made smaller batches under load and no faster commits).
+        A waited-for operation starts its commit at once, before its caller awaits: the
+        drain is a task, and mitmproxy's loop starts tasks eagerly, so the batch is on its
+        way to the database (SQLite: queued on the connection's thread) before the request
+        hook yields. Deferring the start by one loop iteration, as this did before, let that
+        iteration's requests share the batch, but under concurrent streams an iteration is
+        what costs (tens of ms), and the requests that arrive while a commit runs are batched
+        anyway: SQLite takes them in its express follow-up right after the COMMIT
+        (:mod:`teegate.ledger.writer`), PostgreSQL in the drain's next batch.
 
         Settlements linger: nobody waits for them, and committing each on its own
         doubled the commits a request costs, and with them the fsyncs (or round
@@ -105,28 +110,31 @@ class CommitQueue:
         with the next reservation's commit, or go on their own after
         ``settle_linger_ms`` (50 ms by default), whichever comes first.
         """
-        if self._drainer is not None or self._start is not None or not self._queue:
+        if self._drainer is not None or self._starting or not self._queue or not self._started:
             return
-        if not self._started:
-            return
-        loop = asyncio.get_running_loop()
         if self._waiting or self._stopping or not self._settle_linger_s:
-            if self._linger is not None:
-                self._linger.cancel()
-                self._linger = None
-            self._start = loop.call_soon(self._start_drain, False)
+            self._start_drain(False)
         elif self._linger is None:
-            self._linger = loop.call_later(self._settle_linger_s, self._start_drain, True)
+            self._linger = asyncio.get_running_loop().call_later(
+                self._settle_linger_s, self._start_drain, True
+            )
 
     def _start_drain(self, force: bool) -> None:
-        for handle in (self._start, self._linger):
-            if handle is not None:
-                handle.cancel()
-        self._start = self._linger = None
-        if self._drainer is None and self._queue:
-            task = asyncio.get_running_loop().create_task(self._drain(force), name=self._task_name)
-            if not task.done():  # an eager task may already have finished
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._drainer is None and self._queue and not self._starting:
+            self._starting = True  # an eager task runs up to its first await inside create_task
+            try:
+                task = asyncio.get_running_loop().create_task(
+                    self._drain(force), name=self._task_name
+                )
+            finally:
+                self._starting = False
+            if not task.done():
                 self._drainer = task
+            else:  # finished eagerly: its own last _kick was refused while starting
+                self._kick()
 
     async def _drain(self, force: bool = True) -> None:
         """Commit batches while someone waits (or ``force``: everything queued now)."""

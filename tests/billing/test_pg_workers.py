@@ -193,7 +193,8 @@ def test_a_receipt_and_its_signature_outcome_reach_the_shared_ledger(
     and the usage row in PostgreSQL records the verified signature."""
     create_account(pg_url, "receipts", "100")  # type: ignore[arg-type]
     key = create_key(pg_url, "receipts")  # type: ignore[arg-type]
-    stranger = create_key(pg_url, "probe")  # type: ignore[arg-type]
+    create_account(pg_url, "receipts-stranger", "1")  # type: ignore[arg-type]
+    stranger = create_key(pg_url, "receipts-stranger")  # type: ignore[arg-type]
     body = {**BODY, "stream": False, "max_tokens": 8}
     with httpx.Client(timeout=30) as c:
         r = c.post(f"{pair[0].api_base}/chat/completions", json=body, headers=_auth(key))
