@@ -227,3 +227,19 @@ def test_a_stream_the_upstream_cut_gets_an_incomplete_receipt(http, upstream):
     doc["receipt"]["relayed_bytes"] += 1
     with pytest.raises(ReceiptError):
         verify_receipt(doc, key)
+
+
+def test_a_stream_the_client_left_gets_an_incomplete_receipt(http, gateway, upstream):
+    upstream.behaviour(hold_after_chunks=2)
+    chat = {"model": MODEL, "messages": MSG, "stream": True}
+    try:
+        with httpx.Client(base_url=gateway.base_url, headers=http.headers, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as resp:
+                receipt_id = resp.headers["x-teegate-receipt"]
+                next(resp.iter_bytes())  # the first chunk arrived; then the client goes away
+        upstream.release()
+    finally:
+        upstream.behaviour(hold_after_chunks=None)
+    r = _receipt(http, receipt_id).json()["receipt"]
+    assert (r["outcome"], r["incomplete"]["reason"]) == ("incomplete", "client_disconnected")
+    assert r["response_sha256"] is None and r["relayed_bytes"] > 0
