@@ -1,12 +1,23 @@
 """Signed receipts for served chats, and the endpoints that hand them (and the key) out.
 
 Every chat completion that reached the upstream and was answered gets ``x-teegate-receipt:
-<id>`` in its response headers (written before a stream's first byte). When the answer has been
-relayed whole (a plain answer, or a stream that ended normally), the receipt is issued: hashes
-of the request sent and of the bytes received and relayed, the model, the time and the verdict
-the gate relied on, signed with the gateway's Ed25519 key (:mod:`teegate.catalog.attestation.
-receipts`). An answer that was cut off, refused or replaced by an error gets no receipt (its id
-then answers 404).
+<id>`` in its response headers (written before a stream's first byte), and every id a client
+was handed resolves to a signed statement of what happened. When the answer has been relayed
+whole (a plain answer, or a stream that ended normally), the receipt says ``"outcome":
+"complete"``: hashes of the request sent and of the bytes received and relayed, the model, the
+time and the verdict the gate relied on, signed with the gateway's Ed25519 key
+(:mod:`teegate.catalog.attestation.receipts`). A stream cut after its headers went out (the
+upstream broke off, the client left, a gateway fault or a failed model / E2EE check ended it)
+gets ``"outcome": "incomplete"`` with ``incomplete.reason``, the hash and byte count of what was
+relayed, and the hash of the prefix received under its own name: never a ``response_sha256``
+(the upstream signs only a whole answer; no signature check is queued, ``not_applicable``). An
+answer withheld before its headers left (a plain answer replaced by an error envelope) was never
+given its id: that promise is withdrawn (404).
+
+A fault in :class:`ReceiptIssuer` itself leaves the promise open; :class:`ReceiptRelease`, the
+next addon, resolves it (``receipt_lost`` in the log) so the id answers 404 at once instead of
+after ``ISSUE_WAIT_S``. It signs nothing then: after a fault the issuer's state is unknown, and
+a receipt must not vouch for what the gateway cannot.
 
 Under a NEAR AI / Phala verdict the receipt starts with ``upstream_signature.status =
 "pending"``; the upstream's signature is checked in the background (:mod:`.signatures`) and the
