@@ -485,6 +485,16 @@ def _cut_reason(flow: http.HTTPFlow) -> str | None:
     failed = flowstate.failed_closed(flow)
     if failed is not None and failed[0] == FailedClosed.WITHHELD:
         return None
+    # What ended the stream first: the gateway's own end (one error event) comes before the
+    # client leaving or the upstream closing after it, which only follow from it.
+    if failed is not None:
+        return "gateway_error"  # a fault cut the stream (one error event ended it)
+    if tally.model_mismatch:
+        return "model_mismatch"
+    if tally.e2ee_failed:
+        return "upstream_error" if flowstate.error_code(flow) == "upstream_error" else "e2ee_failed"
+    if tally.opaque:
+        return "unreadable"
     if flow.error is not None:
         category = error_category(flow.error.msg)
         if category == "client_disconnected":
@@ -494,14 +504,6 @@ def _cut_reason(flow: http.HTTPFlow) -> str | None:
         if flowstate.timed_out(flow) or category == "timeout":
             return "deadline"
         return "gateway_error"  # killed (drain, shutdown) or anything unnamed
-    if failed is not None:
-        return "gateway_error"  # a fault cut the stream (one error event ended it)
-    if tally.model_mismatch:
-        return "model_mismatch"
-    if tally.e2ee_failed:
-        return "upstream_error" if flowstate.error_code(flow) == "upstream_error" else "e2ee_failed"
-    if tally.opaque:
-        return "unreadable"
     if not tally.complete:
         return "upstream_aborted"
     return "gateway_error"  # not whole for another reason (an error code was recorded)

@@ -209,9 +209,10 @@ def _errored(msg: str) -> http.HTTPFlow:
     return flow
 
 
-def _failed(how: FailedClosed) -> http.HTTPFlow:
+def _failed(how: FailedClosed, error: str | None = None) -> http.HTTPFlow:
     flow = _streamed(complete=True)
     flowstate.set_failed_closed(flow, how, 200)
+    flow.error = Error(error) if error is not None else None
     return flow
 
 
@@ -222,6 +223,8 @@ def _failed(how: FailedClosed) -> http.HTTPFlow:
         (_errored("Client disconnected."), "client_disconnected"),
         (_errored("killed"), "gateway_error"),
         (_failed(FailedClosed.CUT), "gateway_error"),
+        # The client left after the gateway's error event ended the stream: the first cause.
+        (_failed(FailedClosed.CUT, "Client disconnected."), "gateway_error"),
         (_streamed(complete=True, model_mismatch=True), "model_mismatch"),
         (_streamed(complete=True, e2ee_failed=True), "e2ee_failed"),
         (_streamed(complete=True, opaque=True), "unreadable"),
