@@ -83,6 +83,10 @@ class ReceiptBook:
     def promise(self, receipt_id: str, key_id: int) -> None:
         self._issuing[receipt_id] = (key_id, asyncio.Event())
 
+    def promised(self, receipt_id: str) -> bool:
+        """Whether ``receipt_id`` is promised and neither issued nor given up yet."""
+        return receipt_id in self._issuing
+
     def settled(self, receipt_id: str) -> None:
         """Issued, or never will be: stop waiting for it."""
         entry = self._issuing.pop(receipt_id, None)

@@ -1,12 +1,23 @@
 """Signed receipts for served chats, and the endpoints that hand them (and the key) out.
 
 Every chat completion that reached the upstream and was answered gets ``x-teegate-receipt:
-<id>`` in its response headers (written before a stream's first byte). When the answer has been
-relayed whole (a plain answer, or a stream that ended normally), the receipt is issued: hashes
-of the request sent and of the bytes received and relayed, the model, the time and the verdict
-the gate relied on, signed with the gateway's Ed25519 key (:mod:`teegate.catalog.attestation.
-receipts`). An answer that was cut off, refused or replaced by an error gets no receipt (its id
-then answers 404).
+<id>`` in its response headers (written before a stream's first byte), and every id a client
+was handed resolves to a signed statement of what happened. When the answer has been relayed
+whole (a plain answer, or a stream that ended normally), the receipt says ``"outcome":
+"complete"``: hashes of the request sent and of the bytes received and relayed, the model, the
+time and the verdict the gate relied on, signed with the gateway's Ed25519 key
+(:mod:`teegate.catalog.attestation.receipts`). A stream cut after its headers went out (the
+upstream broke off, the client left, a gateway fault or a failed model / E2EE check ended it)
+gets ``"outcome": "incomplete"`` with ``incomplete.reason``, the hash and byte count of what was
+relayed, and the hash of the prefix received under its own name: never a ``response_sha256``
+(the upstream signs only a whole answer; no signature check is queued, ``not_applicable``). An
+answer withheld before its headers left (a plain answer replaced by an error envelope) was never
+given its id: that promise is withdrawn (404).
+
+A fault in :class:`ReceiptIssuer` itself leaves the promise open; :class:`ReceiptRelease`, the
+next addon, resolves it (``receipt_lost`` in the log) so the id answers 404 at once instead of
+after ``ISSUE_WAIT_S``. It signs nothing then: after a fault the issuer's state is unknown, and
+a receipt must not vouch for what the gateway cannot.
 
 Under a NEAR AI / Phala verdict the receipt starts with ``upstream_signature.status =
 "pending"``; the upstream's signature is checked in the background (:mod:`.signatures`) and the
@@ -49,12 +60,13 @@ from teegate.addons.attestation_gate import RECEIPT
 from teegate.addons.attestation_report import parse_nonce
 from teegate.addons.errors import (
     GatewayError,
+    error_category,
     guarded,
     json_response,
     method_not_allowed,
     refuse,
 )
-from teegate.addons.flowstate import Route, Stage
+from teegate.addons.flowstate import FailedClosed, Route, Stage
 from teegate.addons.headers import add_headers
 from teegate.addons.ledgerlink import LedgerLink
 from teegate.addons.receipt_book import ReceiptBook
@@ -134,6 +146,7 @@ class Receipts:
         self._reissuing: set[asyncio.Task[None]] = set()
         self.checker: SignatureChecker | None = None
         self.issuer = ReceiptIssuer(self)
+        self.release_open = ReceiptRelease(self)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -262,13 +275,17 @@ class Receipts:
         flowstate.set_upstream_answer(flow, body_sha256, _completion_id(flow))
 
     def issue(self, flow: http.HTTPFlow) -> None:
-        """Issue the promised receipt if the client got the answer whole; else withdraw it."""
+        """Issue the promised receipt: ``complete`` if the client got the answer whole,
+        ``incomplete`` if a stream whose headers (and id) went out was cut; else (an answer
+        withheld before its headers left: the client never saw the id) withdraw it."""
         receipt_id = flowstate.receipt_id(flow)
         if receipt_id is None:
             return
         try:
             if self._answered_whole(flow):
-                self._issue(flow, receipt_id)
+                self._issue(flow, receipt_id, None)
+            elif (cut := _cut_reason(flow)) is not None:
+                self._issue(flow, receipt_id, cut)
             else:
                 flowstate.response_headers(flow).pop(RECEIPT, None)
                 if flow.response is not None:  # already written (a later addon replaced it)
@@ -280,37 +297,59 @@ class Receipts:
             self.book.settled(receipt_id)
 
     def unanswered(self, flow: http.HTTPFlow) -> None:
+        """The flow ended in an error (upstream or client gone mid-stream): a stream whose
+        headers went out gets an ``incomplete`` receipt for what was relayed."""
         receipt_id = flowstate.receipt_id(flow)
-        if receipt_id is not None:
+        if receipt_id is None:
+            return
+        try:
+            cut = _cut_reason(flow)
+            if cut is not None:
+                self._issue(flow, receipt_id, cut)
+        except Exception as e:
+            rid = flowstate.request_id(flow)
+            log.error("receipt_failed", request_id=rid, error=type(e).__name__)
+        finally:
             self.book.settled(receipt_id)
+
+    def release(self, flow: http.HTTPFlow) -> None:
+        """Resolve a promise still open once the flow ended (the issuer itself failed): its
+        id answers 404 at once instead of after ``ISSUE_WAIT_S``."""
+        receipt_id = flowstate.receipt_id(flow)
+        if receipt_id is not None and self.book.promised(receipt_id):
+            self.book.settled(receipt_id)
+            log.error("receipt_lost", request_id=flowstate.request_id(flow))
 
     @staticmethod
     def _answered_whole(flow: http.HTTPFlow) -> bool:
         resp = flow.response
         if resp is None or resp.status_code >= 400 or flowstate.error_code(flow) is not None:
             return False
+        if flow.error is not None:
+            return False
         tally = flowstate.stream_tally(flow)
         if tally is None:
             return True
         return tally.complete and not (tally.model_mismatch or tally.e2ee_failed or tally.opaque)
 
-    def _issue(self, flow: http.HTTPFlow, receipt_id: str) -> None:
+    def _issue(self, flow: http.HTTPFlow, receipt_id: str, cut: str | None) -> None:
+        """Issue revision 1; ``cut`` names why a stream did not complete (``None``: it did)."""
         key = flowstate.need(flowstate.api_key(flow), "api key")
         verdict = flowstate.verdict(flow)
         tally = flowstate.stream_tally(flow)
         sent = flow.request.content or b""
         if tally is not None:
             received, relayed = tally.received.hexdigest(), tally.relayed.hexdigest()
-            completion_id = tally.completion_id
+            completion_id, relayed_bytes = tally.completion_id, tally.relayed_bytes
         else:
             body = flow.response.content if flow.response is not None else b""
-            relayed = hashlib.sha256(body or b"").hexdigest()
+            relayed, relayed_bytes = hashlib.sha256(body or b"").hexdigest(), len(body or b"")
             received, completion_id = flowstate.need(
                 flowstate.upstream_answer(flow), "upstream answer"
             )
         request_sha256 = hashlib.sha256(sent).hexdigest()
         res = flowstate.reservation(flow)
-        checking = self._expects_signature(verdict)
+        checking = cut is None and self._expects_signature(verdict)
         status = "pending" if checking else "not_applicable"
         if checking and self.checker is None:
             status = "unchecked"
@@ -323,12 +362,18 @@ class Receipts:
             "model": flowstate.catalog_model(flow).id,
             "stream": tally is not None,
             "completion_id": completion_id,
+            "outcome": "complete" if cut is None else "incomplete",
             "request_sha256": request_sha256,
-            "response_sha256": received,
+            "response_sha256": received if cut is None else None,
             "relayed_sha256": relayed,
+            "relayed_bytes": relayed_bytes,
             "verdict": self._verdict_part(flowstate.catalog_model(flow).id, verdict),
             "upstream_signature": {"status": status},
         }
+        if cut is not None:
+            # Never a response_sha256 (the upstream's signature covers only a whole answer):
+            # the hash of the prefix received, under its own name, and why it stopped.
+            body["incomplete"] = {"reason": cut, "received_sha256": received}
         if status == "pending" and self.checker is not None:
             job = SignatureJob(
                 request_id=str(flowstate.request_id(flow)),
@@ -431,6 +476,39 @@ class Receipts:
             self._reissue(job.key_id, body, job, result)
 
 
+def _cut_reason(flow: http.HTTPFlow) -> str | None:
+    """Why a stream whose headers (with the receipt id) reached the client did not complete;
+    ``None`` when no headers went out (an answer withheld whole: the client never saw the id)."""
+    tally, resp = flowstate.stream_tally(flow), flow.response
+    if tally is None or resp is None or resp.status_code >= 400:
+        return None
+    failed = flowstate.failed_closed(flow)
+    if failed is not None and failed[0] == FailedClosed.WITHHELD:
+        return None
+    # What ended the stream first: the gateway's own end (one error event) comes before the
+    # client leaving or the upstream closing after it, which only follow from it.
+    if failed is not None:
+        return "gateway_error"  # a fault cut the stream (one error event ended it)
+    if tally.model_mismatch:
+        return "model_mismatch"
+    if tally.e2ee_failed:
+        return "upstream_error" if flowstate.error_code(flow) == "upstream_error" else "e2ee_failed"
+    if tally.opaque:
+        return "unreadable"
+    if flow.error is not None:
+        category = error_category(flow.error.msg)
+        if category == "client_disconnected":
+            return "client_disconnected"
+        if category in ("upstream_disconnected", "invalid_http", "tls_failed"):
+            return "upstream_aborted"
+        if flowstate.timed_out(flow) or category == "timeout":
+            return "deadline"
+        return "gateway_error"  # killed (drain, shutdown) or anything unnamed
+    if not tally.complete:
+        return "upstream_aborted"
+    return "gateway_error"  # not whole for another reason (an error code was recorded)
+
+
 class ReceiptIssuer:
     """Issues the receipts :class:`Receipts` promised, once every addon that may still replace
     or translate the answer ran (a fault failing it closed, :class:`~teegate.addons.responses.
@@ -448,6 +526,25 @@ class ReceiptIssuer:
     @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._receipts.unanswered(flow)
+
+
+class ReceiptRelease:
+    """Mounted right after :class:`ReceiptIssuer`: a promise the issuer left open (it raised
+    before issuing or settling) is resolved here, so ``GET /v1/receipts/{id}`` answers 404 at
+    once rather than waiting ``ISSUE_WAIT_S`` for a receipt that can never come. No receipt is
+    signed then: the issuer's state after a fault is unknown, and a receipt must not state
+    what the gateway cannot vouch for."""
+
+    def __init__(self, receipts: Receipts) -> None:
+        self._receipts = receipts
+
+    @guarded_response
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._receipts.release(flow)
+
+    @guarded_response
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._receipts.release(flow)
 
 
 def _completion_id(flow: http.HTTPFlow) -> str | None:

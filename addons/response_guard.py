@@ -224,7 +224,11 @@ class GuardedStream:
             flowstate.set_error_code(flow, "internal_error")
             body = json.dumps(failed_closed_error().body(), separators=(",", ":")).encode()
             _log(type(self._inner).__name__, "stream", flow, e, "ended")
-            return [b"data: " + body + b"\n\n"]
+            event = b"data: " + body + b"\n\n"
+            tally = flowstate.stream_tally(flow)
+            if tally is not None and getattr(self._inner, "records_delivery", False):
+                tally.delivered(event)  # what the client got: its receipt and access log say so
+            return [event]
         self._relayed = self._relayed or bool(out)
         return out
 

@@ -103,6 +103,12 @@ class _Translated:
         if tally is not None:
             tally.translated = True
 
+    @property
+    def records_delivery(self) -> bool:
+        """What this returns goes to the client as is, recorded in the tally by this wrapper
+        (read by :class:`~teegate.addons.response_guard.GuardedStream`)."""
+        return True
+
     def __call__(self, data: bytes) -> list[bytes]:
         pieces = self._relay(data)
         if isinstance(pieces, bytes | bytearray):

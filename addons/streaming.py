@@ -125,6 +125,12 @@ class _Relay:
         self._on_e2ee_failure = on_e2ee_failure
 
     @property
+    def records_delivery(self) -> bool:
+        """Whether what this returns goes to the client as is (nothing translates it), recorded
+        in the tally here (read by :class:`~teegate.addons.response_guard.GuardedStream`)."""
+        return not self._tally.translated
+
+    @property
     def _ended(self) -> bool:
         return self._tally.model_mismatch or self._tally.e2ee_failed
 

@@ -115,6 +115,7 @@ def build_addons(
         # After every hook that may still replace the answer (a fault fails it closed with a
         # 502; ResponsesOut translates it): they record what the client was actually sent.
         receipts.issuer,
+        receipts.release_open,  # a promise the issuer left open (it raised): 404 at once
         RequestMetrics(meter, observed.refusals),
         AccessLog(),
         Drain(settings.workers.drain_s),  # last: a flow is done once every other hook ran

@@ -11,7 +11,10 @@ key over its canonical JSON (sorted keys, no spaces, UTF-8)::
 
 A receipt is issued when the chat ends with ``upstream_signature.status = "pending"`` and
 re-issued (same id, ``revision`` + 1, signed again) when the upstream's signature has been
-checked: the later revision supersedes the earlier one; both verify.
+checked: the later revision supersedes the earlier one; both verify. ``outcome`` says whether
+the client got the answer whole (``complete``) or a stream was cut (``incomplete``: no
+``response_sha256``, only the hashes of what was relayed and received up to the cut, and why);
+fields are only ever added within a version, so a verifier ignores the ones it does not know.
 
 The gateway's key is generated on first start (PKCS#8 PEM, file mode 0600, created
 exclusively so two starts cannot race) and its public key served at

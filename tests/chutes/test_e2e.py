@@ -153,7 +153,7 @@ def test_tools_round_trip_through_the_enclave(client, sandbox, stream):
 
 
 def test_a_tampered_frame_ends_the_stream_with_an_error_and_is_billed_by_the_rules(
-    gateway, client, sandbox
+    gateway, client, sandbox, http
 ):
     sandbox.behaviour(chutes_corrupt_frame=2)
     with client.chat.completions.with_streaming_response.create(
@@ -169,6 +169,10 @@ def test_a_tampered_frame_ends_the_stream_with_an_error_and_is_billed_by_the_rul
     row = usage_row(gateway.db, rid)
     assert row["source"] == "bytes"  # the usage frame never opened: delivered bytes
     assert row["charge_micro"] == expected_charge(row) > 0
+    # Its receipt id went out with the headers: an incomplete receipt says why it stopped.
+    r = http.get(f"/v1/receipts/{resp.headers['x-teegate-receipt']}").json()["receipt"]
+    assert (r["outcome"], r["incomplete"]["reason"]) == ("incomplete", "e2ee_failed")
+    assert r["response_sha256"] is None and r["upstream_signature"]["status"] == "not_applicable"
 
 
 def test_a_tampered_plain_answer_is_not_relayed(client, sandbox):

@@ -18,6 +18,7 @@ from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import TEE
 
+STREAM_CHAT = {"model": TEE, "messages": MSG, "stream": True}
 WITHHELD = "withheld after a gateway fault: charged the reservation"
 CUT = "cut by a gateway fault: charged the reservation"
 
@@ -142,7 +143,9 @@ def test_a_stream_whose_headers_hook_raised_is_a_502(
     assert_recorded_as_sent(gateway, exc.value, chat, before)
 
 
-def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream, client, fault):
+def test_a_stream_whose_relay_raised_ends_with_an_error_event(
+    gateway, upstream, client, http, fault
+):
     upstream.behaviour(hold_after_chunks=1)
     stream = client.chat.completions.create(model=TEE, messages=MSG, stream=True)
     rid = stream.response.headers["x-request-id"]
@@ -158,6 +161,25 @@ def test_a_stream_whose_relay_raised_ends_with_an_error_event(gateway, upstream,
     assert "internal error" in exc.value.message
     assert_charged(gateway, rid, CUT)
     assert_logged_without_content(gateway, "stream", got)
+    # Its receipt id went out with the headers: it resolves to what happened.
+    doc = http.get(f"/v1/receipts/{stream.response.headers['x-teegate-receipt']}").json()
+    r = doc["receipt"]
+    assert (r["outcome"], r["incomplete"]["reason"]) == ("incomplete", "gateway_error")
+    assert r["response_sha256"] is None and r["relayed_bytes"] > 0
+
+
+def test_a_receipt_the_issuer_failed_on_answers_404_at_once(gateway, upstream, http, fault):
+    """The stream was relayed whole (its id with it), then the issuer raised: the promise is
+    released as the flow ends (``receipt_lost``), so the id answers 404 without the wait."""
+    fault.write_text("ReceiptIssuer.response")
+    with http.stream("POST", "/v1/chat/completions", json=STREAM_CHAT) as resp:
+        body = resp.read()
+    assert resp.status_code == 200 and b"[DONE]" in body
+    rid, receipt_id = resp.headers["x-request-id"], resp.headers["x-teegate-receipt"]
+    gateway.access_line(rid, event="receipt_lost")  # the promise is gone: nothing to wait for
+    fault.write_text("")  # the issuer's fault would withhold the receipt endpoint's answer too
+    answer = http.get(f"/v1/receipts/{receipt_id}")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "receipt_not_found"
 
 
 def test_a_responses_answer_whose_translation_raised_is_withheld(

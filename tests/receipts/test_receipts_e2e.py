@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from teegate.catalog.attestation.receipts import canonical
+from teegate.catalog.attestation.receipts import ReceiptError, canonical, verify_receipt
 from teegate.cli import main
 from tests.support.accounts import create_key
 from tests.support.gateway_proc import GatewayProc, start_gateway
@@ -78,6 +78,8 @@ def test_receipt_header_owner_only_and_hashes(http, client, upstream, other_key,
     doc = _checked(http, receipt_id)
     r = doc["receipt"]
     assert r["id"] == receipt_id and r["model"] == MODEL and r["stream"] is stream
+    assert r["outcome"] == "complete" and "incomplete" not in r
+    assert r["relayed_bytes"] == len(body)
     assert r["revision"] == 2 and r["upstream_signature"]["status"] == "verified"
     # Hashes of what actually crossed the wire, checked against the sandbox's own record.
     [sent] = [e for e in upstream.requests(since=seen) if e["path"] == "/v1/chat/completions"]
@@ -192,3 +194,52 @@ def test_signature_by_another_key_refuses_the_model(http, client, upstream):
     finally:
         httpx.post(f"{upstream.base_url}/_sandbox/signatures", json={FORGED: "valid"},
                    timeout=10).raise_for_status()  # fmt: skip
+
+
+def test_a_stream_the_upstream_cut_gets_an_incomplete_receipt(http, upstream):
+    """The id went out with the headers, so it resolves: a signed ``incomplete`` receipt that
+    hashes exactly the bytes the client got, and claims no ``response_sha256``."""
+    upstream.behaviour(stop_after_chunks=3)
+    got = bytearray()
+    chat = {"model": MODEL, "messages": MSG, "stream": True}
+    try:
+        with http.stream("POST", "/v1/chat/completions", json=chat) as resp:
+            assert resp.status_code == 200
+            receipt_id = resp.headers["x-teegate-receipt"]
+            with pytest.raises(httpx.HTTPError):
+                for piece in resp.iter_bytes():
+                    got += piece
+    finally:
+        upstream.behaviour(stop_after_chunks=None)
+    assert got and b"[DONE]" not in got
+    answer = _receipt(http, receipt_id)
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    key = http.get("/v1/attestation/gateway").json()["public_key"]
+    r = verify_receipt(doc, key)
+    assert r["id"] == receipt_id and r["revision"] == 1 and r["stream"] is True
+    assert r["outcome"] == "incomplete" and r["incomplete"]["reason"] == "upstream_aborted"
+    assert r["response_sha256"] is None  # never a hash the upstream's signature would cover
+    assert r["relayed_sha256"] == hashlib.sha256(got).hexdigest()
+    assert r["relayed_bytes"] == len(got)
+    assert len(r["incomplete"]["received_sha256"]) == 64
+    assert r["upstream_signature"] == {"status": "not_applicable"}  # no check was queued
+    doc["receipt"]["relayed_bytes"] += 1
+    with pytest.raises(ReceiptError):
+        verify_receipt(doc, key)
+
+
+def test_a_stream_the_client_left_gets_an_incomplete_receipt(http, gateway, upstream):
+    upstream.behaviour(hold_after_chunks=2)
+    chat = {"model": MODEL, "messages": MSG, "stream": True}
+    try:
+        with httpx.Client(base_url=gateway.base_url, headers=http.headers, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json=chat) as resp:
+                receipt_id = resp.headers["x-teegate-receipt"]
+                next(resp.iter_bytes())  # the first chunk arrived; then the client goes away
+        upstream.release()
+    finally:
+        upstream.behaviour(hold_after_chunks=None)
+    r = _receipt(http, receipt_id).json()["receipt"]
+    assert (r["outcome"], r["incomplete"]["reason"]) == ("incomplete", "client_disconnected")
+    assert r["response_sha256"] is None and r["relayed_bytes"] > 0

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from mitmproxy import http
+from mitmproxy.flow import Error
+from mitmproxy.test import tflow
 
+from teegate.addons import flowstate
+from teegate.addons.flowstate import FailedClosed
 from teegate.addons.receipt_book import ReceiptBook
+from teegate.addons.receipts import Receipts, _cut_reason
+from teegate.addons.streaming import StreamTally
 from teegate.catalog.attestation.receipts import (
     RECEIPT_VERSION,
     ReceiptError,
@@ -103,6 +112,9 @@ class _Link:
     async def write_receipts(self, stored: list[Any], rows: list[tuple[int, str]]) -> None:
         self.writes.append((stored, rows))
 
+    async def receipt(self, receipt_id: str, key_id: int) -> str | None:
+        return None
+
 
 class _CountingSigner(ReceiptSigner):
     calls = 0
@@ -183,3 +195,56 @@ async def test_a_receipt_out_of_memory_is_read_back_and_reissued(tmp_path: Path)
     assert [s.revision for s in stored] == [2] and rows == [(11, "verified")]
     doc = verify_receipt(json.loads(stored[0].document), public_hex(key))
     assert doc["upstream_signature"]["status"] == "verified"
+
+
+def _streamed(**tally: Any) -> http.HTTPFlow:
+    flow = tflow.tflow(resp=True)
+    flowstate.set_stream_tally(flow, StreamTally(**tally))
+    return flow
+
+
+def _errored(msg: str) -> http.HTTPFlow:
+    flow = _streamed()
+    flow.error = Error(msg)
+    return flow
+
+
+def _failed(how: FailedClosed, error: str | None = None) -> http.HTTPFlow:
+    flow = _streamed(complete=True)
+    flowstate.set_failed_closed(flow, how, 200)
+    flow.error = Error(error) if error is not None else None
+    return flow
+
+
+@pytest.mark.parametrize(
+    ("flow", "reason"),
+    [
+        (_errored("Server disconnected."), "upstream_aborted"),
+        (_errored("Client disconnected."), "client_disconnected"),
+        (_errored("killed"), "gateway_error"),
+        (_failed(FailedClosed.CUT), "gateway_error"),
+        # The client left after the gateway's error event ended the stream: the first cause.
+        (_failed(FailedClosed.CUT, "Client disconnected."), "gateway_error"),
+        (_streamed(complete=True, model_mismatch=True), "model_mismatch"),
+        (_streamed(complete=True, e2ee_failed=True), "e2ee_failed"),
+        (_streamed(complete=True, opaque=True), "unreadable"),
+        (_streamed(complete=False), "upstream_aborted"),
+        (_failed(FailedClosed.WITHHELD), None),  # replaced before its headers (and id) left
+        (tflow.tflow(resp=True), None),  # a plain answer: its headers left with its body
+    ],
+)
+def test_why_a_promised_stream_is_incomplete(flow: http.HTTPFlow, reason: str | None) -> None:
+    assert _cut_reason(flow) == reason
+
+
+async def test_a_promise_left_open_is_released_and_its_waiters_go_at_once() -> None:
+    book = ReceiptBook(_Link())  # type: ignore[arg-type]
+    book.promise("rcpt_lost", 7)
+    waiter = asyncio.create_task(book.get("rcpt_lost", 7, 3600))
+    await asyncio.sleep(0)
+    assert book.promised("rcpt_lost") and not waiter.done()
+    flow = tflow.tflow(resp=True)
+    flowstate.set_receipt_id(flow, "rcpt_lost")
+    Receipts.release(SimpleNamespace(book=book), flow)  # type: ignore[arg-type]
+    assert not book.promised("rcpt_lost")  # nothing left to wait for: a GET answers 404 now
+    assert await waiter is None

@@ -87,7 +87,7 @@ def test_every_response_side_hook_of_every_addon_is_guarded():
 def test_the_log_and_the_metrics_run_after_every_hook_that_may_replace_the_answer():
     """A hook that fails closed turns the answer into a 502: whatever describes the answer
     (receipt, access log, metrics) must run after it, or describes one the client never got.
-    Only Drain (it replaces nothing) may follow them."""
+    Only Drain and ReceiptRelease (they replace nothing) may follow them."""
     addons = build_addons(config.Settings())
     names = [type(a).__name__ for a in addons]
     first = min(names.index(n) for n in ("ReceiptIssuer", "AccessLog", "RequestMetrics"))
@@ -96,7 +96,8 @@ def test_the_log_and_the_metrics_run_after_every_hook_that_may_replace_the_answe
         for a in addons[first:]
         if any(getattr(a, hook, None) is not None for hook in RESPONSE_HOOKS)
     ]
-    assert sorted(after) == ["AccessLog", "Drain", "ReceiptIssuer", "RequestMetrics"]
+    want = ["AccessLog", "Drain", "ReceiptIssuer", "ReceiptRelease", "RequestMetrics"]
+    assert sorted(after) == want
 
 
 def test_a_request_hook_cannot_be_response_guarded():
