@@ -1,0 +1,104 @@
+"""A PostgreSQL server that goes silent (host gone, network partition): requests fail fast.
+
+Between the ledger and the real test cluster sits a forwarder that can stop relaying bytes
+while keeping every socket open (:class:`tests.support.silent_forwarder.SilentForwarder`):
+no RST, no answer, as a partition looks from the client. Every request-path statement must
+then fail closed (:class:`LedgerUnavailable`) within ``statement_timeout_ms`` instead of the
+kernel's ~30 s, its connection replaced, and a reservation whose answer was lost must end
+neither charged nor open once the network is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import psycopg.conninfo
+import pytest
+
+from teegate.ledger import Ledger, LedgerUnavailable
+from tests.support import ledgerdb as db
+from tests.support.ledger import PRICES, fund
+from tests.support.postgres import Cluster
+from tests.support.silent_forwarder import SilentForwarder
+
+DEADLINE_MS = 400
+MARGIN_S = 1.5  # scheduling on a loaded 2-core machine; far below the kernel's 30 s
+
+
+@pytest.fixture
+def url(pg_cluster: Cluster, pg_module_db: str) -> str:
+    return pg_cluster.reset(pg_module_db)
+
+
+@pytest.fixture
+def forwarder(pg_cluster: Cluster) -> Iterator[SilentForwarder]:
+    fwd = SilentForwarder(pg_cluster.socket_dir / ".s.PGSQL.5432")
+    try:
+        yield fwd
+    finally:
+        fwd.close()
+
+
+async def _fails_fast(call: Callable[[], Awaitable[object]]) -> float:
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable):
+        await call()
+    took = time.monotonic() - started
+    assert took < DEADLINE_MS / 1000 + MARGIN_S, took
+    return took
+
+
+async def _until_ok[T](call: Callable[[], Awaitable[T]], within_s: float = 15.0) -> T:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await call()
+        except LedgerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)  # the reconnect back-off: polled, not raced
+
+
+@pytest.mark.parametrize("lost", ["both ways", "answers only"])
+async def test_a_silent_server_fails_requests_within_the_deadline_then_serves_again(
+    url: str, forwarder: SilentForwarder, lost: str
+) -> None:
+    """``both ways``: nothing reaches the server (the held bytes arrive when it heals).
+    ``answers only``: the reservation commits but its answer never comes: in doubt, and
+    released once the worker is back (its request was refused), never charged or left open."""
+    database = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    led = await Ledger.open(forwarder.url(database), statement_timeout_ms=DEADLINE_MS)
+    try:
+        f = await fund(led, "alice", 10_000)
+        _, other = await led.create_key(f.account_id, label="never looked up")
+        before = await led.reserve("before", f.key, "m", PRICES, 1000)
+        await led.settle(before, 10, 10, 0, "usage")
+        await led.flush()
+        forwarder.silence(up=lost == "both ways")
+        took = await _fails_fast(lambda: led.reserve("silent", f.key, "m", PRICES, 4000))
+        await _fails_fast(lambda: led.authenticate(other))  # a key lookup on the other one
+        await _fails_fast(lambda: led.count_request(f.key))
+        forwarder.resume()
+        after = await _until_ok(lambda: led.reserve("after", f.key, "m", PRICES, 1000))
+        await led.settle(after, 10, 10, 0, "usage")
+        await led.flush()
+        assert await led.authenticate(other) is not None
+        state = await _until_ok(lambda: _settled(url, "silent"))
+        assert state in ((), ("released",)), state  # never committed, or released
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 2 * 30,)
+        assert db.one(url, "SELECT count(*) FROM usage WHERE state = 'open'") == (0,)
+        assert (await led.verify()).ok
+        print(f"silent reservation refused after {took:.3f} s (deadline {DEADLINE_MS} ms)")
+    finally:
+        forwarder.resume()
+        await led.close()
+
+
+async def _settled(url: str, request_id: str) -> tuple[str, ...]:
+    """The reservation's final state (``()``: none was committed); waits out an open one."""
+    row = db.one(url, "SELECT state FROM usage WHERE request_id = ?", (request_id,))
+    if row == ("open",):
+        raise LedgerUnavailable("still open")
+    return tuple(row or ())
