@@ -135,6 +135,7 @@ class PgLedger(ServingLedger):
         self._connecting = asyncio.Lock()
         self._backoff = Backoff()
         self._lock_lost = False  # the writing connection died: the next one takes a new id
+        self._writer_pid: int | None = None  # its server process, ended before re-locking
         self._commits_seen = -1  # group commits as of the last check_writer
         self.recovered = []
 
@@ -248,6 +249,7 @@ class PgLedger(ServingLedger):
                     await conn.close()
                 raise
             self._writer_conn = conn
+            self._writer_pid = conn.info.backend_pid
             return conn
 
     async def _relock(self, conn: Any, known: set[int]) -> None:
@@ -262,6 +264,7 @@ class PgLedger(ServingLedger):
         else:
             raise LedgerLocked(f"no free worker id in the sequence of {self.path}")
         old = self.worker_id
+        await self._end_old_session(conn, old)
         cur = await conn.execute(  # ours, under whichever id an earlier attempt left them
             "UPDATE usage SET worker_id = %s WHERE state = 'open' "
             "AND reservation_id = ANY(%s) RETURNING reservation_id",
@@ -281,6 +284,25 @@ class PgLedger(ServingLedger):
             consequence="reservations not adopted were charged in full by a sweeper; "
             "their settlements are dropped as duplicates",
         )
+
+    async def _end_old_session(self, conn: Any, old: int) -> None:
+        """End the lost connection's server session if it still lives (a partition, or a
+        deadline that severed a silent connection): until it ends, a statement of ours still
+        on its way to it (a reservation in doubt) could commit after :meth:`_release_in_doubt`
+        looked for it and stay open under the old id, to be charged in full by a sweep for a
+        request that was refused. Only that process, and only while it holds the old id's
+        lock (a process id can be reused by another session after a restart)."""
+        pid, self._writer_pid = self._writer_pid, None
+        if pid is None:
+            return
+        wait_ms = max(1, round((self._deadline_s or 5.0) * 500))  # half the deadline
+        cur = await conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = %s AND objid = %s AND objsubid = 2 AND granted AND pid = %s",
+            (wait_ms, LOCK_SPACE, old, pid),
+        )
+        for (ended,) in await cur.fetchall():
+            log.warning("ledger.old_session_ended", worker_id=old, ended=bool(ended))
 
     def _doubt(self, op: dict[str, Any]) -> None:
         self._in_doubt[op["request_id"]] = op

@@ -102,3 +102,32 @@ async def _settled(url: str, request_id: str) -> tuple[str, ...]:
     if row == ("open",):
         raise LedgerUnavailable("still open")
     return tuple(row or ())
+
+
+async def test_a_reservation_held_in_a_partition_cannot_commit_after_the_worker_came_back(
+    url: str, forwarder: SilentForwarder
+) -> None:
+    """The new connection comes up while the old one is still partitioned, its reservation
+    held on the way: the worker ends the old server session before it settles what was in
+    doubt, so the held statement can never commit later (under the old id, for a sweeper
+    to charge in full for a refused request)."""
+    database = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    led = await Ledger.open(
+        forwarder.url(database), statement_timeout_ms=DEADLINE_MS, sweep_interval_s=0.2
+    )
+    try:
+        f = await fund(led, "alice", 10_000)
+        forwarder.silence()
+        await _fails_fast(lambda: led.reserve("held", f.key, "m", PRICES, 4000))
+        forwarder.heal_new_connections()
+        after = await _until_ok(lambda: led.reserve("after", f.key, "m", PRICES, 1000))
+        forwarder.resume()  # the held reservation arrives now, too late to commit
+        await led.settle(after, 10, 10, 0, "usage")
+        await led.flush()
+        await led.sweep()
+        assert db.one(url, "SELECT state FROM usage WHERE request_id = 'held'") is None
+        assert db.one(url, "SELECT balance_micro FROM accounts") == (10_000 - 30,)
+        assert (await led.verify()).ok
+    finally:
+        forwarder.resume()
+        await led.close()

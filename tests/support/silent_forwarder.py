@@ -23,6 +23,7 @@ class SilentForwarder:
         self._loop = asyncio.new_event_loop()
         self._up = asyncio.Event()  # client -> server flows
         self._down = asyncio.Event()  # server -> client flows
+        self._older: list[asyncio.Event] = []  # connections from before heal_new_connections
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
@@ -54,7 +55,25 @@ class SilentForwarder:
         self._loop.call_soon_threadsafe(apply)
 
     def resume(self) -> None:
-        self._loop.call_soon_threadsafe(lambda: (self._up.set(), self._down.set()))
+        """Relay again, on every connection."""
+
+        def apply() -> None:
+            for flow in (*self._older, self._up, self._down):
+                flow.set()
+
+        self._loop.call_soon_threadsafe(apply)
+
+    def heal_new_connections(self) -> None:
+        """Relay on connections made from now on; the older ones stay silent (bytes held)
+        until :meth:`resume`: a partition that healed for new routes first."""
+
+        def apply() -> None:
+            self._older += [self._up, self._down]
+            self._up, self._down = asyncio.Event(), asyncio.Event()
+            self._up.set()
+            self._down.set()
+
+        self._loop.call_soon_threadsafe(apply)
 
     async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         self.connections += 1
