@@ -443,11 +443,17 @@ class PgLedger(ServingLedger):
         future = self._writer.submit(reservation_row(op, rate_limit), wait=True)
         assert future is not None
         try:
-            row: Row = await asyncio.shield(future)
-        except asyncio.CancelledError:
+            # The deadline also bounds the wait in the queue: behind a group commit that is
+            # itself waiting out the deadline, or the writer's back-off after one failed.
+            row: Row = await asyncio.wait_for(asyncio.shield(future), self._deadline_s)
+        except (asyncio.CancelledError, TimeoutError) as e:
             future.add_done_callback(
                 lambda f: self._release_abandoned(f, op, rate_limit)  # the hold may still commit
             )
+            if isinstance(e, TimeoutError):
+                raise LedgerUnavailable(
+                    f"{self.path}: the reservation was not committed within the deadline"
+                ) from None
             raise
         return self._outcome(row, op, rate_limit)
 

@@ -241,7 +241,7 @@ class LedgerSettings(_Section):
     """PostgreSQL only: a request-path statement (key lookup, reservation commit, rate count)
     with no answer by then fails the request closed (503 billing_unavailable) and its
     connection is replaced, instead of waiting ~30 s for the kernel to give up on a silent
-    server (one queued behind a group commit already in flight: up to twice this). Also the
+    server; it also bounds a reservation's wait in the group commit's queue. Also the
     server's statement_timeout / idle_in_transaction_session_timeout there."""
     key_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_]{1,32}$")
     """Prefix of the gateway's API keys; the default is the ledger's own (teegate.ledger.keys)."""
