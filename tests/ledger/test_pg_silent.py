@@ -130,3 +130,18 @@ async def test_a_reservation_held_in_a_partition_cannot_commit_after_the_worker_
     finally:
         forwarder.resume()
         await led.close()
+
+
+async def test_request_path_connections_carry_the_deadline_on_the_server_side(url: str) -> None:
+    """The writing connection's statements are all short: the server cancels one past the
+    deadline; both connections end a session left idle inside a transaction."""
+    led = await Ledger.open(url, statement_timeout_ms=1234)
+    try:
+        writer = led._writer_conn  # type: ignore[attr-defined]
+        reader = led._admin.db  # type: ignore[attr-defined]
+        names = "current_setting('statement_timeout'), " \
+            "current_setting('idle_in_transaction_session_timeout')"  # fmt: skip
+        assert await (await writer.execute(f"SELECT {names}")).fetchone() == ("1234ms", "1234ms")
+        assert await (await reader.execute(f"SELECT {names}")).fetchone() == ("0", "1234ms")
+    finally:
+        await led.close()
