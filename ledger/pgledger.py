@@ -292,7 +292,7 @@ class PgLedger(ServingLedger):
         looked for it and stay open under the old id, to be charged in full by a sweep for a
         request that was refused. Only that process, and only while it holds the old id's
         lock (a process id can be reused by another session after a restart)."""
-        pid, self._writer_pid = self._writer_pid, None
+        pid = self._writer_pid
         if pid is None:
             return
         wait_ms = max(1, round((self._deadline_s or 5.0) * 500))  # half the deadline
@@ -303,6 +303,7 @@ class PgLedger(ServingLedger):
         )
         for (ended,) in await cur.fetchall():
             log.warning("ledger.old_session_ended", worker_id=old, ended=bool(ended))
+        self._writer_pid = None  # ended or gone (a failed attempt tries again next time)
 
     def _doubt(self, op: dict[str, Any]) -> None:
         self._in_doubt[op["request_id"]] = op
