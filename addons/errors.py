@@ -231,6 +231,39 @@ def html_free_error_pages() -> None:
 
     make_error_response._teegate = True  # type: ignore[attr-defined]
     _http1.make_error_response = make_error_response
+    _record_error_page_status()
+
+
+def _record_error_page_status() -> None:
+    """Note on the flow the status of the error page mitmproxy is about to write for it.
+
+    Its own pages (502 when an egress passthrough's host refuses the connection or a server
+    breaks off, ...) are written after the ``error`` hook, where the access log and the
+    metrics record the flow: without this they saw no response and recorded ``status=None``
+    for a client that got a 502. The status is mitmproxy's own choice
+    (``ErrorCode.http_status_code``, the same for HTTP/1 and HTTP/2 clients), taken from the
+    protocol error before the hook runs; an addon that writes its own page in the hook
+    (:mod:`teegate.addons.deadline`) overrides it there.
+    """
+    from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError
+
+    original = HttpStream.handle_protocol_error
+    if getattr(original, "_teegate", False):
+        return
+
+    def handle_protocol_error(self: Any, event: Any) -> Any:
+        if (
+            isinstance(event, ResponseProtocolError)
+            and self.client_state != self.state_errored  # else nothing goes to the client
+            and self.flow.response is None
+        ):
+            status = event.code.http_status_code()
+            if status is not None:
+                flowstate.set_error_page_status(self.flow, status)
+        return original(self, event)
+
+    handle_protocol_error._teegate = True  # type: ignore[attr-defined]
+    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
 
 
 def _classify(status: int) -> tuple[str, str]:

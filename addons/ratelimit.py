@@ -134,9 +134,13 @@ class RateLimit:
 
         Synchronous (no coroutine) for every other flow: mitmproxy awaits what a hook
         returns only when it is awaitable, so responses pay nothing without shared limits.
+        Not a request refused because the ledger is unavailable: the count would go to the
+        same unanswering database and hold the 503 for another deadline (a silent server).
         """
         key = flowstate.api_key(flow)
         if key is None or flowstate.shared_limit(flow) is None or flowstate.rate_counted(flow):
+            return None
+        if flowstate.error_code(flow) == "billing_unavailable":
             return None
         shared = self._shared()
         if shared is None:

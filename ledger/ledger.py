@@ -154,12 +154,13 @@ class Ledger(ServingLedger):
         worker_id: int | None = None,
         key_poll_ms: float = 200.0,
         sweep_interval_s: float = 10.0,
+        statement_timeout_ms: float | None = 5000.0,
     ) -> Ledger:
         """Open (creating/migrating) the database and start serving from it.
 
         A ``postgresql://`` URL opens a :class:`teegate.ledger.pgledger.PgLedger`
-        instead (same methods; ``worker_id``, ``key_poll_ms`` and
-        ``sweep_interval_s`` apply to it only): one of many workers on one database.
+        instead (same methods; ``worker_id``, ``key_poll_ms``, ``sweep_interval_s`` and
+        ``statement_timeout_ms`` apply to it only): one of many workers on one database.
 
         Takes the serving lock (:class:`~ledger.errors.LedgerLocked` if another
         process holds it), then -- unless ``recover=False`` -- settles every
@@ -176,6 +177,7 @@ class Ledger(ServingLedger):
                 settle_linger_ms=settle_linger_ms,
                 key_poll_ms=key_poll_ms,
                 sweep_interval_s=sweep_interval_s,
+                statement_timeout_ms=statement_timeout_ms,
                 worker_id=worker_id,
                 recover=recover,
             )

@@ -75,6 +75,7 @@ from teegate.ledger.keys import DEFAULT_PREFIX, check_prefix
 from teegate.ledger.models import ApiKey, Recovered, Reservation
 from teegate.ledger.operator import now_ms
 from teegate.ledger.ops import Finalization, NewReservation
+from teegate.ledger.pgdeadline import bounded, request_path_settings
 from teegate.ledger.pgschema import LOCK_SPACE, redact
 from teegate.ledger.pgstore import Backoff, PgStore, connect
 from teegate.ledger.pgwriter import PgCommitter, Row, final_row, reservation_row
@@ -102,8 +103,11 @@ class PgLedger(ServingLedger):
         settle_linger_ms: float,
         key_poll_ms: float,
         sweep_interval_s: float,
+        statement_timeout_ms: float | None = None,
     ) -> None:
         self._url = url
+        # Every request-path statement's bound (see teegate.ledger.pgstore.bounded).
+        self._deadline_s = None if statement_timeout_ms is None else statement_timeout_ms / 1000
         self.path = redact(url)
         self.worker_id = worker_id
         self._admin = self._reads = self._writes = admin
@@ -131,6 +135,7 @@ class PgLedger(ServingLedger):
         self._connecting = asyncio.Lock()
         self._backoff = Backoff()
         self._lock_lost = False  # the writing connection died: the next one takes a new id
+        self._writer_pid: int | None = None  # its server process, ended before re-locking
         self._commits_seen = -1  # group commits as of the last check_writer
         self.recovered = []
 
@@ -146,6 +151,7 @@ class PgLedger(ServingLedger):
         settle_linger_ms: float = 50.0,
         key_poll_ms: float = 200.0,
         sweep_interval_s: float = 10.0,
+        statement_timeout_ms: float | None = 5000.0,
         worker_id: int | None = None,
         recover: bool = True,
         **_: object,
@@ -155,13 +161,19 @@ class PgLedger(ServingLedger):
         ``worker_id``: an explicit id (unique across every machine on this
         database; :class:`LedgerLocked` if a live worker holds it), or None for
         the next id of the database's ``worker_ids`` sequence.
+        ``statement_timeout_ms``: a request-path statement (key lookup, group commit, rate
+        count) with no answer by then fails closed (:class:`LedgerUnavailable`) and its
+        connection is replaced; None: no bound but the keepalives'.
         """
         check_prefix(key_prefix)
         if key_poll_ms <= 0 or sweep_interval_s <= 0:
             raise ValueError("key_poll_ms and sweep_interval_s must be positive")
         if worker_id is not None and (isinstance(worker_id, bool) or worker_id < 1):
             raise ValueError("worker_id must be a positive integer")
-        admin = await PgStore.open(url)
+        if statement_timeout_ms is not None and statement_timeout_ms <= 0:
+            raise ValueError("statement_timeout_ms must be positive")
+        deadline_s = None if statement_timeout_ms is None else statement_timeout_ms / 1000
+        admin = await PgStore.open(url, deadline_s=deadline_s)
         ledger: PgLedger | None = None
         try:
             if worker_id is None:
@@ -176,6 +188,7 @@ class PgLedger(ServingLedger):
                 settle_linger_ms=settle_linger_ms,
                 key_poll_ms=key_poll_ms,
                 sweep_interval_s=sweep_interval_s,
+                statement_timeout_ms=statement_timeout_ms,
             )
             await ledger._connect_writer()
             await ledger._start(recover)
@@ -213,7 +226,11 @@ class PgLedger(ServingLedger):
                 log.error("ledger.writer_lost", worker_id=self.worker_id)
             self._backoff.check(self.path)
             try:
-                conn = await connect(self._url)
+                conn = await connect(
+                    self._url,
+                    timeout_s=self._deadline_s,
+                    session=request_path_settings(self._deadline_s, statements=True),
+                )
             except LedgerUnavailable:
                 self._backoff.failed()
                 raise
@@ -221,8 +238,8 @@ class PgLedger(ServingLedger):
             try:
                 if self._lock_lost:
                     ids = set(self._open) | self._writer.queued_final_ids()
-                    await self._relock(conn, ids)
-                elif not await _try_lock(conn, self.worker_id):
+                    await self._bound(conn, self._relock(conn, ids), "re-locking")
+                elif not await self._bound(conn, _try_lock(conn, self.worker_id), "locking"):
                     raise LedgerLocked(
                         f"ledger worker id {self.worker_id} is held by a live worker on "
                         f"{self.path}"
@@ -232,6 +249,7 @@ class PgLedger(ServingLedger):
                     await conn.close()
                 raise
             self._writer_conn = conn
+            self._writer_pid = conn.info.backend_pid
             return conn
 
     async def _relock(self, conn: Any, known: set[int]) -> None:
@@ -246,6 +264,7 @@ class PgLedger(ServingLedger):
         else:
             raise LedgerLocked(f"no free worker id in the sequence of {self.path}")
         old = self.worker_id
+        await self._end_old_session(conn, old)
         cur = await conn.execute(  # ours, under whichever id an earlier attempt left them
             "UPDATE usage SET worker_id = %s WHERE state = 'open' "
             "AND reservation_id = ANY(%s) RETURNING reservation_id",
@@ -265,6 +284,26 @@ class PgLedger(ServingLedger):
             consequence="reservations not adopted were charged in full by a sweeper; "
             "their settlements are dropped as duplicates",
         )
+
+    async def _end_old_session(self, conn: Any, old: int) -> None:
+        """End the lost connection's server session if it still lives (a partition, or a
+        deadline that severed a silent connection): until it ends, a statement of ours still
+        on its way to it (a reservation in doubt) could commit after :meth:`_release_in_doubt`
+        looked for it and stay open under the old id, to be charged in full by a sweep for a
+        request that was refused. Only that process, and only while it holds the old id's
+        lock (a process id can be reused by another session after a restart)."""
+        pid = self._writer_pid
+        if pid is None:
+            return
+        wait_ms = max(1, round((self._deadline_s or 5.0) * 500))  # half the deadline
+        cur = await conn.execute(
+            "SELECT pg_terminate_backend(pid, %s) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = %s AND objid = %s AND objsubid = 2 AND granted AND pid = %s",
+            (wait_ms, LOCK_SPACE, old, pid),
+        )
+        for (ended,) in await cur.fetchall():
+            log.warning("ledger.old_session_ended", worker_id=old, ended=bool(ended))
+        self._writer_pid = None  # ended or gone (a failed attempt tries again next time)
 
     def _doubt(self, op: dict[str, Any]) -> None:
         self._in_doubt[op["request_id"]] = op
@@ -308,7 +347,7 @@ class PgLedger(ServingLedger):
             return
         conn = await self._connect_writer()
         try:
-            await conn.execute("SELECT 1")
+            await self._bound(conn, conn.execute("SELECT 1"), "writer check")
         except psycopg.OperationalError:
             if not conn.broken:
                 raise
@@ -353,7 +392,7 @@ class PgLedger(ServingLedger):
             return False
         try:
             conn = await self._connect_writer()
-            cur = await conn.execute("SELECT pg_is_in_recovery()")
+            cur = await self._bound(conn, conn.execute("SELECT pg_is_in_recovery()"), "probe")
             row = await cur.fetchone()
         except Exception:
             return False
@@ -383,8 +422,10 @@ class PgLedger(ServingLedger):
         except LedgerError as e:
             raise LedgerUnavailable(str(e)) from None
         try:
-            cur = await conn.execute(
-                "SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)
+            cur = await self._bound(
+                conn,
+                conn.execute("SELECT started_ms, count FROM teegate_count(%s)", (key.key_id,)),
+                "rate count",
             )
             row = await cur.fetchone()
         except psycopg.OperationalError as e:  # the connection died: replaced at next use
@@ -403,11 +444,17 @@ class PgLedger(ServingLedger):
         future = self._writer.submit(reservation_row(op, rate_limit), wait=True)
         assert future is not None
         try:
-            row: Row = await asyncio.shield(future)
-        except asyncio.CancelledError:
+            # The deadline also bounds the wait in the queue: behind a group commit that is
+            # itself waiting out the deadline, or the writer's back-off after one failed.
+            row: Row = await asyncio.wait_for(asyncio.shield(future), self._deadline_s)
+        except (asyncio.CancelledError, TimeoutError) as e:
             future.add_done_callback(
                 lambda f: self._release_abandoned(f, op, rate_limit)  # the hold may still commit
             )
+            if isinstance(e, TimeoutError):
+                raise LedgerUnavailable(
+                    f"{self.path}: the reservation was not committed within the deadline"
+                ) from None
             raise
         return self._outcome(row, op, rate_limit)
 
@@ -473,11 +520,19 @@ class PgLedger(ServingLedger):
             conn = await self._connect_writer()
         except LedgerError as e:
             raise LedgerUnavailable(str(e)) from None
-        cur = await conn.execute(
-            "SELECT * FROM teegate_apply(%s::jsonb, %s, %s)",
-            (json.dumps(ops, separators=(",", ":")), self.worker_id, now_ms()),
+        cur = await self._bound(
+            conn,
+            conn.execute(
+                "SELECT * FROM teegate_apply(%s::jsonb, %s, %s)",
+                (json.dumps(ops, separators=(",", ":")), self.worker_id, now_ms()),
+            ),
+            "group commit",
         )
         return list(await cur.fetchall())
+
+    def _bound[T](self, conn: Any, aw: Awaitable[T], what: str) -> Awaitable[T]:
+        """``aw`` on the writing connection ``conn``, within the request path's deadline."""
+        return bounded(conn, aw, self._deadline_s, f"{self.path}: {what}")
 
     # -- checks and background work ---------------------------------------------
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import decimal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,6 +31,7 @@ import structlog
 from teegate.ledger.errors import LedgerNotFound, LedgerUnavailable
 from teegate.ledger.models import Recovered
 from teegate.ledger.operator import OperatorStore, now_ms
+from teegate.ledger.pgdeadline import bounded, request_path_settings
 from teegate.ledger.pgschema import LOCK_SPACE, migrate, redact
 
 log = structlog.get_logger("teegate.ledger")
@@ -122,20 +123,41 @@ class Backoff:
         self._delay = self._next = 0.0
 
 
-async def connect(url: str) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection with dead-peer bounds on both ends (:data:`CONNECT_DEFAULTS`)."""
+async def connect(
+    url: str, *, timeout_s: float | None = None, session: dict[str, str] | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection with dead-peer bounds on both ends (:data:`CONNECT_DEFAULTS`).
+
+    ``timeout_s``: the whole attempt (connection and settings) fails after this long (the
+    request path's deadline: libpq's ``connect_timeout`` counts whole seconds, at least 2).
+    ``session``: more server settings for this connection (:func:`request_path_settings`).
+    """
     try:
-        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_params(url))
-        settings = server_settings(url)
+        if timeout_s is None:
+            return await _connect(url, session)
+        return await asyncio.wait_for(_connect(url, session), timeout_s)
+    except psycopg.OperationalError as e:
+        raise LedgerUnavailable(f"cannot connect to {redact(url)}: {e}") from None
+    except TimeoutError:
+        raise LedgerUnavailable(
+            f"cannot connect to {redact(url)}: no answer within {timeout_s} s"
+        ) from None
+
+
+async def _connect(url: str, session: dict[str, str] | None) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_params(url))
+    try:
+        settings = {**server_settings(url), **(session or {})}
         if settings:
             names = list(settings)
             await conn.execute(
                 "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in names),
                 [x for n in names for x in (n, settings[n])],
             )
-        return conn
-    except psycopg.OperationalError as e:
-        raise LedgerUnavailable(f"cannot connect to {redact(url)}: {e}") from None
+    except BaseException:  # also a deadline's cancellation: never leave it half set up
+        await conn.close()
+        raise
+    return conn
 
 
 class PgStore(OperatorStore):
@@ -144,19 +166,31 @@ class PgStore(OperatorStore):
     _RACE_ERRORS = (psycopg.errors.UniqueViolation,)
     _USAGE_DAY = "to_char(to_timestamp(u.created_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
-    def __init__(self, db: Any, url: str) -> None:
+    def __init__(self, db: Any, url: str, *, deadline_s: float | None = None) -> None:
         super().__init__(db, redact(url))
         self._url = url
         self._txn = asyncio.Lock()  # manual BEGIN/COMMIT on a connection tasks share
         self._backoff = Backoff()
         self._closed = False
+        # The request path's bound on each statement (None: the CLI's, unbounded); lifted
+        # inside a DEFERRED transaction (a report: it may rightly take longer).
+        self.deadline_s = deadline_s
+        self._unbounded = False
+
+    def _bound[T](self, aw: Awaitable[T], what: str) -> Awaitable[T]:
+        deadline = None if self._unbounded else self.deadline_s
+        return bounded(self.db, aw, deadline, f"{self.path}: {what}")
 
     async def _live(self) -> Any:
         """The connection, replaced first if the server dropped it (a restart, a failover)."""
         if (self.db.closed or self.db.broken) and not self._closed:
             self._backoff.check(self.path)
             try:
-                new = await connect(self._url)
+                new = await connect(
+                    self._url,
+                    timeout_s=self.deadline_s,
+                    session=request_path_settings(self.deadline_s, statements=False),
+                )
             except LedgerUnavailable:
                 self._backoff.failed()
                 raise
@@ -168,9 +202,13 @@ class PgStore(OperatorStore):
         return self.db
 
     @classmethod
-    async def open(cls, url: str, *, create: bool = True, **_: object) -> PgStore:
-        """Connect and migrate. ``create=False`` refuses a database without a ledger."""
-        conn = await connect(url)
+    async def open(
+        cls, url: str, *, create: bool = True, deadline_s: float | None = None, **_: object
+    ) -> PgStore:
+        """Connect and migrate. ``create=False`` refuses a database without a ledger.
+        ``deadline_s``: the request path's bound on each statement (see :func:`bounded`);
+        the opening itself (migrations) is not bounded."""
+        conn = await connect(url, session=request_path_settings(deadline_s, statements=False))
         try:
             if not create:
                 cur = await conn.execute("SELECT to_regclass('teegate_schema') IS NOT NULL")
@@ -181,7 +219,7 @@ class PgStore(OperatorStore):
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, url)
+        return cls(conn, url, deadline_s=deadline_s)
 
     async def close(self) -> None:
         self._closed = True
@@ -196,33 +234,38 @@ class PgStore(OperatorStore):
         async with self._txn:
             try:
                 try:
-                    await (await self._live()).execute(begin)
+                    await self._bound((await self._live()).execute(begin), "BEGIN")
                 except psycopg.OperationalError:
                     if not self.db.broken:
                         raise
-                    await (await self._live()).execute(begin)  # once, on a new connection
+                    # once, on a new connection
+                    await self._bound((await self._live()).execute(begin), "BEGIN")
+                self._unbounded = mode == "DEFERRED"
                 try:
                     yield self.db
                 except BaseException:
                     if not self.db.broken:  # a dead connection took the transaction with it
-                        await self.db.execute("ROLLBACK")
+                        await self._bound(self.db.execute("ROLLBACK"), "ROLLBACK")
                     raise
-                await self.db.execute("COMMIT")
+                await self._bound(self.db.execute("COMMIT"), "COMMIT")
             except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
                 raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
+            finally:
+                self._unbounded = False
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         sql, args = sql.replace("?", "%s"), tuple(params)
         try:
             if self._txn.locked():  # inside a transaction: never swap the connection
-                cur = await self.db.execute(sql, args)
+                cur = await self._bound(self.db.execute(sql, args), "statement")
             else:
                 try:
-                    cur = await (await self._live()).execute(sql, args)
+                    cur = await self._bound((await self._live()).execute(sql, args), "statement")
                 except psycopg.OperationalError:
                     if not self.db.broken:
                         raise
-                    cur = await (await self._live()).execute(sql, args)  # once, on a new one
+                    # once, on a new one
+                    cur = await self._bound((await self._live()).execute(sql, args), "statement")
         except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
             raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
         if cur.description is None:
@@ -232,7 +275,9 @@ class PgStore(OperatorStore):
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """One statement per parameter tuple, in one round trip (inside :meth:`transaction`)."""
         async with self.db.cursor() as cur:
-            await cur.executemany(sql.replace("?", "%s"), [tuple(p) for p in params])
+            await self._bound(
+                cur.executemany(sql.replace("?", "%s"), [tuple(p) for p in params]), "statements"
+            )
 
     # -- keys -------------------------------------------------------------------
 

@@ -237,6 +237,12 @@ class LedgerSettings(_Section):
     sweep_interval_s: float = Field(10.0, gt=0, le=3600)
     """PostgreSQL only: how often each worker charges in full the open reservations of
     workers that are gone (their advisory lock is free). Also done at every start."""
+    statement_timeout_ms: int = Field(5000, ge=100, le=60_000)
+    """PostgreSQL only: a request-path statement (key lookup, reservation commit, rate count)
+    with no answer by then fails the request closed (503 billing_unavailable) and its
+    connection is replaced, instead of waiting ~30 s for the kernel to give up on a silent
+    server; it also bounds a reservation's wait in the group commit's queue. Also the
+    server's statement_timeout / idle_in_transaction_session_timeout there."""
     key_prefix: str = Field(DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9_]{1,32}$")
     """Prefix of the gateway's API keys; the default is the ledger's own (teegate.ledger.keys)."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"

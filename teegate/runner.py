@@ -217,6 +217,7 @@ async def serve(
         synchronous=settings.ledger.synchronous,
         key_poll_ms=settings.ledger.key_poll_ms,
         sweep_interval_s=settings.ledger.sweep_interval_s,
+        statement_timeout_ms=settings.ledger.statement_timeout_ms,
     )
     admin: AdminServer | None = None
     try:

@@ -16,6 +16,7 @@ import openai
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.clients import chat_count
 from tests.support.egress import (
@@ -249,6 +250,31 @@ def test_plain_http_to_an_unlisted_host_passes_through(gateway, unlisted_plain):
     line = wait_for_event(gateway, lambda e: e.get("request_id") == rid)
     assert line["decision"] == "passthrough" and line["mode"] == "egress"
     assert line["host"] == f"127.0.0.4:{unlisted_plain.port}"
+
+
+def _passthrough_502s(gateway) -> float:
+    text = httpx.get(gateway.urls["admin"] + "/metrics", timeout=30).text
+    want = {("route", "passthrough"), ("status", "502")}
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "teegate_requests_total" and want <= set(s.labels.items())
+    )
+
+
+def test_a_passthrough_to_a_closed_port_is_logged_and_counted_with_the_502_sent(gateway):
+    """mitmproxy writes that 502 page itself, after the hooks that log and count the flow:
+    they must still record the status the client got, not None."""
+    with socket.create_server(("127.0.0.4", 0)) as server:
+        port = server.getsockname()[1]  # closed again when the block ends: refused
+    before = _passthrough_502s(gateway)
+    with httpx.Client(proxy=gateway.urls["egress"], timeout=30) as c:
+        r = c.get(f"http://127.0.0.4:{port}/anything")
+    assert r.status_code == 502, r.text
+    line = wait_for_event(gateway, lambda e: e.get("host") == f"127.0.0.4:{port}")
+    assert line["decision"] == "passthrough" and line["status"] == 502, line
+    assert _passthrough_502s(gateway) == before + 1
 
 
 def test_raw_tcp_to_an_unlisted_host_is_relayed(gateway):
