@@ -9,15 +9,16 @@ upstream wrote.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\n|\r")
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """One event (a tuple: made for every chunk of every stream, where a frozen dataclass's
+    ``__init__`` cost more than the split)."""
+
     raw: bytes  # the event's bytes, terminator included
     data: str | None  # joined data lines, or None for comment-only events
 
@@ -26,26 +27,47 @@ class SSESplitter:
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, chunk: bytes) -> Iterator[Event]:
-        self._buf += chunk
-        while True:
-            m = _BOUNDARY.search(self._buf)
-            if m is None:
-                # A lone trailing CR may be the first half of CRLF: wait for more.
-                return
-            if m.group() == b"\r\r" and m.end() == len(self._buf):
-                return
-            raw, self._buf = self._buf[: m.end()], self._buf[m.end() :]
-            yield Event(raw=raw, data=_data(raw[: m.start()]))
+    def feed(self, chunk: bytes) -> list[Event]:
+        """The events completed by ``chunk`` (the rest is kept for the next one)."""
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            return self._feed_any(buf)
+        # Fast path, LF only (what vLLM and OpenAI send): bytes.find, not the regex. It runs
+        # for every chunk of every stream, and was ~5% of the gateway's CPU under streams.
+        events: list[Event] = []
+        start = 0
+        while (end := buf.find(b"\n\n", start)) >= 0:
+            events.append(Event(raw=buf[start : end + 2], data=_data(buf[start:end])))
+            start = end + 2
+        self._buf = buf[start:] if start else buf
+        return events
 
-    def flush(self) -> Iterator[Event]:
+    def _feed_any(self, buf: bytes) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            m = _BOUNDARY.search(buf)
+            if m is None:
+                break
+            # A lone trailing CR may be the first half of CRLF: wait for more.
+            if m.group() == b"\r\r" and m.end() == len(buf):
+                break
+            events.append(Event(raw=buf[: m.end()], data=_data(buf[: m.start()])))
+            buf = buf[m.end() :]
+        self._buf = buf
+        return events
+
+    def flush(self) -> list[Event]:
         """The unterminated tail at end of stream, if any."""
-        if self._buf:
-            raw, self._buf = self._buf, b""
-            yield Event(raw=raw, data=_data(raw.rstrip(b"\r\n")))
+        if not self._buf:
+            return []
+        raw, self._buf = self._buf, b""
+        return [Event(raw=raw, data=_data(raw.rstrip(b"\r\n")))]
 
 
 def _data(block: bytes) -> str | None:
+    if block.startswith(b"data:") and b"\n" not in block and b"\r" not in block:
+        value = block[6:] if block[5:6] == b" " else block[5:]  # one data line: the usual event
+        return value.decode("utf-8", "replace")
     parts: list[str] = []
     for line in _LINE.split(block):
         if line.startswith(b"data:"):
