@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ class Item:
     op: Any  # the writer's operation; None marks a flush point
     future: asyncio.Future[Any] | None  # what the caller awaits (None: nobody)
     hold: int = 0  # SQLite: what was debited in memory for this op, released at commit
+    abandoned: Callable[[Any], None] | None = None
+    """PostgreSQL: called with the committed row when the waiter gave up before it landed."""
 
 
 class CommitQueue:

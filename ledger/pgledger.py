@@ -441,16 +441,23 @@ class PgLedger(ServingLedger):
             rate_limit = int(rate_limit)
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
-        future = self._writer.submit(reservation_row(op, rate_limit), wait=True)
+        future = self._writer.submit(
+            reservation_row(op, rate_limit),
+            wait=True,
+            abandoned=lambda row: self._release_row(row, op, rate_limit),
+        )
         assert future is not None
+        # Awaited directly (no asyncio.shield: each future between the commit and this task
+        # costs one more turn of a busy event loop). The deadline also bounds the wait in the
+        # queue: behind a group commit that is itself waiting out the deadline, or the
+        # writer's back-off after one failed. Giving up cancels the future; the writer then
+        # releases the reservation if it commits all the same (``abandoned``).
         try:
-            # The deadline also bounds the wait in the queue: behind a group commit that is
-            # itself waiting out the deadline, or the writer's back-off after one failed.
-            row: Row = await asyncio.wait_for(asyncio.shield(future), self._deadline_s)
+            async with asyncio.timeout(self._deadline_s):
+                row: Row = await future
         except (asyncio.CancelledError, TimeoutError) as e:
-            future.add_done_callback(
-                lambda f: self._release_abandoned(f, op, rate_limit)  # the hold may still commit
-            )
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._release_row(future.result(), op, rate_limit)  # landed as we gave up
             if isinstance(e, TimeoutError):
                 raise LedgerUnavailable(
                     f"{self.path}: the reservation was not committed within the deadline"
@@ -476,13 +483,10 @@ class PgLedger(ServingLedger):
             res.rate_window = (int(count), int(started))
         return res
 
-    def _release_abandoned(
-        self, future: asyncio.Future[Any], op: NewReservation, rate_limit: int | None
-    ) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
+    def _release_row(self, row: Row, op: NewReservation, rate_limit: int | None) -> None:
+        """A committed reservation whose request gave up waiting for it: released."""
         with contextlib.suppress(LedgerError):
-            self._release_cancelled(self._outcome(future.result(), op, rate_limit))
+            self._release_cancelled(self._outcome(row, op, rate_limit))
 
     def _finalised(self, op: dict[str, Any], row: Row | None, error: Exception | None) -> None:
         """The writer's report on a settlement or release (nobody awaits those)."""

@@ -63,8 +63,16 @@ class PgCommitter(CommitQueue):
         self._observe = observe
         self._on_doubt = on_doubt
 
-    def submit(self, op: dict[str, Any], *, wait: bool) -> asyncio.Future[Any] | None:
-        return self._enqueue(Item(op, self._new_future(wait)))
+    def submit(
+        self,
+        op: dict[str, Any],
+        *,
+        wait: bool,
+        abandoned: Callable[[Row], None] | None = None,
+    ) -> asyncio.Future[Any] | None:
+        """Queue ``op``; ``abandoned(row)`` runs if its waiter cancelled the future (gave up)
+        before the commit landed: a committed reservation nobody will use is released."""
+        return self._enqueue(Item(op, self._new_future(wait), abandoned=abandoned))
 
     def queued_final_ids(self) -> set[int]:
         """Reservations whose settlement or release is queued or being committed now."""
@@ -96,6 +104,8 @@ class PgCommitter(CommitQueue):
             if item.future is not None:
                 if row is None:
                     reject(item.future, LedgerUnavailable("the ledger lost track of a commit"))
+                elif item.future.cancelled() and item.abandoned is not None:
+                    item.abandoned(row)
                 else:
                     resolve(item.future, row)
             else:

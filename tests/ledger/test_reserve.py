@@ -474,3 +474,23 @@ async def test_the_writer_uses_the_configured_sync_mode(db_path: str, mode: str,
         assert (await cur.fetchone())[0] == pragma
     finally:
         await led.close()
+
+
+async def test_a_reserve_given_up_before_its_commit_lands_is_released(ledger: Ledger) -> None:
+    """The request is cancelled (client gone, or the deadline) while its reservation waits in
+    the group commit: the reservation commits all the same and the writer releases it, on
+    both stores (PostgreSQL: the writer's ``abandoned`` callback, the waiter awaits the
+    commit's own future)."""
+    f = await fund(ledger, "alice", 10_000)
+    task = asyncio.create_task(ledger.reserve("a", f.key, "m", PRICES, 4000))
+    await asyncio.sleep(0)  # let it reach its await on the commit
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(3):  # the commit, then the release it queued
+        await ledger.flush()
+    report = await ledger.verify()
+    assert report.ok and not report.open_reservations
+    account = await ledger.account(f.account_id)
+    assert account is not None and account.balance_micro == 10_000
+    assert await ledger.open_reservations(f.account_id) == []
