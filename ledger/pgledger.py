@@ -106,7 +106,7 @@ class PgLedger(ServingLedger):
         statement_timeout_ms: float | None = None,
     ) -> None:
         self._url = url
-        # Every request-path statement's bound (see teegate.ledger.pgstore.bounded).
+        # Every request-path statement's bound (see teegate.ledger.pgdeadline.bounded).
         self._deadline_s = None if statement_timeout_ms is None else statement_timeout_ms / 1000
         self.path = redact(url)
         self.worker_id = worker_id
