@@ -346,7 +346,18 @@ class Ledger(ServingLedger):
             self._balances.set_committed(account_id, account.balance_micro)
 
     async def refresh(self) -> bool:
-        """Pick up other processes' commits now; True if there were any."""
+        """Pick up other processes' commits now; True if there were any.
+
+        The version is read without the transaction lock (a read between any two
+        transactions on this connection); only a change takes the lock, to reload the
+        balances where no group commit's bookkeeping interleaves. Holding the lock for the
+        read, every second, made each refresh a stall of the request path under concurrent
+        streams: the reservations submitted meanwhile waited for a round trip to the database
+        thread and back through a busy loop (a fifth of them, ~400 ms p50; docs/bench.md,
+        "Session 6").
+        """
+        if await self._store.data_version() == self._data_version:
+            return False
         async with self._txn_lock:
             version = await self._store.data_version()
             if version == self._data_version:

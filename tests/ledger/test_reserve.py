@@ -293,6 +293,20 @@ async def test_a_cancelled_reserve_is_released_not_left_open(ledger: Ledger) -> 
 
 
 @pytest.mark.sqlite_only
+async def test_a_refresh_that_finds_nothing_new_does_not_wait_for_the_transaction_lock(
+    ledger: Ledger,
+) -> None:
+    """The group commit holds the lock while a batch commits; the periodic refresh must not
+    queue behind it (or make reservations queue behind itself) just to learn nothing changed."""
+    await fund(ledger, "alice", 1000)
+    async with ledger._txn_lock:  # as a group commit in flight
+        checking = asyncio.create_task(ledger.refresh())
+        done, _ = await asyncio.wait({checking}, timeout=10)  # bounds a failure only
+        assert done, "refresh waited for the transaction lock"
+        assert checking.result() is False
+
+
+@pytest.mark.sqlite_only
 async def test_a_topup_from_another_process_is_seen_on_refresh(db_path: str) -> None:
     led = await Ledger.open(db_path, refresh_ms=60_000)
     try:
