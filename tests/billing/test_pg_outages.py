@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import ledgerdb
 from tests.support.accounts import create_account, create_key, teegate
+from tests.support.clients import post_chat
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.postgres import Cluster, cluster_or_fail
 from tests.support.sandbox_proc import SandboxProc
@@ -41,12 +42,7 @@ def gateway(upstream: SandboxProc, pg_url: str) -> Iterator[GatewayProc]:
 
 
 def _chat(gw: GatewayProc, key: str) -> httpx.Response:
-    with httpx.Client(timeout=30) as c:
-        return c.post(
-            f"{gw.api_base}/chat/completions",
-            json=BODY,
-            headers={"authorization": f"Bearer {key}"},
-        )
+    return post_chat(gw, key, BODY)
 
 
 def test_a_database_restart_fails_closed_then_serves_again_without_a_gateway_restart(

@@ -16,6 +16,7 @@ import psycopg.conninfo
 import pytest
 
 from tests.support.accounts import create_account, create_key, teegate
+from tests.support.clients import post_chat
 from tests.support.gateway_proc import GatewayProc, start_gateway
 from tests.support.postgres import Cluster
 from tests.support.sandbox_proc import SandboxProc
@@ -35,11 +36,8 @@ def pg_url(pg_cluster: Cluster) -> str:
 
 @pytest.fixture(scope="module")
 def forwarder(pg_cluster: Cluster) -> Iterator[SilentForwarder]:
-    fwd = SilentForwarder(pg_cluster.socket_dir / ".s.PGSQL.5432")
-    try:
+    with SilentForwarder(pg_cluster.socket_dir / ".s.PGSQL.5432") as fwd:
         yield fwd
-    finally:
-        fwd.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +54,7 @@ def gateway(
 
 
 def _chat(gw: GatewayProc, key: str) -> httpx.Response:
-    with httpx.Client(timeout=30) as c:
-        return c.post(
-            f"{gw.api_base}/chat/completions",
-            json=BODY,
-            headers={"authorization": f"Bearer {key}"},
-        )
+    return post_chat(gw, key, BODY)
 
 
 def test_a_silent_database_fails_requests_closed_within_the_deadline(

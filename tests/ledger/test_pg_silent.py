@@ -34,11 +34,8 @@ def url(pg_cluster: Cluster, pg_module_db: str) -> str:
 
 @pytest.fixture
 def forwarder(pg_cluster: Cluster) -> Iterator[SilentForwarder]:
-    fwd = SilentForwarder(pg_cluster.socket_dir / ".s.PGSQL.5432")
-    try:
+    with SilentForwarder(pg_cluster.socket_dir / ".s.PGSQL.5432") as fwd:
         yield fwd
-    finally:
-        fwd.close()
 
 
 async def _fails_fast(call: Callable[[], Awaitable[object]]) -> float:

@@ -1,8 +1,9 @@
-"""What tests hold on the running processes: the openai SDK against the gateway, and the
-number of chat completions the sandbox upstream received."""
+"""What tests hold on the running processes: the openai SDK against the gateway, one raw chat
+request, and the number of chat completions the sandbox upstream received."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 
 from tests.support.gateway_proc import GatewayProc
@@ -17,3 +18,13 @@ def sdk(gateway: GatewayProc, api_key: str | None = None, **kw) -> openai.OpenAI
 
 def chat_count(upstream: SandboxProc) -> int:
     return upstream.stats()["by_route"].get("POST /v1/chat/completions", 0)
+
+
+def post_chat(gateway: GatewayProc, key: str, body: dict) -> httpx.Response:
+    """One chat completion as plain HTTP (status, headers and envelope as the client gets them)."""
+    with httpx.Client(timeout=30) as c:
+        return c.post(
+            f"{gateway.api_base}/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+        )

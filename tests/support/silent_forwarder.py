@@ -103,6 +103,12 @@ class SilentForwarder:
         with contextlib.suppress(OSError):
             writer.write_eof()
 
+    def __enter__(self) -> SilentForwarder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         async def stop() -> None:
             assert self._server is not None
