@@ -322,10 +322,21 @@ class Receipts:
 
     def release(self, flow: http.HTTPFlow) -> None:
         """Resolve a promise still open once the flow ended (the issuer itself failed): its
-        id answers 404 at once instead of after ``ISSUE_WAIT_S``."""
-        receipt_id = flowstate.receipt_id(flow)
-        if receipt_id is not None and self.book.promised(receipt_id):
+        id answers 404 at once instead of after ``ISSUE_WAIT_S``.
+
+        It cannot raise: settling is a read of the flow's metadata and a dict pop plus an
+        ``Event.set`` (neither raises for a key present), done first; what follows (counting,
+        logging) is suppressed. Were it to fail anyway, the book expires the promise
+        (:data:`~teegate.addons.receipt_book.PROMISE_MAX_AGE_S`): the table never leaks."""
+        try:
+            receipt_id = flowstate.receipt_id(flow)
+            if receipt_id is None or not self.book.promised(receipt_id):
+                return
             self.book.settled(receipt_id)
+        except Exception as e:  # pragma: no cover - see above; the book's expiry remains
+            log.error("receipt_release_failed", error=type(e).__name__)
+            return
+        with contextlib.suppress(Exception):  # the promise is settled: nothing else matters
             self._count("lost", "issuer_fault")
             log.error("receipt_lost", request_id=flowstate.request_id(flow))
 
