@@ -156,6 +156,7 @@ def _record_refusal_page_status() -> None:
             _refused_by_page(self.flow, status)
         return original(self, event)
 
+    handle_protocol_error._teegate = True  # type: ignore[attr-defined]
     HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
 
 
