@@ -198,86 +198,11 @@ def _fail(addon: Any, hook: Callable[..., Any], flow: http.HTTPFlow, e: Exceptio
 
 # The envelope for the error page mitmproxy is about to write for the flow whose
 # ``error`` hook just ran. mitmproxy awaits that hook and then writes the page in
-# the same task, so a context variable carries the choice across safely.
+# the same task, so a context variable carries the choice across safely
+# (:mod:`teegate.addons.error_pages` writes it).
 next_error_page: contextvars.ContextVar[GatewayError | None] = contextvars.ContextVar(
     "teegate_next_error_page", default=None
 )
-
-
-def html_free_error_pages() -> None:
-    """Make mitmproxy's own protocol-error pages (502 on connect failure, ...) JSON.
-
-    mitmproxy writes these from inside its HTTP/1 layer, after the ``error``
-    hook, so no addon can replace them; the layer looks the builder up by name
-    at call time, so swapping it here is enough. An addon may choose the
-    envelope through :data:`next_error_page` in its ``error`` hook.
-    """
-    from mitmproxy.proxy.layers.http import _http1
-
-    if getattr(_http1.make_error_response, "_teegate", False):
-        return
-
-    def make_error_response(status_code: int, message: str = "") -> bytes:
-        from mitmproxy.net.http import http1
-
-        err = next_error_page.get()
-        next_error_page.set(None)
-        if err is None:
-            code, text = _classify(status_code)
-            err = GatewayError(status_code, text, code)
-        resp = err.response()
-        resp.headers["connection"] = "close"
-        return http1.assemble_response(resp)
-
-    make_error_response._teegate = True  # type: ignore[attr-defined]
-    _http1.make_error_response = make_error_response
-    _record_error_page_status()
-
-
-def _record_error_page_status() -> None:
-    """Note on the flow the status of the error page mitmproxy is about to write for it.
-
-    Its own pages (502 when an egress passthrough's host refuses the connection or a server
-    breaks off, ...) are written after the ``error`` hook, where the access log and the
-    metrics record the flow: without this they saw no response and recorded ``status=None``
-    for a client that got a 502. The status is mitmproxy's own choice
-    (``ErrorCode.http_status_code``, the same for HTTP/1 and HTTP/2 clients), taken from the
-    protocol error before the hook runs; an addon that writes its own page in the hook
-    (:mod:`teegate.addons.deadline`) overrides it there.
-    """
-    from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError
-
-    original = HttpStream.handle_protocol_error
-    if getattr(original, "_teegate", False):
-        return
-
-    def handle_protocol_error(self: Any, event: Any) -> Any:
-        if (
-            isinstance(event, ResponseProtocolError)
-            and self.client_state != self.state_errored  # else nothing goes to the client
-            and self.flow.response is None
-        ):
-            status = event.code.http_status_code()
-            if status is not None:
-                flowstate.set_error_page_status(self.flow, status)
-        return original(self, event)
-
-    handle_protocol_error._teegate = True  # type: ignore[attr-defined]
-    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
-
-
-def _classify(status: int) -> tuple[str, str]:
-    if status == 502:
-        return "upstream_unreachable", "The confidential upstream could not be reached."
-    if status == 504:
-        return "upstream_timeout", "The confidential upstream did not answer in time."
-    if status == 413:
-        return "request_too_large", "The request body is too large."
-    if status == 400:
-        return "invalid_request", "The request could not be parsed as HTTP."
-    if status == 431:
-        return "request_header_fields_too_large", "The request's header section is too large."
-    return "gateway_error", f"The gateway could not complete the request (HTTP {status})."
 
 
 # mitmproxy's error texts quote what it choked on ("illegal chunk header: bytearray(b'...')",

@@ -45,6 +45,11 @@ MAX_LABEL = 200
 
 # Seconds: a fast local refusal to a long reasoning answer's first token.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RECEIPT_OUTCOMES = frozenset({"complete", "incomplete", "withdrawn", "lost"})
+RECEIPT_REASONS = frozenset({
+    "upstream_aborted", "client_disconnected", "gateway_error", "model_mismatch",
+    "e2ee_failed", "upstream_error", "unreadable", "deadline", "issue_failed", "issuer_fault",
+})
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
@@ -145,6 +150,15 @@ class Meter:
             ("host_class", "unit"),
             registry=r,
         )
+        self.receipts = Counter(
+            "teegate_receipts",
+            "Receipts promised to a client (an x-teegate-receipt id sent) by how the promise "
+            "ended: complete, incomplete (reason: why the stream was cut), withdrawn (the "
+            "answer was withheld before its headers left: the id never reached the client) "
+            "or lost (the issuer failed: the id answers 404).",
+            ("outcome", "reason"),
+            registry=r,
+        )
 
     def model(self, model: str | None) -> str:
         try:
@@ -169,6 +183,15 @@ class Meter:
 
     def egress_decision(self, host_class: str, unit: str) -> None:
         self.egress.labels(host_class, unit).inc()
+
+    def receipt(self, outcome: str, reason: str = "") -> None:
+        """One promise ended; ``outcome``/``reason`` outside the fixed sets count as ``other``
+        (a label never carries a word the gateway did not choose)."""
+        if outcome not in RECEIPT_OUTCOMES:
+            outcome = OTHER
+        if reason and reason not in RECEIPT_REASONS:
+            reason = OTHER
+        self.receipts.labels(outcome, reason).inc()
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,13 @@ WRITE_LINGER_S = 0.05
 # RETRY_S, in order: the upsert keeps the newest revision); beyond MAX_PENDING the oldest go.
 RETRY_S = 1.0
 MAX_PENDING = 4096
+# A promise is settled when its flow ends (ReceiptIssuer, then ReceiptRelease, which cannot
+# raise). Should neither run, the table still cannot grow: a promise older than this (no chat
+# streams for an hour) or past this many open at once (far above any concurrency) is settled
+# as it is found, oldest first. Settling only ends the wait of ``get``: a receipt issued later
+# is still kept and served.
+PROMISE_MAX_AGE_S = 3600.0
+MAX_PROMISES = 65_536
 
 
 @dataclass(slots=True)
@@ -55,11 +63,20 @@ class _Entry:
 
 
 class ReceiptBook:
-    def __init__(self, link: LedgerLink) -> None:
+    def __init__(
+        self,
+        link: LedgerLink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_promises: int = MAX_PROMISES,
+    ) -> None:
         self._link = link
         self._signer: ReceiptSigner | None = None
         self._recent: OrderedDict[str, _Entry] = OrderedDict()
-        self._issuing: dict[str, tuple[int, asyncio.Event]] = {}
+        self._issuing: OrderedDict[str, tuple[int, asyncio.Event, float]] = OrderedDict()
+        """Open promises, oldest first: (key id, set when settled, promised at)."""
+        self._clock = clock
+        self._max_promises = max_promises
         self._to_write: dict[str, _Entry] = {}
         """The newest unwritten revision of each receipt (kept here even when ``_recent`` has
         let it go, until written)."""
@@ -81,7 +98,19 @@ class ReceiptBook:
     # -- promised, then issued -----------------------------------------------------------
 
     def promise(self, receipt_id: str, key_id: int) -> None:
-        self._issuing[receipt_id] = (key_id, asyncio.Event())
+        now = self._clock()
+        self._expire(now)
+        self._issuing[receipt_id] = (key_id, asyncio.Event(), now)
+
+    def _expire(self, now: float) -> None:
+        """Settle the promises no flow end settled (see :data:`PROMISE_MAX_AGE_S`)."""
+        issuing = self._issuing
+        while issuing:
+            rid, (_, _, at) = next(iter(issuing.items()))
+            if now - at < PROMISE_MAX_AGE_S and len(issuing) < self._max_promises:
+                return
+            self.settled(rid)
+            log.warning("receipt_promise_expired")
 
     def promised(self, receipt_id: str) -> bool:
         """Whether ``receipt_id`` is promised and neither issued nor given up yet."""
@@ -131,6 +160,7 @@ class ReceiptBook:
 
     async def get(self, receipt_id: str, key_id: int, wait_s: float) -> dict[str, Any] | None:
         """The newest revision, only for ``key_id``; waits up to ``wait_s`` for a promised one."""
+        self._expire(self._clock())
         issuing = self._issuing.get(receipt_id)
         if issuing is not None and issuing[0] == key_id:
             with contextlib.suppress(TimeoutError):

@@ -284,15 +284,19 @@ class Receipts:
         try:
             if self._answered_whole(flow):
                 self._issue(flow, receipt_id, None)
+                self._count("complete")
             elif (cut := _cut_reason(flow)) is not None:
                 self._issue(flow, receipt_id, cut)
+                self._count("incomplete", cut)
             else:
                 flowstate.response_headers(flow).pop(RECEIPT, None)
                 if flow.response is not None:  # already written (a later addon replaced it)
                     flow.response.headers.pop(RECEIPT, None)
+                self._count("withdrawn")
         except Exception as e:  # the client has its answer; the receipt is what is lost
             rid = flowstate.request_id(flow)
             log.error("receipt_failed", request_id=rid, error=type(e).__name__)
+            self._count("lost", "issue_failed")
         finally:
             self.book.settled(receipt_id)
 
@@ -306,19 +310,45 @@ class Receipts:
             cut = _cut_reason(flow)
             if cut is not None:
                 self._issue(flow, receipt_id, cut)
+                self._count("incomplete", cut)
+            else:  # no headers went out: the client never saw the id
+                self._count("withdrawn")
         except Exception as e:
             rid = flowstate.request_id(flow)
             log.error("receipt_failed", request_id=rid, error=type(e).__name__)
+            self._count("lost", "issue_failed")
         finally:
             self.book.settled(receipt_id)
 
     def release(self, flow: http.HTTPFlow) -> None:
         """Resolve a promise still open once the flow ended (the issuer itself failed): its
-        id answers 404 at once instead of after ``ISSUE_WAIT_S``."""
-        receipt_id = flowstate.receipt_id(flow)
-        if receipt_id is not None and self.book.promised(receipt_id):
+        id answers 404 at once instead of after ``ISSUE_WAIT_S``.
+
+        It cannot raise: settling is a read of the flow's metadata and a dict pop plus an
+        ``Event.set`` (neither raises for a key present), done first; what follows (counting,
+        logging) is suppressed. Were it to fail anyway, the book expires the promise
+        (:data:`~teegate.addons.receipt_book.PROMISE_MAX_AGE_S`): the table never leaks."""
+        try:
+            receipt_id = flowstate.receipt_id(flow)
+            if receipt_id is None or not self.book.promised(receipt_id):
+                return
             self.book.settled(receipt_id)
+        except Exception as e:  # pragma: no cover - see above; the book's expiry remains
+            log.error("receipt_release_failed", error=type(e).__name__)
+            return
+        with contextlib.suppress(Exception):  # the promise is settled: nothing else matters
+            self._count("lost", "issuer_fault")
             log.error("receipt_lost", request_id=flowstate.request_id(flow))
+
+    def _count(self, outcome: str, reason: str = "") -> None:
+        """``teegate_receipts_total``: how each promise ended (never raises: a metric must not
+        turn an issued receipt into a lost one)."""
+        if self._meter is None:
+            return
+        try:
+            self._meter.receipt(outcome, reason)
+        except Exception as e:
+            log.error("metrics_failed", error=type(e).__name__)
 
     @staticmethod
     def _answered_whole(flow: http.HTTPFlow) -> bool:

@@ -17,9 +17,16 @@ Failures (fail closed, never lose a charge):
 * a batch that broke a constraint is retried one operation at a time;
 * a reservation whose batch failed fails its caller
   (:class:`~teegate.ledger.errors.LedgerUnavailable`): the request must not go
-  upstream. (If the commit did happen and only the answer was lost, the
-  reservation stays open under this worker's id and is charged in full when the
-  worker's lock is next free: the documented upper bound, never a loss.)
+  upstream. Its commit is then *in doubt* (it may have happened, only the answer
+  lost): ``on_doubt`` hands it to the ledger (:mod:`teegate.ledger.pgledger`
+  ``_doubt``), which releases it if it did commit, once the writing connection is
+  replaced (``_release_in_doubt``, after ``_end_old_session`` ended the old
+  server session so nothing can commit later). It is charged in full only if it is
+  not found there: another worker's sweep took it first (the lost connection freed
+  this worker's lock), or this process ended before reconnecting, or more than
+  ``MAX_IN_DOUBT`` were in doubt at once; the documented upper bound, never a loss;
+* a reservation whose waiter gave up (its deadline passed) before the batch
+  landed is released as soon as it lands (``abandoned``), not left open;
 * a settlement or release whose batch failed is retried with backoff; applying
   one twice is harmless (the second is reported ``duplicate``).
 """

@@ -23,7 +23,7 @@ from teegate.addons.deadline import UpstreamDeadline
 from teegate.addons.drain import Drain
 from teegate.addons.egress import Egress
 from teegate.addons.egress_auth import EgressAuth
-from teegate.addons.errors import html_free_error_pages
+from teegate.addons.error_pages import html_free_error_pages
 from teegate.addons.flowstate import Stage
 from teegate.addons.gate import Gate
 from teegate.addons.ledgerlink import LedgerLink

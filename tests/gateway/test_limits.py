@@ -21,8 +21,10 @@ import pytest
 from tests.gateway.rawhttp import chunked, exchange, request_head
 from tests.support.clients import chat_count
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.metrics import counted
 from tests.support.sandbox_proc import SandboxProc, start_sandbox
 from tests.support.testdata import TEE, TEST_MODELS
+from tests.support.wait import until
 
 LIMIT = 2 << 20  # deflate inflates at most ~1032x: a body under it can still make 2 GiB
 MIB = 1 << 20
@@ -268,6 +270,34 @@ def test_trailers_are_a_400_not_a_crash(gateway, upstream):
     )
     assert ok.status == 200
     assert "crashed" not in gateway.log_text()
+
+
+PAGE_REFUSALS = {  # mitmproxy's route for each: HttpStream.check_body_size, Http1Server
+    # .read_headers (before a flow exists), HttpStream.check_invalid (smuggling check)
+    "body-size": ({"Content-Length": str(LIMIT + 1)}, 413, "request_too_large"),
+    "framing": ({"Content-Length": "5", "Transfer-Encoding": "chunked"}, 400, "invalid_request"),
+    "field-name": ({"Bad@Name": "1", "Content-Length": "0"}, 400, "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("name", PAGE_REFUSALS)
+def test_mitmproxys_own_refusal_pages_are_logged_and_counted_as_sent(gateway, name):
+    """mitmproxy answers these itself (its page, made JSON) on routes no addon refuses on: the
+    access log and ``teegate_requests_total`` still say what the client got."""
+    headers, status, code = PAGE_REFUSALS[name]
+    path = f"/v1/refused-{name}"  # the line's only handle: no addon ran to give it an id
+    labels = dict(route="other", status=str(status), code=code, decision="refused")
+    before = counted(gateway, "teegate_requests_total", **labels)
+    ex = exchange(_port(gateway), request_head("POST", path, headers))
+    assert ex.status == status and _error(ex.body)["code"] == code
+
+    def line() -> list[dict]:
+        lines = (json.loads(x) for x in gateway.log_text().splitlines() if path in x)
+        return [e for e in lines if e.get("event") == "request"]
+
+    [logged] = until(line, f"the access line of {path}")
+    assert (logged["status"], logged["error_code"], logged["decision"]) == (status, code, "refused")
+    until(lambda: counted(gateway, "teegate_requests_total", **labels) == before + 1, "counted")
 
 
 # -- memory -----------------------------------------------------------------------------

@@ -7,14 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.billing import MSG, usage_row
 from tests.support.clients import chat_count
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.metrics import counted
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.testdata import TEE
 
@@ -75,14 +74,7 @@ def assert_logged_without_content(gateway: GatewayProc, hook: str, answer: str) 
 
 def requests_counted(gateway: GatewayProc, **labels: str) -> float:
     """``teegate_requests_total`` summed over the samples carrying ``labels``."""
-    text = httpx.get(gateway.urls["admin"] + "/metrics", timeout=30).text
-    want = set(labels.items())
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "teegate_requests_total" and want <= set(s.labels.items())
-    )
+    return counted(gateway, "teegate_requests_total", **labels)
 
 
 def assert_recorded_as_sent(
@@ -116,6 +108,10 @@ def test_a_plain_answer_whose_hook_raised_is_withheld(
 ):
     chat = "/v1/chat/completions"
     before = requests_counted(gateway, route=chat, status="502", code="internal_error")
+    # Its promised receipt: withdrawn (the id never left), or lost if the issuer itself raised.
+    lost = hook == "ReceiptIssuer.response"
+    ended = dict(outcome="lost", reason="issuer_fault") if lost else dict(outcome="withdrawn")
+    promised = counted(gateway, "teegate_receipts_total", **ended)
     fault.write_text(hook)
     with pytest.raises(openai.APIStatusError) as exc:
         client.chat.completions.create(model=TEE, messages=MSG)
@@ -125,6 +121,7 @@ def test_a_plain_answer_whose_hook_raised_is_withheld(
         assert_charged(gateway, rid, WITHHELD)
     assert_logged_without_content(gateway, hook.split(".")[1], answer)
     assert_recorded_as_sent(gateway, exc.value, chat, before)
+    assert counted(gateway, "teegate_receipts_total", **ended) == promised + 1
 
 
 @pytest.mark.parametrize(
@@ -146,6 +143,8 @@ def test_a_stream_whose_headers_hook_raised_is_a_502(
 def test_a_stream_whose_relay_raised_ends_with_an_error_event(
     gateway, upstream, client, http, fault
 ):
+    cut = dict(outcome="incomplete", reason="gateway_error")
+    before = counted(gateway, "teegate_receipts_total", **cut)
     upstream.behaviour(hold_after_chunks=1)
     stream = client.chat.completions.create(model=TEE, messages=MSG, stream=True)
     rid = stream.response.headers["x-request-id"]
@@ -166,11 +165,14 @@ def test_a_stream_whose_relay_raised_ends_with_an_error_event(
     r = doc["receipt"]
     assert (r["outcome"], r["incomplete"]["reason"]) == ("incomplete", "gateway_error")
     assert r["response_sha256"] is None and r["relayed_bytes"] > 0
+    assert counted(gateway, "teegate_receipts_total", **cut) == before + 1
 
 
 def test_a_receipt_the_issuer_failed_on_answers_404_at_once(gateway, upstream, http, fault):
     """The stream was relayed whole (its id with it), then the issuer raised: the promise is
     released as the flow ends (``receipt_lost``), so the id answers 404 without the wait."""
+    lost = dict(outcome="lost", reason="issuer_fault")
+    before = counted(gateway, "teegate_receipts_total", **lost)
     fault.write_text("ReceiptIssuer.response")
     with http.stream("POST", "/v1/chat/completions", json=STREAM_CHAT) as resp:
         body = resp.read()
@@ -180,6 +182,7 @@ def test_a_receipt_the_issuer_failed_on_answers_404_at_once(gateway, upstream, h
     fault.write_text("")  # the issuer's fault would withhold the receipt endpoint's answer too
     answer = http.get(f"/v1/receipts/{receipt_id}")
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "receipt_not_found"
+    assert counted(gateway, "teegate_receipts_total", **lost) == before + 1
 
 
 def test_a_responses_answer_whose_translation_raised_is_withheld(

@@ -23,6 +23,7 @@ from teegate.catalog.attestation.receipts import ReceiptError, canonical, verify
 from teegate.cli import main
 from tests.support.accounts import create_key
 from tests.support.gateway_proc import GatewayProc, start_gateway
+from tests.support.metrics import counted
 from tests.support.reattest import MSG, refusal
 from tests.support.sandbox_proc import SandboxProc
 from tests.support.wait import until
@@ -174,6 +175,8 @@ def test_receipt_verifies_offline_and_tampering_fails(http, client, upstream, ga
     metrics = httpx.get(gateway.urls["admin"] + "/metrics").text
     assert re.search(r'^teegate_response_signatures_total\{model="[^"]+",status="verified"\} [1-9]',
                      metrics, re.M), metrics
+    complete = r'^teegate_receipts_total\{outcome="complete",reason=""\} [1-9]'
+    assert re.search(complete, metrics, re.M), metrics
     logged = gateway.output_text()
     assert sig["text"] not in logged and sig["signature"] not in logged
     assert (gateway.workdir / "teegate-receipt-key.pem").stat().st_mode & 0o777 == 0o600
@@ -196,9 +199,11 @@ def test_signature_by_another_key_refuses_the_model(http, client, upstream):
                    timeout=10).raise_for_status()  # fmt: skip
 
 
-def test_a_stream_the_upstream_cut_gets_an_incomplete_receipt(http, upstream):
+def test_a_stream_the_upstream_cut_gets_an_incomplete_receipt(http, gateway, upstream):
     """The id went out with the headers, so it resolves: a signed ``incomplete`` receipt that
-    hashes exactly the bytes the client got, and claims no ``response_sha256``."""
+    hashes exactly the bytes the client got, and claims no ``response_sha256``; it is counted."""
+    cut = dict(outcome="incomplete", reason="upstream_aborted")
+    before = counted(gateway, "teegate_receipts_total", **cut)
     upstream.behaviour(stop_after_chunks=3)
     got = bytearray()
     chat = {"model": MODEL, "messages": MSG, "stream": True}
@@ -224,6 +229,7 @@ def test_a_stream_the_upstream_cut_gets_an_incomplete_receipt(http, upstream):
     assert r["relayed_bytes"] == len(got)
     assert len(r["incomplete"]["received_sha256"]) == 64
     assert r["upstream_signature"] == {"status": "not_applicable"}  # no check was queued
+    assert counted(gateway, "teegate_receipts_total", **cut) == before + 1
     doc["receipt"]["relayed_bytes"] += 1
     with pytest.raises(ReceiptError):
         verify_receipt(doc, key)

@@ -18,7 +18,7 @@ from mitmproxy.test import tflow
 
 from teegate.addons import flowstate
 from teegate.addons.flowstate import FailedClosed
-from teegate.addons.receipt_book import ReceiptBook
+from teegate.addons.receipt_book import PROMISE_MAX_AGE_S, ReceiptBook
 from teegate.addons.receipts import Receipts, _cut_reason
 from teegate.addons.streaming import StreamTally
 from teegate.catalog.attestation.receipts import (
@@ -245,6 +245,50 @@ async def test_a_promise_left_open_is_released_and_its_waiters_go_at_once() -> N
     assert book.promised("rcpt_lost") and not waiter.done()
     flow = tflow.tflow(resp=True)
     flowstate.set_receipt_id(flow, "rcpt_lost")
-    Receipts.release(SimpleNamespace(book=book), flow)  # type: ignore[arg-type]
+    counted: list[tuple[str, ...]] = []
+    receipts = SimpleNamespace(book=book, _count=lambda *a: counted.append(a))
+    Receipts.release(receipts, flow)  # type: ignore[arg-type]
     assert not book.promised("rcpt_lost")  # nothing left to wait for: a GET answers 404 now
     assert await waiter is None
+    assert counted == [("lost", "issuer_fault")]
+
+
+async def test_release_settles_even_when_what_follows_it_raises(monkeypatch) -> None:
+    book = ReceiptBook(_Link())  # type: ignore[arg-type]
+    book.promise("rcpt_x", 7)
+    flow = tflow.tflow(resp=True)
+    flowstate.set_receipt_id(flow, "rcpt_x")
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(flowstate, "request_id", broken)  # the log line's request id
+    Receipts.release(SimpleNamespace(book=book, _count=broken), flow)  # type: ignore[arg-type]
+    assert not book.promised("rcpt_x")
+
+
+async def test_a_promise_no_flow_end_settled_expires() -> None:
+    """Neither the issuer nor the release ran: the book settles the promise once it is older
+    than any chat lasts, so the table cannot leak and a GET no longer waits for it."""
+    now = [1000.0]
+    book = ReceiptBook(_Link(), clock=lambda: now[0])  # type: ignore[arg-type]
+    book.promise("rcpt_old", 7)
+    waiter = asyncio.create_task(book.get("rcpt_old", 7, 3600))
+    await asyncio.sleep(0)
+    now[0] += PROMISE_MAX_AGE_S - 1
+    book.promise("rcpt_new", 7)
+    assert book.promised("rcpt_old") and not waiter.done()  # not yet that old
+    now[0] += 1
+    book.promise("rcpt_newer", 7)
+    assert not book.promised("rcpt_old") and book.promised("rcpt_new")
+    assert await waiter is None
+    now[0] += PROMISE_MAX_AGE_S
+    assert await book.get("rcpt_new", 7, 3600) is None  # expired as it was asked for: no wait
+    assert not book.promised("rcpt_new") and not book.promised("rcpt_newer")
+
+
+def test_open_promises_are_bounded_in_number() -> None:
+    book = ReceiptBook(_Link(), max_promises=3)  # type: ignore[arg-type]
+    for n in range(5):
+        book.promise(f"rcpt_{n}", 7)
+    assert [book.promised(f"rcpt_{n}") for n in range(5)] == [False, False, True, True, True]

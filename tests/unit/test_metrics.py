@@ -129,6 +129,22 @@ def test_a_forwarded_chat_is_timed_and_its_charge_counted():
     assert s[("teegate_charged_micro_usd_total", frozenset({("model", "other")}))] == 1
 
 
+def test_receipts_are_counted_by_outcome_and_reason_from_fixed_sets():
+    meter = Meter(lambda: KNOWN)
+    meter.receipt("complete")
+    meter.receipt("incomplete", "client_disconnected")
+    meter.receipt("lost", "issuer_fault")
+    meter.receipt(SECRET, SECRET)  # cannot happen (the callers pass constants): "other"
+    s = _samples(meter)
+
+    def n(outcome: str, reason: str = "") -> float:
+        return s[("teegate_receipts_total", frozenset({("outcome", outcome), ("reason", reason)}))]
+
+    assert n("complete") == n("incomplete", "client_disconnected") == n("lost", "issuer_fault") == 1
+    assert n("other", "other") == 1
+    assert SECRET not in generate_latest(meter.registry).decode()
+
+
 def test_a_failing_catalog_lookup_labels_other_rather_than_failing():
     def broken():
         raise RuntimeError("no catalog")
