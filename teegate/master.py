@@ -170,7 +170,9 @@ def harden_mitmproxy() -> None:
     HttpStream.check_body_size = _requests_only(HttpStream.check_body_size)
     mode_specs.ReverseMode.__post_init__ = _tcp_only(mode_specs.ReverseMode.__post_init__)
     _http1.ChunkedReader = TrailerKeepingReader  # looked up by name per message
-    _http1.Http1Connection.read_body = _with_trailers(_http1.Http1Connection.read_body)
+    # Requests only: the server side (upstream answers) reads every streamed chunk through
+    # read_body, and the wrapper's generator layer would cost each chunk for nothing there.
+    _http1.Http1Server.read_body = _with_trailers(_http1.Http1Connection.read_body)
     _http1.Http1Server.read_headers = _bounded_head(_http1.Http1Server.read_headers)
 
 
