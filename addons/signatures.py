@@ -197,8 +197,10 @@ class SignatureChecker:
             sig = UpstreamSignature.parse(doc)
         except SignatureError as e:
             return SignatureResult("failed", f"unreadable signature: {e}")
-        check = await asyncio.to_thread(  # ~0.1-1 ms of curve arithmetic: not on the loop
-            verify_signature,
+        # On the loop, not in a thread: the recovery is ~145 us of CPU, and handing it to a
+        # thread and back cost ~250 us more (GIL hand-offs and wake-ups), which the gateway's
+        # one core pays for every chat (docs/bench.md, "Session 6").
+        check = verify_signature(
             sig,
             request_sha256=job.request_sha256,
             response_sha256=job.response_sha256,
