@@ -237,10 +237,17 @@ class Ledger(ServingLedger):
         self._balances.set_committed(account_id, balance_micro)
 
     async def _write_all(self, statements: list[tuple[str, list[object]]]) -> None:
-        # Queued under the lock (so never inside an operator's transaction on this connection),
-        # waited for outside it: the group commit need not wait for this result to come back
-        # through the event loop (Store.queue_write_all).
-        async with self._txn_lock:
+        # Queued on the connection's thread at once, unless a transaction of several round
+        # trips is open there (an operator's write, a readiness probe: they hold the lock
+        # throughout, so waiting for the lock waits them out). The group commit's own
+        # transactions are single calls on the thread, so a batch queued while it holds the
+        # lock simply runs before or after them: waiting for the lock as well made each group
+        # commit that came next wait for this one's turn in the lock's line (a hand-off, a turn
+        # of a busy loop, each). The result is awaited outside the lock (Store.queue_write_all).
+        if self._store.open_transactions:
+            async with self._txn_lock:
+                written = self._store.queue_write_all(statements)
+        else:
             written = self._store.queue_write_all(statements)
         await written
 

@@ -40,17 +40,25 @@ class Reports:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
+        self.open_transactions = 0
+        """Transactions of several round trips under way on this connection, counted from
+        before their BEGIN is queued to after their COMMIT or ROLLBACK ran: while one is,
+        nothing else may be queued on the connection's thread (it would run inside it)."""
 
     @asynccontextmanager
     async def transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[aiosqlite.Connection]:
-        await self.db.execute(f"BEGIN {mode}")
+        self.open_transactions += 1
         try:
-            yield self.db
-            await self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                await self.db.execute("ROLLBACK")
-            raise
+            await self.db.execute(f"BEGIN {mode}")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+        finally:
+            self.open_transactions -= 1
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         # One round trip to the connection's thread (execute + fetchall + close).

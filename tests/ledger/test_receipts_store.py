@@ -56,12 +56,12 @@ async def test_a_large_batch_is_written_whole_newest_winning(ledger: Ledger, db_
 
 
 @pytest.mark.sqlite_only
-async def test_a_receipt_write_does_not_hold_the_transaction_lock_while_it_runs(
+async def test_a_receipt_write_neither_holds_nor_waits_for_the_group_commits_lock(
     ledger: Ledger,
 ) -> None:
-    """Queued on the connection's thread under the group commit's lock, then waited for
-    outside it: a reservation's commit never waits for a receipt batch's result to come back
-    through a busy event loop (it held the lock for several turns before)."""
+    """Queued on the connection's thread at once and waited for outside the lock: a receipt
+    batch never makes a reservation's commit wait, and a group commit holding the lock (its
+    transactions are single calls on the thread) does not make the batch wait either."""
     alice = await fund(ledger, "alice", 10_000_000)
     lock = ledger._txn_lock
     writing = asyncio.create_task(
@@ -70,9 +70,15 @@ async def test_a_receipt_write_does_not_hold_the_transaction_lock_while_it_runs(
     await asyncio.sleep(0)  # the write has started: queued, its result not back yet
     assert not writing.done()
     assert not lock.locked()
-    async with lock:  # a group commit may take the lock while the batch is on the thread
-        await writing
+    await writing
+    async with lock:  # as a group commit in flight
+        writing = asyncio.create_task(
+            ledger.write_receipts([_r("rcpt_2", alice.key.key_id, 1, '{"v":2}')], [])
+        )
+        done, _ = await asyncio.wait({writing}, timeout=10)  # bounds a failure only
+        assert done, "the receipt batch waited for the group commit's lock"
     assert await ledger.receipt("rcpt_1", alice.key.key_id) == '{"v":1}'
+    assert await ledger.receipt("rcpt_2", alice.key.key_id) == '{"v":2}'
 
 
 @pytest.mark.sqlite_only
@@ -80,16 +86,14 @@ async def test_a_receipt_write_is_never_queued_inside_an_operator_transaction(
     ledger: Ledger, db_path: str
 ) -> None:
     """An operator's write (several round trips in one transaction on the same connection)
-    holds the lock throughout, so a receipt batch queued under it lands after its COMMIT."""
+    holds the lock throughout: a receipt batch waits for it and lands after its COMMIT."""
     alice = await fund(ledger, "alice", 10_000_000)
-    db = ledger._store.db
-    async with ledger._txn_lock:  # as OperatorStore's writes run on this connection
-        await db.execute("BEGIN IMMEDIATE")
+    store = ledger._store
+    async with ledger._txn_lock, store.transaction() as db:  # as OperatorStore's writes run
         writing = asyncio.create_task(
             ledger.write_receipts([_r("rcpt_1", alice.key.key_id, 1, '{"v":1}')], [])
         )
         await db.execute("UPDATE accounts SET name = 'alice2' WHERE id = ?", (alice.account_id,))
-        await db.execute("COMMIT")
         assert not writing.done()
     await writing
     assert await ledger.receipt("rcpt_1", alice.key.key_id) == '{"v":1}'
