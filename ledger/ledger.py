@@ -72,6 +72,7 @@ balances right under the transaction lock, recovery and the refresh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -244,10 +245,8 @@ class Ledger(ServingLedger):
         # lock simply runs before or after them: waiting for the lock as well made each group
         # commit that came next wait for this one's turn in the lock's line (a hand-off, a turn
         # of a busy loop, each). The result is awaited outside the lock (Store.queue_write_all).
-        if self._store.open_transactions:
-            async with self._txn_lock:
-                written = self._store.queue_write_all(statements)
-        else:
+        waits = self._txn_lock if self._store.open_transactions else contextlib.nullcontext()
+        async with waits:
             written = self._store.queue_write_all(statements)
         await written
 

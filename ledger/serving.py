@@ -252,8 +252,8 @@ class ServingLedger:
         await self._write_all(receipts.statements(stored, signatures))
 
     async def _write_all(self, statements: list[tuple[str, list[object]]]) -> None:
-        """Statements that touch no balance or key, in one transaction (SQLite: queued
-        under the transaction lock, waited for outside it)."""
+        """Statements that touch no balance or key, in one transaction (SQLite: one call on
+        the connection's thread, see :meth:`teegate.ledger.ledger.Ledger._write_all`)."""
         await self._writes.write_all(statements)
 
     async def receipt(self, receipt_id: str, key_id: int) -> str | None:

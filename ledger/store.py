@@ -84,8 +84,8 @@ class Store(OperatorStore):
         on the transaction lock behind all of them. Under concurrent streams a turn of the
         loop is what costs: a receipt batch written that way held the lock for 60-250 ms
         while reservations queued behind it (docs/bench.md, "Session 6"). Queued, not run:
-        :meth:`teegate.ledger.ledger.Ledger.write_receipts` queues it under that lock and
-        waits for it outside.
+        :meth:`teegate.ledger.ledger.Ledger._write_all` queues it (after any multi-statement
+        transaction open on this connection) and waits for it outside the lock.
         """
 
         def run(conn: sqlite3.Connection) -> None:
@@ -93,9 +93,6 @@ class Store(OperatorStore):
                 conn.execute(sql, params)
 
         return queue_on_connection(self.db, lambda conn: dbthread.transaction(conn, run))
-
-    async def write_all(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        await self.queue_write_all(statements)
 
     # -- the request path -------------------------------------------------------
 
