@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import decimal
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -181,6 +181,16 @@ class PgStore(OperatorStore):
         deadline = None if self._unbounded else self.deadline_s
         return bounded(self.db, aw, deadline, f"{self.path}: {what}")
 
+    async def _on_live[T](self, run: Callable[[Any], Awaitable[T]], what: str) -> T:
+        """``run(connection)`` within the deadline, once more on a new connection if the
+        server had dropped this one (a restart, a failover) without psycopg knowing yet."""
+        try:
+            return await self._bound(run(await self._live()), what)
+        except psycopg.OperationalError:
+            if not self.db.broken:
+                raise
+            return await self._bound(run(await self._live()), what)
+
     async def _live(self) -> Any:
         """The connection, replaced first if the server dropped it (a restart, a failover)."""
         if (self.db.closed or self.db.broken) and not self._closed:
@@ -233,13 +243,7 @@ class PgStore(OperatorStore):
         )
         async with self._txn:
             try:
-                try:
-                    await self._bound((await self._live()).execute(begin), "BEGIN")
-                except psycopg.OperationalError:
-                    if not self.db.broken:
-                        raise
-                    # once, on a new connection
-                    await self._bound((await self._live()).execute(begin), "BEGIN")
+                await self._on_live(lambda db: db.execute(begin), "BEGIN")
                 self._unbounded = mode == "DEFERRED"
                 try:
                     yield self.db
@@ -259,13 +263,7 @@ class PgStore(OperatorStore):
             if self._txn.locked():  # inside a transaction: never swap the connection
                 cur = await self._bound(self.db.execute(sql, args), "statement")
             else:
-                try:
-                    cur = await self._bound((await self._live()).execute(sql, args), "statement")
-                except psycopg.OperationalError:
-                    if not self.db.broken:
-                        raise
-                    # once, on a new one
-                    cur = await self._bound((await self._live()).execute(sql, args), "statement")
+                cur = await self._on_live(lambda db: db.execute(sql, args), "statement")
         except psycopg.OperationalError as e:  # the server is gone or going: a LedgerError
             raise LedgerUnavailable(f"{self.path}: {type(e).__name__}") from e
         if cur.description is None:
