@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.accounts import balance_micro, create_account, create_key, teegate
+from tests.support.billing import usage_row
 from tests.support.clients import sdk
 from tests.support.gateway_proc import GatewayProc, GatewayStartError, start_gateway
 from tests.support.testdata import TEE
@@ -239,7 +240,11 @@ def test_v1_account_shows_only_the_callers_account(gateway, client):
     other = f"other-{uuid.uuid4().hex[:8]}"
     create_account(db, other, "7")
     other_key = create_key(db, other)
-    client.chat.completions.create(model=TEE, messages=[{"role": "user", "content": "hi"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model=TEE, messages=[{"role": "user", "content": "hi"}]
+    )
+    # Settlement is written after the answer is relayed: wait for it, then compare.
+    assert usage_row(db, raw.headers["x-request-id"])["state"] == "settled"
     with httpx.Client(base_url=gateway.api_base, timeout=30) as h:
         mine = h.get("/account", headers={"authorization": f"Bearer {gateway.api_key}"})
         theirs = h.get("/account", headers={"authorization": f"Bearer {other_key}"})
