@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 from mitmproxy import http
 
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from teegate.catalog.chutes.e2ee import StreamOpener
 
 log = structlog.get_logger("teegate")
+
+_TEXT_KEYS = frozenset(("content", "reasoning_content", "reasoning", "refusal"))
 
 
 @dataclass
@@ -209,24 +212,24 @@ class _Relay:
                 return b""  # e2e_init, or the front door's own plaintext usage
             ev = Event(raw=sse_data(plain), data=plain)
         tally.events += 1
-        if ev.data is None:
+        data = ev.data
+        if data is None:
             return ev.raw  # a comment: carries no answer
-        if self._unverified:
-            try:
-                first = json.loads(ev.data)
-            except ValueError:
-                first = None
-            answered = first.get("model") if isinstance(first, dict) else first
-            if answered != self._model or not isinstance(answered, str):
-                return self._mismatch(answered)
-            self._model = None
-        if len(ev.data) < 16 and ev.data.strip() == "[DONE]":  # not a copy of every chunk
+        if len(data) < 16 and data.strip() == "[DONE]":  # not a copy of every chunk
+            if self._unverified:
+                return self._mismatch(None)  # an answer must begin with a chunk of its model
             tally.saw_done = True
             return ev.raw
         try:
-            chunk = json.loads(ev.data)
-        except ValueError:
-            return ev.raw
+            # orjson: this runs for every event of every stream (json.loads was ~4x slower).
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            chunk = None
+        if self._unverified:
+            answered = chunk.get("model") if isinstance(chunk, dict) else chunk
+            if answered != self._model or not isinstance(answered, str):
+                return self._mismatch(answered)
+            self._model = None
         if not isinstance(chunk, dict):
             return ev.raw
         if tally.completion_id is None and isinstance(chunk.get("id"), str):
@@ -252,23 +255,27 @@ def sse_data(payload: str) -> bytes:
 
 
 def generated_bytes(choices: list[Any]) -> int:
-    """UTF-8 bytes of generated text in streamed deltas (the billing fallback's input)."""
+    """UTF-8 bytes of generated text in streamed deltas (the billing fallback's input).
+
+    Walks each delta's own keys (usually one or two) rather than looking up every key that
+    may hold text: this runs for every chunk of every stream."""
     total = 0
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
             continue
-        for key in ("content", "reasoning_content", "reasoning", "refusal"):
-            value = delta.get(key)
+        for key, value in delta.items():
             if isinstance(value, str):
-                total += len(value.encode())
-        for call in delta.get("tool_calls") or ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                for key in ("name", "arguments"):
-                    value = fn.get(key)
-                    if isinstance(value, str):
-                        total += len(value.encode())
+                if key in _TEXT_KEYS:
+                    total += len(value) if value.isascii() else len(value.encode())
+            elif key == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict):
+                        for k in ("name", "arguments"):
+                            v = fn.get(k)
+                            if isinstance(v, str):
+                                total += len(v.encode())
     return total
 
 
