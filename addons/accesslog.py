@@ -20,7 +20,7 @@ import secrets
 import time
 
 import structlog
-from mitmproxy import http
+from mitmproxy import connection, http
 
 from teegate.addons import flowstate
 from teegate.addons.errors import error_category
@@ -34,6 +34,8 @@ log = structlog.get_logger("teegate.access")
 # mitmproxy calls the forward-proxy listener "regular"; teegate's documentation, settings
 # (`[listen] egress`) and every line it prints call it egress, so a reader meets one name.
 _MODES = {"regular": "egress"}
+
+HEAD_TOO_LARGE = "request_header_fields_too_large"  # the 431 envelope's code
 
 
 def listener_name(mode_type_name: str) -> str:
@@ -60,6 +62,18 @@ class AccessLog:
     @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._log(flow)
+
+    def request_head_too_large(self, client: connection.Client) -> None:
+        """A head refused with 431 before any flow existed (teegate/master.py): the same line,
+        with what is known of it (no id, method or path: only the client sent those)."""
+        log.info(
+            "request",
+            request_id=None,
+            mode=listener_name(client.proxy_mode.type_name),
+            decision="refused",
+            status=431,
+            error_code=HEAD_TOO_LARGE,
+        )
 
     def _log(self, flow: http.HTTPFlow) -> None:
         req, resp = flow.request, flow.response

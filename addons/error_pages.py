@@ -99,8 +99,9 @@ def _record_refusal_page_status() -> None:
     * A head whose framing it cannot read gets its 400 from the HTTP/1 layer before the flow
       exists; the Request is remembered then, and the status set when its error hook runs.
 
-    A header section too large to buffer (teegate/master.py: 431) never becomes a flow: no
-    hook runs, nothing is logged or counted for it.
+    A header section too large to buffer (teegate/master.py: 431) never becomes a flow: it is
+    announced by a hook of its own (``request_head_too_large``), which the access log and the
+    metrics record.
     """
     from mitmproxy.proxy.layers.http import ErrorCode, HttpErrorHook, HttpStream, _http1
     from mitmproxy.proxy.layers.http._base import ReceiveHttp

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
-from mitmproxy import http
+from mitmproxy import connection, http
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from teegate.addons import flowstate
-from teegate.addons.accesslog import decision
+from teegate.addons.accesslog import HEAD_TOO_LARGE, decision
 from teegate.addons.account import ACCOUNT_PATH
 from teegate.addons.attestation_report import REPORT_PATH
 from teegate.addons.flowstate import Route
@@ -238,6 +238,13 @@ class RequestMetrics:
     @guarded_response
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
+
+    def request_head_too_large(self, client: connection.Client) -> None:
+        """A head refused with 431 before any flow existed (teegate/master.py)."""
+        self._meter.requests.labels(OTHER, NONE, "431", "refused", HEAD_TOO_LARGE).inc()
+        self._refusals.add(
+            Refusal(at=time.time(), code=HEAD_TOO_LARGE, status=431, route=OTHER, model=NONE)
+        )
 
     def _record(self, flow: http.HTTPFlow) -> None:
         if flowstate.counted(flow):

@@ -102,7 +102,7 @@ def guarded_response(hook: Callable[..., Any]) -> Any:
         except Exception as e:
             _fail(self, name, flow, e)
             return None
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):  # most hooks return None
             # A hook that awaits only for some flows (RateLimit's shared-limit count) returns
             # an awaitable then; mitmproxy awaits it, still under this guard.
             return _finish(self, name, flow, result)

@@ -18,11 +18,12 @@ import inspect
 import logging
 import traceback
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 import h11
 from h11._readers import ChunkedReader
-from mitmproxy import addonmanager, certs, exceptions, hooks, http, master, options
+from mitmproxy import addonmanager, certs, connection, exceptions, hooks, http, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -179,6 +180,19 @@ def harden_mitmproxy() -> None:
 MAX_HEAD_BYTES = 64 * 1024
 
 
+@dataclass
+class RequestHeadTooLargeHook(commands.StartHook):
+    """A client's request head passed :data:`MAX_HEAD_BYTES`: it gets a 431 and no flow is made.
+
+    Every other refusal is a flow, which the access log and the metrics record; this one is
+    refused before mitmproxy has a request to make a flow of, so it is announced as its own
+    hook (``request_head_too_large(client)``) for them to record. Nothing of the head is passed
+    on: it is the client's bytes.
+    """
+
+    client: connection.Client
+
+
 def _bounded_head(original: Callable[..., Any]) -> Callable[..., Any]:
     """A request's header section is refused with 431 once it passes :data:`MAX_HEAD_BYTES`
     without ending.
@@ -186,12 +200,14 @@ def _bounded_head(original: Callable[..., Any]) -> Callable[..., Any]:
     mitmproxy buffers a request head until its blank line, however long ("FIXME: protect
     against header size DoS" in its HTTP/1 server): a client could hold a connection growing
     without bound. 64 KiB is several times what any OpenAI client sends (Node's limit is 16).
+    The refusal is announced first (:class:`RequestHeadTooLargeHook`): logged and counted.
     """
 
     def read_headers(self: Any, event: Any) -> Generator[Any, Any, None]:
         if isinstance(event, events.DataReceived) and len(self.buf) > MAX_HEAD_BYTES:
             head = bytes(self.buf)[: MAX_HEAD_BYTES + 4]
             if b"\r\n\r\n" not in head and b"\n\n" not in head:
+                yield RequestHeadTooLargeHook(self.context.client)
                 yield commands.SendData(
                     self.conn,
                     _http1.make_error_response(431, "request header fields too large"),

@@ -363,11 +363,25 @@ def test_a_header_section_past_64_kib_is_a_431_before_it_ends(gateway, upstream)
         f"Authorization: Bearer {gateway.api_key}\r\n"
     )
     filler = [b"X-Filler: " + b"a" * 1000 + b"\r\n"] * 200  # ~200 KB, no terminating blank line
+    code = "request_header_fields_too_large"
+    labels = dict(route="other", status="431", code=code, decision="refused")
+    before = counted(gateway, "teegate_requests_total", **labels)
+    logged_before = len(_head_refusals(gateway))
     ex = exchange(_port(gateway), start.encode(), filler)
     assert ex.status == 431
-    assert _error(ex.body)["code"] == "request_header_fields_too_large"
+    assert _error(ex.body)["code"] == code
     assert chat_count(upstream) == served
     _still_serves(gateway)
+    # No flow was ever made of it, and still the access log and the metrics record it.
+    until(lambda: counted(gateway, "teegate_requests_total", **labels) == before + 1, "counted")
+    newest = until(lambda: _head_refusals(gateway)[logged_before:], "its access line")[-1]
+    assert newest["mode"] == "reverse" and newest["request_id"] is None
+    assert "a" * 100 not in gateway.log_text()  # none of the head's bytes
+
+
+def _head_refusals(gateway: GatewayProc) -> list[dict]:
+    lines = (json.loads(x) for x in gateway.log_text().splitlines() if "431" in x)
+    return [e for e in lines if e.get("event") == "request" and e.get("status") == 431]
 
 
 def test_a_head_just_under_the_bound_is_served(gateway):
