@@ -27,6 +27,11 @@ class SSESplitter:
     def __init__(self) -> None:
         self._buf = b""
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered: the next piece starts an event."""
+        return not self._buf
+
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by ``chunk`` (the rest is kept for the next one)."""
         buf = self._buf + chunk if self._buf else chunk

@@ -26,6 +26,7 @@ is billed by the usual rules from what was delivered before it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -126,6 +127,9 @@ class _Relay:
         self._on_mismatch = on_mismatch
         self._opener = opener
         self._on_e2ee_failure = on_e2ee_failure
+        self._fast = model is None and decoder is None and opener is None
+        """Whether a read may take the fast path: the answer's model was checked, nothing to
+        decode or open, and nothing has ended it (every way of ending it clears this)."""
 
     @property
     def records_delivery(self) -> bool:
@@ -145,6 +149,7 @@ class _Relay:
         """Give up on this answer: one error event now, nothing after it."""
         self._tally.model_mismatch = True
         self._model = None
+        self._fast = False
         if self._on_mismatch is not None:
             self._on_mismatch(answered)
         body = json.dumps(model_mismatch().body(), separators=(",", ":")).encode()
@@ -176,6 +181,10 @@ class _Relay:
                     # Cut before the enclave's own end marker: say so, never end it quietly.
                     out.append(self._e2ee_failed(E2EEError("unauthenticated_end")))
                 return out
+            if self._fast and _one_data_event(data) and self._sse.idle and not tally.opaque:
+                # The usual read: exactly one LF-terminated ``data:`` line. No splitter, no Event.
+                tally.received.update(data)
+                return [self._on_data(data, data[6:-2])]
             if self._decoder is not None:
                 data = self._decoder(data)
             tally.received.update(data)
@@ -185,6 +194,7 @@ class _Relay:
         except Exception as e:  # never break the client's stream; bill conservatively
             log.error("stream_relay_fault", error=type(e).__name__)
             tally.opaque = True
+            self._fast = False
             return [self._mismatch(None)] if self._unverified else [data]
 
     def _e2ee_failed(self, e: E2EEError) -> bytes:
@@ -192,6 +202,7 @@ class _Relay:
         after it. The error's detail is never logged (it may quote the prompt)."""
         self._tally.e2ee_failed = True
         self._model = None
+        self._fast = False
         model_error = e.reason == "upstream_error" and e.authenticated
         if self._on_e2ee_failure is not None:
             self._on_e2ee_failure(e.reason)
@@ -200,7 +211,6 @@ class _Relay:
         return b"data: " + body + b"\n\n"
 
     def _on_event(self, ev: Event) -> bytes:
-        tally = self._tally
         if self._ended:
             return b""
         if self._opener is not None and ev.data is not None:
@@ -211,27 +221,36 @@ class _Relay:
             if plain is None:
                 return b""  # e2e_init, or the front door's own plaintext usage
             ev = Event(raw=sse_data(plain), data=plain)
-        tally.events += 1
-        data = ev.data
-        if data is None:
+        if ev.data is None:
+            self._tally.events += 1
             return ev.raw  # a comment: carries no answer
-        if len(data) < 16 and data.strip() == "[DONE]":  # not a copy of every chunk
+        return self._on_data(ev.raw, ev.data)
+
+    def _on_data(self, raw: bytes, data: str | bytes) -> bytes:
+        """One data event: ``raw`` as received, ``data`` its payload (bytes on the fast path)."""
+        tally = self._tally
+        tally.events += 1
+        if len(data) < 16 and data.strip() in _DONE:  # not a copy of every chunk
             if self._unverified:
                 return self._mismatch(None)  # an answer must begin with a chunk of its model
             tally.saw_done = True
-            return ev.raw
+            return raw
         try:
             # orjson: this runs for every event of every stream (json.loads was ~4x slower).
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             chunk = None
+            if isinstance(data, bytes):  # read as the splitter would: bad UTF-8 replaced
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    chunk = orjson.loads(data.decode("utf-8", "replace"))
         if self._unverified:
             answered = chunk.get("model") if isinstance(chunk, dict) else chunk
             if answered != self._model or not isinstance(answered, str):
                 return self._mismatch(answered)
             self._model = None
+            self._fast = self._decoder is None and self._opener is None
         if not isinstance(chunk, dict):
-            return ev.raw
+            return raw
         if tally.completion_id is None and isinstance(chunk.get("id"), str):
             tally.completion_id = chunk["id"]
         choices = chunk.get("choices")
@@ -245,7 +264,21 @@ class _Relay:
                     return b""
                 del chunk["usage"]
                 return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-        return ev.raw
+        return raw
+
+
+_DONE = ("[DONE]", b"[DONE]")
+
+
+def _one_data_event(data: bytes) -> bool:
+    """Whether ``data`` is exactly one event of one ``data: `` line, LF-terminated (as vLLM and
+    OpenAI write each chunk): its only line feeds are the closing two, and no CR."""
+    return (
+        data.startswith(b"data: ")
+        and data.find(b"\n") == len(data) - 2
+        and data.endswith(b"\n\n")
+        and b"\r" not in data
+    )
 
 
 def sse_data(payload: str) -> bytes:
