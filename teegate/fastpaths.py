@@ -46,6 +46,7 @@ def _framing_kept(original: Callable[..., Any]) -> Callable[..., Any]:
         if type(event) is not ResponseData:
             yield from original(self, event)
             return
+        assert event.stream_id == self.stream_id
         response = self.response
         assert response
         framing = self.__dict__.get("_teegate_framing")

@@ -15,6 +15,7 @@ from teegate import fastpaths
 
 def test_mitmproxy_still_frames_each_chunk_the_way_the_fast_path_does():
     source = inspect.getsource(fastpaths.ORIGINAL_SEND)
+    assert "assert event.stream_id == self.stream_id\n" in source.split("if isinstance")[0]
     branch = source[source.index("elif isinstance(event, ResponseData):") :]
     branch = branch[: branch.index("elif isinstance(event, ResponseEndOfMessage):")]
     assert '"chunked" in self.response.headers.get("transfer-encoding", "").lower()' in branch
@@ -42,18 +43,18 @@ def test_a_chunk_is_framed_as_mitmproxy_frames_it():
         response = http.Response.make(200, b"", headers)
         for data in (b"data: {}\n\n", b"", b"x" * 70_000):
             event = ResponseData(1, data)
-            a = SimpleNamespace(response=response, conn=object())
-            b = SimpleNamespace(response=response, conn=a.conn)
+            a = SimpleNamespace(response=response, conn=object(), stream_id=1)
+            b = SimpleNamespace(response=response, conn=a.conn, stream_id=1)
             assert _sent(send, a, event) == _sent(fastpaths.ORIGINAL_SEND, b, event)
 
 
 def test_the_framing_is_read_again_for_another_response_on_the_connection():
     send = fastpaths._framing_kept(fastpaths.ORIGINAL_SEND)
-    server = SimpleNamespace(conn=object())
+    server = SimpleNamespace(conn=object(), stream_id=1)
     server.response = http.Response.make(200, b"", {"transfer-encoding": "chunked"})
     assert _sent(send, server, ResponseData(1, b"ab")) == [b"2\r\nab\r\n"]
     server.response = http.Response.make(200, b"", {"content-length": "2"})
-    assert _sent(send, server, ResponseData(3, b"ab")) == [b"ab"]
+    assert _sent(send, server, ResponseData(1, b"ab")) == [b"ab"]
 
 
 def test_other_events_go_to_mitmproxys_own_send():
@@ -71,8 +72,9 @@ def test_other_events_go_to_mitmproxys_own_send():
 def test_option_values_are_what_mitmproxy_returns_and_mutable_ones_still_copies():
     opts = options.Options()
     fastpaths.install()
-    for name in ("store_streamed_bodies", "listen_port", "confdir", "mode", "allow_hosts"):
-        assert getattr(opts, name) == fastpaths.ORIGINAL_CURRENT(opts._options[name])
+    opts.update(http2=False, listen_port=8080)  # set ones, beside defaults
+    for name, option in opts._options.items():
+        assert getattr(opts, name) == fastpaths.ORIGINAL_CURRENT(option)
     opts.update(allow_hosts=["a"])
     opts.allow_hosts.append("b")  # a list: still a copy, the option itself unchanged
     assert opts.allow_hosts == ["a"]

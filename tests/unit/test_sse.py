@@ -116,3 +116,58 @@ def test_relay_decodes_gzip_incrementally():
     relay = _Relay(tally, strip_usage=True, decoder=_Decoder("gzip"))
     out = b"".join(relay(packed[:7]) + relay(packed[7:]) + relay(b""))
     assert out == plain and tally.saw_done
+
+
+def _chat_stream(texts: list[str], model: str = "m") -> list[bytes]:
+    """One event per element, as vLLM writes them: content chunks, usage, [DONE]."""
+    head = {"id": "c1", "object": "chat.completion.chunk", "model": model}
+    events = [
+        {**head, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+        for t in texts
+    ]
+    events.append({**head, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    out = [b"data: " + json.dumps(e, ensure_ascii=False).encode() + b"\n\n" for e in events]
+    return [*out, b"data: [DONE]\n\n"]
+
+
+def _relayed(pieces: list[bytes], strip_usage: bool) -> tuple:
+    tally = StreamTally()
+    relay = _Relay(tally, strip_usage=strip_usage, decoder=None, model="m")
+    sent = b"".join(b"".join(relay(p)) for p in [*pieces, b""])
+    return (
+        sent,
+        tally.usage,
+        tally.generated_bytes,
+        tally.events,
+        tally.saw_done,
+        tally.completion_id,
+        tally.received.hexdigest(),
+        tally.relayed.hexdigest(),
+        tally.model_mismatch,
+    )
+
+
+@given(
+    texts=st.lists(st.text(max_size=12), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    strip_usage=st.booleans(),
+)
+def test_relay_reads_one_event_per_read_as_it_reads_any_split(texts, cuts, strip_usage):
+    """A read of exactly one event takes the fast path (no splitter): the same answer, tally
+    and hashes as the same bytes cut anywhere."""
+    events = _chat_stream(texts)
+    stream = b"".join(events)
+    bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    cut = [stream[lo:hi] for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    fast = _relayed(events, strip_usage)
+    assert fast == _relayed(cut, strip_usage)
+    assert fast[1] == {"prompt_tokens": 3, "completion_tokens": 4} and fast[4] is True
+    assert fast[2] == sum(len(t.encode()) for t in texts)
+
+
+def test_the_fast_path_still_checks_the_first_events_model():
+    tally = StreamTally()
+    relay = _Relay(tally, strip_usage=True, decoder=None, model="m")
+    [sent] = relay(_chat_stream(["hi"], model="other")[0])
+    assert b"upstream_model_mismatch" in sent and tally.model_mismatch
+    assert relay(_chat_stream(["more"])[0]) == []  # nothing after the error event
