@@ -127,6 +127,9 @@ class SignatureChecker:
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             trust_env=False,
             auto_decompress=True,
+            # No cookies kept or sent: nothing an upstream sets may ride on the next fetch (and
+            # the jar's per-request work is skipped).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._workers = [
             asyncio.create_task(self._work(), name=f"signature-check-{i}")
