@@ -337,6 +337,12 @@ class Receipts:
             log.error("receipt_release_failed", error=type(e).__name__)
             return
         with contextlib.suppress(Exception):  # the promise is settled: nothing else matters
+            failed = flowstate.failed_closed(flow)
+            if failed is not None and failed[0] == FailedClosed.WITHHELD:
+                # The issuer's fault withheld the answer: its envelope carries no receipt id, so
+                # the client never saw one. Nothing was lost to it.
+                self._count("withdrawn", "issuer_fault")
+                return
             self._count("lost", "issuer_fault")
             log.error("receipt_lost", request_id=flowstate.request_id(flow))
 

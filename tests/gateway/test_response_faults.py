@@ -108,9 +108,11 @@ def test_a_plain_answer_whose_hook_raised_is_withheld(
 ):
     chat = "/v1/chat/completions"
     before = requests_counted(gateway, route=chat, status="502", code="internal_error")
-    # Its promised receipt: withdrawn (the id never left), or lost if the issuer itself raised.
-    lost = hook == "ReceiptIssuer.response"
-    ended = dict(outcome="lost", reason="issuer_fault") if lost else dict(outcome="withdrawn")
+    # Its promised receipt: withdrawn, as the id never left with the envelope (the issuer's
+    # own fault is its reason); never counted lost.
+    issuer = hook == "ReceiptIssuer.response"
+    ended = dict(outcome="withdrawn") | (dict(reason="issuer_fault") if issuer else {})
+    lost = counted(gateway, "teegate_receipts_total", outcome="lost")
     promised = counted(gateway, "teegate_receipts_total", **ended)
     fault.write_text(hook)
     with pytest.raises(openai.APIStatusError) as exc:
@@ -122,6 +124,7 @@ def test_a_plain_answer_whose_hook_raised_is_withheld(
     assert_logged_without_content(gateway, hook.split(".")[1], answer)
     assert_recorded_as_sent(gateway, exc.value, chat, before)
     assert counted(gateway, "teegate_receipts_total", **ended) == promised + 1
+    assert counted(gateway, "teegate_receipts_total", outcome="lost") == lost
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,20 @@ async def test_a_promise_left_open_is_released_and_its_waiters_go_at_once() -> N
     assert counted == [("lost", "issuer_fault")]
 
 
+def test_a_promise_whose_answer_was_withheld_is_released_as_withdrawn() -> None:
+    """The issuer raised on a plain answer: the guard withheld it, and the envelope that replaced
+    it carries no receipt id, so the client never saw one."""
+    book = ReceiptBook(_Link())  # type: ignore[arg-type]
+    book.promise("rcpt_w", 7)
+    flow = _failed(FailedClosed.WITHHELD)
+    flowstate.set_receipt_id(flow, "rcpt_w")
+    counted: list[tuple[str, ...]] = []
+    receipts = SimpleNamespace(book=book, _count=lambda *a: counted.append(a))
+    Receipts.release(receipts, flow)  # type: ignore[arg-type]
+    assert not book.promised("rcpt_w")
+    assert counted == [("withdrawn", "issuer_fault")]
+
+
 async def test_release_settles_even_when_what_follows_it_raises(monkeypatch) -> None:
     book = ReceiptBook(_Link())  # type: ignore[arg-type]
     book.promise("rcpt_x", 7)
