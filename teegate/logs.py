@@ -36,7 +36,10 @@ MAX_CHARS = 1024  # any other string: ours, or an upstream's, never unbounded
 
 def escaped(value: str, limit: int = MAX_CLIENT_CHARS) -> str:
     """``value`` cut to ``limit`` characters, then with anything unprintable escaped."""
-    return value[:limit].encode("unicode_escape").decode("ascii")
+    value = value[:limit]
+    if value.isascii() and value.isprintable() and "\\" not in value:
+        return value  # what unicode_escape leaves as it is: most values, on every log line
+    return value.encode("unicode_escape").decode("ascii")
 
 
 def _safe_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

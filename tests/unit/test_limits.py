@@ -6,12 +6,14 @@ import gzip
 import zlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy.test import tutils
 
 from teegate.addons.errors import GatewayError, error_category
 from teegate.addons.jsonbody import json_depth_exceeds
 from teegate.addons.validate import decoded_body
-from teegate.logs import _safe_strings
+from teegate.logs import _safe_strings, escaped
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,12 @@ def test_logged_strings_are_cut_and_escaped():
     assert out["model"].startswith("m\\n")
     assert out["method"] == "other"
     assert len(out["detail"]) == 1024
+
+
+@given(st.text(), st.integers(min_value=0, max_value=300))
+def test_a_logged_string_is_what_unicode_escape_makes_of_it(value, limit):
+    """The shortcut for printable ASCII (most values) gives exactly the full escaping."""
+    assert escaped(value, limit) == value[:limit].encode("unicode_escape").decode("ascii")
 
 
 @pytest.mark.parametrize(
