@@ -27,10 +27,20 @@ class SSESplitter:
     def __init__(self) -> None:
         self._buf = b""
 
-    @property
-    def idle(self) -> bool:
-        """Nothing buffered: the next piece starts an event."""
-        return not self._buf
+    def lone_data(self, chunk: bytes) -> bytes | None:
+        """The payload of ``chunk`` if it is exactly one event of one ``data: `` line,
+        LF-terminated, with nothing buffered before it (how vLLM and OpenAI write each chunk);
+        else None, and the chunk is for :meth:`feed`. No buffer, no Event, no decoding: the
+        usual read of a stream, relayed for every chunk of every stream."""
+        if (
+            not self._buf
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            return chunk[6:-2]
+        return None
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by ``chunk`` (the rest is kept for the next one)."""

@@ -127,9 +127,6 @@ class _Relay:
         self._on_mismatch = on_mismatch
         self._opener = opener
         self._on_e2ee_failure = on_e2ee_failure
-        self._fast = model is None and decoder is None and opener is None
-        """Whether a read may take the fast path: the answer's model was checked, nothing to
-        decode or open, and nothing has ended it (every way of ending it clears this)."""
 
     @property
     def records_delivery(self) -> bool:
@@ -149,7 +146,6 @@ class _Relay:
         """Give up on this answer: one error event now, nothing after it."""
         self._tally.model_mismatch = True
         self._model = None
-        self._fast = False
         if self._on_mismatch is not None:
             self._on_mismatch(answered)
         body = json.dumps(model_mismatch().body(), separators=(",", ":")).encode()
@@ -181,10 +177,15 @@ class _Relay:
                     # Cut before the enclave's own end marker: say so, never end it quietly.
                     out.append(self._e2ee_failed(E2EEError("unauthenticated_end")))
                 return out
-            if self._fast and _one_data_event(data) and self._sse.idle and not tally.opaque:
-                # The usual read: exactly one LF-terminated ``data:`` line. No splitter, no Event.
+            if (
+                self._model is None  # the answer's model was checked (or is not checked)
+                and self._decoder is None
+                and self._opener is None
+                and not tally.opaque
+                and (payload := self._sse.lone_data(data)) is not None
+            ):  # the usual read: one event, its payload's bytes straight to the parser
                 tally.received.update(data)
-                return [self._on_data(data, data[6:-2])]
+                return [self._on_data(data, payload)]
             if self._decoder is not None:
                 data = self._decoder(data)
             tally.received.update(data)
@@ -194,7 +195,6 @@ class _Relay:
         except Exception as e:  # never break the client's stream; bill conservatively
             log.error("stream_relay_fault", error=type(e).__name__)
             tally.opaque = True
-            self._fast = False
             return [self._mismatch(None)] if self._unverified else [data]
 
     def _e2ee_failed(self, e: E2EEError) -> bytes:
@@ -202,7 +202,6 @@ class _Relay:
         after it. The error's detail is never logged (it may quote the prompt)."""
         self._tally.e2ee_failed = True
         self._model = None
-        self._fast = False
         model_error = e.reason == "upstream_error" and e.authenticated
         if self._on_e2ee_failure is not None:
             self._on_e2ee_failure(e.reason)
@@ -248,7 +247,6 @@ class _Relay:
             if answered != self._model or not isinstance(answered, str):
                 return self._mismatch(answered)
             self._model = None
-            self._fast = self._decoder is None and self._opener is None
         if not isinstance(chunk, dict):
             return raw
         if tally.completion_id is None and isinstance(chunk.get("id"), str):
@@ -268,17 +266,6 @@ class _Relay:
 
 
 _DONE = ("[DONE]", b"[DONE]")
-
-
-def _one_data_event(data: bytes) -> bool:
-    """Whether ``data`` is exactly one event of one ``data: `` line, LF-terminated (as vLLM and
-    OpenAI write each chunk): its only line feeds are the closing two, and no CR."""
-    return (
-        data.startswith(b"data: ")
-        and data.find(b"\n") == len(data) - 2
-        and data.endswith(b"\n\n")
-        and b"\r" not in data
-    )
 
 
 def sse_data(payload: str) -> bytes:

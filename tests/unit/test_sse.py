@@ -171,3 +171,19 @@ def test_the_fast_path_still_checks_the_first_events_model():
     [sent] = relay(_chat_stream(["hi"], model="other")[0])
     assert b"upstream_model_mismatch" in sent and tally.model_mismatch
     assert relay(_chat_stream(["more"])[0]) == []  # nothing after the error event
+
+
+def test_lone_data_takes_only_one_whole_lf_data_line_with_nothing_buffered():
+    splitter = SSESplitter()
+    assert splitter.lone_data(b'data: {"a":1}\n\n') == b'{"a":1}'
+    for other in (
+        b'data: {"a":1}\r\n\r\n',  # CRLF
+        b"data: a\n\ndata: b\n\n",  # two events
+        b"data: a\ndata: b\n\n",  # two data lines
+        b": keep-alive\n\n",  # a comment
+        b"data:a\n\n",  # no space: the splitter's job
+        b"data: a\n",  # unterminated
+    ):
+        assert splitter.lone_data(other) is None, other
+    splitter.feed(b"data: par")  # something buffered: the next piece continues it
+    assert splitter.lone_data(b'data: {"a":1}\n\n') is None
