@@ -23,6 +23,7 @@ import structlog
 from mitmproxy import connection, http
 
 from teegate.addons import flowstate
+from teegate.addons.error_pages import page_code
 from teegate.addons.errors import error_category
 from teegate.addons.flowstate import FailedClosed, Route
 from teegate.addons.headers import add_headers
@@ -35,7 +36,7 @@ log = structlog.get_logger("teegate.access")
 # (`[listen] egress`) and every line it prints call it egress, so a reader meets one name.
 _MODES = {"regular": "egress"}
 
-HEAD_TOO_LARGE = "request_header_fields_too_large"  # the 431 envelope's code
+HEAD_TOO_LARGE = page_code(431)  # the code of the page a head over 64 KiB gets
 
 
 def listener_name(mode_type_name: str) -> str:

@@ -68,6 +68,10 @@ def _record_error_page_status() -> None:
         return
 
     def handle_protocol_error(self: Any, event: Any) -> Any:
+        # A request head mitmproxy already answered with its 400 (_record_refusal_page_status).
+        answered = _ANSWERED_400.pop(self.flow.request, None) if self.flow else None
+        if answered is not None:
+            _refused_by_page(self.flow, answered)
         if (
             isinstance(event, ResponseProtocolError)
             and self.client_state != self.state_errored  # else nothing goes to the client
@@ -97,7 +101,9 @@ def _record_refusal_page_status() -> None:
       send the page: the status is noted as the hook is yielded. Each check's status is
       mitmproxy's own (``ErrorCode.…http_status_code``) for the code it sends right after.
     * A head whose framing it cannot read gets its 400 from the HTTP/1 layer before the flow
-      exists; the Request is remembered then, and the status set when its error hook runs.
+      exists; the Request is remembered then, and the status set when its flow's protocol
+      error is handled (the one ``handle_protocol_error`` wrapper, above), before its error
+      hook runs.
 
     A header section too large to buffer (teegate/master.py: 431) never becomes a flow: it is
     announced by a hook of its own (``request_head_too_large``), which the access log and the
@@ -149,24 +155,18 @@ def _record_refusal_page_status() -> None:
 
     _http1.Http1Server.read_headers = read_headers_noting  # type: ignore[method-assign]
 
-    original = HttpStream.handle_protocol_error
-
-    def handle_protocol_error(self: Any, event: Any) -> Any:
-        status = _ANSWERED_400.pop(self.flow.request, None) if self.flow else None
-        if status is not None:
-            _refused_by_page(self.flow, status)
-        return original(self, event)
-
-    handle_protocol_error._teegate = True  # type: ignore[attr-defined]
-    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
-
 
 def _refused_by_page(flow: http.HTTPFlow, status: int) -> None:
-    """A request mitmproxy refused with its own page: the page's status and its code (the one
-    :func:`_classify` writes into it) on the flow, as a refusal by an addon would be."""
+    """A request mitmproxy refused with its own page: the page's status and its code on the
+    flow, as a refusal by an addon would be."""
     if flow.response is None and flowstate.error_code(flow) is None:
         flowstate.set_error_page_status(flow, status)
-        flowstate.set_error_code(flow, _classify(status)[0])
+        flowstate.set_error_code(flow, page_code(status))
+
+
+def page_code(status: int) -> str:
+    """The error code the gateway's page for ``status`` carries (what a log line records)."""
+    return _classify(status)[0]
 
 
 def _classify(status: int) -> tuple[str, str]:
